@@ -1,0 +1,38 @@
+# Every install step the project needs lives here. CI runs `bash .ci/run` = `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+ASSETS := .cache/assets
+TOKENIZER_MODEL := $(ASSETS)/tokenizer.model.v1
+MISTRAL_COMMON := mistral-common==1.13.1
+
+.PHONY: all build test assets fixtures demo bench clean-assets
+
+all: build
+
+build:
+	cargo build --release
+
+# Mistral's SentencePiece tokenizer.model (the one LLaVA-Med ships) comes from the PyPI package
+# mistral-common; we download the wheel and extract only that file.
+assets: $(TOKENIZER_MODEL)
+
+$(TOKENIZER_MODEL):
+	mkdir -p $(ASSETS) .cache/wheels
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: -d .cache/wheels $(MISTRAL_COMMON)
+	$(PYTHON) -c "import zipfile,glob,shutil; w=sorted(glob.glob('.cache/wheels/mistral_common-*.whl'))[-1]; z=zipfile.ZipFile(w); shutil.copyfileobj(z.open('mistral_common/data/tokenizer.model.v1'), open('$(TOKENIZER_MODEL).tmp','wb'))"
+	mv $(TOKENIZER_MODEL).tmp $(TOKENIZER_MODEL)
+
+# The test command (README, .ci/run).
+test: assets
+	PRS_TOKENIZER_MODEL=$(CURDIR)/$(TOKENIZER_MODEL) cargo test --no-fail-fast
+
+# Regenerates the PyTorch parity fixtures under tests/fixtures (needs torch; CPU only).
+# Not part of `make test`: the fixtures are committed.
+FIXTURE_VENV := .venv
+fixtures:
+	test -x $(FIXTURE_VENV)/bin/python || $(PYTHON) -m venv $(FIXTURE_VENV)
+	$(FIXTURE_VENV)/bin/pip install -q torch==2.5.1 transformers==4.44.2 safetensors numpy sentencepiece protobuf timm mobilesam-mirror $(MISTRAL_COMMON)
+	for s in scripts/fixtures/gen_*.py; do echo "== $$s"; $(FIXTURE_VENV)/bin/python $$s || exit 1; done
+
+clean-assets:
+	rm -rf .cache

@@ -1,0 +1,1 @@
+//! Command-line interface (clap). Every flag is declared once here.

@@ -1,0 +1,3 @@
+//! One file per subcommand; each reads top to bottom.
+
+pub mod tokenize;

@@ -1,0 +1,1 @@
+//! Run configuration: a TOML file + flags + `--set` overrides -> one resolved struct.

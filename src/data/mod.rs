@@ -1,0 +1,3 @@
+//! Data: image preprocessing (CLIP and SAM), datasets and loaders.
+
+pub mod preprocess;

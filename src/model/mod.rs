@@ -1,0 +1,7 @@
+//! PRS-Med assembled from parts, one file per part; VarBuilder prefixes mirror checkpoint keys.
+
+pub mod clip;
+pub mod decoder;
+pub mod llava;
+pub mod mistral;
+pub mod tinysam;

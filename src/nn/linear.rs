@@ -1,0 +1,248 @@
+//! Linear layers that never produce dead gradients, with optional LoRA (PEFT semantics).
+//!
+//! candle's matmul backward computes the gradient of BOTH inputs as soon as one is tracked, so a
+//! frozen weight would cost one extra GEMM and a weight-sized gradient per projection. The custom
+//! ops below return only the input gradient.
+
+use anyhow::Result;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, D};
+
+use super::ops;
+use super::param::{Init, Param, ParamBuilder};
+
+/// `x @ w^T` for a frozen `w` of shape (out, in); backward gives dX only.
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl FrozenMatmul {
+    fn dims(&self, layout: &Layout) -> candle_core::Result<(usize, usize, usize, Layout, Layout, Shape)> {
+        let (n, k) = self.w.dims2()?;
+        let dims = layout.dims();
+        let kx = *dims.last().unwrap_or(&0);
+        if kx != k {
+            candle_core::bail!("frozen linear: input last dim {kx} != weight in-features {k}");
+        }
+        if !layout.is_contiguous() {
+            candle_core::bail!("frozen linear: input must be contiguous");
+        }
+        let m = layout.shape().elem_count() / k;
+        let lhs = Layout::contiguous_with_offset((m, k), layout.start_offset());
+        let (_, wl) = self.w.storage_and_layout();
+        let rhs = wl.transpose(0, 1)?;
+        let mut out = dims.to_vec();
+        *out.last_mut().unwrap() = n;
+        Ok((m, n, k, lhs, rhs, Shape::from(out)))
+    }
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, n, k, lhs, rhs, shape) = self.dims(l)?;
+        let (ws, _) = self.w.storage_and_layout();
+        let Storage::Cpu(ws) = &*ws else { candle_core::bail!("frozen linear: weight not on the cpu") };
+        Ok((s.matmul(ws, (1, m, n, k), &lhs, &rhs)?, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (m, n, k, lhs, rhs, shape) = self.dims(l)?;
+        let (ws, _) = self.w.storage_and_layout();
+        let Storage::Cuda(ws) = &*ws else { candle_core::bail!("frozen linear: weight not on the gpu") };
+        Ok((s.matmul(ws, (1, m, n, k), &lhs, &rhs)?, shape))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (n, k) = self.w.dims2()?;
+        let m = grad.elem_count() / n;
+        let g = grad.reshape((m, n))?.matmul(&self.w)?; // (m, k)
+        debug_assert_eq!(g.dim(1)?, k);
+        Ok(Some(g.reshape(arg.shape())?))
+    }
+}
+
+/// `x @ w^T` where `w` is frozen (not tracked). Plain matmul when `x` is not tracked either.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    Ok(x.apply_op1_no_bwd_if_untracked(w)?)
+}
+
+trait ApplyFrozen {
+    fn apply_op1_no_bwd_if_untracked(&self, w: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+impl ApplyFrozen for Tensor {
+    fn apply_op1_no_bwd_if_untracked(&self, w: &Tensor) -> candle_core::Result<Tensor> {
+        if self.track_op() {
+            self.apply_op1(FrozenMatmul { w: w.clone() })
+        } else {
+            self.broadcast_matmul(&w.t()?)
+        }
+    }
+}
+
+/// `scores + mask` with `mask` broadcast to `scores`; the backward passes the gradient to
+/// `scores` only (a plain broadcast_add would also reduce a gradient for the constant mask).
+struct MaskedAdd {
+    mask: Tensor,
+}
+
+impl MaskedAdd {
+    fn mask_layout(&self, l: &Layout) -> candle_core::Result<Layout> {
+        let (_, ml) = self.mask.storage_and_layout();
+        ml.broadcast_as(l.shape())
+    }
+}
+
+impl CustomOp1 for MaskedAdd {
+    fn name(&self) -> &'static str {
+        "masked-add"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let ml = self.mask_layout(l)?;
+        let (ms, _) = self.mask.storage_and_layout();
+        let Storage::Cpu(ms) = &*ms else { candle_core::bail!("masked add: mask not on the cpu") };
+        Ok((s.binary_impl::<candle_core::op::Add>(ms, l, &ml)?, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let ml = self.mask_layout(l)?;
+        let (ms, _) = self.mask.storage_and_layout();
+        let Storage::Cuda(ms) = &*ms else { candle_core::bail!("masked add: mask not on the gpu") };
+        Ok((s.binary_impl::<candle_core::op::Add>(ms, l, &ml)?, l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.clone()))
+    }
+}
+
+/// Adds an additive attention mask (0 / -inf style, broadcastable to `scores`) without a
+/// gradient for the mask.
+pub fn masked_add(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let mask = mask.to_dtype(scores.dtype())?;
+    if scores.track_op() {
+        Ok(scores.apply_op1(MaskedAdd { mask })?)
+    } else {
+        Ok(scores.broadcast_add(&mask)?)
+    }
+}
+
+/// LoRA adapter of one projection: y += dropout(x) A^T B^T * alpha / r (PEFT).
+#[derive(Clone, Debug)]
+pub struct Lora {
+    pub a: Param,
+    pub b: Param,
+    pub scale: f64,
+    pub dropout: f32,
+    /// Dropout call-site name (the projection's key), so recomputation draws the same mask.
+    site: String,
+}
+
+/// LoRA hyper-parameters (PEFT's `adapter_config.json` fields we use).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    pub target_modules: Vec<String>,
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+    pub fn targets(&self, module: &str) -> bool {
+        self.target_modules.iter().any(|m| m == module)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Param,
+    bias: Option<Param>,
+    lora: Option<Lora>,
+    in_dim: usize,
+    out_dim: usize,
+}
+
+impl Linear {
+    /// Reads `weight` (out, in) and optionally `bias` under `pb`'s prefix.
+    pub fn new(pb: &ParamBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let init = Init::torch_default(in_dim);
+        let weight = pb.get((out_dim, in_dim), "weight", init)?;
+        let bias = if bias { Some(pb.get(out_dim, "bias", init)?) } else { None };
+        Ok(Self { weight, bias, lora: None, in_dim, out_dim })
+    }
+
+    /// Builds from explicit parameters (e.g. a slice of a fused in_proj).
+    pub fn from_params(weight: Param, bias: Option<Param>) -> Result<Self> {
+        let (out_dim, in_dim) = weight.tensor().dims2()?;
+        Ok(Self { weight, bias, lora: None, in_dim, out_dim })
+    }
+
+    /// Attaches LoRA A (r, in) and B (out, r). `lora_pb` is rooted at the PEFT key of this
+    /// projection (`base_model.model.<key>`); values come from an adapter when present, else
+    /// PEFT's initialisation (A kaiming-uniform a=sqrt 5, B zeros).
+    pub fn with_lora(mut self, lora_pb: &ParamBuilder, cfg: &LoraConfig) -> Result<Self> {
+        let a = lora_pb.pp("lora_A").get_or_init((cfg.r, self.in_dim), "weight", Init::torch_default(self.in_dim))?;
+        let b = lora_pb.pp("lora_B").get_or_init((self.out_dim, cfg.r), "weight", Init::Zeros)?;
+        self.lora = Some(Lora { a, b, scale: cfg.scale(), dropout: cfg.dropout, site: lora_pb.key("lora") });
+        Ok(self)
+    }
+
+    pub fn weight(&self) -> &Param {
+        &self.weight
+    }
+    pub fn bias(&self) -> Option<&Param> {
+        self.bias.as_ref()
+    }
+    pub fn lora(&self) -> Option<&Lora> {
+        self.lora.as_ref()
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dt = x.dtype();
+        let mut y = match &self.weight {
+            Param::Frozen(w) => frozen_matmul(x, &w.to_dtype(dt)?)?,
+            Param::Trained(w) => x.broadcast_matmul(&w.as_tensor().to_dtype(dt)?.t()?)?,
+        };
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.cast(dt)?)?;
+        }
+        if let Some(l) = &self.lora {
+            let xi = ops::dropout(x, l.dropout, &l.site)?;
+            let h = linear_no_bias(&xi, &l.a, dt)?;
+            let h = linear_no_bias(&h, &l.b, dt)?;
+            y = (y + (h * l.scale)?)?;
+        }
+        Ok(y)
+    }
+}
+
+fn linear_no_bias(x: &Tensor, w: &Param, dt: candle_core::DType) -> Result<Tensor> {
+    Ok(match w {
+        Param::Frozen(w) => frozen_matmul(x, &w.to_dtype(dt)?)?,
+        Param::Trained(w) => x.broadcast_matmul(&w.as_tensor().to_dtype(dt)?.t()?)?,
+    })
+}
+
+/// Helper for `x.dims()` where the last dim is features.
+pub fn last_dim(x: &Tensor) -> Result<usize> {
+    Ok(x.dim(D::Minus1)?)
+}

@@ -1,0 +1,12 @@
+//! Differentiable building blocks that candle does not provide (or provides without a backward).
+//!
+//! candle's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope` silently cut the autograd
+//! graph, so every model file uses the versions here instead.
+
+pub mod linear;
+pub mod ops;
+pub mod param;
+pub mod upsample;
+
+pub use linear::{frozen_matmul, masked_add, Linear};
+pub use param::{Param, ParamBuilder, TrainedParams};

@@ -1,0 +1,159 @@
+//! Differentiable versions of the ops candle fuses without a backward, plus the training-mode
+//! switch and seeded dropout.
+//!
+//! Norms and softmax compute in f32 whatever the activation dtype (bf16/f16 would lose the
+//! small differences they normalise) and cast back.
+
+use std::cell::RefCell;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, D};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use super::param::seed_for;
+
+thread_local! {
+    /// `Some(step_seed)` while a training forward runs on this thread.
+    static TRAINING: RefCell<Option<u64>> = const { RefCell::new(None) };
+}
+
+/// While alive, forwards on this thread run in training mode (dropout on, BatchNorm batch
+/// statistics) with dropout masks derived from `step_seed` and the call site, so that a
+/// recomputation (gradient checkpointing) or a resumed run draws the same masks.
+pub struct TrainingMode {
+    prev: Option<u64>,
+}
+
+impl TrainingMode {
+    pub fn enter(step_seed: u64) -> Self {
+        let prev = TRAINING.with(|t| t.borrow_mut().replace(step_seed));
+        Self { prev }
+    }
+}
+
+impl Drop for TrainingMode {
+    fn drop(&mut self) {
+        TRAINING.with(|t| *t.borrow_mut() = self.prev);
+    }
+}
+
+/// Evaluation mode inside a training region (validation during training).
+pub struct EvalMode {
+    prev: Option<u64>,
+}
+
+impl EvalMode {
+    pub fn enter() -> Self {
+        let prev = TRAINING.with(|t| t.borrow_mut().take());
+        Self { prev }
+    }
+}
+
+impl Drop for EvalMode {
+    fn drop(&mut self) {
+        TRAINING.with(|t| *t.borrow_mut() = self.prev);
+    }
+}
+
+pub fn is_training() -> bool {
+    TRAINING.with(|t| t.borrow().is_some())
+}
+
+fn step_seed() -> Option<u64> {
+    TRAINING.with(|t| *t.borrow())
+}
+
+/// Inverted dropout with a mask drawn from (step seed, call site); identity in eval mode.
+pub fn dropout(x: &Tensor, p: f32, site: &str) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let Some(seed) = step_seed() else { return Ok(x.clone()) };
+    let mask = bernoulli_keep_mask(x.dims(), 1.0 - p, seed_for(seed, site), x.device())?;
+    Ok(x.broadcast_mul(&(mask * (1.0 / (1.0 - p as f64)))?.to_dtype(x.dtype())?)?)
+}
+
+/// 0/1 mask with keep probability `keep`, reproducible on every device.
+fn bernoulli_keep_mask(dims: &[usize], keep: f32, seed: u64, device: &Device) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let v: Vec<f32> = (0..n).map(|_| if rng.gen::<f32>() < keep { 1.0 } else { 0.0 }).collect();
+    Ok(Tensor::from_vec(v, dims, device)?)
+}
+
+/// Softmax over the last dimension, computed in f32, with a backward.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let dt = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    // The max is a constant shift: detaching it keeps the result and skips a backward.
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    let s = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    Ok(s.to_dtype(dt)?)
+}
+
+/// RMSNorm as HF Mistral: normalise in f32, cast back, then scale by the weight.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dt = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?;
+    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = x32.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dt)?;
+    Ok(y.broadcast_mul(&weight.to_dtype(dt)?)?)
+}
+
+/// LayerNorm over the last dimension in f32 (biased variance, as PyTorch).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let dt = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?;
+    let mean = x32.mean_keepdim(D::Minus1)?;
+    let xc = x32.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let mut y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    y = y.broadcast_mul(&weight.to_dtype(DType::F32)?)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(&b.to_dtype(DType::F32)?)?;
+    }
+    Ok(y.to_dtype(dt)?)
+}
+
+/// GELU with the exact erf form (PyTorch's default `nn.GELU()`).
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    Ok(x.gelu_erf()?)
+}
+
+/// CLIP's quick GELU: x * sigmoid(1.702 x).
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
+}
+
+/// Rotary embedding tables for the given position ids (B, T): returns cos, sin of shape
+/// (B, 1, T, head_dim) in `dtype`, in HF's non-interleaved (rotate_half) layout.
+pub fn rope_tables(position_ids: &Tensor, head_dim: usize, theta: f64, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let dev = position_ids.device();
+    let inv: Vec<f32> =
+        (0..head_dim).step_by(2).map(|i| 1.0 / theta.powf(i as f64 / head_dim as f64) as f32).collect();
+    let inv = Tensor::from_vec(inv, (1, 1, head_dim / 2), dev)?;
+    let pos = position_ids.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?; // (B,T,1)
+    let freqs = pos.broadcast_mul(&inv)?; // (B,T,D/2)
+    let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?; // (B,T,D)
+    let cos = emb.cos()?.unsqueeze(1)?.to_dtype(dtype)?;
+    let sin = emb.sin()?.unsqueeze(1)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+/// q * cos + rotate_half(q) * sin for q of shape (B, H, T, D).
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
+}
+
+/// Additive mask value that survives f16 (−inf would turn fully masked rows into NaN).
+pub fn mask_min(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => -65504.0,
+        _ => -1e30_f32 as f64,
+    }
+}
