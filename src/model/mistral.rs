@@ -1,1 +1,390 @@
-//! (in progress)
+//! Mistral decoder (the LLM of LLaVA-Med v1.5) with LoRA, written with differentiable ops.
+//!
+//! Prefixes mirror the checkpoint: `model.embed_tokens`, `model.layers.{i}.self_attn.{q,k,v,o}_proj`,
+//! `model.layers.{i}.mlp.{gate,up,down}_proj`, `model.layers.{i}.{input,post_attention}_layernorm`,
+//! `model.norm`, `lm_head`. LoRA tensors use PEFT's names relative to `base_model.model.`
+//! (`model.layers.{i}.self_attn.q_proj.lora_A.weight`), so adapters load in HF PEFT as they are.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::nn::consts::{add_any, masked_add};
+use crate::nn::linear::{frozen_matmul, Linear, LoraConfig};
+use crate::nn::ops;
+use crate::nn::param::{Init, Param, ParamBuilder};
+
+/// The fields of HF's `MistralConfig` (LLaVA-Med's `config.json`) that the decoder needs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MistralConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    /// Must be null: LLaVA-Med v1.5 has no sliding window, and we do not implement one.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_theta() -> f64 {
+    1e6
+}
+fn default_max_pos() -> usize {
+    32768
+}
+
+impl MistralConfig {
+    /// Mistral-7B as in LLaVA-Med v1.5.
+    pub fn mistral_7b() -> Self {
+        Self {
+            vocab_size: 32000,
+            hidden_size: 4096,
+            intermediate_size: 14336,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: 8,
+            rms_norm_eps: 1e-5,
+            rope_theta: 1e6,
+            max_position_embeddings: 32768,
+            sliding_window: None,
+            head_dim: None,
+            tie_word_embeddings: false,
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            bail!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads,
+                self.num_key_value_heads
+            );
+        }
+        if self.head_dim() % 2 != 0 {
+            bail!("head_dim {} must be even for rotary embeddings", self.head_dim());
+        }
+        if let Some(w) = self.sliding_window {
+            if w < self.max_position_embeddings {
+                bail!("sliding_window {w} is not supported (LLaVA-Med v1.5 has none)");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Keys and values of past positions, per layer, for generation.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![None; num_layers] }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dim(2).unwrap_or(0)).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let kv = match &self.layers[layer] {
+            None => (k.clone(), v.clone()),
+            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
+        };
+        self.layers[layer] = Some(kv.clone());
+        Ok(kv)
+    }
+}
+
+fn lora_for<'a>(
+    lora: Option<(&ParamBuilder<'a>, &LoraConfig)>,
+    module: &str,
+) -> Option<(ParamBuilder<'a>, LoraConfig)> {
+    lora.filter(|(_, c)| c.targets(module)).map(|(pb, c)| (pb.pp(module), c.clone()))
+}
+
+/// A projection without bias, with LoRA when `module` is a target.
+fn projection(
+    pb: &ParamBuilder,
+    lora: Option<(&ParamBuilder, &LoraConfig)>,
+    module: &str,
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<Linear> {
+    let lin = Linear::new(&pb.pp(module), in_dim, out_dim, false)?;
+    match lora_for(lora, module) {
+        Some((lpb, cfg)) => lin.with_lora(&lpb, &cfg),
+        None => Ok(lin),
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(pb: &ParamBuilder, lora: Option<(&ParamBuilder, &LoraConfig)>, cfg: &MistralConfig) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        Ok(Self {
+            q_proj: projection(pb, lora, "q_proj", h, nh * hd)?,
+            k_proj: projection(pb, lora, "k_proj", h, nkv * hd)?,
+            v_proj: projection(pb, lora, "v_proj", h, nkv * hd)?,
+            o_proj: projection(pb, lora, "o_proj", nh * hd, h)?,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: &Tensor,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
+        let k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
+        let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?;
+        let q = ops::apply_rope(&q, &rope.0, &rope.1)?;
+        let k = ops::apply_rope(&k, &rope.0, &rope.1)?;
+        let (k, v) = match cache {
+            Some((c, layer)) => c.append(layer, &k, &v)?,
+            None => (k, v),
+        };
+        let rep = self.num_heads / self.num_kv_heads;
+        let k = repeat_kv(&k, rep)?;
+        let v = repeat_kv(&v, rep)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = masked_add(&scores, mask)?;
+        let probs = ops::softmax_last_dim(&scores)?;
+        let y = probs.matmul(&v)?; // (b, nh, t, hd)
+        let y = y.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+/// (B, n_kv, T, D) -> (B, n_kv * rep, T, D), each kv head repeated `rep` times consecutively.
+fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, n, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?.expand((b, n, rep, t, d))?.reshape((b, n * rep, t, d))?)
+}
+
+#[derive(Clone, Debug)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(pb: &ParamBuilder, lora: Option<(&ParamBuilder, &LoraConfig)>, cfg: &MistralConfig) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: projection(pb, lora, "gate_proj", h, i)?,
+            up_proj: projection(pb, lora, "up_proj", h, i)?,
+            down_proj: projection(pb, lora, "down_proj", i, h)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+    }
+}
+
+/// One pre-norm decoder layer.
+#[derive(Clone, Debug)]
+pub struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: Param,
+    post_attention_layernorm: Param,
+    eps: f64,
+}
+
+impl DecoderLayer {
+    fn new(pb: &ParamBuilder, lora: Option<(&ParamBuilder, &LoraConfig)>, cfg: &MistralConfig) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let lora_attn = lora.map(|(p, c)| (p.pp("self_attn"), c));
+        let lora_mlp = lora.map(|(p, c)| (p.pp("mlp"), c));
+        Ok(Self {
+            self_attn: Attention::new(&pb.pp("self_attn"), lora_attn.as_ref().map(|(p, c)| (p, *c)), cfg)?,
+            mlp: Mlp::new(&pb.pp("mlp"), lora_mlp.as_ref().map(|(p, c)| (p, *c)), cfg)?,
+            input_layernorm: pb.pp("input_layernorm").get(h, "weight", Init::Ones)?,
+            post_attention_layernorm: pb.pp("post_attention_layernorm").get(h, "weight", Init::Ones)?,
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    /// `x` (B,T,H) -> (B,T,H). `mask` is additive, broadcastable to (B,heads,T,T_keys).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: &Tensor,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let dt = x.dtype();
+        let h = ops::rms_norm(x, &self.input_layernorm.cast(dt)?, self.eps)?;
+        let x = add_any(x, &self.self_attn.forward(&h, rope, mask, cache)?)?;
+        let h = ops::rms_norm(&x, &self.post_attention_layernorm.cast(dt)?, self.eps)?;
+        add_any(&x, &self.mlp.forward(&h)?)
+    }
+}
+
+/// The decoder, from input embeddings to final-norm hidden states (and logits on request).
+#[derive(Clone, Debug)]
+pub struct Mistral {
+    embed_tokens: Param,
+    layers: Vec<DecoderLayer>,
+    norm: Param,
+    lm_head: Param,
+    cfg: MistralConfig,
+    dtype: DType,
+}
+
+impl Mistral {
+    /// `pb` is rooted at the checkpoint root (holding `model.*` and `lm_head.*`); `lora` is a
+    /// builder rooted at PEFT's `base_model.model` (an adapter file or a fresh source) and the
+    /// LoRA hyper-parameters.
+    pub fn new(pb: &ParamBuilder, cfg: &MistralConfig, lora: Option<(&ParamBuilder, &LoraConfig)>) -> Result<Self> {
+        cfg.validate()?;
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let m = pb.pp("model");
+        let embed_tokens = m.pp("embed_tokens").get((v, h), "weight", Init::Normal(0.02))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            pb.pp("lm_head").get((v, h), "weight", Init::Normal(0.02))?
+        };
+        let lora_m = lora.map(|(p, c)| (p.pp("model").pp("layers"), c));
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = lora_m.as_ref().map(|(p, c)| (p.pp(i), *c));
+            layers.push(DecoderLayer::new(&m.pp("layers").pp(i), l.as_ref().map(|(p, c)| (p, *c)), cfg)?);
+        }
+        let norm = m.pp("norm").get(h, "weight", Init::Ones)?;
+        Ok(Self { embed_tokens, layers, norm, lm_head, cfg: cfg.clone(), dtype: pb.dtype() })
+    }
+
+    pub fn config(&self) -> &MistralConfig {
+        &self.cfg
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn layers(&self) -> &[DecoderLayer] {
+        &self.layers
+    }
+
+    /// Token embeddings (B,T) u32 -> (B,T,H) in the compute dtype.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let w = self.embed_tokens.cast(self.dtype)?;
+        let (b, t) = ids.dims2()?;
+        Ok(w.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// Additive attention mask (B,1,T,P+T): causal over the P cached + T new positions, and
+    /// key padding from `key_valid` (B,P+T), 1 = real token. Masked entries get a large
+    /// negative (not -inf, so a fully masked padding row stays finite).
+    pub fn attention_mask(&self, key_valid: Option<&Tensor>, b: usize, t: usize, past: usize) -> Result<Tensor> {
+        let dev = self.embed_tokens.tensor().device();
+        let tk = past + t;
+        let neg = ops::mask_min(DType::F32) as f32;
+        let causal: Vec<f32> =
+            (0..t).flat_map(|i| (0..tk).map(move |j| if j <= past + i { 0.0 } else { neg })).collect();
+        let causal = Tensor::from_vec(causal, (1, 1, t, tk), dev)?;
+        let mask = match key_valid {
+            None => causal,
+            Some(kv) => {
+                let kv = kv.to_dtype(DType::F32)?;
+                if kv.dims() != [b, tk] {
+                    bail!("attention mask has shape {:?}, expected ({b}, {tk})", kv.dims());
+                }
+                let pad = ((kv - 1.0)? * (-(neg as f64)))?.reshape((b, 1, 1, tk))?; // 0 or neg
+                causal.broadcast_add(&pad)?.clamp(neg, 0f32)?
+            }
+        };
+        Ok(mask.to_dtype(self.dtype)?)
+    }
+
+    /// Runs the layers over input embeddings (B,T,H) and returns the final-norm hidden states
+    /// (B,T,H). `key_valid` (B,P+T) marks real tokens (None = all real), `position_ids` (B,T).
+    /// With a cache, `key_valid` covers the cached positions too.
+    pub fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        key_valid: Option<&Tensor>,
+        position_ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = embeds.dims3()?;
+        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let mask = self.attention_mask(key_valid, b, t, past)?;
+        let rope = ops::rope_tables(position_ids, self.cfg.head_dim(), self.cfg.rope_theta, self.dtype)?;
+        let mut x = embeds.to_dtype(self.dtype)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &rope, &mask, cache.as_deref_mut().map(|c| (c, i)))?;
+        }
+        ops::rms_norm(&x, &self.norm.cast(self.dtype)?, self.cfg.rms_norm_eps)
+    }
+
+    /// Logits in f32 for hidden states (..., H).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let w = self.lm_head.cast(hidden.dtype())?;
+        Ok(frozen_matmul(hidden, &w)?.to_dtype(DType::F32)?)
+    }
+
+    /// Hidden size, for callers building embeddings.
+    pub fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+
+    /// Convenience: logits of the last position of each row for generation, (B, V).
+    pub fn last_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let t = hidden.dim(1)?;
+        self.logits(&hidden.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+}

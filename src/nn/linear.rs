@@ -2,12 +2,14 @@
 //!
 //! candle's matmul backward computes the gradient of BOTH inputs as soon as one is tracked, so a
 //! frozen weight would cost one extra GEMM and a weight-sized gradient per projection. The custom
-//! ops below return only the input gradient.
+//! op below returns only the input gradient (see also `consts` for frozen elementwise operands).
 
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, D};
 
+pub use super::consts::masked_add;
+use super::consts::add_any;
 use super::ops;
 use super::param::{Init, Param, ParamBuilder};
 
@@ -90,56 +92,68 @@ impl ApplyFrozen for Tensor {
     }
 }
 
-/// `scores + mask` with `mask` broadcast to `scores`; the backward passes the gradient to
-/// `scores` only (a plain broadcast_add would also reduce a gradient for the constant mask).
-struct MaskedAdd {
-    mask: Tensor,
+/// `x @ w^T` for a trained `w` and an untracked input `x` (the first layer's input, a frozen
+/// layer's output): the op is over `w` only, so no gradient is computed or stored for `x`.
+struct ConstInputMatmul {
+    x: Tensor,
 }
 
-impl MaskedAdd {
-    fn mask_layout(&self, l: &Layout) -> candle_core::Result<Layout> {
-        let (_, ml) = self.mask.storage_and_layout();
-        ml.broadcast_as(l.shape())
+impl ConstInputMatmul {
+    fn dims(&self, wl: &Layout) -> candle_core::Result<(usize, usize, usize, Layout, Layout, Shape)> {
+        let (n, k) = wl.shape().dims2()?;
+        let dims = self.x.dims();
+        if *dims.last().unwrap_or(&0) != k {
+            candle_core::bail!("linear: input last dim {:?} != weight in-features {k}", dims.last());
+        }
+        let m = self.x.elem_count() / k;
+        let (_, xl) = self.x.storage_and_layout();
+        let lhs = Layout::contiguous_with_offset((m, k), xl.start_offset());
+        let rhs = wl.transpose(0, 1)?;
+        let mut out = dims.to_vec();
+        *out.last_mut().unwrap() = n;
+        Ok((m, n, k, lhs, rhs, Shape::from(out)))
     }
 }
 
-impl CustomOp1 for MaskedAdd {
+impl CustomOp1 for ConstInputMatmul {
     fn name(&self) -> &'static str {
-        "masked-add"
+        "const-input-matmul"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let ml = self.mask_layout(l)?;
-        let (ms, _) = self.mask.storage_and_layout();
-        let Storage::Cpu(ms) = &*ms else { candle_core::bail!("masked add: mask not on the cpu") };
-        Ok((s.binary_impl::<candle_core::op::Add>(ms, l, &ml)?, l.shape().clone()))
+    fn cpu_fwd(&self, ws: &CpuStorage, wl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, n, k, lhs, rhs, shape) = self.dims(wl)?;
+        let (xs, _) = self.x.storage_and_layout();
+        let Storage::Cpu(xs) = &*xs else { candle_core::bail!("linear: input not on the cpu") };
+        Ok((xs.matmul(ws, (1, m, n, k), &lhs, &rhs)?, shape))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let ml = self.mask_layout(l)?;
-        let (ms, _) = self.mask.storage_and_layout();
-        let Storage::Cuda(ms) = &*ms else { candle_core::bail!("masked add: mask not on the gpu") };
-        Ok((s.binary_impl::<candle_core::op::Add>(ms, l, &ml)?, l.shape().clone()))
+        let (m, n, k, lhs, rhs, shape) = self.dims(wl)?;
+        let (xs, _) = self.x.storage_and_layout();
+        let Storage::Cuda(xs) = &*xs else { candle_core::bail!("linear: input not on the gpu") };
+        Ok((xs.matmul(ws, (1, m, n, k), &lhs, &rhs)?, shape))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.clone()))
+    fn bwd(&self, w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (n, k) = w.dims2()?;
+        let m = grad.elem_count() / n;
+        let dw = grad.reshape((m, n))?.t()?.matmul(&self.x.reshape((m, k))?)?;
+        Ok(Some(dw))
     }
 }
 
-/// Adds an additive attention mask (0 / -inf style, broadcastable to `scores`) without a
-/// gradient for the mask.
-pub fn masked_add(scores: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let mask = mask.to_dtype(scores.dtype())?;
-    if scores.track_op() {
-        Ok(scores.apply_op1(MaskedAdd { mask })?)
+/// `x @ w^T` with a trained `w`: plain autograd when `x` is tracked, else an op that
+/// differentiates `w` only.
+pub fn trained_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        Ok(x.broadcast_matmul(&w.t()?)?)
     } else {
-        Ok(scores.broadcast_add(&mask)?)
+        Ok(w.apply_op1(ConstInputMatmul { x: x.contiguous()? })?)
     }
 }
 
@@ -220,16 +234,16 @@ impl Linear {
         let dt = x.dtype();
         let mut y = match &self.weight {
             Param::Frozen(w) => frozen_matmul(x, &w.to_dtype(dt)?)?,
-            Param::Trained(w) => x.broadcast_matmul(&w.as_tensor().to_dtype(dt)?.t()?)?,
+            Param::Trained(w) => trained_matmul(x, &w.as_tensor().to_dtype(dt)?)?,
         };
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.cast(dt)?)?;
+            y = add_any(&y, &b.cast(dt)?)?;
         }
         if let Some(l) = &self.lora {
             let xi = ops::dropout(x, l.dropout, &l.site)?;
             let h = linear_no_bias(&xi, &l.a, dt)?;
             let h = linear_no_bias(&h, &l.b, dt)?;
-            y = (y + (h * l.scale)?)?;
+            y = add_any(&y, &(h * l.scale)?)?;
         }
         Ok(y)
     }
@@ -238,7 +252,7 @@ impl Linear {
 fn linear_no_bias(x: &Tensor, w: &Param, dt: candle_core::DType) -> Result<Tensor> {
     Ok(match w {
         Param::Frozen(w) => frozen_matmul(x, &w.to_dtype(dt)?)?,
-        Param::Trained(w) => x.broadcast_matmul(&w.as_tensor().to_dtype(dt)?.t()?)?,
+        Param::Trained(w) => trained_matmul(x, &w.as_tensor().to_dtype(dt)?)?,
     })
 }
 

@@ -3,10 +3,12 @@
 //! candle's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope` silently cut the autograd
 //! graph, so every model file uses the versions here instead.
 
+pub mod consts;
 pub mod linear;
 pub mod ops;
 pub mod param;
 pub mod upsample;
 
-pub use linear::{frozen_matmul, masked_add, Linear};
+pub use consts::{add_any, add_const, masked_add, mul_any, mul_const};
+pub use linear::{frozen_matmul, Linear};
 pub use param::{Param, ParamBuilder, TrainedParams};

@@ -10,6 +10,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+use super::consts::{add_any, add_const, mul_any, mul_const};
 use super::param::seed_for;
 
 thread_local! {
@@ -70,7 +71,7 @@ pub fn dropout(x: &Tensor, p: f32, site: &str) -> Result<Tensor> {
     }
     let Some(seed) = step_seed() else { return Ok(x.clone()) };
     let mask = bernoulli_keep_mask(x.dims(), 1.0 - p, seed_for(seed, site), x.device())?;
-    Ok(x.broadcast_mul(&(mask * (1.0 / (1.0 - p as f64)))?.to_dtype(x.dtype())?)?)
+    mul_const(x, &(mask * (1.0 / (1.0 - p as f64)))?)
 }
 
 /// 0/1 mask with keep probability `keep`, reproducible on every device.
@@ -87,7 +88,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let x = x.to_dtype(DType::F32)?;
     // The max is a constant shift: detaching it keeps the result and skips a backward.
     let m = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&m)?.exp()?;
+    let e = add_const(&x, &m.neg()?)?.exp()?;
     let s = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
     Ok(s.to_dtype(dt)?)
 }
@@ -98,7 +99,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let x32 = x.to_dtype(DType::F32)?;
     let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
     let y = x32.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dt)?;
-    Ok(y.broadcast_mul(&weight.to_dtype(dt)?)?)
+    mul_any(&y, &weight.to_dtype(dt)?)
 }
 
 /// LayerNorm over the last dimension in f32 (biased variance, as PyTorch).
@@ -109,9 +110,9 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
     let xc = x32.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let mut y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    y = y.broadcast_mul(&weight.to_dtype(DType::F32)?)?;
+    y = mul_any(&y, &weight.to_dtype(DType::F32)?)?;
     if let Some(b) = bias {
-        y = y.broadcast_add(&b.to_dtype(DType::F32)?)?;
+        y = add_any(&y, &b.to_dtype(DType::F32)?)?;
     }
     Ok(y.to_dtype(dt)?)
 }
@@ -147,7 +148,7 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
     let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
+    Ok((mul_const(x, cos)? + mul_const(&rot, sin)?)?)
 }
 
 /// Additive mask value that survives f16 (−inf would turn fully masked rows into NaN).

@@ -1,0 +1,41 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use candle_core::{backprop::GradStore, DType, Device, Tensor};
+use prs::nn::param::TrainedParams;
+
+pub fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+/// max |a - b| / max |b|: the relative error of `a` against the reference `b`.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+    let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-12);
+    diff / scale
+}
+
+/// Asserts the gradient store holds exactly the optimised trained tensors, each finite and
+/// non-zero (nothing for frozen weights, constants or intermediates).
+pub fn assert_grads_exactly_trained(grads: &GradStore, trained: &TrainedParams) {
+    let weights = trained.weights();
+    let ids: HashSet<_> = weights.iter().map(|p| p.var.as_tensor().id()).collect();
+    for p in &weights {
+        let g = grads.get(p.var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {}/{}", p.group, p.key));
+        let g = g.to_dtype(DType::F32).unwrap();
+        let abs = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(abs.is_finite(), "non-finite gradient for {}/{}", p.group, p.key);
+        assert!(abs > 0.0, "zero gradient for {}/{}", p.group, p.key);
+    }
+    let extra: Vec<_> = grads.get_ids().filter(|id| !ids.contains(id)).collect();
+    for id in &extra {
+        eprintln!("dead gradient of shape {:?}", grads.get_id(**id).unwrap().dims());
+    }
+    assert!(extra.is_empty(), "{} gradient(s) for tensors that are not trained (dead gradients)", extra.len());
+}
