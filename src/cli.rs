@@ -1,1 +1,28 @@
-//! Command-line interface (clap). Every flag is declared once here.
+//! Command-line interface (clap). Each subcommand's flags live beside its pipeline in
+//! `commands/`; this file only lists the subcommands.
+
+use clap::{Parser, Subcommand};
+
+use crate::commands;
+
+#[derive(Parser, Debug)]
+#[command(name = "prs", version, about = "Fine-tune and run PRS-Med (position reasoning segmentation) with Candle")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Write random base weights in the real checkpoint layouts (LLaVA-Med folder + TinySAM .pth).
+    Init(commands::init::InitArgs),
+    /// Print the token ids the model sees for some text.
+    Tokenize(commands::tokenize::TokenizeArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init(a) => commands::init::run(&a),
+        Command::Tokenize(a) => commands::tokenize::run(&a),
+    }
+}

@@ -1,1 +1,180 @@
-//! Run configuration: a TOML file + flags + `--set` overrides -> one resolved struct.
+//! Run configuration: a TOML file + flags + `--set section.key=value` overrides -> one resolved
+//! struct, saved in every run folder.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::model::clip::ClipVisionConfig;
+use crate::model::decoder::DecoderConfig;
+use crate::model::mistral::MistralConfig;
+use crate::model::tinysam::TinySamConfig;
+use crate::nn::linear::LoraConfig;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelSection,
+    #[serde(default)]
+    pub prompt: PromptSection,
+    /// Architecture of the random base model written by `prs init` (tiny configs).
+    #[serde(default)]
+    pub init: Option<InitSection>,
+    /// Training hyper-parameters (used by `prs finetune`).
+    #[serde(default)]
+    pub train: toml::Table,
+    /// Dataset settings (used by `prs finetune` / `prs evaluate`).
+    #[serde(default)]
+    pub data: toml::Table,
+}
+
+/// Which weights, which parts train, and the dtype of frozen weights.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// LLaVA-Med folder or hub id (`microsoft/llava-med-v1.5-mistral-7b`).
+    pub base: String,
+    /// TinySAM weights: a `.pth`/`.safetensors` path, or `repo_id:file` on the hub.
+    pub tinysam: String,
+    /// SAM input size (the mask is predicted at this resolution).
+    #[serde(default = "default_sam_size")]
+    pub sam_image_size: usize,
+    /// Frozen weights and matmuls: "bf16" | "f16" | "f32". CPU runs use f32.
+    #[serde(default = "default_dtype")]
+    pub compute_dtype: String,
+    pub lora: LoraConfig,
+    #[serde(default)]
+    pub trainable: TrainableSection,
+    #[serde(default)]
+    pub tinysam_arch: TinySamConfig,
+    #[serde(default)]
+    pub decoder: DecoderSection,
+    #[serde(default = "default_num_classes")]
+    pub num_modalities: usize,
+}
+
+fn default_sam_size() -> usize {
+    1024
+}
+fn default_dtype() -> String {
+    "bf16".into()
+}
+fn default_num_classes() -> usize {
+    6
+}
+
+/// What trains besides LoRA and the mask decoder (always trained).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainableSection {
+    #[serde(default = "yes")]
+    pub tinysam: bool,
+    #[serde(default)]
+    pub projector: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for TrainableSection {
+    fn default() -> Self {
+        Self { tinysam: true, projector: false }
+    }
+}
+
+/// Mask decoder widths; the LLM hidden size and token grid come from the other parts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecoderSection {
+    pub prompt_hidden: usize,
+    pub cross_heads: usize,
+    pub self_heads: usize,
+    pub ffn_dim: usize,
+    pub dropout: f32,
+}
+
+impl Default for DecoderSection {
+    fn default() -> Self {
+        let d = DecoderConfig::default();
+        Self {
+            prompt_hidden: d.prompt_hidden,
+            cross_heads: d.cross_heads,
+            self_heads: d.self_heads,
+            ffn_dim: d.ffn_dim,
+            dropout: d.dropout,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptSection {
+    /// Training text; `{question}` and `{answer}` are filled in, `<image>` marks the image.
+    pub template: String,
+}
+
+impl Default for PromptSection {
+    fn default() -> Self {
+        Self { template: "<image>\n### User: {question} \n### Assistant: \n{answer}".into() }
+    }
+}
+
+/// The base model `prs init` creates (random weights in the real layouts).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitSection {
+    pub llm: MistralConfig,
+    pub vision: ClipVisionConfig,
+    /// Std of the random base weights: ~1/sqrt(hidden) so a frozen random lm_head can express
+    /// confident answers (the reference, section 8).
+    pub weight_std: f64,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+fn default_seed() -> u64 {
+    0
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        Self::parse(&text, &[]).with_context(|| format!("in config {}", path.display()))
+    }
+
+    /// Parses TOML text and applies `section.key=value` overrides (values in TOML syntax;
+    /// a bare word is taken as a string).
+    pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {
+        let mut doc: toml::Table = toml::from_str(text)?;
+        for o in overrides {
+            apply_override(&mut doc, o)?;
+        }
+        let cfg: Config = toml::Value::Table(doc).try_into()?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string_pretty(self)?)
+    }
+}
+
+fn apply_override(doc: &mut toml::Table, o: &str) -> Result<()> {
+    let Some((path, value)) = o.split_once('=') else { bail!("--set expects section.key=value, got `{o}`") };
+    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+        Ok(mut t) => t.remove("v").unwrap(),
+        Err(_) => toml::Value::String(value.to_string()),
+    };
+    let keys: Vec<&str> = path.trim().split('.').collect();
+    let mut cur = doc;
+    for k in &keys[..keys.len() - 1] {
+        cur = cur
+            .entry(k.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .with_context(|| format!("--set {o}: `{k}` is not a section"))?;
+    }
+    cur.insert(keys[keys.len() - 1].to_string(), value);
+    Ok(())
+}

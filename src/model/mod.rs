@@ -3,5 +3,7 @@
 pub mod clip;
 pub mod decoder;
 pub mod llava;
+pub mod load;
 pub mod mistral;
+pub mod prs_med;
 pub mod tinysam;

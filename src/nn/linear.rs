@@ -211,11 +211,11 @@ impl Linear {
     }
 
     /// Attaches LoRA A (r, in) and B (out, r). `lora_pb` is rooted at the PEFT key of this
-    /// projection (`base_model.model.<key>`); values come from an adapter when present, else
-    /// PEFT's initialisation (A kaiming-uniform a=sqrt 5, B zeros).
+    /// projection (`base_model.model.<key>`); values come from an adapter (every tensor must be there) or,
+    /// for a fresh builder, PEFT's initialisation (A kaiming-uniform a=sqrt 5, B zeros).
     pub fn with_lora(mut self, lora_pb: &ParamBuilder, cfg: &LoraConfig) -> Result<Self> {
-        let a = lora_pb.pp("lora_A").get_or_init((cfg.r, self.in_dim), "weight", Init::torch_default(self.in_dim))?;
-        let b = lora_pb.pp("lora_B").get_or_init((self.out_dim, cfg.r), "weight", Init::Zeros)?;
+        let a = lora_pb.pp("lora_A").get((cfg.r, self.in_dim), "weight", Init::torch_default(self.in_dim))?;
+        let b = lora_pb.pp("lora_B").get((self.out_dim, cfg.r), "weight", Init::Zeros)?;
         self.lora = Some(Lora { a, b, scale: cfg.scale(), dropout: cfg.dropout, site: lora_pb.key("lora") });
         Ok(self)
     }

@@ -7,6 +7,7 @@ pub mod consts;
 pub mod linear;
 pub mod ops;
 pub mod param;
+pub mod splice;
 pub mod upsample;
 
 pub use consts::{add_any, add_const, masked_add, mul_any, mul_const};

@@ -255,21 +255,6 @@ impl<'a> ParamBuilder<'a> {
         self.wrap(name, t, ParamKind::Weight)
     }
 
-    /// A parameter that is created when the checkpoint lacks it (LoRA on a base model).
-    pub fn get_or_init(&self, shape: impl Into<Shape>, name: &str, init: Init) -> Result<Param> {
-        let shape = shape.into();
-        if self.contains(name) {
-            return self.get(shape, name, init);
-        }
-        let seed = match &self.source {
-            Source::Fresh { seed } => *seed,
-            Source::Checkpoint { .. } => 0x5eed,
-        };
-        let dtype = if self.train { DType::F32 } else { self.dtype };
-        let t = init_tensor(&shape, init, seed_for(seed, &self.key(name)), dtype, &self.device)?;
-        self.wrap(name, t, ParamKind::Weight)
-    }
-
     /// A non-optimised state tensor (BatchNorm running statistics): a `Var` registered as a
     /// buffer when the subtree trains (so it can be updated and saved), frozen otherwise.
     pub fn buffer(&self, shape: impl Into<Shape>, name: &str, init: Init) -> Result<Param> {

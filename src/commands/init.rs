@@ -1,0 +1,120 @@
+//! `prs init`: random base weights in the real layouts, so every loader runs exactly as it does
+//! with LLaVA-Med and TinySAM: a LLaVA-Med-style folder (config.json, sharded safetensors +
+//! index, tokenizer.model) and a TinySAM `.pth` state dict under `image_encoder.*`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{Config, InitSection};
+use crate::model::clip::ClipVisionTower;
+use crate::model::llava::Projector;
+use crate::model::load::{CLIP_PREFIX, PROJECTOR_PREFIX};
+use crate::model::mistral::Mistral;
+use crate::model::prs_med::LlavaMedConfig;
+use crate::model::tinysam::TinySam;
+use crate::nn::param::{init_tensor, seed_for, Init, ParamBuilder, TrainedParams};
+use crate::weights::pth::write_pth_atomic;
+use crate::weights::shards::{write_atomic, write_sharded};
+
+#[derive(clap::Args, Debug)]
+pub struct InitArgs {
+    /// Configuration with an `[init]` section (e.g. configs/tiny.toml).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Output folder; defaults to the folder named by `model.base` in the config.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// SentencePiece tokenizer.model to ship with the model (Mistral v1's).
+    #[arg(long, env = "PRS_TOKENIZER_MODEL", default_value = ".cache/assets/tokenizer.model.v1")]
+    pub tokenizer: PathBuf,
+    /// Largest shard in bytes (small by default so the index path is exercised).
+    #[arg(long, default_value_t = 8 << 20)]
+    pub max_shard_bytes: u64,
+}
+
+pub fn run(args: &InitArgs) -> Result<()> {
+    let cfg = Config::load(&args.config)?;
+    let init = cfg.init.as_ref().with_context(|| format!("{} has no [init] section", args.config.display()))?;
+    let llava_dir = args.out.clone().unwrap_or_else(|| PathBuf::from(&cfg.model.base));
+    let tinysam_path = match &args.out {
+        Some(o) => o.join("tinysam.pth"),
+        None => PathBuf::from(&cfg.model.tinysam),
+    };
+    write_llava(&llava_dir, init, &args.tokenizer, args.max_shard_bytes)?;
+    write_tinysam(&tinysam_path, &cfg, init.seed)?;
+    println!("wrote base model {} and TinySAM weights {}", llava_dir.display(), tinysam_path.display());
+    Ok(())
+}
+
+/// Every registered tensor, with ≥2-D weights redrawn from N(0, std) (see `InitSection`).
+fn collect(reg: &TrainedParams, prefix: &str, std: Option<f64>, seed: u64) -> Result<Vec<(String, Tensor)>> {
+    let mut out = vec![];
+    for p in reg.all() {
+        let key = if prefix.is_empty() { p.key.clone() } else { format!("{prefix}.{}", p.key) };
+        let t = p.var.as_tensor().clone();
+        let t = match std {
+            Some(s) if t.rank() >= 2 => init_tensor(t.shape(), Init::Normal(s), seed_for(seed, &key), DType::F32, &Device::Cpu)?,
+            _ => t,
+        };
+        out.push((key, t));
+    }
+    Ok(out)
+}
+
+pub fn write_llava(dir: &Path, init: &InitSection, tokenizer: &Path, max_shard_bytes: u64) -> Result<()> {
+    if !tokenizer.exists() {
+        bail!("tokenizer {} not found (run `make assets`, or pass --tokenizer)", tokenizer.display());
+    }
+    let dev = Device::Cpu;
+    let llava = LlavaMedConfig {
+        llm: init.llm.clone(),
+        mm_vision_tower: "prs-init/random-clip".into(),
+        mm_hidden_size: init.vision.hidden_size,
+        mm_projector_type: "mlp2x_gelu".into(),
+        mm_vision_select_layer: -2,
+        mm_vision_select_feature: "patch".into(),
+        image_aspect_ratio: "pad".into(),
+        mm_vision_config: Some(init.vision.clone()),
+    };
+    llava.validate()?;
+    // Build each part with trainable fresh builders: the registry then lists every tensor
+    // under its checkpoint key.
+    let fresh = |group: &str, reg: &TrainedParams| ParamBuilder::fresh(init.seed, group, true, DType::F32, &dev, reg);
+    let (r_llm, r_clip, r_proj) = (TrainedParams::new(), TrainedParams::new(), TrainedParams::new());
+    Mistral::new(&fresh("llm", &r_llm), &init.llm, None)?;
+    ClipVisionTower::new(&fresh("clip", &r_clip), &init.vision, -1)?;
+    Projector::new(&fresh("proj", &r_proj), init.vision.hidden_size, init.llm.hidden_size, "mlp2x_gelu")?;
+    let mut tensors = collect(&r_llm, "", Some(init.weight_std), init.seed)?;
+    tensors.extend(collect(&r_clip, CLIP_PREFIX, None, init.seed)?);
+    tensors.extend(collect(&r_proj, PROJECTOR_PREFIX, Some(init.weight_std), init.seed)?);
+
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_sharded(dir, &tensors, max_shard_bytes, DType::F32)?;
+    let mut cfg_json = serde_json::to_value(&llava)?;
+    cfg_json["architectures"] = serde_json::json!(["LlavaMistralForCausalLM"]);
+    cfg_json["model_type"] = serde_json::json!("llava_mistral");
+    cfg_json["torch_dtype"] = serde_json::json!("float32");
+    write_atomic(&dir.join("config.json"), |f| Ok(serde_json::to_writer_pretty(f, &cfg_json)?))?;
+    let tok_cfg = serde_json::json!({
+        "add_bos_token": true, "add_eos_token": false, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "pad_token": "<unk>", "legacy": true, "tokenizer_class": "LlamaTokenizer"
+    });
+    write_atomic(&dir.join("tokenizer_config.json"), |f| Ok(serde_json::to_writer_pretty(f, &tok_cfg)?))?;
+    let bytes = std::fs::read(tokenizer).with_context(|| format!("reading {}", tokenizer.display()))?;
+    write_atomic(&dir.join("tokenizer.model"), |f| Ok(std::io::Write::write_all(f, &bytes)?))?;
+    Ok(())
+}
+
+pub fn write_tinysam(path: &Path, cfg: &Config, seed: u64) -> Result<()> {
+    let mut arch = cfg.model.tinysam_arch.clone();
+    arch.img_size = cfg.model.sam_image_size;
+    let reg = TrainedParams::new();
+    TinySam::new(&ParamBuilder::fresh(seed, "image_encoder", true, DType::F32, &Device::Cpu, &reg), &arch)?;
+    let tensors = collect(&reg, "image_encoder", None, seed)?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    write_pth_atomic(path, &tensors)
+}

@@ -1,0 +1,359 @@
+//! PRS-Med assembled: CLIP tower + projector + Mistral (LoRA) for the text, TinySAM + the prompted
+//! mask decoder for the mask, a modality classifier on the TinySAM features.
+//!
+//! One LLM forward over [BOS, image, prompt, answer, EOS] gives both the LM loss (answer + EOS
+//! only) and the hidden states the decoder reads; the decoder's key mask keeps it on the prompt
+//! positions (causal attention means those never saw the answer).
+
+use anyhow::{bail, ensure, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::clip::{ClipVisionConfig, ClipVisionTower};
+use super::decoder::{DecoderConfig, ModalityClassifier, PromptedMaskDecoder};
+use super::llava::Projector;
+use super::mistral::{KvCache, Mistral, MistralConfig};
+use super::tinysam::{TinySam, TinySamConfig};
+use crate::nn::param::{ParamBuilder, TrainedParams};
+use crate::nn::splice::splice_rows;
+use crate::tokenizer::PromptIds;
+use crate::train::losses::{cross_entropy, structure_loss, LossCompat};
+
+/// LLaVA-Med's `config.json`: the Mistral fields plus the multimodal ones.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LlavaMedConfig {
+    #[serde(flatten)]
+    pub llm: MistralConfig,
+    pub mm_vision_tower: String,
+    pub mm_hidden_size: usize,
+    #[serde(default = "default_projector")]
+    pub mm_projector_type: String,
+    #[serde(default = "default_select_layer")]
+    pub mm_vision_select_layer: i64,
+    #[serde(default = "default_select_feature")]
+    pub mm_vision_select_feature: String,
+    #[serde(default = "default_aspect")]
+    pub image_aspect_ratio: String,
+    /// Our extension for random tiny models: the tower's config inline. Real LLaVA-Med
+    /// checkpoints name `openai/clip-vit-large-patch14-336` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mm_vision_config: Option<ClipVisionConfig>,
+}
+
+fn default_projector() -> String {
+    "mlp2x_gelu".into()
+}
+fn default_select_layer() -> i64 {
+    -2
+}
+fn default_select_feature() -> String {
+    "patch".into()
+}
+fn default_aspect() -> String {
+    "pad".into()
+}
+
+impl LlavaMedConfig {
+    pub fn vision_config(&self) -> Result<ClipVisionConfig> {
+        if let Some(v) = &self.mm_vision_config {
+            return Ok(v.clone());
+        }
+        if self.mm_vision_tower.contains("clip-vit-large-patch14-336") {
+            return Ok(ClipVisionConfig::default());
+        }
+        bail!(
+            "unknown vision tower `{}`: only openai/clip-vit-large-patch14-336 is built in \
+             (or give `mm_vision_config` in config.json)",
+            self.mm_vision_tower
+        )
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.mm_vision_select_feature != "patch" {
+            bail!("mm_vision_select_feature `{}` is not supported (only `patch`)", self.mm_vision_select_feature);
+        }
+        if self.mm_hidden_size != self.vision_config()?.hidden_size {
+            bail!("mm_hidden_size {} != vision hidden size {}", self.mm_hidden_size, self.vision_config()?.hidden_size);
+        }
+        self.llm.validate()
+    }
+}
+
+/// Builders for every component (each a checkpoint source or a fresh one).
+pub struct Builders<'a> {
+    /// Rooted at the LLaVA-Med checkpoint root (`model.*`, `lm_head.*`).
+    pub llava: ParamBuilder<'a>,
+    /// Rooted at the CLIP `vision_model` prefix.
+    pub clip: ParamBuilder<'a>,
+    /// Rooted at PEFT's `base_model.model`.
+    pub lora: ParamBuilder<'a>,
+    pub tinysam: ParamBuilder<'a>,
+    pub decoder: ParamBuilder<'a>,
+    pub classifier: ParamBuilder<'a>,
+    pub projector: ParamBuilder<'a>,
+}
+
+/// Everything needed to build the model besides the weights.
+#[derive(Clone, Debug)]
+pub struct PrsMedSpec {
+    pub llava: LlavaMedConfig,
+    pub lora: crate::nn::linear::LoraConfig,
+    pub tinysam: TinySamConfig,
+    pub decoder: DecoderConfig,
+    pub num_modalities: usize,
+}
+
+pub struct PrsMed {
+    pub clip: ClipVisionTower,
+    pub projector: Projector,
+    pub llm: Mistral,
+    pub tinysam: TinySam,
+    pub decoder: PromptedMaskDecoder,
+    pub classifier: ModalityClassifier,
+    pub spec: PrsMedSpec,
+    pub trained: TrainedParams,
+    dtype: DType,
+    device: Device,
+}
+
+/// Inputs of one batch, as the data pipeline prepares them.
+pub struct ModelBatch {
+    /// (B,3,Sc,Sc) CLIP-normalised pixels.
+    pub clip_pixels: Tensor,
+    /// (B,3,S,S) SAM-normalised pixels.
+    pub sam_pixels: Tensor,
+    /// Token ids per sample; `answer` is empty at inference.
+    pub prompts: Vec<PromptIds>,
+    /// (B,1,S,S) binary masks (training / evaluation).
+    pub masks: Option<Tensor>,
+    /// (B) u32 modality class ids.
+    pub modality: Option<Tensor>,
+}
+
+/// The LLM's view of a batch: embeddings with the image spliced in, and the index sets the
+/// losses and the decoder need.
+pub struct LlmInputs {
+    pub embeds: Tensor,
+    /// (B,T) 1 for real tokens, 0 for padding.
+    pub key_valid: Tensor,
+    pub position_ids: Tensor,
+    /// (B,T) 1 for BOS, image and prompt positions: what the mask decoder may attend to.
+    pub prompt_valid: Tensor,
+    /// Flat (b*T + t) indices of positions whose next token is supervised, and the targets.
+    pub lm_rows: Vec<u32>,
+    pub lm_targets: Vec<u32>,
+}
+
+pub struct Outputs {
+    /// (B,1,S,S) mask logits at the SAM input resolution.
+    pub mask_logits: Tensor,
+    /// (B,num_modalities).
+    pub class_logits: Tensor,
+    /// (R,V) logits at the supervised positions (training only).
+    pub answer_logits: Option<Tensor>,
+    pub answer_targets: Option<Tensor>,
+}
+
+/// Loss terms of one batch (scalars, f32).
+pub struct Losses {
+    pub total: Tensor,
+    pub seg: Tensor,
+    pub lm: Tensor,
+    pub cls: Tensor,
+}
+
+/// Weights of the loss terms.
+#[derive(Clone, Copy, Debug)]
+pub struct LossWeights {
+    pub seg: f64,
+    pub lm: f64,
+    /// 0 after the classifier cut-off epoch.
+    pub cls: f64,
+    pub compat: LossCompat,
+}
+
+impl Default for LossWeights {
+    fn default() -> Self {
+        Self { seg: 1.0, lm: 1.0, cls: 0.5, compat: LossCompat::Intended }
+    }
+}
+
+pub const EOS_ID: u32 = 2;
+pub const PAD_ID: u32 = 0;
+
+impl PrsMed {
+    pub fn new(b: &Builders, spec: &PrsMedSpec) -> Result<Self> {
+        spec.llava.validate()?;
+        let vcfg = spec.llava.vision_config()?;
+        let h = spec.llava.llm.hidden_size;
+        let clip = ClipVisionTower::new(&b.clip, &vcfg, spec.llava.mm_vision_select_layer)?;
+        let projector = Projector::new(&b.projector, spec.llava.mm_hidden_size, h, &spec.llava.mm_projector_type)?;
+        let llm = Mistral::new(&b.llava, &spec.llava.llm, Some((&b.lora, &spec.lora)))?;
+        let tinysam = TinySam::new(&b.tinysam, &spec.tinysam)?;
+        ensure!(
+            spec.decoder.llm_hidden == h,
+            "decoder llm_hidden {} != LLM hidden size {h}",
+            spec.decoder.llm_hidden
+        );
+        let decoder = PromptedMaskDecoder::new(&b.decoder, &spec.decoder)?;
+        let classifier = ModalityClassifier::new(&b.classifier, spec.decoder.dim, spec.num_modalities)?;
+        Ok(Self {
+            clip,
+            projector,
+            llm,
+            tinysam,
+            decoder,
+            classifier,
+            spec: spec.clone(),
+            trained: b.llava.registry().clone(),
+            dtype: b.llava.dtype(),
+            device: b.llava.device().clone(),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Number of image vectors spliced into the prompt (576 for CLIP-L/336).
+    pub fn image_tokens(&self) -> Result<usize> {
+        let v = self.spec.llava.vision_config()?;
+        Ok((v.image_size / v.patch_size).pow(2))
+    }
+
+    /// (B,3,Sc,Sc) -> (B,N,H) projected image embeddings in the compute dtype.
+    pub fn encode_image(&self, clip_pixels: &Tensor) -> Result<Tensor> {
+        let feats = self.clip.forward(&clip_pixels.to_dtype(self.dtype)?)?;
+        self.projector.forward(&feats)
+    }
+
+    /// Lays out [before, image, after, answer (+EOS when `train`)] per sample, right-padded.
+    pub fn llm_inputs(&self, prompts: &[PromptIds], image_embeds: &Tensor, train: bool) -> Result<LlmInputs> {
+        let (b, n, _) = image_embeds.dims3()?;
+        ensure!(prompts.len() == b, "{} prompts for {b} images", prompts.len());
+        let a = prompts[0].before_image.len();
+        ensure!(
+            prompts.iter().all(|p| p.before_image.len() == a),
+            "every prompt must have the same text before the image marker"
+        );
+        let len = |p: &PromptIds| a + n + p.after_image.len() + if train { p.answer.len() + 1 } else { 0 };
+        let t = prompts.iter().map(len).max().unwrap_or(0);
+        let mut ids = vec![PAD_ID; b * t];
+        let mut valid = vec![0f32; b * t];
+        let mut prompt = vec![0f32; b * t];
+        let (mut lm_rows, mut lm_targets) = (vec![], vec![]);
+        for (i, p) in prompts.iter().enumerate() {
+            let row = &mut ids[i * t..(i + 1) * t];
+            row[..a].copy_from_slice(&p.before_image);
+            let s = a + n;
+            row[s..s + p.after_image.len()].copy_from_slice(&p.after_image);
+            let prompt_end = s + p.after_image.len();
+            let li = len(p);
+            if train {
+                ensure!(!p.answer.is_empty(), "sample {i} has an empty answer");
+                row[prompt_end..prompt_end + p.answer.len()].copy_from_slice(&p.answer);
+                row[li - 1] = EOS_ID;
+                // Position q predicts token q + 1: answer tokens and EOS are supervised.
+                for q in prompt_end - 1..li - 1 {
+                    lm_rows.push((i * t + q) as u32);
+                    lm_targets.push(row[q + 1]);
+                }
+            }
+            valid[i * t..i * t + li].iter_mut().for_each(|v| *v = 1.0);
+            prompt[i * t..i * t + prompt_end].iter_mut().for_each(|v| *v = 1.0);
+        }
+        let dev = &self.device;
+        let ids = Tensor::from_vec(ids, (b, t), dev)?;
+        let text = self.llm.embed(&ids)?;
+        let embeds = splice_rows(&text, image_embeds, a)?;
+        let position_ids = Tensor::arange(0u32, t as u32, dev)?.unsqueeze(0)?.repeat((b, 1))?;
+        Ok(LlmInputs {
+            embeds,
+            key_valid: Tensor::from_vec(valid, (b, t), dev)?,
+            position_ids,
+            prompt_valid: Tensor::from_vec(prompt, (b, t), dev)?,
+            lm_rows,
+            lm_targets,
+        })
+    }
+
+    /// Full forward for training and evaluation (teacher-forced answer when `train`).
+    pub fn forward(&self, batch: &ModelBatch, train: bool) -> Result<Outputs> {
+        let image = self.encode_image(&batch.clip_pixels)?;
+        let inp = self.llm_inputs(&batch.prompts, &image, train)?;
+        let hidden = self.llm.forward_embeds(&inp.embeds, Some(&inp.key_valid), &inp.position_ids, None)?;
+        let (answer_logits, answer_targets) = if train {
+            let (b, t, h) = hidden.dims3()?;
+            let rows = Tensor::new(inp.lm_rows.as_slice(), &self.device)?;
+            let sel = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
+            let targets = Tensor::new(inp.lm_targets.as_slice(), &self.device)?;
+            (Some(self.llm.logits(&sel)?), Some(targets))
+        } else {
+            (None, None)
+        };
+        let feats = self.tinysam.forward(&batch.sam_pixels.to_dtype(self.tinysam_dtype())?)?;
+        let mask_logits = self.decoder.forward(&feats, &hidden, &inp.prompt_valid)?;
+        let class_logits = self.classifier.forward(&feats)?;
+        Ok(Outputs { mask_logits, class_logits, answer_logits, answer_targets })
+    }
+
+    /// TinySAM runs in f32 when it trains (BatchNorm statistics), else in the compute dtype.
+    fn tinysam_dtype(&self) -> DType {
+        if self.trained.group("image_encoder").is_empty() {
+            self.dtype
+        } else {
+            DType::F32
+        }
+    }
+
+    /// Loss terms of a training forward.
+    pub fn losses(&self, batch: &ModelBatch, out: &Outputs, w: &LossWeights) -> Result<Losses> {
+        let masks = batch.masks.as_ref().ok_or_else(|| anyhow::anyhow!("training batch without masks"))?;
+        let seg = structure_loss(&out.mask_logits, masks, w.compat)?;
+        let lm = match (&out.answer_logits, &out.answer_targets) {
+            (Some(l), Some(t)) => cross_entropy(l, t)?,
+            _ => bail!("training losses need a forward with train = true"),
+        };
+        let cls = match &batch.modality {
+            Some(m) => cross_entropy(&out.class_logits, m)?,
+            None => Tensor::zeros((), DType::F32, &self.device)?,
+        };
+        let mut total = ((&seg * w.seg)? + (&lm * w.lm)?)?;
+        if w.cls > 0.0 && batch.modality.is_some() {
+            total = (total + (&cls * w.cls)?)?;
+        }
+        Ok(Losses { total, seg, lm, cls })
+    }
+
+    /// Inference for one image: mask logits (1,1,S,S) and greedily generated answer ids
+    /// (stops at EOS or after `max_new_tokens`). Sampling options live in `prs predict`.
+    pub fn predict_greedy(&self, batch: &ModelBatch, max_new_tokens: usize) -> Result<(Tensor, Vec<u32>)> {
+        ensure!(batch.prompts.len() == 1, "predict_greedy takes one sample");
+        let image = self.encode_image(&batch.clip_pixels)?;
+        let inp = self.llm_inputs(&batch.prompts, &image, false)?;
+        let mut cache = KvCache::new(self.llm.config().num_hidden_layers);
+        let hidden = self.llm.forward_embeds(&inp.embeds, None, &inp.position_ids, Some(&mut cache))?;
+        let feats = self.tinysam.forward(&batch.sam_pixels.to_dtype(self.tinysam_dtype())?)?;
+        let mask_logits = self.decoder.forward(&feats, &hidden, &inp.prompt_valid)?;
+        let mut answer = vec![];
+        let mut logits = self.llm.last_logits(&hidden)?;
+        let mut pos = hidden.dim(1)? as u32;
+        for _ in 0..max_new_tokens {
+            let next = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?[0];
+            if next == EOS_ID {
+                break;
+            }
+            answer.push(next);
+            let ids = Tensor::new(&[[next]], &self.device)?;
+            let e = self.llm.embed(&ids)?;
+            let p = Tensor::new(&[[pos]], &self.device)?;
+            let h = self.llm.forward_embeds(&e, None, &p, Some(&mut cache))?;
+            logits = self.llm.last_logits(&h)?;
+            pos += 1;
+        }
+        Ok((mask_logits, answer))
+    }
+}

@@ -1,0 +1,65 @@
+//! PRS-Med losses: structure loss on the mask logits, next-token cross-entropy on the answer,
+//! modality cross-entropy. All in f32.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor, D};
+
+use crate::nn::consts::{add_const, mul_const};
+
+/// Which form of the segmentation BCE to use (see the reference, section 4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LossCompat {
+    /// PraNet's intended structure loss: boundary-weighted BCE + weighted IoU.
+    #[default]
+    Intended,
+    /// The authors' code: an unweighted global-mean BCE (a legacy `reduce=` argument) + weighted IoU.
+    Authors,
+}
+
+/// Box mean over a k x k window, stride 1, zero padding counted (avg_pool2d(k, 1, k/2) with
+/// count_include_pad): two 1-D passes instead of a k^2 window.
+pub fn box_mean(g: &Tensor, k: usize) -> Result<Tensor> {
+    let (b, c, h, w) = g.dims4()?;
+    let x = g.reshape((b * c, 1, h, w))?;
+    let p = k / 2;
+    let row = Tensor::ones((1, 1, 1, k), g.dtype(), g.device())?;
+    let col = Tensor::ones((1, 1, k, 1), g.dtype(), g.device())?;
+    let x = x.pad_with_zeros(3, p, p)?.conv2d(&row, 0, 1, 1, 1)?;
+    let x = x.pad_with_zeros(2, p, p)?.conv2d(&col, 0, 1, 1, 1)?;
+    Ok((x / (k * k) as f64)?.reshape((b, c, h, w))?)
+}
+
+/// Structure loss of logits `p` (B,1,H,W) against a binary mask `g` (B,1,H,W): mean over the
+/// batch of (weighted BCE + weighted IoU), w = 1 + 5 |box31(g) - g|.
+pub fn structure_loss(p: &Tensor, g: &Tensor, compat: LossCompat) -> Result<Tensor> {
+    if p.dims() != g.dims() {
+        bail!("mask logits {:?} and target {:?} differ in shape", p.dims(), g.dims());
+    }
+    let p = p.to_dtype(DType::F32)?;
+    let g = g.to_dtype(DType::F32)?.detach();
+    let w = ((box_mean(&g, 31)? - &g)?.abs()? * 5.0)?.affine(1.0, 1.0)?;
+    // Stable BCE with logits: max(p,0) - p g + log(1 + exp(-|p|)).
+    let bce = ((p.relu()? - mul_const(&p, &g)?)? + (p.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+    let sum_hw = |t: &Tensor| -> Result<Tensor> { Ok(t.sum(D::Minus1)?.sum(D::Minus1)?.squeeze(1)?) };
+    let bce_term = match compat {
+        Compat::Intended => (sum_hw(&mul_const(&bce, &w)?)? / sum_hw(&w)?)?,
+        Compat::Authors => {
+            let b = p.dim(0)?;
+            bce.mean_all()?.broadcast_as(b)?.contiguous()?
+        }
+    };
+    let s = candle_nn::ops::sigmoid(&p)?;
+    let wg = (&w * &g)?;
+    let inter = sum_hw(&mul_const(&s, &wg)?)?;
+    let union = add_const(&sum_hw(&mul_const(&s, &w)?)?, &sum_hw(&wg)?)?;
+    let wiou = ((inter.affine(1.0, 1.0)? / (union - &inter)?.affine(1.0, 1.0)?)?.neg()? + 1.0)?;
+    Ok((bce_term + wiou)?.mean_all()?)
+}
+
+type Compat = LossCompat;
+
+/// Mean cross-entropy of logits (N,V) against class ids (N) u32.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, targets)?)
+}
