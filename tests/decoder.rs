@@ -227,7 +227,14 @@ fn missing_key_is_a_loading_error() -> Result<()> {
     let mut tensors = load("decoder.safetensors")?;
     tensors.remove("encoder_layer.self_attn.in_proj_weight");
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-    let pb = ParamBuilder::from_checkpoint(vb, "decoder.safetensors", "mask_decoder", true, DType::F32, &TrainedParams::new());
+    let pb = ParamBuilder::from_checkpoint(
+        vb,
+        "decoder.safetensors",
+        "mask_decoder",
+        true,
+        DType::F32,
+        &TrainedParams::new(),
+    );
     let err = PromptedMaskDecoder::new(&pb, &cfg).unwrap_err().to_string();
     assert!(err.contains("encoder_layer.self_attn.in_proj_weight") && err.contains("decoder.safetensors"), "{err}");
 
@@ -235,7 +242,14 @@ fn missing_key_is_a_loading_error() -> Result<()> {
     let mut tensors = load("decoder.safetensors")?;
     assert!(tensors.remove("ffn.norm1.weight").is_some() && tensors.remove("ffn.norm1.bias").is_some());
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-    let pb = ParamBuilder::from_checkpoint(vb, "decoder.safetensors", "mask_decoder", true, DType::F32, &TrainedParams::new());
+    let pb = ParamBuilder::from_checkpoint(
+        vb,
+        "decoder.safetensors",
+        "mask_decoder",
+        true,
+        DType::F32,
+        &TrainedParams::new(),
+    );
     PromptedMaskDecoder::new(&pb, &cfg)?;
 
     // The classifier's key is `2.weight`.

@@ -188,9 +188,7 @@ fn run_cpu(
     k32: fn(&[f32], Geom) -> Vec<f32>,
     k64: fn(&[f64], Geom) -> Vec<f64>,
 ) -> candle_core::Result<CpuStorage> {
-    let Some((o0, o1)) = l.contiguous_offsets() else {
-        candle_core::bail!("mask upsample: input must be contiguous")
-    };
+    let Some((o0, o1)) = l.contiguous_offsets() else { candle_core::bail!("mask upsample: input must be contiguous") };
     Ok(match s {
         CpuStorage::F32(v) => CpuStorage::F32(k32(&v[o0..o1], g)),
         CpuStorage::F64(v) => CpuStorage::F64(k64(&v[o0..o1], g)),
