@@ -16,7 +16,7 @@ use super::mistral::{KvCache, Mistral, MistralConfig};
 use super::tinysam::{TinySam, TinySamConfig};
 use crate::nn::param::{ParamBuilder, TrainedParams};
 use crate::nn::splice::splice_rows;
-use crate::tokenizer::PromptIds;
+use crate::tokenizer::{PromptIds, EOS_ID, PAD_ID};
 use crate::train::losses::{cross_entropy, structure_loss, LossCompat};
 
 /// LLaVA-Med's `config.json`: the Mistral fields plus the multimodal ones.
@@ -177,9 +177,6 @@ impl Default for LossWeights {
         Self { seg: 1.0, lm: 1.0, cls: 0.5, compat: LossCompat::Intended }
     }
 }
-
-pub const EOS_ID: u32 = 2;
-pub const PAD_ID: u32 = 0;
 
 impl PrsMed {
     pub fn new(b: &Builders, spec: &PrsMedSpec) -> Result<Self> {

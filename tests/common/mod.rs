@@ -39,3 +39,24 @@ pub fn assert_grads_exactly_trained(grads: &GradStore, trained: &TrainedParams) 
     }
     assert!(extra.is_empty(), "{} gradient(s) for tensors that are not trained (dead gradients)", extra.len());
 }
+
+/// Mistral v1's tokenizer.model (`make assets` downloads it; `make test` sets the variable).
+pub fn tokenizer_model() -> PathBuf {
+    if let Ok(p) = std::env::var("PRS_TOKENIZER_MODEL") {
+        return PathBuf::from(p);
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/assets/tokenizer.model.v1");
+    assert!(p.exists(), "{} is missing: run `make assets` (or `make test`)", p.display());
+    p
+}
+
+/// The tiny configuration with its base weights written by `prs init` into `dir`.
+pub fn tiny_model(dir: &std::path::Path) -> prs::config::Config {
+    let mut cfg = prs::config::Config::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml")).unwrap();
+    cfg.model.base = dir.join("llava").display().to_string();
+    cfg.model.tinysam = dir.join("tinysam.pth").display().to_string();
+    let init = cfg.init.clone().unwrap();
+    prs::commands::init::write_llava(&dir.join("llava"), &init, &tokenizer_model(), 1 << 20).unwrap();
+    prs::commands::init::write_tinysam(&dir.join("tinysam.pth"), &cfg, init.seed).unwrap();
+    cfg
+}

@@ -1,0 +1,191 @@
+//! The assembled model on the tiny configuration: shapes with padding, gradient flow from the
+//! combined loss, checkpoint round trips in both layouts, loading errors.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{assert_grads_exactly_trained, rel_err, tiny_model};
+use prs::model::load::{load_prs_med, LoadOptions, Mode};
+use prs::model::prs_med::{LossWeights, ModelBatch, PrsMed};
+use prs::tokenizer;
+use prs::weights::checkpoint::{save_checkpoint, CheckpointMeta};
+
+fn opts(mode: Mode, ckpt: Option<&std::path::Path>) -> LoadOptions<'_> {
+    LoadOptions { device: Device::Cpu, dtype: DType::F32, mode, checkpoint: ckpt, seed: 3 }
+}
+
+/// Two samples with prompts of different lengths, random pixels, blob masks.
+fn batch(m: &PrsMed, cfg: &prs::config::Config, dir: &std::path::Path) -> ModelBatch {
+    let tok = tokenizer::load(&dir.join("llava")).unwrap();
+    let qa = [
+        ("Where is the tumour in this CT image?", "The tumour is at the top left of the image."),
+        ("Where is the lesion?", "It is in the center."),
+    ];
+    let prompts: Vec<_> =
+        qa.iter().map(|(q, a)| tokenizer::encode_prompt(&tok, &cfg.prompt.template, q, Some(a)).unwrap()).collect();
+    assert_ne!(prompts[0].after_image.len(), prompts[1].after_image.len());
+    let v = m.spec.llava.vision_config().unwrap();
+    let s = cfg.model.sam_image_size;
+    let dev = Device::Cpu;
+    let clip_pixels = Tensor::randn(0f32, 1.0, (2, 3, v.image_size, v.image_size), &dev).unwrap();
+    let sam_pixels = Tensor::randn(0f32, 1.0, (2, 3, s, s), &dev).unwrap();
+    let masks = Tensor::randn(0f32, 1.0, (2, 1, s, s), &dev).unwrap().ge(1.0).unwrap().to_dtype(DType::F32).unwrap();
+    let modality = Tensor::new(&[0u32, 4], &dev).unwrap();
+    ModelBatch { clip_pixels, sam_pixels, prompts, masks: Some(masks), modality: Some(modality) }
+}
+
+#[test]
+fn forward_shapes_and_gradients_reach_exactly_the_trained_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_model(dir.path());
+    let m = load_prs_med(&cfg, &opts(Mode::Train, None)).unwrap();
+    let b = batch(&m, &cfg, dir.path());
+    let out = {
+        let _train = prs::nn::ops::TrainingMode::enter(11);
+        m.forward(&b, true).unwrap()
+    };
+    let s = cfg.model.sam_image_size;
+    assert_eq!(out.mask_logits.dims(), &[2, 1, s, s]);
+    assert_eq!(out.class_logits.dims(), &[2, 6]);
+    // answer tokens + EOS of both samples are supervised
+    let n_sup: usize = b.prompts.iter().map(|p| p.answer.len() + 1).sum();
+    assert_eq!(out.answer_logits.as_ref().unwrap().dims(), &[n_sup, 32000]);
+    let losses = m.losses(&b, &out, &LossWeights::default()).unwrap();
+    for (name, l) in [("total", &losses.total), ("seg", &losses.seg), ("lm", &losses.lm), ("cls", &losses.cls)] {
+        let v = l.to_scalar::<f32>().unwrap();
+        assert!(v.is_finite() && v > 0.0, "{name} loss {v}");
+    }
+    let grads = losses.total.backward().unwrap();
+    assert_grads_exactly_trained(&grads, &m.trained);
+    // What trains: LoRA A/B on q,k,v,o of both layers, TinySAM, decoder, classifier, projector.
+    let groups: std::collections::BTreeSet<_> = m.trained.weights().iter().map(|p| p.group.clone()).collect();
+    let want: std::collections::BTreeSet<_> =
+        ["classifier", "image_encoder", "lora", "mask_decoder", "mm_projector"].iter().map(|s| s.to_string()).collect();
+    assert_eq!(groups, want);
+    assert_eq!(m.trained.group("lora").len(), 2 * 4 * 2);
+}
+
+#[test]
+fn inference_outputs_do_not_depend_on_padding() {
+    // Sample 2 alone gives the same mask logits as inside the padded batch.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_model(dir.path());
+    let m = load_prs_med(&cfg, &opts(Mode::Infer, None)).unwrap();
+    let b = batch(&m, &cfg, dir.path());
+    let both = m.forward(&b, false).unwrap();
+    let one = ModelBatch {
+        clip_pixels: b.clip_pixels.narrow(0, 1, 1).unwrap(),
+        sam_pixels: b.sam_pixels.narrow(0, 1, 1).unwrap(),
+        prompts: vec![b.prompts[1].clone()],
+        masks: None,
+        modality: None,
+    };
+    let alone = m.forward(&one, false).unwrap();
+    let err = rel_err(&both.mask_logits.narrow(0, 1, 1).unwrap(), &alone.mask_logits);
+    assert!(err < 1e-4, "padding changed the mask: rel err {err}");
+}
+
+/// Makes every trained tensor non-trivial (LoRA B starts at zero) so round trips are meaningful.
+fn perturb(m: &PrsMed) {
+    for p in m.trained.weights() {
+        let t = p.var.as_tensor();
+        let noise = (Tensor::randn(0f32, 0.05, t.shape(), t.device()).unwrap()).to_dtype(t.dtype()).unwrap();
+        p.var.set(&(t + noise).unwrap()).unwrap();
+    }
+}
+
+#[test]
+fn project_checkpoint_round_trips_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_model(dir.path());
+    let m = load_prs_med(&cfg, &opts(Mode::Train, None)).unwrap();
+    perturb(&m);
+    let ck = dir.path().join("ckpt");
+    let meta = CheckpointMeta::new(&cfg.model.base, &cfg.model.tinysam, toml::to_string(&cfg.model).unwrap());
+    save_checkpoint(&ck, &m.trained, &m.spec.lora, meta).unwrap();
+    for f in ["adapter_model.safetensors", "adapter_config.json", "image_encoder.safetensors", "mask_decoder.safetensors",
+        "classifier.safetensors", "mm_projector.safetensors", "prs_checkpoint.json"] {
+        assert!(ck.join(f).exists(), "{f} missing");
+    }
+    // PEFT key names
+    let names = prs::weights::shards::read_safetensors_header(&ck.join("adapter_model.safetensors")).unwrap();
+    let keys: Vec<String> = names.tensors.keys().cloned().collect();
+    assert!(keys.contains(&"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string()), "{keys:?}");
+
+    let back = load_prs_med(&cfg, &opts(Mode::Train, Some(&ck))).unwrap();
+    let (a, b) = (m.trained.all(), back.trained.all());
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b.iter()) {
+        assert_eq!((&x.group, &x.key), (&y.group, &y.key));
+        let d = (x.var.as_tensor() - y.var.as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "{}/{} differs after reload", x.group, x.key);
+    }
+    // Inference from the checkpoint gives the trained model's outputs.
+    let inf = load_prs_med(&cfg, &opts(Mode::Infer, Some(&ck))).unwrap();
+    let bt = batch(&m, &cfg, dir.path());
+    let y1 = m.forward(&bt, false).unwrap().mask_logits;
+    let y2 = inf.forward(&bt, false).unwrap().mask_logits;
+    assert_eq!(rel_err(&y2, &y1), 0.0);
+}
+
+#[test]
+fn authors_release_layout_loads_and_applies_the_adapter() {
+    use prs::weights::pth::write_pth_atomic;
+    use prs::weights::shards::{write_atomic, write_safetensors_atomic};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_model(dir.path());
+    // The authors' release has no projector: train it frozen for this comparison.
+    cfg.model.trainable.projector = false;
+    let m = load_prs_med(&cfg, &opts(Mode::Train, None)).unwrap();
+    perturb(&m);
+    let rel = dir.path().join("release");
+    std::fs::create_dir_all(rel.join("lora_adapter")).unwrap();
+    let group = |g: &str| -> Vec<(String, Tensor)> {
+        m.trained.group(g).into_iter().map(|p| (p.key.clone(), p.var.as_tensor().detach())).collect()
+    };
+    let mut lora: Vec<_> = group("lora").into_iter().map(|(k, t)| (format!("base_model.model.{k}"), t)).collect();
+    // inert CLIP LoRA keys, as in their adapters
+    lora.push((
+        "base_model.model.model.vision_tower.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.lora_A.weight".into(),
+        Tensor::zeros((8, 32), DType::F32, &Device::Cpu).unwrap(),
+    ));
+    write_safetensors_atomic(&rel.join("lora_adapter/adapter_model.safetensors"), &lora, None).unwrap();
+    let ac = serde_json::json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "bias": "none",
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "task_type": "CAUSAL_LM"});
+    write_atomic(&rel.join("lora_adapter/adapter_config.json"), |f| Ok(serde_json::to_writer(f, &ac)?)).unwrap();
+    let enc = group("image_encoder");
+    let mut enc_all: Vec<_> = enc.iter().map(|(k, t)| (format!("image_encoder.{k}"), t.clone())).collect();
+    enc_all.extend(enc.iter().map(|(k, t)| (format!("sam.image_encoder.{k}"), t.clone())));
+    write_pth_atomic(&rel.join("image_encoder.pth"), &enc_all).unwrap();
+    write_pth_atomic(&rel.join("mask_decoder.pth"), &group("mask_decoder")).unwrap();
+    write_pth_atomic(&rel.join("cls.pth"), &group("classifier")).unwrap();
+
+    let loaded = load_prs_med(&cfg, &opts(Mode::Infer, Some(&rel))).unwrap();
+    let bt = batch(&m, &cfg, dir.path());
+    let want = m.forward(&bt, false).unwrap();
+    let got = loaded.forward(&bt, false).unwrap();
+    assert_eq!(rel_err(&got.mask_logits, &want.mask_logits), 0.0);
+    // The adapter is really applied: without it the LLM states (hence the mask) differ.
+    let plain = load_prs_med(&cfg, &opts(Mode::Infer, None)).unwrap();
+    let image = plain.encode_image(&bt.clip_pixels).unwrap();
+    let inp = plain.llm_inputs(&bt.prompts, &image, false).unwrap();
+    let h0 = plain.llm.forward_embeds(&inp.embeds, Some(&inp.key_valid), &inp.position_ids, None).unwrap();
+    let h1 = loaded.llm.forward_embeds(&inp.embeds, Some(&inp.key_valid), &inp.position_ids, None).unwrap();
+    assert!(rel_err(&h1, &h0) > 1e-3, "adapter had no effect");
+}
+
+#[test]
+fn a_missing_shard_and_a_missing_tensor_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_model(dir.path());
+    let llava = dir.path().join("llava");
+    let shard = std::fs::read_dir(&llava)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .unwrap();
+    std::fs::remove_file(&shard).unwrap();
+    let err = format!("{:#}", load_prs_med(&cfg, &opts(Mode::Infer, None)).err().expect("must fail"));
+    let name = shard.file_name().unwrap().to_string_lossy().to_string();
+    assert!(err.contains(&name), "error does not name the missing shard {name}: {err}");
+}
