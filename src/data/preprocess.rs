@@ -1,1 +1,218 @@
-//! (in progress)
+//! Image loading and the two preprocessing pipelines of PRS-Med, reproducing the Python ones:
+//!
+//! - CLIP (LLaVA with `image_aspect_ratio = "pad"` + HF `CLIPImageProcessor`): pad to a square
+//!   with the mean colour, resize the shortest side with Pillow's bicubic, centre-crop, /255,
+//!   normalise with the CLIP mean/std.
+//! - SAM (torchvision `Resize((S, S))` on a PIL image + `ToTensor`, then the ImageNet
+//!   normalisation SAM applies): resize straight to SxS with Pillow's bilinear, /255, normalise.
+//!
+//! Pillow resamples 8-bit images with a separable convolution (support widened when
+//! downscaling, i.e. antialiased), horizontal pass first, rounding to u8 after each pass.
+//! `fast_image_resize`'s convolution uses the same kernels and coefficient layout, but for u8
+//! it would run the vertical pass first; running the two passes separately keeps Pillow's order
+//! (and its intermediate rounding).
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::{DynamicImage, RgbImage};
+
+/// OpenAI CLIP normalisation (HF `OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`).
+pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+pub const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+/// ImageNet normalisation (SAM's pixel_mean / pixel_std divided by 255).
+pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
+
+/// Resampling kernels as Pillow names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resample {
+    /// `Image.BILINEAR` (triangle, support 1).
+    Bilinear,
+    /// `Image.BICUBIC` (cubic convolution a = -0.5, i.e. Catmull-Rom, support 2).
+    Bicubic,
+}
+
+impl Resample {
+    fn alg(self) -> ResizeAlg {
+        ResizeAlg::Convolution(match self {
+            Resample::Bilinear => FilterType::Bilinear,
+            Resample::Bicubic => FilterType::CatmullRom,
+        })
+    }
+}
+
+/// Decodes PNG (8/16-bit, grey, palette, with or without alpha) or JPEG and converts to 8-bit
+/// RGB. Alpha is dropped, not composited (as PIL's `.convert("RGB")`). 16-bit samples are scaled
+/// to 8 bits (PIL would clip 16-bit greyscale to 255 instead; we keep the image usable).
+/// The format is detected from the content, not the extension.
+pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage> {
+    let path = path.as_ref();
+    let decode = || -> Result<DynamicImage> {
+        let reader = image::ImageReader::open(path)?.with_guessed_format()?;
+        if reader.format().is_none() {
+            bail!("unrecognised image format (expected PNG or JPEG)");
+        }
+        Ok(reader.decode()?)
+    };
+    let img = decode().with_context(|| format!("cannot load image {}", path.display()))?;
+    Ok(match img {
+        DynamicImage::ImageRgb8(_) => img,
+        other => DynamicImage::ImageRgb8(other.to_rgb8()),
+    })
+}
+
+/// LLaVA's `expand2square` background: `tuple(int(x * 255) for x in image_mean)` = (122, 116, 104).
+pub fn clip_pad_colour() -> [u8; 3] {
+    CLIP_MEAN.map(|m| (m * 255.0) as u8)
+}
+
+/// LLaVA's `expand2square`: the image pasted on a square canvas of side max(w, h) filled with
+/// `colour`, centred along the short side with PIL's integer offset `(long - short) // 2`.
+pub fn expand_to_square(img: &RgbImage, colour: [u8; 3]) -> RgbImage {
+    let (w, h) = img.dimensions();
+    if w == h {
+        return img.clone();
+    }
+    let side = w.max(h);
+    let mut canvas = RgbImage::from_pixel(side, side, image::Rgb(colour));
+    let (x, y) = if w > h {
+        (0, (w - h) / 2)
+    } else {
+        ((h - w) / 2, 0)
+    };
+    image::imageops::replace(&mut canvas, img, x as i64, y as i64);
+    canvas
+}
+
+/// One resampling pass with fast_image_resize (only one axis changes when called from
+/// [`resize_pillow`]).
+fn resize_pass(
+    src: &[u8],
+    (sw, sh): (u32, u32),
+    (dw, dh): (u32, u32),
+    filter: Resample,
+) -> Result<Vec<u8>> {
+    let src = ImageRef::new(sw, sh, src, PixelType::U8x3).context("resize: source buffer")?;
+    let mut dst = Image::new(dw, dh, PixelType::U8x3);
+    Resizer::new()
+        .resize(
+            &src,
+            &mut dst,
+            &ResizeOptions::new().resize_alg(filter.alg()),
+        )
+        .with_context(|| format!("resizing {sw}x{sh} to {dw}x{dh}"))?;
+    Ok(dst.into_vec())
+}
+
+/// `PIL.Image.resize((w, h), filter)` for an RGB image: horizontal pass, then vertical pass.
+pub fn resize_pillow(img: &RgbImage, w: u32, h: u32, filter: Resample) -> Result<RgbImage> {
+    let (sw, sh) = img.dimensions();
+    if w == 0 || h == 0 || sw == 0 || sh == 0 {
+        bail!("cannot resize a {sw}x{sh} image to {w}x{h}");
+    }
+    let mut buf = None;
+    if w != sw {
+        buf = Some(resize_pass(img.as_raw(), (sw, sh), (w, sh), filter)?);
+    }
+    if h != sh {
+        let src = buf.as_deref().unwrap_or(img.as_raw());
+        buf = Some(resize_pass(src, (w, sh), (w, h), filter)?);
+    }
+    match buf {
+        Some(b) => RgbImage::from_raw(w, h, b).context("resize: output buffer size"),
+        None => Ok(img.clone()),
+    }
+}
+
+/// Per-channel lookup table u8 -> normalised f32.
+type Lut = [[f32; 256]; 3];
+
+/// HF's `rescale` (u8 * (1/255) in f64, cast to f32) then `normalize` in f32.
+fn hf_lut(mean: [f64; 3], std: [f64; 3]) -> Box<Lut> {
+    let mut lut = Box::new([[0f32; 256]; 3]);
+    for c in 0..3 {
+        for v in 0..256 {
+            let x = (v as f64 * (1.0 / 255.0)) as f32;
+            lut[c][v] = (x - mean[c] as f32) / std[c] as f32;
+        }
+    }
+    lut
+}
+
+/// torchvision's `ToTensor` (u8 / 255 in f32) then `Normalize` in f32.
+fn torchvision_lut(mean: [f64; 3], std: [f64; 3]) -> Box<Lut> {
+    let mut lut = Box::new([[0f32; 256]; 3]);
+    for c in 0..3 {
+        for v in 0..256 {
+            lut[c][v] = (v as f32 / 255.0 - mean[c] as f32) / std[c] as f32;
+        }
+    }
+    lut
+}
+
+/// The `size`x`size` window at (x0, y0) of `img` as a normalised (3, size, size) f32 tensor.
+fn to_chw(img: &RgbImage, x0: usize, y0: usize, size: usize, lut: &Lut) -> Result<Tensor> {
+    let w = img.width() as usize;
+    let raw = img.as_raw();
+    let plane = size * size;
+    let mut out = vec![0f32; 3 * plane];
+    let (r, rest) = out.split_at_mut(plane);
+    let (g, b) = rest.split_at_mut(plane);
+    for y in 0..size {
+        let row = &raw[((y0 + y) * w + x0) * 3..][..size * 3];
+        let o = y * size;
+        for (x, px) in row.chunks_exact(3).enumerate() {
+            r[o + x] = lut[0][px[0] as usize];
+            g[o + x] = lut[1][px[1] as usize];
+            b[o + x] = lut[2][px[2] as usize];
+        }
+    }
+    Ok(Tensor::from_vec(out, (3, size, size), &Device::Cpu)?)
+}
+
+fn as_rgb8(img: &DynamicImage) -> std::borrow::Cow<'_, RgbImage> {
+    match img {
+        DynamicImage::ImageRgb8(b) => std::borrow::Cow::Borrowed(b),
+        other => std::borrow::Cow::Owned(other.to_rgb8()),
+    }
+}
+
+/// CLIP input as LLaVA computes it (`image_aspect_ratio = "pad"`): (3, size, size) f32 on CPU.
+pub fn clip_preprocess(img: &DynamicImage, size: usize) -> Result<Tensor> {
+    if size == 0 {
+        bail!("clip_preprocess: size must be positive");
+    }
+    let img = expand_to_square(&as_rgb8(img), clip_pad_colour());
+    // HF `shortest_edge` resize: short side -> size, long side -> int(size * long / short).
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let (short, long) = (w.min(h), w.max(h));
+    let new_long = (size as f64 * long as f64 / short as f64) as usize;
+    let (nw, nh) = if w <= h {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    };
+    let img = resize_pillow(&img, nw as u32, nh as u32, Resample::Bicubic)?;
+    // HF centre crop offsets.
+    let (top, left) = ((nh - size) / 2, (nw - size) / 2);
+    to_chw(&img, left, top, size, &hf_lut(CLIP_MEAN, CLIP_STD))
+}
+
+/// SAM input as PRS-Med computes it: (3, size, size) f32 on CPU, aspect ratio not kept.
+pub fn sam_preprocess(img: &DynamicImage, size: usize) -> Result<Tensor> {
+    if size == 0 {
+        bail!("sam_preprocess: size must be positive");
+    }
+    let img = resize_pillow(&as_rgb8(img), size as u32, size as u32, Resample::Bilinear)?;
+    to_chw(
+        &img,
+        0,
+        0,
+        size,
+        &torchvision_lut(IMAGENET_MEAN, IMAGENET_STD),
+    )
+}
