@@ -4,6 +4,7 @@
 //! graph, so every model file uses the versions here instead.
 
 pub mod consts;
+pub mod conv;
 pub mod linear;
 pub mod ops;
 pub mod param;
