@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_grads_exactly_trained, rel_err, tiny_model};
+use common::{assert_grads_exactly_trained_except, rel_err, tiny_model};
 use prs::model::load::{load_prs_med, LoadOptions, Mode};
 use prs::model::prs_med::{LossWeights, ModelBatch, PrsMed};
 use prs::tokenizer;
@@ -40,6 +40,21 @@ fn forward_shapes_and_gradients_reach_exactly_the_trained_tensors() {
     let cfg = tiny_model(dir.path());
     let m = load_prs_med(&cfg, &opts(Mode::Train, None)).unwrap();
     let b = batch(&m, &cfg, dir.path());
+    // PEFT init has B = 0, so dL/dA = 0 at step 0 by design: check that, then move every
+    // tensor so that each must receive a non-zero gradient.
+    {
+        let _train = prs::nn::ops::TrainingMode::enter(11);
+        let out = m.forward(&b, true).unwrap();
+        let grads = m.losses(&b, &out, &LossWeights::default()).unwrap().total.backward().unwrap();
+        for p in m.trained.group("lora") {
+            let g = grads.get(p.var.as_tensor()).expect("lora tensor without gradient");
+            let abs = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(abs == 0.0, p.key.contains("lora_A"), "{}: |grad| = {abs}", p.key);
+        }
+    }
+    // (TinyViT's MBConv also zero-initialises its last BatchNorm weight, silencing the branch
+    // at init.) Perturbing every trained tensor stands for a first optimizer update.
+    perturb(&m);
     let out = {
         let _train = prs::nn::ops::TrainingMode::enter(11);
         m.forward(&b, true).unwrap()
@@ -56,7 +71,10 @@ fn forward_shapes_and_gradients_reach_exactly_the_trained_tensors() {
         assert!(v.is_finite() && v > 0.0, "{name} loss {v}");
     }
     let grads = losses.total.backward().unwrap();
-    assert_grads_exactly_trained(&grads, &m.trained);
+    // The decoder's conv biases right before an InstanceNorm are cancelled by its mean
+    // subtraction: zero gradient in exact arithmetic (the authors' layers, kept for their keys).
+    let before_instance_norm = |k: &str| k.starts_with("mask_generation.") && (k.ends_with("conv1.bias") || k.ends_with("conv2.bias"));
+    assert_grads_exactly_trained_except(&grads, &m.trained, before_instance_norm);
     // What trains: LoRA A/B on q,k,v,o of both layers, TinySAM, decoder, classifier, projector.
     let groups: std::collections::BTreeSet<_> = m.trained.weights().iter().map(|p| p.group.clone()).collect();
     let want: std::collections::BTreeSet<_> =
@@ -125,7 +143,8 @@ fn project_checkpoint_round_trips_exactly() {
     let bt = batch(&m, &cfg, dir.path());
     let y1 = m.forward(&bt, false).unwrap().mask_logits;
     let y2 = inf.forward(&bt, false).unwrap().mask_logits;
-    assert_eq!(rel_err(&y2, &y1), 0.0);
+    // Same weights; trained vs frozen matmul paths may round differently.
+    assert!(rel_err(&y2, &y1) < 1e-5, "{}", rel_err(&y2, &y1));
 }
 
 #[test]
@@ -164,7 +183,7 @@ fn authors_release_layout_loads_and_applies_the_adapter() {
     let bt = batch(&m, &cfg, dir.path());
     let want = m.forward(&bt, false).unwrap();
     let got = loaded.forward(&bt, false).unwrap();
-    assert_eq!(rel_err(&got.mask_logits, &want.mask_logits), 0.0);
+    assert!(rel_err(&got.mask_logits, &want.mask_logits) < 1e-5, "{}", rel_err(&got.mask_logits, &want.mask_logits));
     // The adapter is really applied: without it the LLM states (hence the mask) differ.
     let plain = load_prs_med(&cfg, &opts(Mode::Infer, None)).unwrap();
     let image = plain.encode_image(&bt.clip_pixels).unwrap();

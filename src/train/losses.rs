@@ -43,7 +43,7 @@ pub fn structure_loss(p: &Tensor, g: &Tensor, compat: LossCompat) -> Result<Tens
     let bce = ((p.relu()? - mul_const(&p, &g)?)? + (p.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
     let sum_hw = |t: &Tensor| -> Result<Tensor> { Ok(t.sum(D::Minus1)?.sum(D::Minus1)?.squeeze(1)?) };
     let bce_term = match compat {
-        Compat::Intended => (sum_hw(&mul_const(&bce, &w)?)? / sum_hw(&w)?)?,
+        Compat::Intended => mul_const(&sum_hw(&mul_const(&bce, &w)?)?, &sum_hw(&w)?.recip()?)?,
         Compat::Authors => {
             let b = p.dim(0)?;
             bce.mean_all()?.broadcast_as(b)?.contiguous()?
