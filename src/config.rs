@@ -37,6 +37,11 @@ pub struct ModelSection {
     pub base: String,
     /// TinySAM weights: a `.pth`/`.safetensors` path, or `repo_id:file` on the hub.
     pub tinysam: String,
+    /// A separate CLIP checkpoint (folder or hub id, keys `vision_model.*`) for base models that
+    /// do not carry the tower; by default the tower inside the LLaVA-Med checkpoint is used, and
+    /// failing that the hub id named by its `mm_vision_tower`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision_tower: Option<String>,
     /// SAM input size (the mask is predicted at this resolution).
     #[serde(default = "default_sam_size")]
     pub sam_image_size: usize,

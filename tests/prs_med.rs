@@ -208,3 +208,38 @@ fn a_missing_shard_and_a_missing_tensor_are_clear_errors() {
     let name = shard.file_name().unwrap().to_string_lossy().to_string();
     assert!(err.contains(&name), "error does not name the missing shard {name}: {err}");
 }
+
+#[test]
+fn a_separate_clip_checkpoint_replaces_the_embedded_tower() {
+    use prs::weights::shards::write_sharded;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_model(dir.path());
+    let combined = load_prs_med(&cfg, &opts(Mode::Infer, None)).unwrap();
+    // Split the base folder into a LLaVA part without the tower and a CLIP-only checkpoint.
+    let llava = dir.path().join("llava");
+    let mut all = vec![];
+    for e in std::fs::read_dir(&llava).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            all.extend(candle_core::safetensors::load(&p, &Device::Cpu).unwrap());
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+    let prefix = format!("{}.", prs::model::load::CLIP_PREFIX);
+    let (clip, rest): (Vec<_>, Vec<_>) = all.into_iter().partition(|(k, _)| k.starts_with(&prefix));
+    let clip: Vec<_> = clip.into_iter().map(|(k, t)| (format!("vision_model.{}", &k[prefix.len()..]), t)).collect();
+    assert!(!clip.is_empty());
+    write_sharded(&llava, &rest, 1 << 20, DType::F32).unwrap();
+    let clip_dir = dir.path().join("clip");
+    std::fs::create_dir_all(&clip_dir).unwrap();
+    write_sharded(&clip_dir, &clip, 1 << 30, DType::F32).unwrap();
+
+    let err = format!("{:#}", load_prs_med(&cfg, &opts(Mode::Infer, None)).err().expect("tower missing"));
+    assert!(err.contains("no CLIP tower"), "{err}");
+    cfg.model.vision_tower = Some(clip_dir.display().to_string());
+    let split = load_prs_med(&cfg, &opts(Mode::Infer, None)).unwrap();
+    let bt = batch(&combined, &cfg, dir.path());
+    let a = combined.encode_image(&bt.clip_pixels).unwrap();
+    let b = split.encode_image(&bt.clip_pixels).unwrap();
+    assert_eq!(rel_err(&b, &a), 0.0);
+}

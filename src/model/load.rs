@@ -93,6 +93,31 @@ fn open_tinysam(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder
     Ok(vb.pp("image_encoder"))
 }
 
+/// Where the CLIP tower's weights come from (a VarBuilder rooted at `vision_model`).
+fn clip_source(
+    cfg: &Config,
+    llava: &LlavaMedConfig,
+    base: &VarBuilder<'static>,
+    base_what: &str,
+    dtype: DType,
+    dev: &Device,
+) -> Result<(VarBuilder<'static>, String)> {
+    let separate = |spec: &str| -> Result<(VarBuilder<'static>, String)> {
+        let src = ModelSource::parse(spec)?;
+        let st = open_safetensors(&src, dtype, dev).with_context(|| format!("opening the CLIP tower {spec}"))?;
+        Ok((st.vb.pp("vision_model"), src.describe()))
+    };
+    if let Some(spec) = &cfg.model.vision_tower {
+        return separate(spec);
+    }
+    if base.contains_tensor(&format!("{CLIP_PREFIX}.embeddings.class_embedding")) {
+        return Ok((base.pp(CLIP_PREFIX), base_what.to_string()));
+    }
+    separate(&llava.mm_vision_tower).with_context(|| {
+        format!("{base_what} has no CLIP tower under `{CLIP_PREFIX}`; tried its mm_vision_tower instead")
+    })
+}
+
 /// Builds the whole model.
 pub fn load_prs_med(cfg: &Config, opts: &LoadOptions) -> Result<PrsMed> {
     let (dev, dtype) = (&opts.device, opts.dtype);
@@ -104,9 +129,7 @@ pub fn load_prs_med(cfg: &Config, opts: &LoadOptions) -> Result<PrsMed> {
     let llava_cfg = read_llava_config(&source)?;
     let base = open_safetensors(&source, dtype, dev)?;
     let what = source.describe();
-    if !base.vb.contains_tensor(&format!("{CLIP_PREFIX}.embeddings.class_embedding")) {
-        bail!("{what} has no CLIP tower under `{CLIP_PREFIX}` (LLaVA-Med v1.5 checkpoints include it)");
-    }
+    let (clip_vb, clip_what) = clip_source(cfg, &llava_cfg, &base.vb, &what, dtype, dev)?;
     let frozen = |vb: VarBuilder<'static>, what: &str, group: &str| {
         ParamBuilder::from_checkpoint(vb, what, group, false, dtype, &reg)
     };
@@ -145,7 +168,7 @@ pub fn load_prs_med(cfg: &Config, opts: &LoadOptions) -> Result<PrsMed> {
     let tp = &cfg.model.trainable;
     let builders = Builders {
         llava: frozen(base.vb.clone(), &what, "llm"),
-        clip: frozen(base.vb.pp(CLIP_PREFIX), &what, "clip"),
+        clip: frozen(clip_vb, &clip_what, "clip"),
         lora,
         projector: component(Component::MmProjector, tp.projector, Some((base.vb.pp(PROJECTOR_PREFIX), what.clone())))?,
         tinysam: component(Component::ImageEncoder, tp.tinysam, Some((tinysam_vb, tinysam_path.display().to_string())))?,
