@@ -1,3 +1,4 @@
 //! One file per subcommand; each reads top to bottom.
 
 pub mod tokenize;
+pub mod synth_data;
