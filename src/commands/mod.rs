@@ -2,3 +2,4 @@
 
 pub mod init;
 pub mod tokenize;
+pub mod synth_data;

@@ -1,3 +1,6 @@
 //! Data: image preprocessing (CLIP and SAM), datasets and loaders.
 
 pub mod preprocess;
+pub mod dataset;
+pub mod loader;
+pub mod synth;

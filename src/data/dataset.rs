@@ -1,0 +1,729 @@
+//! Dataset rows: reading the authors' PosMed layout or a plain CSV, the position rule, the
+//! train/val split and the up-front validation of every row (all problems reported at once,
+//! before any GPU time is spent).
+//!
+//! Authors' layout (`DATA_ROOT/annotations/*.csv`):
+//! `image_path,image_name,question,answer,position,split`, or the older
+//! `image_path,image_name,split,description,position`. In the older files the authors' loader
+//! uses `description` as the prompt and the `position` sentence as the answer, so we do the
+//! same; an empty description falls back to [`DatasetOptions::default_question`].
+//! `image_path` is the MASK path relative to `DATA_ROOT`; see [`image_candidates`].
+//!
+//! Plain layout: one CSV with `image,mask,question,answer` and optional
+//! `position,modality,split` columns, paths relative to the CSV's folder.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{bail, Context, Result};
+use image::{DynamicImage, GenericImageView, GrayImage};
+use rayon::prelude::*;
+
+use super::loader::{mix64, str_hash};
+
+/// Where the lesion lies, by the rule of [`position_of_mask`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Position {
+    Center,
+    TopLeft,
+    TopRight,
+    BottomLeft,
+    BottomRight,
+}
+
+impl Position {
+    pub const ALL: [Position; 5] =
+        [Position::Center, Position::TopLeft, Position::TopRight, Position::BottomLeft, Position::BottomRight];
+
+    /// The words the authors' templates use ("center", "top left", ...).
+    pub fn label(self) -> &'static str {
+        match self {
+            Position::Center => "center",
+            Position::TopLeft => "top left",
+            Position::TopRight => "top right",
+            Position::BottomLeft => "bottom left",
+            Position::BottomRight => "bottom right",
+        }
+    }
+
+    pub fn quadrant(top: bool, left: bool) -> Position {
+        match (top, left) {
+            (true, true) => Position::TopLeft,
+            (true, false) => Position::TopRight,
+            (false, true) => Position::BottomLeft,
+            (false, false) => Position::BottomRight,
+        }
+    }
+
+    pub fn index(self) -> usize {
+        Position::ALL.iter().position(|&p| p == self).unwrap()
+    }
+
+    /// Finds the position named in a label or a template sentence: "top-left", "upper left",
+    /// "at the bottom right of the image, near the center" (a quadrant qualified by "near the
+    /// center" is still that quadrant), "in the centre", "middle". None when no position or
+    /// two different quadrants are named.
+    pub fn parse(text: &str) -> Option<Position> {
+        let norm: String = text.to_lowercase().chars().map(|c| if c.is_alphanumeric() { c } else { ' ' }).collect();
+        let words: Vec<&str> = norm.split_whitespace().collect();
+        let vertical =
+            |w: &str| matches!(w, "top" | "upper" | "bottom" | "lower").then(|| matches!(w, "top" | "upper"));
+        let horizontal = |w: &str| matches!(w, "left" | "right").then(|| w == "left");
+        let mut found: Option<Position> = None;
+        for (i, w) in words.iter().enumerate() {
+            // "top left", "left top", "top and left" are accepted; one filler word at most.
+            let Some(top) = vertical(w) else { continue };
+            let near = words.iter().skip(i + 1).take(2).chain(words[..i].iter().rev().take(1));
+            let Some(left) = near.filter_map(|n| horizontal(n)).next() else {
+                continue;
+            };
+            let p = Position::quadrant(top, left);
+            match found {
+                Some(q) if q != p => return None,
+                _ => found = Some(p),
+            }
+        }
+        if found.is_some() {
+            return found;
+        }
+        words
+            .iter()
+            .any(|w| matches!(*w, "center" | "centre" | "central" | "middle" | "centered" | "centred"))
+            .then_some(Position::Center)
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+impl FromStr for Position {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Position::parse(s).with_context(|| format!("no position (center/top left/...) named in {s:?}"))
+    }
+}
+
+/// The position rule: bounding box of the foreground (> 127); `Center` when the box contains
+/// the image centre (w/2, h/2), else the quadrant of the box centre. None for an empty mask.
+/// Integer arithmetic as in the authors' annotation script, so labels agree pixel for pixel.
+pub fn position_of_mask(mask: &GrayImage) -> Option<Position> {
+    position_and_nearness(mask).map(|(p, _)| p)
+}
+
+/// [`position_of_mask`] plus the authors' "near the center" flag (box centre closer to the
+/// image centre than 20% of the width), which picks the template family.
+pub fn position_and_nearness(mask: &GrayImage) -> Option<(Position, bool)> {
+    let (w, h) = (mask.width() as usize, mask.height() as usize);
+    let (mut x0, mut x1, mut y0, mut y1) = (usize::MAX, 0, usize::MAX, 0);
+    for (y, row) in mask.as_raw().chunks_exact(w.max(1)).enumerate().take(h) {
+        let Some(first) = row.iter().position(|&v| v > 127) else {
+            continue;
+        };
+        let last = row.iter().rposition(|&v| v > 127).unwrap();
+        x0 = x0.min(first);
+        x1 = x1.max(last);
+        y0 = y0.min(y);
+        y1 = y;
+    }
+    if x0 == usize::MAX {
+        return None;
+    }
+    let (cx, cy) = (w / 2, h / 2);
+    if (x0..=x1).contains(&cx) && (y0..=y1).contains(&cy) {
+        return Some((Position::Center, true));
+    }
+    let (bx, by) = ((x0 + x1) / 2, (y0 + y1) / 2);
+    let (dx, dy) = (bx as f64 - cx as f64, by as f64 - cy as f64);
+    let near = (dx * dx + dy * dy).sqrt() < 0.2 * w as f64;
+    Some((Position::quadrant(by < cy, bx < cx), near))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Split {
+    Train,
+    Val,
+    Test,
+}
+
+impl Split {
+    pub fn parse(s: &str) -> Option<Split> {
+        match s.trim().to_lowercase().as_str() {
+            "train" | "training" => Some(Split::Train),
+            "val" | "valid" | "validation" | "dev" => Some(Split::Val),
+            "test" | "testing" => Some(Split::Test),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Val => "val",
+            Split::Test => "test",
+        }
+    }
+}
+
+impl fmt::Display for Split {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One annotated sample. `line` is the 1-based line of the record in `csv`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    pub csv: PathBuf,
+    pub line: usize,
+    pub image: PathBuf,
+    pub mask: PathBuf,
+    pub question: String,
+    pub answer: String,
+    pub position: Option<Position>,
+    pub modality: String,
+    pub class_id: u32,
+    pub split: Split,
+}
+
+impl Row {
+    /// "file.csv:12", the location every message about this row carries.
+    pub fn location(&self) -> String {
+        format!("{}:{}", self.csv.display(), self.line)
+    }
+}
+
+/// The paper's six modalities and their classifier ids.
+pub const MODALITIES: [(&str, u32); 6] = [
+    ("brain_tumors_ct_scan", 0),
+    ("breast_tumors_ct_scan", 1),
+    ("lung_CT", 2),
+    ("lung_Xray", 3),
+    ("skin_rgbimage", 4),
+    ("polyp_endoscopy", 5),
+];
+
+/// Classifier id of a modality name: an exact entry of `extra` first, then the built-in names
+/// matched by substring (brain, breast, lung + ct, lung + xray, skin/isic, polyp).
+pub fn modality_class(name: &str, extra: &BTreeMap<String, u32>) -> Option<u32> {
+    if let Some(&id) = extra.get(name) {
+        return Some(id);
+    }
+    let n = name.to_lowercase();
+    let lung = n.contains("lung") || n.contains("chest");
+    if n.contains("brain") {
+        Some(0)
+    } else if n.contains("breast") {
+        Some(1)
+    } else if lung && ["xray", "x_ray", "x-ray", "cxr"].iter().any(|k| n.contains(k)) {
+        Some(3)
+    } else if lung && n.contains("ct") {
+        Some(2)
+    } else if n.contains("skin") || n.contains("isic") {
+        Some(4)
+    } else if n.contains("polyp") {
+        Some(5)
+    } else {
+        None
+    }
+}
+
+/// Image paths to try for a mask path of the authors' layout, in order: `_masks` folders
+/// become `_images`, `_Segmentation` leaves the file stem, then .png, .jpg, .jpeg and the
+/// mask's own extension.
+pub fn image_candidates(mask: &Path) -> Vec<PathBuf> {
+    let dir: PathBuf = mask
+        .parent()
+        .map(|d| {
+            d.components()
+                .map(|c| match c {
+                    Component::Normal(s) => s.to_string_lossy().replace("_masks", "_images").into(),
+                    other => other.as_os_str().to_owned(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let stem = mask.file_stem().map(|s| s.to_string_lossy().replace("_Segmentation", "")).unwrap_or_default();
+    let own = mask.extension().map(|e| e.to_string_lossy().into_owned());
+    let mut out: Vec<PathBuf> = Vec::new();
+    for ext in ["png", "jpg", "jpeg"].into_iter().map(str::to_owned).chain(own) {
+        let p = dir.join(format!("{stem}.{ext}"));
+        if !out.contains(&p) && p != mask {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Options for reading rows.
+#[derive(Clone, Debug)]
+pub struct DatasetOptions {
+    /// Exact modality name -> class id, consulted before the built-in names.
+    pub modality_map: BTreeMap<String, u32>,
+    /// Question used where an older-format row has an empty description.
+    pub default_question: String,
+}
+
+impl Default for DatasetOptions {
+    fn default() -> Self {
+        Self {
+            modality_map: BTreeMap::new(),
+            default_question: "Where is the lesion located in this image? Please segment it.".into(),
+        }
+    }
+}
+
+/// A problem with one row (or, for `line == 1`, a CSV header). `fatal` problems (missing
+/// columns, unreadable CSVs) cannot be skipped.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Problem {
+    pub csv: PathBuf,
+    pub line: usize,
+    pub message: String,
+    pub fatal: bool,
+}
+
+impl Problem {
+    fn row(csv: &Path, line: usize, message: impl Into<String>) -> Self {
+        Self { csv: csv.to_owned(), line, message: message.into(), fatal: false }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: {}", self.csv.display(), self.line, self.message)
+    }
+}
+
+/// Every problem found, returned as one error.
+#[derive(Debug)]
+pub struct ValidationError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ValidationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rows: std::collections::HashSet<_> = self.problems.iter().map(|p| (&p.csv, p.line)).collect();
+        write!(f, "dataset check failed: {} problem(s) in {} row(s)/header(s)", self.problems.len(), rows.len())?;
+        if self.problems.iter().all(|p| !p.fatal) {
+            write!(f, " (skip_bad_rows / --skip-bad-rows drops these rows)")?;
+        }
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ValidationError {}
+
+/// Rows read from a dataset, plus the problems met while reading.
+#[derive(Debug, Default)]
+pub struct ReadRows {
+    pub rows: Vec<Row>,
+    pub problems: Vec<Problem>,
+}
+
+/// Reads a dataset: a directory is the authors' layout (`DIR/annotations/*.csv`), a file is a
+/// plain CSV. Errors when a CSV cannot be opened; row and header problems are collected.
+pub fn read_rows(source: &Path, opts: &DatasetOptions) -> Result<ReadRows> {
+    let mut out = ReadRows::default();
+    if source.is_dir() {
+        let ann = source.join("annotations");
+        let mut csvs: Vec<PathBuf> = std::fs::read_dir(&ann)
+            .with_context(|| format!("reading {} (expected the authors' layout)", ann.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")))
+            .collect();
+        csvs.sort();
+        if csvs.is_empty() {
+            bail!("no *.csv files in {}", ann.display());
+        }
+        for csv in csvs {
+            read_csv(&csv, source, Layout::Authors, opts, &mut out)?;
+        }
+    } else {
+        let root = source.parent().unwrap_or(Path::new(".")).to_owned();
+        read_csv(source, &root, Layout::Plain, opts, &mut out)?;
+    }
+    Ok(out)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Layout {
+    Authors,
+    Plain,
+}
+
+fn read_csv(csv: &Path, root: &Path, layout: Layout, opts: &DatasetOptions, out: &mut ReadRows) -> Result<()> {
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_path(csv)
+        .with_context(|| format!("opening {}", csv.display()))?;
+    let names: Vec<String> = reader
+        .headers()
+        .with_context(|| format!("reading the header of {}", csv.display()))?
+        .iter()
+        .map(|h| h.trim_start_matches('\u{feff}').to_lowercase())
+        .collect();
+    let headers: HashMap<&str, usize> = names.iter().enumerate().map(|(i, h)| (h.as_str(), i)).collect();
+    let n_fields = names.len();
+    let col = |name: &str| headers.get(name).copied();
+    // The older authors' files carry `description` in place of `question`/`answer`.
+    let older = layout == Layout::Authors && col("answer").is_none() && col("description").is_some();
+    let required: &[&str] = match (layout, older) {
+        (Layout::Plain, _) => &["image", "mask", "question", "answer"],
+        (Layout::Authors, false) => &["image_path", "question", "answer", "split"],
+        (Layout::Authors, true) => &["image_path", "description", "position", "split"],
+    };
+    let missing: Vec<&str> = required.iter().copied().filter(|c| col(c).is_none()).collect();
+    if !missing.is_empty() {
+        for c in missing {
+            out.problems.push(Problem {
+                csv: csv.to_owned(),
+                line: 1,
+                message: format!("missing column `{c}` (columns: {})", names.join(",")),
+                fatal: true,
+            });
+        }
+        return Ok(());
+    }
+    for record in reader.records() {
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                let line = e.position().map(|p| p.line() as usize).unwrap_or(0);
+                out.problems.push(Problem::row(csv, line, format!("unreadable record: {e}")));
+                continue;
+            }
+        };
+        let line = record.position().map(|p| p.line() as usize).unwrap_or(0);
+        if record.iter().all(str::is_empty) {
+            continue;
+        }
+        if record.len() != n_fields {
+            out.problems.push(Problem::row(csv, line, format!("expected {n_fields} fields, found {}", record.len())));
+            continue;
+        }
+        let get = |name: &str| col(name).map(|i| record[i].to_string()).unwrap_or_default();
+        match parse_row(csv, line, root, layout, older, &get, opts) {
+            Ok(row) => out.rows.push(row),
+            Err(msgs) => out.problems.extend(msgs.into_iter().map(|m| Problem::row(csv, line, m))),
+        }
+    }
+    Ok(())
+}
+
+/// Turns one record into a row, or every problem it has.
+fn parse_row(
+    csv: &Path,
+    line: usize,
+    root: &Path,
+    layout: Layout,
+    older: bool,
+    get: &dyn Fn(&str) -> String,
+    opts: &DatasetOptions,
+) -> std::result::Result<Row, Vec<String>> {
+    let mut errs = Vec::new();
+    let rel = |s: String| PathBuf::from(s.replace('\\', "/"));
+    let (question, answer, position_text) = if older {
+        let q = get("description");
+        let q = if q.is_empty() { opts.default_question.clone() } else { q };
+        (q, get("position"), get("position"))
+    } else {
+        (get("question"), get("answer"), get("position"))
+    };
+    if question.is_empty() {
+        errs.push("empty question".to_string());
+    }
+    if answer.is_empty() {
+        errs.push("empty answer".to_string());
+    }
+    let split_text = get("split");
+    let split =
+        if split_text.is_empty() && layout == Layout::Plain { Some(Split::Train) } else { Split::parse(&split_text) };
+    if split.is_none() {
+        errs.push(format!("split {split_text:?} is not train, val or test"));
+    }
+    let (mask_rel, image) = match layout {
+        Layout::Authors => {
+            let mask_rel = rel(get("image_path"));
+            let tried = image_candidates(&mask_rel);
+            let found = tried.iter().map(|p| root.join(p)).find(|p| p.is_file());
+            if found.is_none() && !mask_rel.as_os_str().is_empty() {
+                let list: Vec<_> = tried.iter().map(|p| root.join(p).display().to_string()).collect();
+                errs.push(format!("image not found for mask {}; tried {}", mask_rel.display(), list.join(", ")));
+            }
+            (mask_rel, found.unwrap_or_default())
+        }
+        Layout::Plain => {
+            let image = rel(get("image"));
+            if image.as_os_str().is_empty() {
+                errs.push("empty image path".to_string());
+            } else if !root.join(&image).is_file() {
+                errs.push(format!("image not found: {}", root.join(&image).display()));
+            }
+            (rel(get("mask")), root.join(image))
+        }
+    };
+    if mask_rel.as_os_str().is_empty() {
+        errs.push("empty mask path".to_string());
+    }
+    let first_component = |p: &Path| p.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned());
+    let modality = match layout {
+        Layout::Authors => first_component(&mask_rel).unwrap_or_default(),
+        Layout::Plain => {
+            let m = get("modality");
+            if m.is_empty() {
+                first_component(&rel(get("image"))).unwrap_or_default()
+            } else {
+                m
+            }
+        }
+    };
+    let class_id = modality_class(&modality, &opts.modality_map);
+    if class_id.is_none() {
+        errs.push(format!(
+            "unknown modality {modality:?} (known: brain/breast/lung_CT/lung_Xray/skin/polyp; \
+             give a modality mapping for others)"
+        ));
+    }
+    let position = if position_text.is_empty() { Position::parse(&answer) } else { Position::parse(&position_text) };
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok(Row {
+        csv: csv.to_owned(),
+        line,
+        image,
+        mask: root.join(mask_rel),
+        question,
+        answer,
+        position,
+        modality,
+        class_id: class_id.unwrap(),
+        split: split.unwrap(),
+    })
+}
+
+/// Decodes an image by content (not by extension), with the path in the error.
+pub fn decode_image(path: &Path) -> Result<DynamicImage> {
+    image::ImageReader::open(path)
+        .with_context(|| format!("opening {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("reading {}", path.display()))?
+        .decode()
+        .with_context(|| format!("decoding {}", path.display()))
+}
+
+/// Brings a decoded mask to one 0/255 channel: colour masks take the channel maximum (a red
+/// outline on black is foreground), 0/1 label masks are scaled, then threshold at 0.5.
+/// Errors when the mask looks like a photograph rather than a mask (more than a quarter of
+/// its pixels mid-grey), the typical result of a swapped image/mask path.
+pub fn binarise_mask(mask: &DynamicImage) -> std::result::Result<GrayImage, String> {
+    let mut grey = match mask {
+        DynamicImage::ImageLuma8(g) => g.clone(),
+        DynamicImage::ImageLumaA8(_) | DynamicImage::ImageLuma16(_) | DynamicImage::ImageLumaA16(_) => mask.to_luma8(),
+        other => {
+            let rgb = other.to_rgb8();
+            let (w, h) = rgb.dimensions();
+            let raw = rgb.as_raw().chunks_exact(3).map(|p| p[0].max(p[1]).max(p[2])).collect();
+            GrayImage::from_raw(w, h, raw).expect("size matches")
+        }
+    };
+    let max = grey.as_raw().iter().copied().max().unwrap_or(0);
+    if max == 1 {
+        grey.as_mut().iter_mut().for_each(|v| *v *= 255);
+    }
+    let n = grey.as_raw().len().max(1);
+    let mid = grey.as_raw().iter().filter(|&&v| (32..=223).contains(&v)).count();
+    if mid * 4 > n {
+        return Err(format!(
+            "mask is not binary: {:.0}% of pixels are mid-grey (is this an image rather than a mask?)",
+            100.0 * mid as f64 / n as f64
+        ));
+    }
+    grey.as_mut().iter_mut().for_each(|v| *v = if *v > 127 { 255 } else { 0 });
+    Ok(grey)
+}
+
+/// Decodes and binarises a mask file (see [`binarise_mask`]).
+pub fn load_mask(path: &Path) -> Result<GrayImage> {
+    let img = decode_image(path)?;
+    binarise_mask(&img).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// What checking rows found.
+#[derive(Debug, Default)]
+pub struct Checked {
+    /// Rows that passed (all of them unless `skip_bad_rows`).
+    pub rows: Vec<Row>,
+    /// Number of rows dropped by `skip_bad_rows`.
+    pub skipped: usize,
+    /// The problems of the dropped rows.
+    pub dropped: Vec<Problem>,
+    /// Non-fatal findings: empty masks, a `position` that disagrees with the mask.
+    pub warnings: Vec<Problem>,
+}
+
+/// Checks that every row's image and mask exist, decode and agree in size, and that the mask
+/// is binarisable; decodes in parallel. `earlier` are problems from [`read_rows`] to report
+/// together. Without `skip_bad_rows` any problem is an error listing all of them; with it,
+/// bad rows are dropped and counted (fatal header problems still fail).
+pub fn check_rows(rows: Vec<Row>, earlier: Vec<Problem>, skip_bad_rows: bool) -> Result<Checked> {
+    check_indexed(rows, earlier, skip_bad_rows).map(|(c, _)| c)
+}
+
+/// [`check_rows`] plus the input index of every kept row.
+fn check_indexed(rows: Vec<Row>, earlier: Vec<Problem>, skip_bad_rows: bool) -> Result<(Checked, Vec<usize>)> {
+    let outcomes: Vec<(Vec<String>, Vec<String>)> = rows.par_iter().map(check_files).collect();
+    let mut problems = earlier;
+    let mut checked = Checked::default();
+    let mut kept = Vec::new();
+    for (i, (row, (errs, warns))) in rows.into_iter().zip(outcomes).enumerate() {
+        checked.warnings.extend(warns.into_iter().map(|w| Problem::row(&row.csv, row.line, w)));
+        if errs.is_empty() {
+            checked.rows.push(row);
+            kept.push(i);
+        } else {
+            problems.extend(errs.into_iter().map(|e| Problem::row(&row.csv, row.line, e)));
+        }
+    }
+    problems.sort_by(|a, b| (&a.csv, a.line).cmp(&(&b.csv, b.line)));
+    if problems.iter().any(|p| p.fatal) || (!skip_bad_rows && !problems.is_empty()) {
+        return Err(ValidationError { problems }.into());
+    }
+    let mut bad: Vec<_> = problems.iter().map(|p| (&p.csv, p.line)).collect();
+    bad.dedup();
+    checked.skipped = bad.len();
+    checked.dropped = problems;
+    Ok((checked, kept))
+}
+
+/// (errors, warnings) for one row's files.
+fn check_files(row: &Row) -> (Vec<String>, Vec<String>) {
+    let (mut errs, mut warns) = (Vec::new(), Vec::new());
+    let image = decode_image(&row.image).map_err(|e| errs.push(format!("image: {e:#}"))).ok();
+    let mask = decode_image(&row.mask).map_err(|e| errs.push(format!("mask: {e:#}"))).ok();
+    if let (Some(i), Some(m)) = (&image, &mask) {
+        let ((iw, ih), (mw, mh)) = (i.dimensions(), m.dimensions());
+        if (iw, ih) != (mw, mh) {
+            errs.push(format!("image is {iw}x{ih} but mask is {mw}x{mh}"));
+        }
+    }
+    if let Some(m) = &mask {
+        match binarise_mask(m) {
+            Err(e) => errs.push(format!("{}: {e}", row.mask.display())),
+            Ok(bin) => match (position_of_mask(&bin), row.position) {
+                (None, _) => warns.push(format!("mask {} is empty", row.mask.display())),
+                (Some(p), Some(q)) if p != q => {
+                    warns.push(format!("position column says {q:?} but the mask's box gives {p:?}"))
+                }
+                _ => {}
+            },
+        }
+    }
+    (errs, warns)
+}
+
+/// Where the validation rows came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValSource {
+    /// The CSVs' `val` rows.
+    Csv,
+    /// A seeded hold-out of the train rows.
+    HeldOut,
+}
+
+/// Train and validation rows: the `val` rows when any exist, otherwise a hold-out of about
+/// `val_fraction` of the train rows. The hold-out works per mask file (all questions about one
+/// image land on the same side, so nothing leaks) and ranks images by a hash of (seed, path),
+/// so it is deterministic, independent of row order, and never overlaps train.
+pub fn train_val(rows: &[Row], val_fraction: f64, seed: u64) -> (Vec<Row>, Vec<Row>, ValSource) {
+    let train: Vec<Row> = rows.iter().filter(|r| r.split == Split::Train).cloned().collect();
+    let val: Vec<Row> = rows.iter().filter(|r| r.split == Split::Val).cloned().collect();
+    if !val.is_empty() {
+        return (train, val, ValSource::Csv);
+    }
+    let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, r) in train.iter().enumerate() {
+        groups.entry(r.mask.to_string_lossy().into_owned()).or_default().push(i);
+    }
+    let mut ranked: Vec<(u64, Vec<usize>)> =
+        groups.into_iter().map(|(k, idx)| (mix64(str_hash(&k) ^ mix64(seed)), idx)).collect();
+    ranked.sort();
+    let want = ((train.len() as f64) * val_fraction.clamp(0.0, 1.0)).round() as usize;
+    let mut held = vec![false; train.len()];
+    let mut taken = 0;
+    for (_, idx) in ranked {
+        if taken >= want {
+            break;
+        }
+        taken += idx.len();
+        idx.into_iter().for_each(|i| held[i] = true);
+    }
+    let (v, t): (Vec<_>, Vec<_>) = train.into_iter().zip(held).partition(|(_, h)| *h);
+    (t.into_iter().map(|(r, _)| r).collect(), v.into_iter().map(|(r, _)| r).collect(), ValSource::HeldOut)
+}
+
+/// Options for [`prepare`].
+#[derive(Clone, Debug)]
+pub struct PrepareOptions {
+    pub dataset: DatasetOptions,
+    pub skip_bad_rows: bool,
+    /// Hold-out fraction when the CSVs have no `val` rows.
+    pub val_fraction: f64,
+    pub seed: u64,
+}
+
+impl Default for PrepareOptions {
+    fn default() -> Self {
+        Self { dataset: DatasetOptions::default(), skip_bad_rows: false, val_fraction: 0.05, seed: 0 }
+    }
+}
+
+/// Checked train and validation rows, ready for training.
+#[derive(Debug)]
+pub struct Prepared {
+    pub train: Vec<Row>,
+    pub val: Vec<Row>,
+    pub val_source: ValSource,
+    /// Rows dropped by `skip_bad_rows` (reading and file problems together).
+    pub skipped: usize,
+    pub dropped: Vec<Problem>,
+    pub warnings: Vec<Problem>,
+}
+
+/// Everything `prs finetune` needs before training: read, pick train/val, check both splits
+/// (test rows are not decoded). All problems come back in one [`ValidationError`].
+pub fn prepare(source: &Path, opts: &PrepareOptions) -> Result<Prepared> {
+    let read = read_rows(source, &opts.dataset)?;
+    let (train, val, val_source) = train_val(&read.rows, opts.val_fraction, opts.seed);
+    let n_train = train.len();
+    let mut all = train;
+    all.extend(val);
+    let (checked, kept) = check_indexed(all, read.problems, opts.skip_bad_rows)?;
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for (row, i) in checked.rows.into_iter().zip(kept) {
+        if i < n_train {
+            train.push(row)
+        } else {
+            val.push(row)
+        }
+    }
+    if train.is_empty() {
+        bail!("no train rows left in {}", source.display());
+    }
+    Ok(Prepared {
+        train,
+        val,
+        val_source,
+        skipped: checked.skipped,
+        dropped: checked.dropped,
+        warnings: checked.warnings,
+    })
+}
