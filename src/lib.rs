@@ -10,4 +10,5 @@ pub mod data;
 pub mod model;
 pub mod nn;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;

@@ -1,0 +1,4 @@
+//! Training: optimizer, learning-rate schedule.
+
+pub mod optim;
+pub mod schedule;
