@@ -3,6 +3,7 @@
 //! candle's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope` silently cut the autograd
 //! graph, so every model file uses the versions here instead.
 
+pub mod checkpoint;
 pub mod consts;
 pub mod conv;
 pub mod linear;

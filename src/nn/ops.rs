@@ -60,7 +60,9 @@ pub fn is_training() -> bool {
     TRAINING.with(|t| t.borrow().is_some())
 }
 
-fn step_seed() -> Option<u64> {
+/// The step seed of the current training region (None in eval mode); gradient checkpointing
+/// captures it so a recomputation after the region ended draws the same dropout masks.
+pub fn step_seed() -> Option<u64> {
     TRAINING.with(|t| *t.borrow())
 }
 

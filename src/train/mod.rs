@@ -1,3 +1,6 @@
-//! Training: losses (and, with `prs finetune`, the loop, optimizer and resumable state).
+//! Training: losses, the optimizer and its schedule (and, with `prs finetune`, the loop and
+//! resumable state).
 
 pub mod losses;
+pub mod optim;
+pub mod schedule;

@@ -1,0 +1,231 @@
+//! Gradient checkpointing: a block's activations are not kept for backward; backward re-runs the
+//! block with the graph and backpropagates through that copy.
+//!
+//! candle has no such facility. The forward runs the block on a detached input and keeps only a
+//! copy of its output (the block's graph is freed at once); the output is a custom op over the
+//! input whose backward makes the input a fresh `Var`, re-runs the block, backpropagates the
+//! incoming gradient and returns dX. The block's trained-parameter gradients of that inner
+//! backward cannot enter the outer `GradStore` from inside an op, so they are collected in a side
+//! store that the trainer merges after `backward()` (`Checkpointer::merge_into`).
+//!
+//! The recomputation must see what the forward saw: the training mode and step seed are captured
+//! at forward time and restored (dropout masks are functions of (seed, site)), and
+//! `is_recomputing()` lets stateful modules (BatchNorm running statistics) skip their update.
+//! A block must not touch a KV cache.
+
+use std::cell::Cell;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Result;
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor, Var};
+
+use super::consts::mul_const;
+use super::ops::{step_seed, EvalMode, TrainingMode};
+use super::param::TrainedParams;
+
+thread_local! {
+    static RECOMPUTING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// True while a checkpointed block is being re-run for its backward on this thread.
+pub fn is_recomputing() -> bool {
+    RECOMPUTING.with(|r| r.get())
+}
+
+struct RecomputeGuard(bool);
+
+impl RecomputeGuard {
+    fn enter() -> Self {
+        Self(RECOMPUTING.with(|r| r.replace(true)))
+    }
+}
+
+impl Drop for RecomputeGuard {
+    fn drop(&mut self) {
+        RECOMPUTING.with(|r| r.set(self.0));
+    }
+}
+
+type Block = Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// Runs blocks with checkpointing and holds their parameter gradients until merged.
+#[derive(Clone)]
+pub struct Checkpointer {
+    trained: TrainedParams,
+    side: Arc<Mutex<GradStore>>,
+    enabled: bool,
+}
+
+impl Checkpointer {
+    /// `trained` is the model's registry: only gradients of its optimised tensors are kept.
+    pub fn new(trained: &TrainedParams) -> Self {
+        Self { trained: trained.clone(), side: Arc::default(), enabled: true }
+    }
+
+    /// A checkpointer whose `run` just calls the block (checkpointing switched off by config).
+    pub fn disabled(trained: &TrainedParams) -> Self {
+        Self { enabled: false, ..Self::new(trained) }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// `block(x)`, without keeping the block's activations for backward. `block` captures the
+    /// block's parameters (and any constant inputs: rope tables, masks) and must be
+    /// deterministic given the training mode and step seed.
+    pub fn run<F>(&self, x: &Tensor, block: F) -> Result<Tensor>
+    where
+        F: Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+    {
+        if !self.enabled {
+            return block(x);
+        }
+        let x_tracked = x.track_op();
+        let y = block(&x.detach())?;
+        if !x_tracked && !y.track_op() {
+            // Nothing to differentiate: no trained parameter and no tracked input.
+            return Ok(y);
+        }
+        let out = y.detach();
+        drop(y); // frees the block's graph now
+                 // The op must be tracked even when x is not (the first layer's input): a one-element
+                 // anchor Var that never receives a gradient makes it so.
+        let anchor = Var::zeros(1, x.dtype(), x.device())?;
+        let op = CheckpointOp {
+            block: Arc::new(block),
+            out: Mutex::new(Some(out)),
+            seed: step_seed(),
+            x_tracked,
+            trained: self.trained.clone(),
+            side: self.side.clone(),
+        };
+        Ok(x.apply_op2(anchor.as_tensor(), op)?)
+    }
+
+    /// Number of parameter gradients waiting to be merged.
+    pub fn pending(&self) -> usize {
+        self.side.lock().unwrap().get_ids().count()
+    }
+
+    /// Moves the collected parameter gradients into `grads`, summing on collision
+    /// (`GradStore::extend`). Call after every `backward()` of a graph that used `run`.
+    pub fn merge_into(&self, grads: &mut GradStore) -> Result<()> {
+        let side = std::mem::take(&mut *self.side.lock().unwrap());
+        grads.extend(side)?;
+        Ok(())
+    }
+
+    /// Drops collected gradients (e.g. after a skipped step whose store is discarded).
+    pub fn clear(&self) {
+        *self.side.lock().unwrap() = GradStore::default();
+    }
+}
+
+struct CheckpointOp {
+    block: Block,
+    /// The block's output from the forward, moved out when the op copies it.
+    out: Mutex<Option<Tensor>>,
+    /// Training-mode step seed at forward time (None = eval mode).
+    seed: Option<u64>,
+    x_tracked: bool,
+    trained: TrainedParams,
+    side: Arc<Mutex<GradStore>>,
+}
+
+fn copy_out<S>(ys: &S, yl: &Layout) -> candle_core::Result<(S, Shape)>
+where
+    S: BackendStorage,
+    S::Device: BackendDevice<Storage = S>,
+{
+    // SAFETY: every element of `dst` is written by the strided copy below.
+    let mut dst = unsafe { ys.device().alloc_uninit(yl.shape(), ys.dtype())? };
+    ys.copy_strided_src(&mut dst, 0, yl)?;
+    Ok((dst, yl.shape().clone()))
+}
+
+impl CheckpointOp {
+    fn take_out(&self) -> candle_core::Result<Tensor> {
+        self.out
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("checkpoint: output already taken".into()))
+    }
+
+    /// Re-runs the block with the graph and backpropagates `grad`; returns dX.
+    fn recompute(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _train = self.seed.map(TrainingMode::enter);
+        let _eval = self.seed.is_none().then(EvalMode::enter);
+        let _re = RecomputeGuard::enter();
+        let xv = if self.x_tracked { Some(Var::from_tensor(&x.detach())?) } else { None };
+        let input = xv.as_ref().map(|v| v.as_tensor().clone()).unwrap_or_else(|| x.detach());
+        let y = (self.block)(&input)?;
+        if !y.track_op() {
+            return Ok(None);
+        }
+        // d/dy sum(y * grad) = grad exactly; mul_const keeps no gradient for `grad`.
+        let mut inner = mul_const(&y, &grad.detach())?.sum_all()?.backward()?;
+        drop(y);
+        let dx = xv.and_then(|v| inner.remove(v.as_tensor()));
+        let mut side = self.side.lock().unwrap();
+        for p in self.trained.weights() {
+            let t = p.var.as_tensor();
+            if let Some(g) = inner.remove(t) {
+                let g = match side.remove(t) {
+                    Some(prev) => (prev + g)?,
+                    None => g,
+                };
+                side.insert(t, g);
+            }
+        }
+        Ok(dx)
+    }
+}
+
+impl CustomOp2 for CheckpointOp {
+    fn name(&self) -> &'static str {
+        "checkpoint"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _xl: &Layout,
+        _a: &CpuStorage,
+        _al: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = self.take_out()?;
+        let (ys, yl) = y.storage_and_layout();
+        let Storage::Cpu(ys) = &*ys else { candle_core::bail!("checkpoint: block output not on the cpu") };
+        copy_out(ys, yl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _x: &candle_core::CudaStorage,
+        _xl: &Layout,
+        _a: &candle_core::CudaStorage,
+        _al: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let y = self.take_out()?;
+        let (ys, yl) = y.storage_and_layout();
+        let Storage::Cuda(ys) = &*ys else { candle_core::bail!("checkpoint: block output not on the gpu") };
+        copy_out(ys, yl)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _anchor: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx =
+            self.recompute(x, grad).map_err(|e| candle_core::Error::Msg(format!("checkpoint recompute: {e:#}")))?;
+        Ok((dx, None))
+    }
+}

@@ -1,0 +1,310 @@
+//! Gradient checkpointing: same outputs and the same gradient for every trained tensor as the plain
+//! graph, on a small MLP and on Mistral decoder layers with LoRA (dropout included), no dead
+//! gradients in the merged store, and stateful updates skipped during recomputation.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use common::{assert_grads_exactly_trained, rel_err};
+use prs::model::mistral::{Mistral, MistralConfig};
+use prs::nn::checkpoint::{is_recomputing, Checkpointer};
+use prs::nn::consts::{add_any, mul_const};
+use prs::nn::linear::{Linear, LoraConfig};
+use prs::nn::ops::{self, TrainingMode};
+use prs::nn::param::{init_tensor, Init, ParamBuilder, TrainedParams};
+
+fn randn(dims: &[usize], seed: u64) -> Tensor {
+    init_tensor(&dims.to_vec().into(), Init::Normal(1.0), seed, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+}
+
+/// Largest relative error over every trained tensor's gradient (exact match gives 0).
+fn compare_grads(a: &GradStore, b: &GradStore, trained: &TrainedParams) -> f32 {
+    let mut worst = 0f32;
+    for p in trained.weights() {
+        let t = p.var.as_tensor();
+        let ga = a.get(t).unwrap_or_else(|| panic!("plain graph: no gradient for {}", p.key));
+        let gb = b.get(t).unwrap_or_else(|| panic!("checkpointed: no gradient for {}", p.key));
+        worst = worst.max(rel_err(gb, ga));
+    }
+    worst
+}
+
+struct Mlp {
+    blocks: Vec<(Linear, Linear)>,
+}
+
+impl Mlp {
+    fn new(reg: &TrainedParams, dim: usize, hidden: usize) -> Self {
+        let pb = ParamBuilder::fresh(3, "mlp", true, DType::F32, &Device::Cpu, reg);
+        let blocks = (0..3)
+            .map(|i| {
+                let b = pb.pp(i);
+                (
+                    Linear::new(&b.pp("fc1"), dim, hidden, true).unwrap(),
+                    Linear::new(&b.pp("fc2"), hidden, dim, true).unwrap(),
+                )
+            })
+            .collect();
+        Self { blocks }
+    }
+}
+
+/// x + fc2(gelu(fc1(x))).
+fn mlp_block(l: &(Linear, Linear), x: &Tensor) -> anyhow::Result<Tensor> {
+    let h = ops::gelu_erf(&l.0.forward(x)?)?;
+    add_any(x, &l.1.forward(&h)?)
+}
+
+fn mlp_forward(m: &Mlp, x: &Tensor, ckpt: Option<&Checkpointer>) -> Tensor {
+    let mut x = x.clone();
+    for l in &m.blocks {
+        x = match ckpt {
+            None => mlp_block(l, &x).unwrap(),
+            Some(c) => {
+                let l = l.clone();
+                c.run(&x, move |x| mlp_block(&l, x)).unwrap()
+            }
+        };
+    }
+    x
+}
+
+#[test]
+fn mlp_checkpoint_matches_plain_graph() {
+    let reg = TrainedParams::new();
+    let m = Mlp::new(&reg, 8, 16);
+    let r = randn(&[4, 8], 11);
+    for tracked_input in [false, true] {
+        let x0 = randn(&[4, 8], 10);
+        let xv = Var::from_tensor(&x0).unwrap();
+        let x = if tracked_input { xv.as_tensor().clone() } else { x0.clone() };
+
+        let y_plain = mlp_forward(&m, &x, None);
+        let g_plain = mul_const(&y_plain, &r).unwrap().sum_all().unwrap().backward().unwrap();
+
+        let ck = Checkpointer::new(&reg);
+        let y_ck = mlp_forward(&m, &x, Some(&ck));
+        assert_eq!(bits(&y_ck), bits(&y_plain), "checkpointed output differs");
+        let mut g_ck = mul_const(&y_ck, &r).unwrap().sum_all().unwrap().backward().unwrap();
+        // Before merging, the outer store holds no parameter gradient: they are in the side store.
+        assert!(reg.weights().iter().all(|p| g_ck.get(p.var.as_tensor()).is_none()));
+        assert_eq!(ck.pending(), reg.weights().len());
+        ck.merge_into(&mut g_ck).unwrap();
+        assert_eq!(ck.pending(), 0);
+
+        let worst = compare_grads(&g_plain, &g_ck, &reg);
+        println!("MLP (input tracked: {tracked_input}): max relative gradient error {worst:e}");
+        assert!(worst <= 1e-6, "gradients differ: {worst}");
+        if tracked_input {
+            let dx = rel_err(g_ck.get(xv.as_tensor()).unwrap(), g_plain.get(xv.as_tensor()).unwrap());
+            assert!(dx <= 1e-6, "input gradient differs: {dx}");
+            g_ck.remove(xv.as_tensor());
+        }
+        assert_grads_exactly_trained(&g_ck, &reg);
+        if !tracked_input {
+            assert_grads_exactly_trained(&g_plain, &reg);
+        }
+    }
+}
+
+#[test]
+fn merge_sums_with_existing_gradients() {
+    // Gradient accumulation: two backward passes merged into one store add up.
+    let reg = TrainedParams::new();
+    let m = Mlp::new(&reg, 8, 16);
+    let (x, r) = (randn(&[4, 8], 20), randn(&[4, 8], 21));
+    let plain = mul_const(&mlp_forward(&m, &x, None), &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let ck = Checkpointer::new(&reg);
+    let mut acc = mul_const(&mlp_forward(&m, &x, Some(&ck)), &r).unwrap().sum_all().unwrap().backward().unwrap();
+    ck.merge_into(&mut acc).unwrap();
+    let second = mul_const(&mlp_forward(&m, &x, Some(&ck)), &r).unwrap().sum_all().unwrap().backward().unwrap();
+    acc.extend(second).unwrap();
+    ck.merge_into(&mut acc).unwrap();
+    for p in reg.weights() {
+        let t = p.var.as_tensor();
+        let twice = (plain.get(t).unwrap() * 2.0).unwrap();
+        assert!(rel_err(acc.get(t).unwrap(), &twice) <= 1e-6, "{}", p.key);
+    }
+}
+
+#[test]
+fn stateful_updates_are_skipped_during_recomputation() {
+    let reg = TrainedParams::new();
+    let pb = ParamBuilder::fresh(5, "bn", true, DType::F32, &Device::Cpu, &reg);
+    let lin = Linear::new(&pb.pp("fc"), 4, 4, false).unwrap();
+    let (calls, updates, recomputed) =
+        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (c, u, rc) = (calls.clone(), updates.clone(), recomputed.clone());
+    let block = move |x: &Tensor| -> anyhow::Result<Tensor> {
+        c.fetch_add(1, Ordering::SeqCst);
+        if is_recomputing() {
+            rc.fetch_add(1, Ordering::SeqCst);
+        } else {
+            u.fetch_add(1, Ordering::SeqCst); // a BatchNorm would update its running statistics here
+        }
+        lin.forward(x)
+    };
+    let ck = Checkpointer::new(&reg);
+    assert!(!is_recomputing());
+    let y = ck.run(&randn(&[2, 4], 1), block).unwrap();
+    assert_eq!((calls.load(Ordering::SeqCst), updates.load(Ordering::SeqCst)), (1, 1));
+    let mut g = y.sum_all().unwrap().backward().unwrap();
+    ck.merge_into(&mut g).unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "backward must re-run the block once");
+    assert_eq!(updates.load(Ordering::SeqCst), 1, "the state update ran again during recomputation");
+    assert_eq!(recomputed.load(Ordering::SeqCst), 1);
+    assert!(!is_recomputing());
+    assert_grads_exactly_trained(&g, &reg);
+}
+
+fn tiny_mistral(reg: &TrainedParams, dropout: f32) -> Mistral {
+    let cfg = MistralConfig {
+        vocab_size: 16,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 3,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        rms_norm_eps: 1e-5,
+        rope_theta: 1e4,
+        max_position_embeddings: 64,
+        sliding_window: None,
+        head_dim: None,
+        tie_word_embeddings: false,
+    };
+    let lora = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout,
+        target_modules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            .map(String::from)
+            .to_vec(),
+    };
+    let base = ParamBuilder::fresh(1, "llm", false, DType::F32, &Device::Cpu, reg);
+    let lpb = ParamBuilder::fresh(2, "lora", true, DType::F32, &Device::Cpu, reg);
+    let m = Mistral::new(&base, &cfg, Some((&lpb, &lora))).unwrap();
+    // PEFT starts B at zero, which would make every A gradient zero: give B values.
+    for (i, p) in reg.weights().iter().enumerate() {
+        if p.key.contains("lora_B") {
+            p.var.set(&(randn(p.var.dims(), 50 + i as u64) * 0.1).unwrap()).unwrap();
+        }
+    }
+    m
+}
+
+struct LayerInputs {
+    x: Tensor,
+    rope: (Tensor, Tensor),
+    mask: Tensor,
+    r: Tensor,
+}
+
+fn layer_inputs(m: &Mistral) -> LayerInputs {
+    let (b, t, h) = (2, 6, m.hidden_size());
+    let pos = Tensor::arange(0f32, t as f32, &Device::Cpu).unwrap().unsqueeze(0).unwrap().repeat((b, 1)).unwrap();
+    let rope = ops::rope_tables(&pos, m.config().head_dim(), m.config().rope_theta, DType::F32).unwrap();
+    let valid = Tensor::new(&[[1f32; 6], [1., 1., 1., 1., 0., 0.]], &Device::Cpu).unwrap();
+    let mask = m.attention_mask(Some(&valid), b, t, 0).unwrap();
+    LayerInputs { x: randn(&[b, t, h], 30), rope, mask, r: randn(&[b, t, h], 31) }
+}
+
+/// Runs every decoder layer (checkpointed or not) and returns the output and the gradients.
+fn mistral_run(m: &Mistral, inp: &LayerInputs, ckpt: Option<&Checkpointer>) -> (Tensor, GradStore) {
+    let mut x = inp.x.clone();
+    for layer in m.layers() {
+        x = match ckpt {
+            None => layer.forward(&x, &inp.rope, &inp.mask, None).unwrap(),
+            Some(c) => {
+                let (layer, rope, mask) = (layer.clone(), inp.rope.clone(), inp.mask.clone());
+                c.run(&x, move |x| layer.forward(x, &rope, &mask, None)).unwrap()
+            }
+        };
+    }
+    let mut g = mul_const(&x, &inp.r).unwrap().sum_all().unwrap().backward().unwrap();
+    if let Some(c) = ckpt {
+        c.merge_into(&mut g).unwrap();
+    }
+    (x, g)
+}
+
+#[test]
+fn mistral_layers_checkpoint_matches_plain_graph() {
+    let reg = TrainedParams::new();
+    let m = tiny_mistral(&reg, 0.0);
+    let inp = layer_inputs(&m);
+    let (y_plain, g_plain) = mistral_run(&m, &inp, None);
+    let ck = Checkpointer::new(&reg);
+    let (y_ck, g_ck) = mistral_run(&m, &inp, Some(&ck));
+    let out = rel_err(&y_ck, &y_plain);
+    let worst = compare_grads(&g_plain, &g_ck, &reg);
+    println!(
+        "Mistral+LoRA, 3 layers: output rel err {out:e}, max gradient rel err {worst:e} over {} tensors",
+        reg.weights().len()
+    );
+    assert!(out <= 1e-6, "outputs differ: {out}");
+    assert!(worst <= 1e-6, "gradients differ: {worst}");
+    assert_grads_exactly_trained(&g_ck, &reg);
+    assert_grads_exactly_trained(&g_plain, &reg);
+}
+
+#[test]
+fn dropout_masks_reproduce_under_recomputation() {
+    let reg = TrainedParams::new();
+    let m = tiny_mistral(&reg, 0.3);
+    let inp = layer_inputs(&m);
+    let seed = 1234;
+    let (y_plain, g_plain) = {
+        let _t = TrainingMode::enter(seed);
+        mistral_run(&m, &inp, None)
+    };
+    // Forward in training mode, backward after the training region ended: the checkpoint
+    // must restore the step seed, or the recomputed masks would differ.
+    let ck = Checkpointer::new(&reg);
+    let mut x = inp.x.clone();
+    {
+        let _t = TrainingMode::enter(seed);
+        for layer in m.layers() {
+            let (layer, rope, mask) = (layer.clone(), inp.rope.clone(), inp.mask.clone());
+            x = ck.run(&x, move |x| layer.forward(x, &rope, &mask, None)).unwrap();
+        }
+    }
+    assert!(!ops::is_training());
+    let mut g_ck = mul_const(&x, &inp.r).unwrap().sum_all().unwrap().backward().unwrap();
+    ck.merge_into(&mut g_ck).unwrap();
+    let out = rel_err(&x, &y_plain);
+    let worst = compare_grads(&g_plain, &g_ck, &reg);
+    println!("Mistral+LoRA with dropout 0.3: output rel err {out:e}, max gradient rel err {worst:e}");
+    assert!(out <= 1e-6 && worst <= 1e-6, "output {out}, gradients {worst}");
+    assert_grads_exactly_trained(&g_ck, &reg);
+
+    // The check has teeth: dropout does change the gradients (eval vs training), and so does
+    // another step seed.
+    let (_, g_eval) = mistral_run(&m, &inp, None);
+    assert!(compare_grads(&g_plain, &g_eval, &reg) > 1e-2);
+    let (_, g_other) = {
+        let _t = TrainingMode::enter(seed + 1);
+        mistral_run(&m, &inp, Some(&ck))
+    };
+    assert!(compare_grads(&g_plain, &g_other, &reg) > 1e-2);
+}
+
+#[test]
+fn disabled_checkpointer_runs_the_block() {
+    let reg = TrainedParams::new();
+    let m = Mlp::new(&reg, 8, 16);
+    let ck = Checkpointer::disabled(&reg);
+    let x = randn(&[4, 8], 40);
+    let y = mlp_forward(&m, &x, Some(&ck));
+    let mut g = y.sum_all().unwrap().backward().unwrap();
+    assert_eq!(ck.pending(), 0);
+    ck.merge_into(&mut g).unwrap();
+    assert_grads_exactly_trained(&g, &reg);
+}
