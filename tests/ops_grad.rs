@@ -1,0 +1,251 @@
+//! Gradient checks of the custom ops: the bilinear upsampling op (and its adjoint op),
+//! `frozen_matmul` and masked attention (`masked_add` + softmax), against central finite
+//! differences in f64 and against closed forms / the composite autograd path. Also the
+//! upsampling forward: custom op vs matmul composite vs PyTorch's `F.interpolate`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var};
+use prs::nn::linear::{frozen_matmul, masked_add};
+use prs::nn::ops::{mask_min, softmax_last_dim};
+use prs::nn::upsample::{upsample_bilinear_ac, upsample_bilinear_ac_backward, upsample_bilinear_ac_composite};
+
+const CPU: Device = Device::Cpu;
+
+fn randn(shape: &[usize], seed: u64) -> Result<Tensor> {
+    // Host-seeded so failures reproduce.
+    use rand::{rngs::StdRng, SeedableRng};
+    use rand_distr::{Distribution, StandardNormal};
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
+    Ok(Tensor::from_vec(v, shape, &CPU)?)
+}
+
+fn vec64(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?)
+}
+
+fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
+fn max_abs(a: &[f64]) -> f64 {
+    a.iter().fold(0.0, |m, x| m.max(x.abs()))
+}
+
+/// Central differences of a scalar function of `x`.
+fn numeric_grad(x: &Tensor, eps: f64, f: impl Fn(&Tensor) -> Result<f64>) -> Result<Vec<f64>> {
+    let base = vec64(x)?;
+    let mut g = Vec::with_capacity(base.len());
+    for i in 0..base.len() {
+        let mut p = base.clone();
+        p[i] += eps;
+        let fp = f(&Tensor::from_vec(p.clone(), x.shape(), &CPU)?)?;
+        p[i] -= 2.0 * eps;
+        let fm = f(&Tensor::from_vec(p, x.shape(), &CPU)?)?;
+        g.push((fp - fm) / (2.0 * eps));
+    }
+    Ok(g)
+}
+
+fn dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok((a * b)?.sum_all()?)
+}
+
+#[test]
+fn upsample_backward_matches_finite_differences_and_composite() -> Result<()> {
+    for (i, (shape, f)) in [([1usize, 2, 3, 5], 3usize), ([2, 1, 1, 3], 2), ([1, 1, 4, 2], 16)].into_iter().enumerate()
+    {
+        let x = randn(&shape, 10 + i as u64)?;
+        let out_shape = [shape[0], shape[1], shape[2] * f, shape[3] * f];
+        let r = randn(&out_shape, 20 + i as u64)?;
+        let xv = Var::from_tensor(&x)?;
+
+        let y = upsample_bilinear_ac(xv.as_tensor(), f)?;
+        assert!(y.track_op(), "the CPU op must record a backward");
+        let g_op = vec64(dot(&y, &r)?.backward()?.get(xv.as_tensor()).unwrap())?;
+
+        let yc = upsample_bilinear_ac_composite(xv.as_tensor(), f)?;
+        let g_comp = vec64(dot(&yc, &r)?.backward()?.get(xv.as_tensor()).unwrap())?;
+
+        let g_num = numeric_grad(&x, 1e-6, |t| Ok(dot(&upsample_bilinear_ac(t, f)?, &r)?.to_scalar::<f64>()?))?;
+        let (e_num, e_comp) = (max_abs_diff(&g_op, &g_num), max_abs_diff(&g_op, &g_comp));
+        println!("upsample {shape:?} x{f}: |op - numeric| {e_num:.2e}, |op - composite| {e_comp:.2e}");
+        assert!(e_num <= 1e-7 * max_abs(&g_num).max(1.0), "{e_num}");
+        assert!(e_comp <= 1e-12 * max_abs(&g_comp).max(1.0), "{e_comp}");
+    }
+    Ok(())
+}
+
+#[test]
+fn upsample_grad_op_is_the_adjoint_in_f32_and_half() -> Result<()> {
+    // <up(x), g> == <x, up^T(g)> for odd sizes at the real factor.
+    let x = randn(&[2, 3, 7, 5], 1)?.to_dtype(DType::F32)?;
+    let g = randn(&[2, 3, 7 * 16, 5 * 16], 2)?.to_dtype(DType::F32)?;
+    let lhs = dot(&upsample_bilinear_ac(&x, 16)?, &g)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let gt = upsample_bilinear_ac_backward(&g, 16)?;
+    assert_eq!(gt.dims(), &[2, 3, 7, 5]);
+    let rhs = dot(&x, &gt)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    assert!((lhs - rhs).abs() <= 1e-4 * lhs.abs().max(1.0), "{lhs} vs {rhs}");
+
+    // The op's adjoint equals the composite path's autograd (ordinary matmuls).
+    let xv = Var::from_tensor(&x)?;
+    let grads = dot(&upsample_bilinear_ac_composite(xv.as_tensor(), 16)?, &g)?.backward()?;
+    let via_autograd = vec64(grads.get(xv.as_tensor()).unwrap())?;
+    let e = max_abs_diff(&vec64(&gt)?, &via_autograd);
+    assert!(e <= 1e-5 * max_abs(&via_autograd), "{e}");
+
+    // The adjoint op's own backward is the forward upsampling (second derivatives).
+    let gv = Var::from_tensor(&g)?;
+    let grads = dot(&upsample_bilinear_ac_backward(gv.as_tensor(), 16)?, &x)?.backward()?;
+    let up = vec64(&upsample_bilinear_ac(&x, 16)?)?;
+    assert!(max_abs_diff(&vec64(grads.get(gv.as_tensor()).unwrap())?, &up) <= 1e-6 * max_abs(&up));
+
+    // Half types run the same kernel in f32: only the storage rounding differs.
+    let g32 = vec64(&gt)?;
+    for dt in [DType::F16, DType::BF16] {
+        let h = upsample_bilinear_ac_backward(&g.to_dtype(dt)?, 16)?;
+        assert_eq!(h.dtype(), dt);
+        let e = max_abs_diff(&vec64(&h)?, &g32) / max_abs(&g32);
+        assert!(e < 1e-2, "{dt:?}: {e}");
+    }
+    Ok(())
+}
+
+#[test]
+fn frozen_matmul_gives_dx_and_no_weight_gradient() -> Result<()> {
+    let x = randn(&[4, 5], 3)?;
+    let w = randn(&[6, 5], 4)?; // (out, in), frozen
+    let r = randn(&[4, 6], 5)?;
+    let xv = Var::from_tensor(&x)?;
+    let grads = dot(&frozen_matmul(xv.as_tensor(), &w)?, &r)?.backward()?;
+    let gx = vec64(grads.get(xv.as_tensor()).expect("dX"))?;
+    let g_num = numeric_grad(&x, 1e-6, |t| Ok(dot(&frozen_matmul(t, &w)?, &r)?.to_scalar::<f64>()?))?;
+    // Closed form: dX = R W.
+    let g_exact = vec64(&r.matmul(&w)?)?;
+    assert!(max_abs_diff(&gx, &g_exact) <= 1e-12, "{}", max_abs_diff(&gx, &g_exact));
+    assert!(max_abs_diff(&gx, &g_num) <= 1e-8);
+    assert!(grads.get(&w).is_none(), "the frozen weight must have no GradStore entry");
+
+    // A plain matmul against the same (untracked) weight does store a dead weight gradient:
+    // the check above could fail.
+    let wt = w.t()?.contiguous()?;
+    let plain = dot(&xv.as_tensor().matmul(&wt)?, &r)?.backward()?;
+    assert!(plain.get(&wt).is_some());
+    assert_eq!(grads.get_ids().count() + 1, plain.get_ids().count());
+
+    // Batched input (B, T, in) goes through the same op.
+    let x3 = Var::from_tensor(&randn(&[2, 3, 5], 6)?)?;
+    let r3 = randn(&[2, 3, 6], 7)?;
+    let g3 = dot(&frozen_matmul(x3.as_tensor(), &w)?, &r3)?.backward()?;
+    let exact = vec64(&r3.reshape((6, 6))?.matmul(&w)?)?;
+    assert!(max_abs_diff(&vec64(g3.get(x3.as_tensor()).unwrap())?, &exact) <= 1e-12);
+    assert!(g3.get(&w).is_none());
+    Ok(())
+}
+
+#[test]
+fn masked_attention_gradient_is_correct_and_mask_has_none() -> Result<()> {
+    let (b, h, q, k) = (2, 2, 3, 4);
+    let s = randn(&[b, h, q, k], 8)?;
+    let r = randn(&[b, h, q, k], 9)?;
+    // Full-shape additive mask: key 3 hidden for sample 0, keys 1 and 2 for sample 1.
+    let neg = mask_min(DType::F32);
+    let mut m = vec![0.0f64; b * h * q * k];
+    for (i, v) in m.iter_mut().enumerate() {
+        let (bi, ki) = (i / (h * q * k), i % k);
+        if (bi == 0 && ki == 3) || (bi == 1 && (ki == 1 || ki == 2)) {
+            *v = neg;
+        }
+    }
+    let mask = Tensor::from_vec(m.clone(), (b, h, q, k), &CPU)?;
+    let loss = |t: &Tensor| -> Result<Tensor> { dot(&softmax_last_dim(&masked_add(t, &mask)?)?, &r) };
+
+    let sv = Var::from_tensor(&s)?;
+    let probs = vec64(&softmax_last_dim(&masked_add(sv.as_tensor(), &mask)?)?)?;
+    let grads = loss(sv.as_tensor())?.backward()?;
+    let g = vec64(grads.get(sv.as_tensor()).expect("gradient to scores"))?;
+    assert!(grads.get(&mask).is_none(), "the mask must have no GradStore entry");
+
+    // Closed form per row: dL/ds = p * (r - sum(p r)); zero at masked keys.
+    let rv = vec64(&r)?;
+    let mut exact = vec![0.0; g.len()];
+    for row in 0..b * h * q {
+        let idx = row * k..(row + 1) * k;
+        let pr: f64 = idx.clone().map(|i| probs[i] * rv[i]).sum();
+        for i in idx {
+            exact[i] = probs[i] * (rv[i] - pr);
+        }
+    }
+    // Softmax runs in f32 whatever the input dtype.
+    let e = max_abs_diff(&g, &exact);
+    assert!(e <= 1e-6, "analytic: {e}");
+    for (i, &mv) in m.iter().enumerate() {
+        if mv != 0.0 {
+            assert_eq!(g[i], 0.0, "masked position {i} got a gradient");
+        }
+    }
+    let g_num = numeric_grad(&s, 1e-3, |t| Ok(loss(t)?.to_dtype(DType::F64)?.to_scalar::<f64>()?))?;
+    let e_num = max_abs_diff(&g, &g_num);
+    println!("masked softmax: |autograd - closed form| {e:.2e}, |autograd - numeric| {e_num:.2e}");
+    assert!(e_num <= 2e-3, "numeric: {e_num}");
+
+    // A plain add would store a (dead) gradient for the mask: the check above could fail.
+    let plain = dot(&softmax_last_dim(&(sv.as_tensor() + &mask)?)?, &r)?.backward()?;
+    assert!(plain.get(&mask).is_some());
+    Ok(())
+}
+
+fn upsample_fixture() -> Result<HashMap<String, Tensor>> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/decoder/upsample.safetensors");
+    Ok(candle_core::safetensors::load(p, &CPU)?)
+}
+
+#[test]
+fn upsample_forward_op_vs_composite_vs_pytorch() -> Result<()> {
+    let fx = upsample_fixture()?;
+    let mut n = 0;
+    while let Some(x) = fx.get(&format!("case{n}.input")) {
+        let want = vec64(&fx[&format!("case{n}.output")])?;
+        let f = fx[&format!("case{n}.factor")].to_vec1::<i64>()?[0] as usize;
+        let op = upsample_bilinear_ac(x, f)?;
+        let comp = upsample_bilinear_ac_composite(x, f)?;
+        assert_eq!(op.dims(), fx[&format!("case{n}.output")].dims());
+        let (opv, compv) = (vec64(&op)?, vec64(&comp)?);
+        let (e_torch, e_comp) = (max_abs_diff(&opv, &want), max_abs_diff(&opv, &compv));
+        println!("case{n} {:?} x{f}: |op - torch| {e_torch:.2e}, |op - composite| {e_comp:.2e}", x.dims());
+        assert!(e_torch <= 1e-5 * max_abs(&want).max(1.0), "case{n}: {e_torch}");
+        assert!(e_comp <= 1e-5 * max_abs(&want).max(1.0), "case{n}: {e_comp}");
+
+        // f64 in, f64 out; half types within their rounding; non-contiguous input accepted.
+        let op64 = upsample_bilinear_ac(&x.to_dtype(DType::F64)?, f)?;
+        assert_eq!(op64.dtype(), DType::F64);
+        assert!(max_abs_diff(&vec64(&op64)?, &want) <= 1e-5 * max_abs(&want).max(1.0));
+        for dt in [DType::F16, DType::BF16] {
+            let h = upsample_bilinear_ac(&x.to_dtype(dt)?, f)?;
+            assert_eq!(h.dtype(), dt);
+            assert!(max_abs_diff(&vec64(&h)?, &want) <= 2e-2 * max_abs(&want).max(1.0), "{dt:?}");
+        }
+        let xt = x.transpose(2, 3)?.contiguous()?.transpose(2, 3)?;
+        assert!(!xt.is_contiguous() || x.dim(2)? == 1 || x.dim(3)? == 1);
+        assert_eq!(vec64(&upsample_bilinear_ac(&xt, f)?)?, opv);
+        n += 1;
+    }
+    assert_eq!(n, 4, "fixture cases");
+    Ok(())
+}
+
+#[test]
+fn upsample_rejects_bad_input() {
+    let x = Tensor::zeros((2, 3, 4), DType::F32, &CPU).unwrap();
+    assert!(upsample_bilinear_ac(&x, 16).is_err());
+    let x = Tensor::zeros((1, 1, 2, 2), DType::F32, &CPU).unwrap();
+    assert!(upsample_bilinear_ac(&x, 0).is_err());
+    assert!(upsample_bilinear_ac(&x.to_dtype(DType::U8).unwrap(), 2).is_err());
+    let g = Tensor::zeros((1, 1, 5, 4), DType::F32, &CPU).unwrap();
+    assert!(upsample_bilinear_ac_backward(&g, 2).is_err());
+}
