@@ -657,3 +657,18 @@ fn position_confusion_and_mask_rule() {
     );
     assert_eq!(position_from_mask(&vec![false; 100], h, w).0, L::None);
 }
+
+#[test]
+fn prsmed_load_gray_u8() {
+    let dir = tempfile::tempdir().unwrap();
+    let grey: Vec<u8> = (0..12).map(|i| (i * 20) as u8).collect();
+    let p1 = dir.path().join("grey.png");
+    image::GrayImage::from_raw(4, 3, grey.clone()).unwrap().save(&p1).unwrap();
+    assert_eq!(prsmed::load_gray_u8(&p1).unwrap(), (grey.clone(), 3, 4));
+    // An RGB mask with equal channels reads back exactly.
+    let rgb: Vec<u8> = grey.iter().flat_map(|&v| [v, v, v]).collect();
+    let p2 = dir.path().join("rgb.png");
+    image::RgbImage::from_raw(4, 3, rgb).unwrap().save(&p2).unwrap();
+    assert_eq!(prsmed::load_gray_u8(&p2).unwrap(), (grey, 3, 4));
+    assert!(prsmed::load_gray_u8(&dir.path().join("missing.png")).is_err());
+}
