@@ -1,0 +1,326 @@
+//! Position labels: parsing free-text answers, the dataset's mask rule, and a confusion matrix.
+//!
+//! Parsing rules ([`parse_position`]), on lower-cased words (every non-alphanumeric character
+//! is a separator, so "top-left", "Top left." and "upper_left" read alike):
+//! 1. a statement of absence ("no lesion", "no visible tumor", "none", "not detected",
+//!    "absent", "nothing") gives `None`, even if a position is also named;
+//! 2. a vertical word (top/upper/superior, bottom/lower/inferior) within two words of a
+//!    horizontal word (left, right), in either order, gives that quadrant (first such pair);
+//!    this wins over centre words, so "top left, near the center" is TopLeft;
+//! 3. otherwise a centre word (center, centre, central, centrally, middle, centered, centred)
+//!    gives Center;
+//! 4. otherwise a vertical and a horizontal word anywhere ("upper part ... on the left side")
+//!    give the quadrant of the first of each;
+//! 5. otherwise `None` (no recognised position).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PositionLabel {
+    Center,
+    TopLeft,
+    TopRight,
+    BottomLeft,
+    BottomRight,
+    None,
+}
+
+impl PositionLabel {
+    pub const ALL: [PositionLabel; 6] = [
+        PositionLabel::Center,
+        PositionLabel::TopLeft,
+        PositionLabel::TopRight,
+        PositionLabel::BottomLeft,
+        PositionLabel::BottomRight,
+        PositionLabel::None,
+    ];
+
+    /// Row/column index in [`PositionConfusion::counts`].
+    pub fn index(self) -> usize {
+        Self::ALL
+            .iter()
+            .position(|&l| l == self)
+            .expect("label in ALL")
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Center => "center",
+            Self::TopLeft => "top left",
+            Self::TopRight => "top right",
+            Self::BottomLeft => "bottom left",
+            Self::BottomRight => "bottom right",
+            Self::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for PositionLabel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Word {
+    Top,
+    Bottom,
+    Left,
+    Right,
+    Center,
+    Other,
+}
+
+fn classify(w: &str) -> Word {
+    match w {
+        "top" | "upper" | "superior" | "uppermost" | "topmost" => Word::Top,
+        "bottom" | "lower" | "inferior" | "lowermost" | "bottommost" => Word::Bottom,
+        "left" | "leftmost" | "lefthand" => Word::Left,
+        "right" | "rightmost" | "righthand" => Word::Right,
+        "center" | "centre" | "central" | "centrally" | "middle" | "centered" | "centred"
+        | "midline" => Word::Center,
+        _ => Word::Other,
+    }
+}
+
+const LESION_WORDS: &[&str] = &[
+    "lesion",
+    "lesions",
+    "tumor",
+    "tumors",
+    "tumour",
+    "tumours",
+    "polyp",
+    "polyps",
+    "abnormality",
+    "abnormalities",
+    "mass",
+    "masses",
+    "nodule",
+    "nodules",
+    "finding",
+    "findings",
+    "anomaly",
+    "anomalies",
+    "object",
+    "region",
+    "sign",
+    "signs",
+    "evidence",
+    "target",
+    "visible",
+    "detectable",
+    "apparent",
+    "obvious",
+    "abnormal",
+    "suspicious",
+];
+const FOUND_WORDS: &[&str] = &[
+    "detected",
+    "found",
+    "present",
+    "visible",
+    "seen",
+    "identified",
+    "observed",
+    "detectable",
+    "shown",
+];
+
+fn states_absence(words: &[&str]) -> bool {
+    words.iter().enumerate().any(|(i, &w)| match w {
+        "none" | "absent" | "absence" | "nothing" => true,
+        "no" => words[i + 1..]
+            .iter()
+            .take(3)
+            .any(|n| LESION_WORDS.contains(n)),
+        "not" => words[i + 1..]
+            .iter()
+            .take(2)
+            .any(|n| FOUND_WORDS.contains(n)),
+        _ => false,
+    })
+}
+
+fn quadrant(v: Word, h: Word) -> PositionLabel {
+    match (v, h) {
+        (Word::Top, Word::Left) => PositionLabel::TopLeft,
+        (Word::Top, Word::Right) => PositionLabel::TopRight,
+        (Word::Bottom, Word::Left) => PositionLabel::BottomLeft,
+        _ => PositionLabel::BottomRight,
+    }
+}
+
+/// Parses an answer (or the dataset's `position` sentence) into a label; rules in module docs.
+pub fn parse_position(text: &str) -> PositionLabel {
+    let lower = text.to_lowercase();
+    let words: Vec<&str> = lower
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
+    if states_absence(&words) {
+        return PositionLabel::None;
+    }
+    let kinds: Vec<Word> = words.iter().map(|w| classify(w)).collect();
+    let is_v = |k: Word| matches!(k, Word::Top | Word::Bottom);
+    let is_h = |k: Word| matches!(k, Word::Left | Word::Right);
+    for (i, &k) in kinds.iter().enumerate() {
+        if !is_v(k) {
+            continue;
+        }
+        let lo = i.saturating_sub(2);
+        let hi = (i + 3).min(kinds.len());
+        // Nearest horizontal word within two words, preferring the one after on equal distance.
+        let near = (1..=2).find_map(|d| {
+            [i + d, i.wrapping_sub(d)]
+                .into_iter()
+                .find(|&j| j >= lo && j < hi && is_h(kinds[j]))
+        });
+        if let Some(j) = near {
+            return quadrant(k, kinds[j]);
+        }
+    }
+    if kinds.contains(&Word::Center) {
+        return PositionLabel::Center;
+    }
+    match (
+        kinds.iter().find(|&&k| is_v(k)),
+        kinds.iter().find(|&&k| is_h(k)),
+    ) {
+        (Some(&v), Some(&h)) => quadrant(v, h),
+        _ => PositionLabel::None,
+    }
+}
+
+/// The dataset's position rule (section 5): "center" when the mask's bounding box contains the
+/// pixel (w // 2, h // 2), else the quadrant of the box centre ((min + max) // 2, halves split
+/// with `<` / `>=` at the image centre). Returns `None` for an empty mask, plus the dataset's
+/// "near the center" flag (box centre closer than 0.2 * w to the image centre).
+pub fn position_from_mask(mask: &[bool], h: usize, w: usize) -> (PositionLabel, bool) {
+    assert_eq!(mask.len(), h * w, "position_from_mask: mask length != h*w");
+    let (mut r0, mut r1, mut c0, mut c1) = (usize::MAX, 0, usize::MAX, 0);
+    for (i, _) in mask.iter().enumerate().filter(|(_, &m)| m) {
+        let (r, c) = (i / w, i % w);
+        r0 = r0.min(r);
+        r1 = r1.max(r);
+        c0 = c0.min(c);
+        c1 = c1.max(c);
+    }
+    if r0 == usize::MAX {
+        return (PositionLabel::None, false);
+    }
+    let (cx, cy) = (w / 2, h / 2);
+    if (c0..=c1).contains(&cx) && (r0..=r1).contains(&cy) {
+        return (PositionLabel::Center, true);
+    }
+    let (bx, by) = ((c0 + c1) / 2, (r0 + r1) / 2);
+    let (dx, dy) = (bx as f64 - cx as f64, by as f64 - cy as f64);
+    let near = (dx * dx + dy * dy).sqrt() < 0.2 * w as f64;
+    let label = match (by < cy, bx < cx) {
+        (true, true) => PositionLabel::TopLeft,
+        (true, false) => PositionLabel::TopRight,
+        (false, true) => PositionLabel::BottomLeft,
+        (false, false) => PositionLabel::BottomRight,
+    };
+    (label, near)
+}
+
+/// Confusion matrix over the six labels: `counts[truth][predicted]` in [`PositionLabel::ALL`] order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PositionConfusion {
+    pub counts: [[u64; 6]; 6],
+}
+
+/// Per-label summary (NaN recall/precision when undefined).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LabelCounts {
+    pub label: PositionLabel,
+    /// Samples whose truth is this label.
+    pub support: u64,
+    /// Samples predicted as this label.
+    pub predicted: u64,
+    pub correct: u64,
+    pub recall: f64,
+    pub precision: f64,
+}
+
+/// Serialisable report: accuracy, totals, per-label counts and the raw matrix.
+#[derive(Debug, Clone, Serialize)]
+pub struct PositionReport {
+    pub accuracy: f64,
+    pub total: u64,
+    pub correct: u64,
+    pub labels: Vec<LabelCounts>,
+    pub counts: [[u64; 6]; 6],
+}
+
+impl PositionConfusion {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn add(&mut self, truth: PositionLabel, predicted: PositionLabel) {
+        self.counts[truth.index()][predicted.index()] += 1;
+    }
+
+    /// Parses both texts and records the pair; returns (truth, predicted).
+    pub fn add_texts(&mut self, truth: &str, answer: &str) -> (PositionLabel, PositionLabel) {
+        let (t, p) = (parse_position(truth), parse_position(answer));
+        self.add(t, p);
+        (t, p)
+    }
+
+    pub fn merge(&mut self, other: &PositionConfusion) {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x += y;
+            }
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts.iter().flatten().sum()
+    }
+
+    pub fn correct(&self) -> u64 {
+        (0..6).map(|i| self.counts[i][i]).sum()
+    }
+
+    /// Fraction on the diagonal; NaN when empty.
+    pub fn accuracy(&self) -> f64 {
+        self.correct() as f64 / self.total() as f64
+    }
+
+    pub fn per_label(&self) -> Vec<LabelCounts> {
+        PositionLabel::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, &label)| {
+                let support: u64 = self.counts[i].iter().sum();
+                let predicted: u64 = self.counts.iter().map(|row| row[i]).sum();
+                let correct = self.counts[i][i];
+                LabelCounts {
+                    label,
+                    support,
+                    predicted,
+                    correct,
+                    recall: correct as f64 / support as f64,
+                    precision: correct as f64 / predicted as f64,
+                }
+            })
+            .collect()
+    }
+
+    pub fn report(&self) -> PositionReport {
+        PositionReport {
+            accuracy: self.accuracy(),
+            total: self.total(),
+            correct: self.correct(),
+            labels: self.per_label(),
+            counts: self.counts,
+        }
+    }
+}
