@@ -18,11 +18,14 @@ pub enum Command {
     Init(commands::init::InitArgs),
     /// Print the token ids the model sees for some text.
     Tokenize(commands::tokenize::TokenizeArgs),
+    /// Generate a synthetic dataset in the authors' layout (blobs at the five positions).
+    SynthData(commands::synth_data::SynthDataArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Init(a) => commands::init::run(&a),
         Command::Tokenize(a) => commands::tokenize::run(&a),
+        Command::SynthData(a) => commands::synth_data::run(&a),
     }
 }
