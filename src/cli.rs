@@ -14,6 +14,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// LoRA fine-tuning of PRS-Med (LLM adapter, TinySAM, mask decoder).
+    Finetune(commands::finetune::FinetuneArgs),
     /// Write random base weights in the real checkpoint layouts (LLaVA-Med folder + TinySAM .pth).
     Init(commands::init::InitArgs),
     /// Print the token ids the model sees for some text.
@@ -24,6 +26,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Finetune(a) => commands::finetune::run(&a),
         Command::Init(a) => commands::init::run(&a),
         Command::Tokenize(a) => commands::tokenize::run(&a),
         Command::SynthData(a) => commands::synth_data::run(&a),

@@ -23,10 +23,105 @@ pub struct Config {
     pub init: Option<InitSection>,
     /// Training hyper-parameters (used by `prs finetune`).
     #[serde(default)]
-    pub train: toml::Table,
+    pub train: TrainSection,
     /// Dataset settings (used by `prs finetune` / `prs evaluate`).
     #[serde(default)]
-    pub data: toml::Table,
+    pub data: DataSection,
+}
+
+/// `prs finetune` settings. Defaults are the paper's (section 4 of the reference).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub gradient_checkpointing: bool,
+    /// Compute precision on the accelerator: "bf16" | "f16" | "f32" (CPU runs in f32).
+    pub precision: String,
+    pub learning_rate: f64,
+    pub min_learning_rate: f64,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    pub adam_eps: f64,
+    pub adam_betas: [f64; 2],
+    /// Global gradient-norm clip (0 = off).
+    pub max_grad_norm: f64,
+    pub num_epochs: u64,
+    /// Stop after this many optimizer steps (0 = run all epochs).
+    pub max_steps: u64,
+    pub seed: u64,
+    /// Evaluate every N optimizer steps (0 = at each epoch end).
+    pub eval_every: u64,
+    /// Save a checkpoint every N optimizer steps (0 = only at epoch ends).
+    pub save_every: u64,
+    /// Stop after this many evaluations without a better validation Dice (0 = never).
+    pub early_stopping_patience: u64,
+    /// Cap on validation samples per evaluation (0 = all).
+    pub max_eval_samples: usize,
+    pub seg_loss_weight: f64,
+    pub lm_loss_weight: f64,
+    pub cls_loss_weight: f64,
+    /// The classifier loss is used for this many epochs (paper: 5).
+    pub cls_loss_epochs: u64,
+    /// "intended" (weighted BCE + weighted IoU) or "authors" (their unweighted BCE).
+    pub loss_compat: crate::train::losses::LossCompat,
+    /// TinySAM BatchNorm while training: "batch" (batch statistics, PyTorch's train mode) or
+    /// "frozen" (running statistics; makes gradient accumulation exactly a large batch).
+    pub batchnorm: String,
+    /// Stop the run after this many consecutive non-finite steps.
+    pub max_consecutive_nonfinite: u32,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            batch_size: 4,
+            gradient_accumulation_steps: 1,
+            gradient_checkpointing: false,
+            precision: "bf16".into(),
+            learning_rate: 1e-4,
+            min_learning_rate: 1e-6,
+            warmup_steps: 0,
+            weight_decay: 1e-5,
+            adam_eps: 1e-6,
+            adam_betas: [0.9, 0.999],
+            max_grad_norm: 1.0,
+            num_epochs: 20,
+            max_steps: 0,
+            seed: 42,
+            eval_every: 0,
+            save_every: 0,
+            early_stopping_patience: 0,
+            max_eval_samples: 0,
+            seg_loss_weight: 1.0,
+            lm_loss_weight: 1.0,
+            cls_loss_weight: 0.5,
+            cls_loss_epochs: 5,
+            loss_compat: Default::default(),
+            batchnorm: "batch".into(),
+            max_consecutive_nonfinite: 3,
+        }
+    }
+}
+
+/// Dataset settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// The authors' layout (folder with annotations/) or a plain CSV.
+    pub root: Option<String>,
+    pub num_workers: usize,
+    /// Batches prepared ahead of the training step.
+    pub prefetch: usize,
+    /// Hold-out fraction of train when the data has no `val` split.
+    pub val_fraction: f64,
+    pub skip_bad_rows: bool,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self { root: None, num_workers: 2, prefetch: 4, val_fraction: 0.05, skip_bad_rows: false }
+    }
 }
 
 /// Which weights, which parts train, and the dtype of frozen weights.

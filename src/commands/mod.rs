@@ -1,5 +1,6 @@
 //! One file per subcommand; each reads top to bottom.
 
+pub mod finetune;
 pub mod init;
 pub mod tokenize;
 pub mod synth_data;

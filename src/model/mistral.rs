@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::nn::checkpoint::Checkpointer;
 use crate::nn::consts::{add_any, masked_add};
 use crate::nn::linear::{frozen_matmul, Linear, LoraConfig};
 use crate::nn::ops;
@@ -358,15 +359,37 @@ impl Mistral {
         embeds: &Tensor,
         key_valid: Option<&Tensor>,
         position_ids: &Tensor,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        self.forward_embeds_with(embeds, key_valid, position_ids, cache, None)
+    }
+
+    /// `forward_embeds` with gradient checkpointing: each decoder layer is one checkpointed
+    /// block (recomputed in backward). Incompatible with a KV cache (generation needs none).
+    pub fn forward_embeds_with(
+        &self,
+        embeds: &Tensor,
+        key_valid: Option<&Tensor>,
+        position_ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        ckpt: Option<&Checkpointer>,
+    ) -> Result<Tensor> {
+        if ckpt.is_some_and(|c| c.is_enabled()) && cache.is_some() {
+            bail!("gradient checkpointing cannot be combined with a KV cache");
+        }
         let (b, t, _) = embeds.dims3()?;
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let mask = self.attention_mask(key_valid, b, t, past)?;
         let rope = ops::rope_tables(position_ids, self.cfg.head_dim(), self.cfg.rope_theta, self.dtype)?;
         let mut x = embeds.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &rope, &mask, cache.as_deref_mut().map(|c| (c, i)))?;
+            x = match ckpt {
+                Some(c) if c.is_enabled() => {
+                    let (layer, rope, mask) = (layer.clone(), rope.clone(), mask.clone());
+                    c.run(&x, move |x| layer.forward(x, &rope, &mask, None))?
+                }
+                _ => layer.forward(&x, &rope, &mask, cache.as_deref_mut().map(|c| (c, i)))?,
+            };
         }
         ops::rms_norm(&x, &self.norm.cast(self.dtype)?, self.cfg.rms_norm_eps)
     }

@@ -14,10 +14,11 @@ use super::decoder::{DecoderConfig, ModalityClassifier, PromptedMaskDecoder};
 use super::llava::Projector;
 use super::mistral::{KvCache, Mistral, MistralConfig};
 use super::tinysam::{TinySam, TinySamConfig};
+use crate::nn::checkpoint::Checkpointer;
 use crate::nn::param::{ParamBuilder, TrainedParams};
 use crate::nn::splice::splice_rows;
 use crate::tokenizer::{PromptIds, EOS_ID, PAD_ID};
-use crate::train::losses::{cross_entropy, structure_loss, LossCompat};
+use crate::train::losses::{cross_entropy_sum, structure_loss_per_image, LossCompat};
 
 /// LLaVA-Med's `config.json`: the Mistral fields plus the multimodal ones.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -112,6 +113,8 @@ pub struct PrsMed {
     pub classifier: ModalityClassifier,
     pub spec: PrsMedSpec,
     pub trained: TrainedParams,
+    /// Gradient checkpointing of LLM layers and TinySAM stages (training only).
+    checkpointer: Option<Checkpointer>,
     dtype: DType,
     device: Device,
 }
@@ -162,6 +165,15 @@ pub struct Losses {
     pub cls: Tensor,
 }
 
+/// Denominators of the loss terms: the number of images and of supervised answer tokens in
+/// the whole optimizer step (all accumulated micro-batches), so that accumulation equals one
+/// large batch. `None` in `losses` means "this batch alone".
+#[derive(Clone, Copy, Debug)]
+pub struct LossNorm {
+    pub images: usize,
+    pub tokens: usize,
+}
+
 /// Weights of the loss terms.
 #[derive(Clone, Copy, Debug)]
 pub struct LossWeights {
@@ -203,6 +215,7 @@ impl PrsMed {
             classifier,
             spec: spec.clone(),
             trained: b.llava.registry().clone(),
+            checkpointer: None,
             dtype: b.llava.dtype(),
             device: b.llava.device().clone(),
         })
@@ -210,6 +223,24 @@ impl PrsMed {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Switches gradient checkpointing on (one block per decoder layer and per TinySAM stage)
+    /// or off. After each `backward()`, call `merge_checkpoint_grads`.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.checkpointer = on.then(|| Checkpointer::new(&self.trained));
+    }
+
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.checkpointer.is_some()
+    }
+
+    /// Moves the parameter gradients collected by checkpointed blocks into `grads`.
+    pub fn merge_checkpoint_grads(&self, grads: &mut candle_core::backprop::GradStore) -> Result<()> {
+        match &self.checkpointer {
+            Some(c) => c.merge_into(grads),
+            None => Ok(()),
+        }
     }
     pub fn device(&self) -> &Device {
         &self.device
@@ -281,7 +312,8 @@ impl PrsMed {
     pub fn forward(&self, batch: &ModelBatch, train: bool) -> Result<Outputs> {
         let image = self.encode_image(&batch.clip_pixels)?;
         let inp = self.llm_inputs(&batch.prompts, &image, train)?;
-        let hidden = self.llm.forward_embeds(&inp.embeds, Some(&inp.key_valid), &inp.position_ids, None)?;
+        let ck = self.checkpointer.as_ref();
+        let hidden = self.llm.forward_embeds_with(&inp.embeds, Some(&inp.key_valid), &inp.position_ids, None, ck)?;
         let (answer_logits, answer_targets) = if train {
             let (b, t, h) = hidden.dims3()?;
             let rows = Tensor::new(inp.lm_rows.as_slice(), &self.device)?;
@@ -291,7 +323,7 @@ impl PrsMed {
         } else {
             (None, None)
         };
-        let feats = self.tinysam.forward(&batch.sam_pixels.to_dtype(self.tinysam_dtype())?)?;
+        let feats = self.tinysam.forward_with(&batch.sam_pixels.to_dtype(self.tinysam_dtype())?, ck)?;
         let mask_logits = self.decoder.forward(&feats, &hidden, &inp.prompt_valid)?;
         let class_logits = self.classifier.forward(&feats)?;
         Ok(Outputs { mask_logits, class_logits, answer_logits, answer_targets })
@@ -306,16 +338,23 @@ impl PrsMed {
         }
     }
 
-    /// Loss terms of a training forward.
+    /// Loss terms of a training forward (sums over this batch divided by `norm`'s counts).
     pub fn losses(&self, batch: &ModelBatch, out: &Outputs, w: &LossWeights) -> Result<Losses> {
+        self.losses_normed(batch, out, w, None)
+    }
+
+    pub fn losses_normed(&self, batch: &ModelBatch, out: &Outputs, w: &LossWeights, norm: Option<LossNorm>) -> Result<Losses> {
         let masks = batch.masks.as_ref().ok_or_else(|| anyhow::anyhow!("training batch without masks"))?;
-        let seg = structure_loss(&out.mask_logits, masks, w.compat)?;
-        let lm = match (&out.answer_logits, &out.answer_targets) {
-            (Some(l), Some(t)) => cross_entropy(l, t)?,
+        let (logits, targets) = match (&out.answer_logits, &out.answer_targets) {
+            (Some(l), Some(t)) => (l, t),
             _ => bail!("training losses need a forward with train = true"),
         };
+        let norm = norm.unwrap_or(LossNorm { images: masks.dim(0)?, tokens: targets.dim(0)? });
+        let per_image = 1.0 / norm.images as f64;
+        let seg = (structure_loss_per_image(&out.mask_logits, masks, w.compat)?.sum_all()? * per_image)?;
+        let lm = (cross_entropy_sum(logits, targets)? / norm.tokens as f64)?;
         let cls = match &batch.modality {
-            Some(m) => cross_entropy(&out.class_logits, m)?,
+            Some(m) => (cross_entropy_sum(&out.class_logits, m)? * per_image)?,
             None => Tensor::zeros((), DType::F32, &self.device)?,
         };
         let mut total = ((&seg * w.seg)? + (&lm * w.lm)?)?;

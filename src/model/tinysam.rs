@@ -123,6 +123,26 @@ impl Default for TinySamConfig {
 
 thread_local! {
     static KEEP_RUNNING_STATS: Cell<bool> = const { Cell::new(false) };
+    static USE_RUNNING_STATS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// While alive, BatchNorm normalises with its running statistics even in training mode
+/// (affine parameters still train): every sample is then normalised independently of its
+/// micro-batch, so gradient accumulation equals the large batch exactly.
+pub struct FrozenBatchNormStats {
+    prev: bool,
+}
+
+impl FrozenBatchNormStats {
+    pub fn enter() -> Self {
+        Self { prev: USE_RUNNING_STATS.with(|k| k.replace(true)) }
+    }
+}
+
+impl Drop for FrozenBatchNormStats {
+    fn drop(&mut self) {
+        USE_RUNNING_STATS.with(|k| k.set(self.prev));
+    }
 }
 
 /// While alive, training-mode BatchNorm still normalises with batch statistics but leaves the
@@ -172,14 +192,15 @@ impl BatchNorm2d {
         let w = self.weight.cast(DType::F32)?.reshape((1, c, 1, 1))?;
         let b = self.bias.cast(DType::F32)?.reshape((1, c, 1, 1))?;
         if let (Param::Trained(rm), Param::Trained(rv)) = (&self.running_mean, &self.running_var) {
-            if ops::is_training() {
+            if ops::is_training() && !USE_RUNNING_STATS.with(|k| k.get()) {
                 let x32 = x.to_dtype(DType::F32)?;
                 let mean = x32.mean_keepdim((0, 2, 3))?;
                 let xc = x32.broadcast_sub(&mean)?;
                 let var = xc.sqr()?.mean_keepdim((0, 2, 3))?; // biased, for normalising
                 let y = xc.broadcast_div(&(var.clone() + BN_EPS)?.sqrt()?)?;
                 let y = add_any(&mul_any(&y, &w)?, &b)?;
-                if !KEEP_RUNNING_STATS.with(|k| k.get()) {
+                // A checkpointed stage's recomputation must not update the statistics twice.
+                if !KEEP_RUNNING_STATS.with(|k| k.get()) && !crate::nn::checkpoint::is_recomputing() {
                     let n = (x.elem_count() / c) as f64;
                     ensure!(n > 1.0, "batchnorm: training needs more than one value per channel");
                     let mean = mean.detach().flatten_all()?;
@@ -607,9 +628,20 @@ impl TinySam {
 
     /// (B, in_chans, S, S) -> (B, out_chans, S/16, S/16), contiguous.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, None)
+    }
+
+    /// `forward` with gradient checkpointing per stage (`layers.{l}`).
+    pub fn forward_with(&self, x: &Tensor, ckpt: Option<&crate::nn::checkpoint::Checkpointer>) -> Result<Tensor> {
         let mut x = self.patch_embed(x)?;
         for l in 0..self.layers.len() {
-            x = self.forward_stage(l, &x)?;
+            x = match ckpt {
+                Some(c) if c.is_enabled() => {
+                    let stage = self.layers[l].clone();
+                    c.run(&x, move |x| stage.forward(x))?
+                }
+                _ => self.forward_stage(l, &x)?,
+            };
         }
         Ok(self.neck(&x)?.contiguous()?)
     }

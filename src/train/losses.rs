@@ -33,6 +33,12 @@ pub fn box_mean(g: &Tensor, k: usize) -> Result<Tensor> {
 /// Structure loss of logits `p` (B,1,H,W) against a binary mask `g` (B,1,H,W): mean over the
 /// batch of (weighted BCE + weighted IoU), w = 1 + 5 |box31(g) - g|.
 pub fn structure_loss(p: &Tensor, g: &Tensor, compat: LossCompat) -> Result<Tensor> {
+    Ok(structure_loss_per_image(p, g, compat)?.mean_all()?)
+}
+
+/// The structure loss of each image, (B,). The authors' variant uses each image's unweighted
+/// mean BCE (their global mean over equally sized images is the mean of these).
+pub fn structure_loss_per_image(p: &Tensor, g: &Tensor, compat: LossCompat) -> Result<Tensor> {
     if p.dims() != g.dims() {
         bail!("mask logits {:?} and target {:?} differ in shape", p.dims(), g.dims());
     }
@@ -44,17 +50,14 @@ pub fn structure_loss(p: &Tensor, g: &Tensor, compat: LossCompat) -> Result<Tens
     let sum_hw = |t: &Tensor| -> Result<Tensor> { Ok(t.sum(D::Minus1)?.sum(D::Minus1)?.squeeze(1)?) };
     let bce_term = match compat {
         Compat::Intended => mul_const(&sum_hw(&mul_const(&bce, &w)?)?, &sum_hw(&w)?.recip()?)?,
-        Compat::Authors => {
-            let b = p.dim(0)?;
-            bce.mean_all()?.broadcast_as(b)?.contiguous()?
-        }
+        Compat::Authors => sum_hw(&bce)?.affine(1.0 / (p.dim(2)? * p.dim(3)?) as f64, 0.0)?,
     };
     let s = candle_nn::ops::sigmoid(&p)?;
     let wg = (&w * &g)?;
     let inter = sum_hw(&mul_const(&s, &wg)?)?;
     let union = add_const(&sum_hw(&mul_const(&s, &w)?)?, &sum_hw(&wg)?)?;
     let wiou = ((inter.affine(1.0, 1.0)? / (union - &inter)?.affine(1.0, 1.0)?)?.neg()? + 1.0)?;
-    Ok((bce_term + wiou)?.mean_all()?)
+    Ok((bce_term + wiou)?)
 }
 
 type Compat = LossCompat;
@@ -62,4 +65,11 @@ type Compat = LossCompat;
 /// Mean cross-entropy of logits (N,V) against class ids (N) u32.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, targets)?)
+}
+
+/// Summed cross-entropy (a scalar): callers divide by the number of targets of the whole
+/// optimizer step, so that accumulated micro-batches equal one large batch.
+pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let n = targets.dim(0)? as f64;
+    Ok((cross_entropy(logits, targets)? * n)?)
 }

@@ -4,3 +4,5 @@
 pub mod losses;
 pub mod optim;
 pub mod schedule;
+pub mod state;
+pub mod trainer;

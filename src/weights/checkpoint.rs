@@ -280,7 +280,19 @@ impl TrainedCheckpoint {
 
 /// Writes every trained tensor in the project format, into a temporary sibling folder that
 /// replaces `dir` only when complete. Non-finite values are refused (nothing is written).
-pub fn save_checkpoint(dir: &Path, trained: &TrainedParams, lora: &LoraConfig, mut meta: CheckpointMeta) -> Result<()> {
+pub fn save_checkpoint(dir: &Path, trained: &TrainedParams, lora: &LoraConfig, meta: CheckpointMeta) -> Result<()> {
+    save_checkpoint_with(dir, trained, lora, meta, |_| Ok(()))
+}
+
+/// `save_checkpoint`, with `extra` writing more files (optimizer and trainer state) into the
+/// same temporary folder, so a checkpoint and its training state appear together or not at all.
+pub fn save_checkpoint_with(
+    dir: &Path,
+    trained: &TrainedParams,
+    lora: &LoraConfig,
+    mut meta: CheckpointMeta,
+    extra: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let name = dir.file_name().with_context(|| format!("bad checkpoint path {}", dir.display()))?;
@@ -310,6 +322,7 @@ pub fn save_checkpoint(dir: &Path, trained: &TrainedParams, lora: &LoraConfig, m
         }
         let ac = AdapterConfig::from_lora(lora, &meta.base_model);
         write_atomic(&tmp.join(ADAPTER_CONFIG), |f| Ok(serde_json::to_writer_pretty(f, &ac)?))?;
+        extra(&tmp)?;
         write_atomic(&tmp.join(META_FILE), |f| Ok(serde_json::to_writer_pretty(f, &meta)?))?;
         Ok(())
     })();

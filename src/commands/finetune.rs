@@ -1,0 +1,189 @@
+//! `prs finetune`: LoRA fine-tuning of PRS-Med. Flags override the config file; the training
+//! memory guide's spellings (`--batch_size`, `--use_amp`, ...) are accepted as aliases.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use candle_core::Device;
+
+use crate::config::Config;
+use crate::train::state::RunDir;
+use crate::train::trainer::{train, TrainOptions};
+
+#[derive(clap::Args, Debug, Default)]
+pub struct FinetuneArgs {
+    /// Configuration file (configs/tiny.toml, configs/prs-med-7b.toml, or your own).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Dataset: the authors' layout (folder with annotations/) or a plain CSV.
+    #[arg(long, alias = "data_root")]
+    pub data_root: Option<String>,
+    /// Run folder (config, metrics, checkpoints). Default: runs/<timestamp>.
+    #[arg(long, alias = "output_dir")]
+    pub out: Option<PathBuf>,
+    /// Continue the run in this folder from its last checkpoint.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// `section.key=value` overrides (repeatable), e.g. --set train.learning_rate=3e-4.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    #[arg(long, alias = "batch_size")]
+    pub batch_size: Option<usize>,
+    #[arg(long, alias = "gradient_accumulation_steps")]
+    pub gradient_accumulation_steps: Option<usize>,
+    #[arg(long, alias = "gradient_checkpointing")]
+    pub gradient_checkpointing: bool,
+    /// bf16 | f16 | f32 (mixed precision is on by default on a GPU).
+    #[arg(long)]
+    pub precision: Option<String>,
+    /// Same as --precision f32.
+    #[arg(long = "no-amp", alias = "no-use_amp", alias = "no_use_amp")]
+    pub no_amp: bool,
+    /// Mixed precision (the default on a GPU; accepted for the guide's command lines).
+    #[arg(long = "use_amp", alias = "use-amp")]
+    pub use_amp: bool,
+    #[arg(long, alias = "learning_rate", alias = "lr")]
+    pub learning_rate: Option<f64>,
+    #[arg(long, alias = "num_epochs")]
+    pub num_epochs: Option<u64>,
+    /// SAM input (and mask) resolution.
+    #[arg(long, alias = "image_size")]
+    pub image_size: Option<usize>,
+    #[arg(long, alias = "num_workers")]
+    pub num_workers: Option<usize>,
+    /// cpu | cuda | cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, alias = "max_steps")]
+    pub max_steps: Option<u64>,
+    /// Drop rows that fail validation (reporting how many) instead of stopping.
+    #[arg(long, alias = "skip_bad_rows")]
+    pub skip_bad_rows: bool,
+    /// `intended` (weighted BCE, default) or `authors` (their unweighted BCE).
+    #[arg(long, alias = "loss_compat")]
+    pub loss_compat: Option<String>,
+    /// Validate configuration, weights and the whole dataset, print the plan, and exit.
+    #[arg(long, alias = "dry_run")]
+    pub dry_run: bool,
+    /// Accepted from the guide's command lines; has no effect here (see the notice).
+    #[arg(long = "compile_model", alias = "compile-model", hide = true)]
+    pub compile_model: bool,
+    /// No progress bar (logs only).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn parse_device(spec: &str) -> Result<Device> {
+    Ok(match spec {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)?,
+        s if s.starts_with("cuda:") => Device::new_cuda(s[5..].parse()?)?,
+        s => bail!("unknown device `{s}` (cpu, cuda, cuda:N)"),
+    })
+}
+
+/// The configuration a run uses: file (or the resumed run's saved config) + --set + flags.
+pub fn resolve_config(args: &FinetuneArgs) -> Result<Config> {
+    let (path, mut sets) = match (&args.resume, &args.config) {
+        (Some(run), _) => (RunDir(run.clone()).config(), vec![]),
+        (None, Some(c)) => (c.clone(), vec![]),
+        (None, None) => bail!("give --config FILE (or --resume RUN_DIR)"),
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
+    sets.extend(args.set.iter().cloned());
+    let mut flag = |k: &str, v: String| sets.push(format!("{k}={v}"));
+    if let Some(v) = &args.data_root {
+        flag("data.root", format!("{v:?}"));
+    }
+    if let Some(v) = args.batch_size {
+        flag("train.batch_size", v.to_string());
+    }
+    if let Some(v) = args.gradient_accumulation_steps {
+        flag("train.gradient_accumulation_steps", v.to_string());
+    }
+    if args.gradient_checkpointing {
+        flag("train.gradient_checkpointing", "true".into());
+    }
+    if let Some(v) = &args.precision {
+        flag("train.precision", format!("{v:?}"));
+    }
+    if args.no_amp {
+        flag("train.precision", "\"f32\"".into());
+    }
+    if let Some(v) = args.learning_rate {
+        flag("train.learning_rate", format!("{v:e}"));
+    }
+    if let Some(v) = args.num_epochs {
+        flag("train.num_epochs", v.to_string());
+    }
+    if let Some(v) = args.image_size {
+        flag("model.sam_image_size", v.to_string());
+    }
+    if let Some(v) = args.num_workers {
+        flag("data.num_workers", v.to_string());
+    }
+    if let Some(v) = args.seed {
+        flag("train.seed", v.to_string());
+    }
+    if let Some(v) = args.max_steps {
+        flag("train.max_steps", v.to_string());
+    }
+    if args.skip_bad_rows {
+        flag("data.skip_bad_rows", "true".into());
+    }
+    if let Some(v) = &args.loss_compat {
+        flag("train.loss_compat", format!("{v:?}"));
+    }
+    Config::parse(&text, &sets).map_err(|e| e.context(format!("in config {}", path.display())))
+}
+
+pub fn run(args: &FinetuneArgs) -> Result<()> {
+    if args.compile_model {
+        println!("note: --compile_model has no effect: prs is compiled ahead of time (there is no torch.compile step)");
+    }
+    if args.use_amp && args.no_amp {
+        bail!("--use_amp and --no-amp contradict each other");
+    }
+    let cfg = resolve_config(args)?;
+    println!("resolved configuration:\n{}", cfg.to_toml()?);
+    let run_dir = match (&args.resume, &args.out) {
+        (Some(r), _) => r.clone(),
+        (None, Some(o)) => o.clone(),
+        (None, None) => PathBuf::from("runs").join(format!(
+            "{}",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs()
+        )),
+    };
+    if args.resume.is_none() && run_dir.join(crate::train::state::LAST_FILE).exists() {
+        bail!("{} already holds a run; use --resume {} or another --out", run_dir.display(), run_dir.display());
+    }
+    let summary = train(TrainOptions {
+        cfg,
+        run_dir: run_dir.clone(),
+        device: parse_device(&args.device)?,
+        resume: args.resume.is_some(),
+        dry_run: args.dry_run,
+        progress: !args.quiet,
+    })?;
+    if args.dry_run {
+        println!("dry run: configuration, weights and dataset are valid");
+        return Ok(());
+    }
+    println!(
+        "finished: {} optimizer steps ({} skipped), best val Dice {} at step {}; run folder {}",
+        summary.state.step,
+        summary.state.skipped_steps,
+        summary.state.best_dice.map(|d| format!("{d:.4}")).unwrap_or("-".into()),
+        summary.state.best_step.map(|s| s.to_string()).unwrap_or("-".into()),
+        run_dir.display()
+    );
+    if let Some(e) = &summary.last_eval {
+        println!(
+            "final validation: Dice {:.4}, IoU {:.4}, position accuracy {:.3} ({} samples)",
+            e.dice, e.iou, e.position_accuracy, e.n
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,507 @@
+//! The training loop of `prs finetune`, top to bottom: data, model, optimizer, then epochs of
+//! micro-batches grouped into optimizer steps, with evaluation, checkpoints and exact resume.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{backprop::GradStore, DType, Device};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::optim::{AdamW, AdamWConfig, LossScaler};
+use super::schedule::LrSchedule;
+use super::state::{RunDir, TrainerState, OPTIMIZER_FILE};
+use crate::config::Config;
+use crate::data::dataset::{prepare, PrepareOptions, Row};
+use crate::data::loader::{BatchPlan, Loader, LoaderOptions, PlanConfig};
+use crate::data::sample::{collate, PreparedSample, SampleBuilder};
+use crate::metrics::position::parse_position;
+use crate::metrics::seg::{Confusion, EmptyPolicy, ImageScores};
+use crate::model::load::{load_prs_med, LoadOptions, Mode};
+use crate::model::prs_med::{LossNorm, LossWeights, PrsMed};
+use crate::model::tinysam::FrozenBatchNormStats;
+use crate::nn::ops::{EvalMode, TrainingMode};
+use crate::nn::param::seed_for;
+use crate::tokenizer::{self, encode_prompt};
+use crate::weights::checkpoint::{save_checkpoint_with, CheckpointMeta};
+
+pub struct TrainOptions {
+    pub cfg: Config,
+    pub run_dir: PathBuf,
+    pub device: Device,
+    /// Continue the run in `run_dir` from its `last` checkpoint.
+    pub resume: bool,
+    /// Validate everything, print the plan, train nothing.
+    pub dry_run: bool,
+    /// Show a progress bar (off in tests).
+    pub progress: bool,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub dice: f64,
+    pub iou: f64,
+    pub position_accuracy: f64,
+    pub n: usize,
+}
+
+#[derive(Debug)]
+pub struct TrainSummary {
+    pub state: TrainerState,
+    pub last_eval: Option<EvalResult>,
+    pub first_eval: Option<EvalResult>,
+    pub last_checkpoint: Option<PathBuf>,
+    pub trained_parameters: usize,
+}
+
+/// The compute dtype of frozen weights: the configured precision on an accelerator, f32 on
+/// the CPU (candle's CPU convolutions have no bf16).
+pub fn compute_dtype(precision: &str, device: &Device) -> Result<DType> {
+    let dt = match precision {
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        "f32" => DType::F32,
+        p => bail!("precision `{p}` is not one of bf16, f16, f32"),
+    };
+    Ok(if device.is_cpu() { DType::F32 } else { dt })
+}
+
+/// Token lengths of every row's prompt + answer (for length bucketing) and the number of
+/// supervised tokens (answer + EOS) per row.
+fn token_counts(rows: &[Row], builder: &SampleBuilder) -> Result<(Vec<usize>, Vec<usize>)> {
+    let mut lens = Vec::with_capacity(rows.len());
+    let mut sup = Vec::with_capacity(rows.len());
+    for r in rows {
+        let p = encode_prompt(&builder.tokenizer, &builder.template, &r.question, Some(&r.answer))
+            .with_context(|| format!("{}", r_location(r)))?;
+        lens.push(p.before_image.len() + p.after_image.len() + p.answer.len());
+        sup.push(p.answer.len() + 1);
+    }
+    Ok((lens, sup))
+}
+
+fn r_location(r: &Row) -> String {
+    format!("{}:{}", r.csv.display(), r.line)
+}
+
+pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
+    let cfg = opts.cfg.clone();
+    let tc = &cfg.train;
+    let run = RunDir(opts.run_dir.clone());
+    ensure!(tc.batch_size > 0 && tc.gradient_accumulation_steps > 0, "batch size and accumulation must be >= 1");
+    let dtype = compute_dtype(&tc.precision, &opts.device)?;
+    if opts.device.is_cpu() && tc.precision != "f32" {
+        println!("note: precision {} applies on a GPU; the CPU computes in f32", tc.precision);
+    }
+
+    // ---- data ----
+    let root = cfg.data.root.as_deref().context("no dataset: give --data-root (or data.root in the config)")?;
+    let prep = prepare(
+        Path::new(root),
+        &PrepareOptions {
+            skip_bad_rows: cfg.data.skip_bad_rows,
+            val_fraction: cfg.data.val_fraction,
+            seed: tc.seed,
+            ..Default::default()
+        },
+    )?;
+    if prep.skipped > 0 {
+        println!("skipped {} bad rows (--skip-bad-rows)", prep.skipped);
+    }
+    for w in prep.warnings.iter().take(5) {
+        println!("warning: {}:{}: {}", w.csv.display(), w.line, w.message);
+    }
+    ensure!(!prep.train.is_empty(), "no training rows in {root}");
+    let base = crate::weights::hub::ModelSource::parse(&cfg.model.base)?;
+    let tok = tokenizer::load(&base.file("tokenizer.model").map(|p| p.parent().unwrap().to_path_buf()).or_else(|_| {
+        base.file("tokenizer.json").map(|p| p.parent().unwrap().to_path_buf())
+    })?)?;
+    let llava = crate::model::load::read_llava_config(&base)?;
+    let vcfg = llava.vision_config()?;
+    let builder = SampleBuilder {
+        tokenizer: Arc::new(tok),
+        template: cfg.prompt.template.clone(),
+        clip_size: vcfg.image_size,
+        sam_size: cfg.model.sam_image_size,
+    };
+    let train_rows = Arc::new(prep.train);
+    let val_rows: Vec<Row> = prep.val;
+    let (lens, supervised) = token_counts(&train_rows, &builder)?;
+    let plan = BatchPlan::new(
+        lens,
+        PlanConfig { batch_size: tc.batch_size, bucket_batches: 8, drop_last: false, seed: tc.seed },
+    )?;
+    let micro_per_epoch = plan.batches_per_epoch();
+    let accum = tc.gradient_accumulation_steps;
+    let steps_per_epoch = micro_per_epoch.div_ceil(accum) as u64;
+    let mut total_steps = steps_per_epoch * tc.num_epochs;
+    if tc.max_steps > 0 {
+        total_steps = total_steps.min(tc.max_steps);
+    }
+
+    // ---- model ----
+    let (mut state, ckpt) = if opts.resume {
+        let last = run.last()?;
+        (TrainerState::read(&last)?, Some(last))
+    } else {
+        (TrainerState::default(), None)
+    };
+    let mut model = load_prs_med(
+        &cfg,
+        &LoadOptions {
+            device: opts.device.clone(),
+            dtype,
+            mode: Mode::Train,
+            checkpoint: ckpt.as_deref(),
+            seed: tc.seed,
+        },
+    )?;
+    model.set_gradient_checkpointing(tc.gradient_checkpointing);
+    let n_trained = model.trained.num_weight_elements();
+    println!(
+        "plan: {} train / {} val rows ({:?}), {} micro-batches of {} per epoch, accumulation {} (effective batch {}), {} optimizer steps, {} trained parameters, compute {:?} on {:?}",
+        train_rows.len(),
+        val_rows.len(),
+        prep.val_source,
+        micro_per_epoch,
+        tc.batch_size,
+        accum,
+        tc.batch_size * accum,
+        total_steps,
+        n_trained,
+        dtype,
+        opts.device
+    );
+    if opts.dry_run {
+        return Ok(TrainSummary { state, last_eval: None, first_eval: None, last_checkpoint: None, trained_parameters: n_trained });
+    }
+
+    // ---- optimizer ----
+    let [beta1, beta2] = tc.adam_betas;
+    let mut optim = AdamW::new(
+        model.trained.weights(),
+        AdamWConfig {
+            lr: tc.learning_rate,
+            beta1,
+            beta2,
+            eps: tc.adam_eps,
+            weight_decay: tc.weight_decay,
+            max_grad_norm: (tc.max_grad_norm > 0.0).then_some(tc.max_grad_norm),
+        },
+    )?;
+    let mut scaler = (dtype == DType::F16).then(LossScaler::default);
+    if let Some(c) = &ckpt {
+        let st = candle_core::safetensors::load(c.join(OPTIMIZER_FILE), &opts.device)
+            .with_context(|| format!("reading {}", c.join(OPTIMIZER_FILE).display()))?;
+        optim.load_state_tensors(&st, &c.display().to_string())?;
+        if let Some(s) = scaler.as_mut() {
+            s.load_state_tensors(&st, &c.display().to_string())?;
+        }
+        println!("resumed from {} at step {} (epoch {}, batch {})", c.display(), state.step, state.epoch, state.batch_in_epoch);
+    }
+    let schedule = LrSchedule::cosine(tc.learning_rate, tc.min_learning_rate, tc.warmup_steps, total_steps);
+    schedule.validate()?;
+
+    std::fs::create_dir_all(&run.0).with_context(|| format!("creating {}", run.0.display()))?;
+    if !opts.resume {
+        crate::weights::shards::write_atomic(&run.config(), |f| Ok(f.write_all(cfg.to_toml()?.as_bytes())?))?;
+    }
+    let mut log = MetricsFile::open(&run.metrics(), opts.resume.then_some(state.step))?;
+
+    let bar = if opts.progress { ProgressBar::new(total_steps) } else { ProgressBar::hidden() };
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")?);
+    bar.set_position(state.step);
+
+    let first_eval = if state.step == 0 && !val_rows.is_empty() {
+        let e = evaluate(&model, &builder, &val_rows, &cfg, &opts.device)?;
+        log.eval(0, 0, &e)?;
+        bar.println(format!("step 0: val loss {:.4}  dice {:.3}  position acc {:.3}", e.loss, e.dice, e.position_accuracy));
+        Some(e)
+    } else {
+        None
+    };
+    let mut last_eval = None;
+    let mut last_checkpoint = ckpt.clone();
+    let bn_frozen = tc.batchnorm == "frozen";
+    ensure!(bn_frozen || tc.batchnorm == "batch", "train.batchnorm must be `batch` or `frozen`");
+
+    'epochs: while state.epoch < tc.num_epochs && state.step < total_steps {
+        let epoch = state.epoch;
+        let batches = plan.epoch(epoch);
+        let start = state.batch_in_epoch;
+        let b2 = builder.clone();
+        let loader = Loader::new(
+            train_rows.clone(),
+            batches[start..].to_vec(),
+            start,
+            move |r: &Row| b2.prepare(r, true),
+            &LoaderOptions { workers: cfg.data.num_workers.max(1), prefetch: cfg.data.prefetch.max(1) },
+        )?;
+        let weights = LossWeights {
+            seg: tc.seg_loss_weight,
+            lm: tc.lm_loss_weight,
+            cls: if epoch < tc.cls_loss_epochs { tc.cls_loss_weight } else { 0.0 },
+            compat: tc.loss_compat,
+        };
+        let mut loader = loader;
+        let mut bi = start;
+        while bi < batches.len() {
+            // One optimizer step = the next `accum` micro-batches (fewer at the epoch's end).
+            let group_end = (bi - bi % accum + accum).min(batches.len());
+            let group = &batches[bi..group_end];
+            let norm = LossNorm {
+                images: group.iter().map(|b| b.len()).sum(),
+                tokens: group.iter().flatten().map(|&i| supervised[i]).sum(),
+            };
+            let t0 = Instant::now();
+            let mut grads: Option<GradStore> = None;
+            let mut parts = [0f64; 4];
+            let mut nonfinite: Option<String> = None;
+            let mut n_tokens = 0usize;
+            for _ in bi..group_end {
+                let batch = loader.next().context("data loader ended early")??;
+                let items: Vec<&PreparedSample> = batch.items.iter().collect();
+                let mb = collate(&items, &opts.device)?;
+                n_tokens += mb.prompts.iter().map(|p| p.before_image.len() + p.after_image.len() + p.answer.len() + 1).sum::<usize>();
+                let step_seed = seed_for(tc.seed, &format!("{epoch}/{}", batch.index));
+                let _train = TrainingMode::enter(step_seed);
+                let _bn = bn_frozen.then(FrozenBatchNormStats::enter);
+                let out = model.forward(&mb, true)?;
+                let l = model.losses_normed(&mb, &out, &weights, Some(norm))?;
+                let vals = [&l.total, &l.seg, &l.lm, &l.cls].map(|t| t.to_scalar::<f32>().map(|v| v as f64));
+                for (p, v) in parts.iter_mut().zip(vals.iter()) {
+                    *p += *v.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+                }
+                if !parts[0].is_finite() {
+                    nonfinite = Some(format!("seg {:.4} lm {:.4} cls {:.4}", parts[1], parts[2], parts[3]));
+                    continue; // consume the rest of the group, no backward
+                }
+                let loss = match &scaler {
+                    Some(s) => s.scale_loss(&l.total)?,
+                    None => l.total.clone(),
+                };
+                let mut g = loss.backward()?;
+                model.merge_checkpoint_grads(&mut g)?;
+                match grads.as_mut() {
+                    Some(acc) => acc.extend(g)?,
+                    None => grads = Some(g),
+                }
+            }
+            bi = group_end;
+
+            let lr = schedule.lr_at(state.step);
+            optim.set_lr(lr);
+            let report = match (&nonfinite, grads) {
+                (None, Some(g)) => Some(match scaler.as_mut() {
+                    Some(s) => optim.step_scaled(&g, s)?,
+                    None => optim.step(&g)?,
+                }),
+                _ => None,
+            };
+            let skipped = report.as_ref().map(|r| r.skipped()).unwrap_or(true);
+            state.batch_in_epoch = bi;
+            if skipped {
+                state.skipped_steps += 1;
+                state.consecutive_nonfinite += 1;
+                let why = nonfinite.clone().unwrap_or_else(|| "non-finite gradient".into());
+                bar.println(format!("step {}: skipped ({why})", state.step + 1));
+                if state.consecutive_nonfinite >= tc.max_consecutive_nonfinite {
+                    bail!(
+                        "{} consecutive steps had non-finite losses or gradients (last: {why}); stopping. \
+                         Lower the learning rate, use bf16 instead of f16, or check the data",
+                        state.consecutive_nonfinite
+                    );
+                }
+                // A skipped step still counts: the schedule and the data move on.
+            } else {
+                state.consecutive_nonfinite = 0;
+            }
+            state.step += 1;
+            state.samples_seen += norm.images as u64;
+            let secs = t0.elapsed().as_secs_f64();
+            log.train(&state, epoch, lr, &parts, report.as_ref().map(|r| r.grad_norm), norm.images as f64 / secs, n_tokens as f64 / secs)?;
+            bar.set_position(state.step);
+            bar.set_message(format!("loss {:.4} lr {:.2e} {:.1} samples/s", parts[0], lr, norm.images as f64 / secs));
+
+            let epoch_end = bi >= batches.len();
+            if epoch_end {
+                state.epoch += 1;
+                state.batch_in_epoch = 0;
+            }
+            let done = state.step >= total_steps;
+            let eval_now = if tc.eval_every > 0 { state.step % tc.eval_every == 0 } else { epoch_end } || done;
+            let mut improved = false;
+            if eval_now && !val_rows.is_empty() {
+                let e = evaluate(&model, &builder, &val_rows, &cfg, &opts.device)?;
+                log.eval(state.step, epoch, &e)?;
+                bar.println(format!(
+                    "step {}: val loss {:.4}  dice {:.3}  iou {:.3}  position acc {:.3}",
+                    state.step, e.loss, e.dice, e.iou, e.position_accuracy
+                ));
+                if state.best_dice.is_none_or(|b| e.dice > b) {
+                    state.best_dice = Some(e.dice);
+                    state.best_step = Some(state.step);
+                    state.evals_since_best = 0;
+                    improved = true;
+                } else {
+                    state.evals_since_best += 1;
+                }
+                last_eval = Some(e);
+            }
+            let save_now = if tc.save_every > 0 { state.step % tc.save_every == 0 } else { false } || epoch_end || done;
+            if save_now || improved {
+                let dir = run.checkpoint(state.step);
+                save_training_checkpoint(&dir, &model, &optim, scaler.as_ref(), &state, &cfg)?;
+                run.set_last(&dir)?;
+                run.prune(3)?;
+                last_checkpoint = Some(dir.clone());
+                if improved {
+                    save_training_checkpoint(&run.best(), &model, &optim, scaler.as_ref(), &state, &cfg)?;
+                }
+            }
+            if done {
+                break 'epochs;
+            }
+            if tc.early_stopping_patience > 0 && state.evals_since_best >= tc.early_stopping_patience {
+                bar.println(format!("early stopping: no better validation Dice in {} evaluations", state.evals_since_best));
+                break 'epochs;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    Ok(TrainSummary { state, last_eval, first_eval, last_checkpoint, trained_parameters: n_trained })
+}
+
+fn save_training_checkpoint(
+    dir: &Path,
+    model: &PrsMed,
+    optim: &AdamW,
+    scaler: Option<&LossScaler>,
+    state: &TrainerState,
+    cfg: &Config,
+) -> Result<()> {
+    let mut meta = CheckpointMeta::new(&cfg.model.base, &cfg.model.tinysam, toml::to_string(&cfg.model)?);
+    meta.step = state.step;
+    meta.extra.insert("prompt_template".into(), serde_json::json!(cfg.prompt.template));
+    save_checkpoint_with(dir, &model.trained, &model.spec.lora, meta, |tmp| {
+        let mut st = optim.state_tensors()?;
+        if let Some(s) = scaler {
+            st.extend(s.state_tensors(model.device())?);
+        }
+        candle_core::safetensors::save(&st, tmp.join(OPTIMIZER_FILE))?;
+        state.write(tmp)
+    })
+}
+
+/// Validation: loss, Dice/IoU at the model resolution (threshold 0.5), and position accuracy
+/// of greedily generated answers.
+pub fn evaluate(model: &PrsMed, builder: &SampleBuilder, rows: &[Row], cfg: &Config, device: &Device) -> Result<EvalResult> {
+    let _eval = EvalMode::enter();
+    let n = if cfg.train.max_eval_samples > 0 { rows.len().min(cfg.train.max_eval_samples) } else { rows.len() };
+    let rows = &rows[..n];
+    let weights = LossWeights { compat: cfg.train.loss_compat, ..Default::default() };
+    let (mut loss, mut dice, mut iou, mut n_scored, mut correct) = (0f64, 0f64, 0f64, 0usize, 0usize);
+    for chunk in rows.chunks(cfg.train.batch_size.max(1)) {
+        let prepared: Vec<PreparedSample> = chunk.iter().map(|r| builder.prepare(r, true)).collect::<Result<_>>()?;
+        let items: Vec<&PreparedSample> = prepared.iter().collect();
+        let mb = collate(&items, device)?;
+        let out = model.forward(&mb, true)?;
+        let l = model.losses(&mb, &out, &weights)?;
+        loss += l.total.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+        let pred = out.mask_logits.ge(0f64)?.to_dtype(DType::U8)?.to_device(&Device::Cpu)?;
+        let gt = mb.masks.as_ref().expect("prepared with masks").to_device(&Device::Cpu)?;
+        for i in 0..chunk.len() {
+            let p: Vec<bool> = pred.get(i)?.flatten_all()?.to_vec1::<u8>()?.into_iter().map(|v| v > 0).collect();
+            let g: Vec<bool> = gt.get(i)?.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|v| v > 0.5).collect();
+            let s = ImageScores::from_confusion(&Confusion::from_masks(&p, &g)?, EmptyPolicy::One);
+            dice += s.dice;
+            iou += s.iou;
+            n_scored += 1;
+        }
+        // Answers: greedy generation, one sample at a time (KV cache).
+        for (r, s) in chunk.iter().zip(prepared.iter()) {
+            let mut one = collate(&[s], device)?;
+            one.prompts[0].answer.clear();
+            let (_, ids) = model.predict_greedy(&one, 32)?;
+            let text = builder.tokenizer.decode(&ids, true).map_err(|e| anyhow::anyhow!("decoding an answer: {e}"))?;
+            let truth = r.position.map(|p| parse_position(&p.to_string()));
+            if truth.is_some_and(|t| t == parse_position(&text)) {
+                correct += 1;
+            }
+        }
+    }
+    let nf = n.max(1) as f64;
+    Ok(EvalResult {
+        loss: loss / nf,
+        dice: dice / n_scored.max(1) as f64,
+        iou: iou / n_scored.max(1) as f64,
+        position_accuracy: correct as f64 / nf,
+        n,
+    })
+}
+
+/// `metrics.jsonl`: one JSON object per line, flushed as written.
+struct MetricsFile {
+    file: std::fs::File,
+}
+
+impl MetricsFile {
+    /// Opens for appending; on resume, drops lines past `keep_upto_step` first so the log
+    /// equals an uninterrupted run's.
+    fn open(path: &Path, keep_upto_step: Option<u64>) -> Result<Self> {
+        if let Some(step) = keep_upto_step {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                let kept: String = text
+                    .lines()
+                    .filter(|l| {
+                        serde_json::from_str::<serde_json::Value>(l)
+                            .ok()
+                            .and_then(|v| v["step"].as_u64())
+                            .is_some_and(|s| s <= step)
+                    })
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                crate::weights::shards::write_atomic(path, |f| Ok(f.write_all(kept.as_bytes())?))?;
+            }
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self { file })
+    }
+
+    fn write(&mut self, v: serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{v}")?;
+        self.file.flush()?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn train(&mut self, s: &TrainerState, epoch: u64, lr: f64, parts: &[f64; 4], grad_norm: Option<f64>, sps: f64, tps: f64) -> Result<()> {
+        self.write(serde_json::json!({
+            "kind": "train", "step": s.step, "epoch": epoch, "loss": parts[0], "seg_loss": parts[1],
+            "lm_loss": parts[2], "cls_loss": parts[3], "lr": lr, "grad_norm": grad_norm,
+            "samples_per_s": sps, "tokens_per_s": tps, "peak_rss_bytes": peak_rss_bytes(),
+        }))
+    }
+
+    fn eval(&mut self, step: u64, epoch: u64, e: &EvalResult) -> Result<()> {
+        self.write(serde_json::json!({
+            "kind": "eval", "step": step, "epoch": epoch, "val_loss": e.loss, "dice": e.dice, "iou": e.iou,
+            "position_accuracy": e.position_accuracy, "n": e.n,
+        }))
+    }
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes; None where /proc is unavailable.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
