@@ -10,6 +10,7 @@ pub mod data;
 pub mod metrics;
 pub mod model;
 pub mod nn;
+pub mod report;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;
