@@ -1,5 +1,6 @@
 //! One file per subcommand; each reads top to bottom.
 
 pub mod init;
+pub mod profile_memory;
 pub mod tokenize;
 pub mod synth_data;
