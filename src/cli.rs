@@ -22,6 +22,9 @@ pub enum Command {
     Tokenize(commands::tokenize::TokenizeArgs),
     /// Generate a synthetic dataset in the authors' layout (blobs at the five positions).
     SynthData(commands::synth_data::SynthDataArgs),
+    /// Predict and measure the peak memory of a training step; recommend batch, accumulation,
+    /// precision and gradient checkpointing.
+    ProfileMemory(commands::profile_memory::ProfileMemoryArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -30,5 +33,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Init(a) => commands::init::run(&a),
         Command::Tokenize(a) => commands::tokenize::run(&a),
         Command::SynthData(a) => commands::synth_data::run(&a),
+        Command::ProfileMemory(a) => commands::profile_memory::run(&a),
     }
 }

@@ -2,5 +2,6 @@
 
 pub mod finetune;
 pub mod init;
+pub mod profile_memory;
 pub mod tokenize;
 pub mod synth_data;

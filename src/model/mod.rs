@@ -6,4 +6,5 @@ pub mod llava;
 pub mod load;
 pub mod mistral;
 pub mod prs_med;
+pub mod random;
 pub mod tinysam;

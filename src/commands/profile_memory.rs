@@ -1,0 +1,356 @@
+//! `prs profile-memory`: predicted and measured peak memory of a training step over batch
+//! sizes, precisions and gradient checkpointing; recommends the fastest configuration that fits
+//! and can write it as a finetune config.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::data::dataset::{read_rows, DatasetOptions};
+use crate::memory::estimate::{
+    estimate, DeviceKind, Estimate, EstimateInput, CPU_PROCESS_BYTES, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES,
+};
+use crate::memory::measure::{spawn_trial, trial_main, Outcome, TrialSpec};
+use crate::memory::search::{recommend, sweep, Row, SweepOptions};
+use crate::memory::{gb, parse_bytes, Precision, SeqShape};
+use crate::model::prs_med::PrsMedSpec;
+use crate::model::random::spec_for_config;
+use crate::tokenizer;
+
+#[derive(clap::Args, Debug)]
+pub struct ProfileMemoryArgs {
+    /// Model/training configuration (TOML).
+    #[arg(long, required_unless_present = "trial")]
+    pub config: Option<PathBuf>,
+    /// cpu, cuda or cuda:N (default: cuda:0 when built with CUDA, else cpu).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Memory the step may use, e.g. 24GiB (default: the device's total memory).
+    #[arg(long, alias = "gpu_memory", alias = "memory")]
+    pub gpu_memory: Option<String>,
+    /// Batch sizes to try, e.g. 1,2,4,8 (default: search by doubling, then bisection).
+    #[arg(long, alias = "batch_sizes", alias = "batch-size", alias = "batch_size", value_delimiter = ',')]
+    pub batch_sizes: Option<Vec<usize>>,
+    /// Largest batch the search tries (default: the effective batch).
+    #[arg(long, alias = "max_batch")]
+    pub max_batch: Option<usize>,
+    /// Precisions, e.g. bf16,f32 (default: the config's model.compute_dtype).
+    #[arg(long, value_delimiter = ',')]
+    pub precision: Option<Vec<String>>,
+    /// Gradient checkpointing of the LLM layers: on, off or both.
+    #[arg(long, default_value = "both")]
+    pub checkpointing: String,
+    /// Samples per optimizer step (batch x gradient accumulation) to keep.
+    #[arg(long, alias = "effective_batch", default_value_t = 8)]
+    pub effective_batch: usize,
+    /// Worst-case LLM sequence length (image tokens included); default: image tokens + 64.
+    #[arg(long, alias = "seq_len", conflicts_with = "data_root")]
+    pub seq_len: Option<usize>,
+    /// Dataset whose longest tokenised training sample sets the sequence length.
+    #[arg(long, alias = "data_root", alias = "data")]
+    pub data_root: Option<PathBuf>,
+    /// Run a real training step per row in a child process (the default).
+    #[arg(long, conflicts_with = "predict_only")]
+    pub measure: bool,
+    /// Only the analytic prediction (no trials).
+    #[arg(long, alias = "predict_only")]
+    pub predict_only: bool,
+    /// Fraction of the memory kept free.
+    #[arg(long, alias = "safety_margin", default_value_t = 0.1)]
+    pub safety_margin: f64,
+    /// Training steps per trial (the time is the last one's).
+    #[arg(long, default_value_t = 2)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the recommended configuration as a finetune config.
+    #[arg(long, alias = "emit_config")]
+    pub emit_config: Option<PathBuf>,
+    /// Internal: run one trial (JSON spec) and print its result line.
+    #[arg(long, hide = true)]
+    pub trial: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    config: String,
+    device: String,
+    budget_bytes: u64,
+    safety_margin: f64,
+    effective_batch: usize,
+    seq_len: usize,
+    seq: SeqShape,
+    seq_source: String,
+    mode: &'static str,
+    context_bytes: u64,
+    rows: &'a [Row],
+    recommended: Option<&'a Row>,
+    breakdown: Option<&'a Estimate>,
+    emitted_config: Option<String>,
+}
+
+fn default_device() -> String {
+    if cfg!(feature = "cuda") { "cuda:0" } else { "cpu" }.to_string()
+}
+
+fn total_memory(device: &str) -> Result<u64> {
+    if device == "cpu" {
+        let text = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+        let kb = text
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .context("no MemTotal in /proc/meminfo")?;
+        return Ok(kb * 1024);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let dev = crate::memory::measure::parse_device(device)?;
+        let (_, total) = dev.as_cuda_device()?.cuda_stream().context().mem_get_info()?;
+        return Ok(total as u64);
+    }
+    #[allow(unreachable_code)]
+    {
+        bail!("device `{device}` needs a build with --features cuda (or give --gpu-memory)")
+    }
+}
+
+/// The longest tokenised training sample of a dataset (prompt + answer), as a token layout.
+fn worst_case_seq(cfg: &Config, root: &Path) -> Result<SeqShape> {
+    let base = Path::new(&cfg.model.base);
+    let tok = if base.is_dir() {
+        tokenizer::load(base)?
+    } else {
+        let src = crate::weights::hub::ModelSource::parse(&cfg.model.base)?;
+        tokenizer::load_path(&src.file("tokenizer.model")?)?
+    };
+    let rows = read_rows(root, &DatasetOptions::default())?.rows;
+    if rows.is_empty() {
+        bail!("{}: no readable rows", root.display());
+    }
+    let mut worst: Option<SeqShape> = None;
+    for r in &rows {
+        let p = tokenizer::encode_prompt(&tok, &cfg.prompt.template, &r.question, Some(&r.answer))
+            .with_context(|| format!("tokenising {}", r.location()))?;
+        let s = SeqShape { before: p.before_image.len(), after: p.after_image.len(), answer: p.answer.len() };
+        if worst.is_none_or(|w| s.total(0) > w.total(0)) {
+            worst = Some(s);
+        }
+    }
+    Ok(worst.expect("rows is not empty"))
+}
+
+fn checkpointing_list(s: &str) -> Result<Vec<bool>> {
+    Ok(match s.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" => vec![true],
+        "off" | "false" | "no" => vec![false],
+        "both" => vec![false, true],
+        o => bail!("--checkpointing expects on, off or both, got `{o}`"),
+    })
+}
+
+/// The config with the recommended row written into `[train]` and `model.compute_dtype`.
+pub fn emitted_config(cfg: &Config, row: &Row) -> Result<Config> {
+    let mut out = cfg.clone();
+    out.model.compute_dtype = row.precision.as_str().to_string();
+    let t = &mut out.train;
+    t.insert("batch_size".into(), toml::Value::Integer(row.batch as i64));
+    t.insert("gradient_accumulation_steps".into(), toml::Value::Integer(row.accumulation as i64));
+    t.insert("gradient_checkpointing".into(), toml::Value::Boolean(row.checkpointing));
+    t.insert("precision".into(), toml::Value::String(row.precision.as_str().into()));
+    Ok(out)
+}
+
+fn fmt_opt(v: Option<f64>, digits: usize) -> String {
+    v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "-".into())
+}
+
+pub fn print_table(rows: &[Row]) {
+    println!(
+        "{:>5} {:>5} {:>5} {:>5} {:>10} {:>10} {:>8} {:>8} {:>9}  fits?",
+        "batch", "accum", "prec", "ckpt", "pred GB", "meas GB", "error%", "step s", "samples/s"
+    );
+    for r in rows {
+        println!(
+            "{:>5} {:>5} {:>5} {:>5} {:>10.3} {:>10} {:>8} {:>8} {:>9}  {}{}",
+            r.batch,
+            r.accumulation,
+            r.precision.as_str(),
+            if r.checkpointing { "on" } else { "off" },
+            gb(r.predicted_bytes),
+            fmt_opt(r.measured_bytes.map(gb), 3),
+            fmt_opt(r.error_pct, 1),
+            fmt_opt(r.step_seconds, 3),
+            fmt_opt(r.samples_per_s, 2),
+            if r.fits { "yes" } else { "no" },
+            r.note.as_ref().map(|n| format!(" ({n})")).unwrap_or_default(),
+        );
+    }
+}
+
+pub fn run(args: &ProfileMemoryArgs) -> Result<()> {
+    if let Some(json) = &args.trial {
+        return trial_main(json);
+    }
+    let path = args.config.as_ref().context("--config is required")?;
+    let cfg = Config::load(path)?;
+    let spec: PrsMedSpec = spec_for_config(&cfg)?;
+    let device = args.device.clone().unwrap_or_else(default_device);
+    let kind = if device == "cpu" { DeviceKind::Cpu } else { DeviceKind::Cuda };
+    let measure = !args.predict_only;
+    let budget = match &args.gpu_memory {
+        Some(s) => parse_bytes(s)?,
+        None => total_memory(&device)?,
+    };
+    let precisions: Vec<Precision> = match &args.precision {
+        Some(list) => list.iter().map(|s| Precision::parse(s)).collect::<Result<_>>()?,
+        None => vec![Precision::parse(&cfg.model.compute_dtype)?],
+    };
+    let image_tokens = spec.llava.vision_config()?.num_patches();
+    let (seq, seq_source) = match (&args.data_root, args.seq_len) {
+        (Some(root), _) => (worst_case_seq(&cfg, root)?, format!("longest sample of {}", root.display())),
+        (None, Some(n)) => (SeqShape::from_total(n, image_tokens)?, "--seq-len".to_string()),
+        (None, None) => (SeqShape::from_total(image_tokens + 64, image_tokens)?, "default (image + 64)".to_string()),
+    };
+    if args.effective_batch == 0 {
+        bail!("--effective-batch must be at least 1");
+    }
+    if !(0.0..1.0).contains(&args.safety_margin) {
+        bail!("--safety-margin must be in [0, 1)");
+    }
+    let exe = std::env::current_exe().context("locating the prs binary for trials")?;
+    let config_toml = cfg.to_toml()?;
+    let trial = |batch: usize, precision: Precision, checkpointing: bool, steps: usize| TrialSpec {
+        config_toml: config_toml.clone(),
+        device: device.clone(),
+        batch,
+        precision,
+        checkpointing,
+        seq,
+        steps,
+        seed: args.seed,
+    };
+    // Context overhead: a child that stops before building the model (batch 0) measures it.
+    let context_bytes = if measure {
+        match spawn_trial(&exe, &trial(0, precisions[0], false, 0))? {
+            Outcome::Measured(r) => r.baseline_bytes,
+            Outcome::DoesNotFit { reason } => bail!("the baseline trial failed: {reason}"),
+        }
+    } else {
+        match kind {
+            DeviceKind::Cpu => CPU_PROCESS_BYTES,
+            DeviceKind::Cuda => CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES,
+        }
+    };
+    let opts = SweepOptions {
+        precisions,
+        checkpointing: checkpointing_list(&args.checkpointing)?,
+        batch_sizes: args.batch_sizes.clone(),
+        max_batch: args.max_batch.unwrap_or(args.effective_batch),
+        effective_batch: args.effective_batch,
+        budget_bytes: budget,
+        margin: args.safety_margin,
+        measure,
+    };
+    let tp = &cfg.model.trainable;
+    let predict = |batch: usize, precision: Precision, checkpointing: bool| {
+        estimate(&EstimateInput {
+            spec: &spec,
+            train_tinysam: tp.tinysam,
+            train_projector: tp.projector,
+            batch,
+            seq,
+            precision,
+            checkpointing,
+            device: kind,
+            context_bytes,
+        })
+    };
+    let quiet = args.json;
+    let rows = sweep(
+        &opts,
+        predict,
+        |b, p, ck| spawn_trial(&exe, &trial(b, p, ck, args.steps)),
+        |r| {
+            if !quiet {
+                eprintln!(
+                    "batch {} {} checkpointing {}: predicted {:.3} GB{}{}",
+                    r.batch,
+                    r.precision.as_str(),
+                    if r.checkpointing { "on" } else { "off" },
+                    gb(r.predicted_bytes),
+                    r.measured_bytes.map(|m| format!(", measured {:.3} GB", gb(m))).unwrap_or_default(),
+                    if r.fits { "" } else { " - does not fit" }
+                )
+            }
+        },
+    )?;
+    let rec = recommend(&rows, &opts);
+    let rec_row = rec.map(|i| &rows[i]);
+    let mut emitted = None;
+    if let (Some(file), Some(r)) = (&args.emit_config, rec_row) {
+        let text = emitted_config(&cfg, r)?.to_toml()?;
+        std::fs::write(file, &text).with_context(|| format!("writing {}", file.display()))?;
+        emitted = Some(file.display().to_string());
+    } else if args.emit_config.is_some() {
+        bail!("no configuration fits with the effective batch {}: nothing to emit", args.effective_batch);
+    }
+    let report = Report {
+        config: path.display().to_string(),
+        device: device.clone(),
+        budget_bytes: budget,
+        safety_margin: args.safety_margin,
+        effective_batch: args.effective_batch,
+        seq_len: seq.total(image_tokens),
+        seq,
+        seq_source,
+        mode: if measure { "measure" } else { "predict-only" },
+        context_bytes,
+        rows: &rows,
+        recommended: rec_row,
+        breakdown: rec_row.and_then(|r| r.estimate.as_ref()),
+        emitted_config: emitted.clone(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{} on {device}: budget {:.2} GB, safety margin {:.0}%, sequence {} ({}), effective batch {}",
+        path.display(),
+        gb(budget),
+        args.safety_margin * 100.0,
+        report.seq_len,
+        report.seq_source,
+        args.effective_batch
+    );
+    print_table(&rows);
+    match rec_row {
+        Some(r) => {
+            println!(
+                "\nrecommended: batch {} x accumulation {} ({}, checkpointing {})",
+                r.batch,
+                r.accumulation,
+                r.precision.as_str(),
+                if r.checkpointing { "on" } else { "off" }
+            );
+            if let Some(e) = &r.estimate {
+                println!("predicted breakdown (peak phase: {}):", e.peak_phase);
+                for it in &e.items {
+                    println!("  {:<70} {:>9.3} GB", it.name, gb(it.bytes));
+                }
+                println!("  {:<70} {:>9.3} GB", "total (peak)", gb(e.peak_bytes));
+            }
+            if let Some(f) = &emitted {
+                println!("wrote {f}");
+            }
+        }
+        None => println!("\nno configuration fits while keeping the effective batch {}", args.effective_batch),
+    }
+    Ok(())
+}

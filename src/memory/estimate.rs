@@ -1,0 +1,402 @@
+//! Analytic peak memory of one training step, per component, from the architecture alone.
+//!
+//! The model follows this crate's implementation, not PyTorch's: candle keeps every tensor that a
+//! tracked op read until the loss (and so the whole graph) is dropped after backward, so the
+//! activation terms count, op by op, the outputs that stay referenced by the graph (casts,
+//! contiguous copies, norm and softmax intermediates in f32, dropout masks). Frozen parts run
+//! untracked and only cost a transient. Peak = persistent state + the larger of the CLIP
+//! transient (early in the forward) and the graph plus the backward's largest temporaries.
+
+use anyhow::Result;
+use serde::Serialize;
+
+use super::{Precision, SeqShape};
+use crate::model::llava::ProjectorKind;
+use crate::model::prs_med::PrsMedSpec;
+
+/// CUDA context of one process (measured on an H100, driver 580: docs/gpu.md).
+pub const CUDA_CONTEXT_BYTES: u64 = 595 << 20;
+/// cuBLAS/cuBLASLt workspaces allocated outside candle's pool (an allowance).
+pub const CUBLAS_WORKSPACE_BYTES: u64 = 64 << 20;
+/// Resident size of an idle `prs` process when nothing was measured (an allowance).
+pub const CPU_PROCESS_BYTES: u64 = 24 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+/// What to estimate.
+#[derive(Clone, Debug)]
+pub struct EstimateInput<'a> {
+    pub spec: &'a PrsMedSpec,
+    pub train_tinysam: bool,
+    pub train_projector: bool,
+    pub batch: usize,
+    pub seq: SeqShape,
+    pub precision: Precision,
+    pub checkpointing: bool,
+    /// Where the step runs (the activation model is the same; the overhead differs).
+    pub device: DeviceKind,
+    /// Process/context overhead (CUDA context + workspaces, or the idle process RSS on CPU).
+    pub context_bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Item {
+    pub name: String,
+    pub bytes: u64,
+}
+
+/// Predicted peak and its parts.
+#[derive(Clone, Debug, Serialize)]
+pub struct Estimate {
+    pub items: Vec<Item>,
+    pub peak_bytes: u64,
+    /// Which phase holds the peak: "clip-forward" or "graph+backward".
+    pub peak_phase: String,
+    pub trained_params: u64,
+    pub frozen_params: u64,
+}
+
+/// Parameter counts per component (elements), for the weight terms and for checks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ParamCounts {
+    pub llm: u64,
+    pub lora: u64,
+    pub clip: u64,
+    pub projector: u64,
+    /// TinySAM optimised tensors, and its BatchNorm running statistics (buffers).
+    pub tinysam: u64,
+    pub tinysam_buffers: u64,
+    pub decoder: u64,
+    pub classifier: u64,
+}
+
+fn u(x: usize) -> u64 {
+    x as u64
+}
+
+pub fn param_counts(spec: &PrsMedSpec) -> Result<ParamCounts> {
+    let l = &spec.llava.llm;
+    let (h, i, v, hd) = (u(l.hidden_size), u(l.intermediate_size), u(l.vocab_size), u(l.head_dim()));
+    let (qd, kvd) = (u(l.num_attention_heads) * hd, u(l.num_key_value_heads) * hd);
+    let per_layer = h * qd + 2 * h * kvd + qd * h + 3 * h * i + 2 * h;
+    let heads = if l.tie_word_embeddings { 1 } else { 2 };
+    let llm = heads * v * h + u(l.num_hidden_layers) * per_layer + h;
+    let r = u(spec.lora.r);
+    let lora_layer: u64 = [("q_proj", h, qd), ("k_proj", h, kvd), ("v_proj", h, kvd), ("o_proj", qd, h)]
+        .into_iter()
+        .chain([("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)])
+        .filter(|(m, _, _)| spec.lora.targets(m))
+        .map(|(_, a, b)| r * (a + b))
+        .sum();
+    let lora = lora_layer * u(l.num_hidden_layers);
+
+    let vc = spec.llava.vision_config()?;
+    let (c, ic, p) = (u(vc.hidden_size), u(vc.intermediate_size), u(vc.patch_size));
+    let n_run = u(vc.layers_for_select(spec.llava.mm_vision_select_layer)?);
+    let clip = c * 3 * p * p
+        + c
+        + (u(vc.num_patches()) + 1) * c
+        + 2 * c
+        + n_run * (4 * (c * c + c) + 2 * c * ic + ic + c + 4 * c);
+
+    let cm = u(spec.llava.mm_hidden_size);
+    let projector = match ProjectorKind::parse(&spec.llava.mm_projector_type)? {
+        ProjectorKind::Linear => cm * h + h,
+        ProjectorKind::Identity => 0,
+        ProjectorKind::MlpGelu { depth } => cm * h + h + u(depth - 1) * (h * h + h),
+    };
+
+    // TinySAM: Conv_BN = kernel + BN weight/bias (trained) + running mean/var (buffers).
+    let t = &spec.tinysam;
+    let (mut ts, mut tb) = (0u64, 0u64);
+    let mut conv_bn = |cin: u64, cout: u64, k: u64, groups: u64| {
+        ts += cout * (cin / groups) * k * k + 2 * cout;
+        tb += 2 * cout;
+    };
+    let d: Vec<u64> = t.embed_dims.iter().map(|&x| u(x)).collect();
+    conv_bn(u(t.in_chans), d[0] / 2, 3, 1);
+    conv_bn(d[0] / 2, d[0], 3, 1);
+    let ns = t.depths.len();
+    let mut attn_params = 0u64;
+    for st in 0..ns {
+        let dim = d[st];
+        if st == 0 {
+            let hid = (dim as f64 * t.mbconv_expand_ratio) as u64;
+            for _ in 0..t.depths[0] {
+                conv_bn(dim, hid, 1, 1);
+                conv_bn(hid, hid, 3, hid);
+                conv_bn(hid, dim, 1, 1);
+            }
+        } else {
+            let hid = (dim as f64 * t.mlp_ratio) as u64;
+            let ws = u(t.window_sizes[st]);
+            let lk = u(t.local_conv_size);
+            for _ in 0..t.depths[st] {
+                attn_params += 2 * dim + 3 * dim * dim + 3 * dim + dim * dim + dim + u(t.num_heads[st]) * ws * ws;
+                conv_bn(dim, dim, lk, dim);
+                attn_params += 2 * dim + dim * hid + hid + hid * dim + dim;
+            }
+        }
+        if st + 1 < ns {
+            let out = d[st + 1];
+            conv_bn(dim, out, 1, 1);
+            conv_bn(out, out, 3, out);
+            conv_bn(out, out, 1, 1);
+        }
+    }
+    let oc = u(t.out_chans);
+    let tinysam = ts + attn_params + oc * d[ns - 1] + 2 * oc + oc * oc * 9 + 2 * oc;
+
+    let dc = &spec.decoder;
+    let (dm, ph, ff, lh) = (u(dc.dim), u(dc.prompt_hidden), u(dc.ffn_dim), u(dc.llm_hidden));
+    let mha = 4 * dm * dm + 4 * dm;
+    let mut decoder = lh * ph + ph + ph * dm + dm + 2 * ph + 2 * dm; // prompt projection + its norms
+    decoder += 4 * dm; // prompt_norm, image_norm
+    decoder += mha + 2 * dm; // cross-attention, norm1
+    decoder += mha + dm * ff + ff + ff * dm + dm + 4 * dm; // encoder layer
+    decoder += 2 * (dm * dm + dm) + 2 * dm; // ffn
+    for (ci, co) in dc.block_channels() {
+        let (ci, co) = (u(ci), u(co));
+        decoder += ci * ci * 9 + ci + 2 * ci + co * ci + co + 2 * co + co * co * 9 + co;
+    }
+    decoder += dm / 4 + 1;
+    let classifier = dm * u(spec.num_modalities) + u(spec.num_modalities);
+    Ok(ParamCounts { llm, lora, clip, projector, tinysam, tinysam_buffers: tb, decoder, classifier })
+}
+
+/// Bytes kept per token by one Mistral layer's graph (no checkpointing), and the size of its
+/// largest single tensor per sample (the attention scores), for the backward allowance.
+fn llm_layer_bytes_per_token(spec: &PrsMedSpec, s: u64, t: u64) -> f64 {
+    let l = &spec.llava.llm;
+    let (h, i, hd) = (u(l.hidden_size), u(l.intermediate_size), u(l.head_dim()));
+    let (nh, nkv) = (u(l.num_attention_heads), u(l.num_key_value_heads));
+    let (qd, kvd) = (nh * hd, nkv * hd);
+    let lora = &spec.lora;
+    let drop = lora.dropout > 0.0;
+    // frozen output; with LoRA: B output, scaled, sum, A output, dropout mask + product
+    let lin = |m: &str, din: u64, dout: u64| -> u64 {
+        if lora.targets(m) {
+            4 * s * dout + s * u(lora.r) + if drop { 2 * s * din } else { 0 }
+        } else {
+            s * dout
+        }
+    };
+    // f32 copy (low precision only), square, normalised, cast back (low precision), scaled
+    let rms = if s == 4 { 12 * h } else { 8 * h + 4 * h + 2 * s * h };
+    let rep = if nh > nkv { 2 * s * qd } else { 0 };
+    let attn = lin("q_proj", h, qd) + lin("k_proj", h, kvd) + lin("v_proj", h, kvd)
+        + s * (qd + 2 * kvd) // heads made contiguous
+        + s * (qd + kvd) * 9 / 2 // rope: neg half, cat, two products, sum
+        + rep
+        + 24 * nh * t // scores, scaled, masked, softmax in f32 (3 x 4 B) and its casts
+        + 2 * s * qd // probs @ v, heads merged
+        + lin("o_proj", qd, h);
+    let mlp = lin("gate_proj", h, i) + lin("up_proj", h, i) + 2 * s * i + lin("down_proj", i, h);
+    (2 * rms + attn + mlp + 2 * s * h) as f64
+}
+
+/// TinySAM's graph when it trains (f32), elements per sample, and its largest tensor.
+fn tinysam_graph_elems(spec: &PrsMedSpec) -> (f64, f64) {
+    let t = &spec.tinysam;
+    let s = t.img_size as f64;
+    let d: Vec<f64> = t.embed_dims.iter().map(|&x| x as f64).collect();
+    let bn = 5.0; // centred, squared, normalised, scaled, shifted
+    let mut total = 0.0;
+    let mut largest: f64 = 0.0;
+    let mut add = |e: f64, big: f64| {
+        total += e;
+        largest = largest.max(big);
+    };
+    // stem: im2col of the image (untracked input), matmul, layout copy, BN, GELU; conv, BN
+    let p0 = (s / 2.0).powi(2);
+    let c0 = d[0] / 2.0;
+    add(9.0 * t.in_chans as f64 * p0 + c0 * p0 * (2.0 + bn + 1.0), c0 * p0);
+    let mut p = (s / 4.0).powi(2);
+    add(d[0] * p * (1.0 + bn), d[0] * p);
+    // depthwise 3x3 from shifted views: two padded copies, 9 products, 8 sums, re-layout
+    let dw = |c: f64, pin: f64, pout: f64| 2.0 * c * pin + c * (pin - pout).max(0.0) + 19.0 * c * pout;
+    let mut side = s / 4.0;
+    let ns = t.depths.len();
+    for st in 0..ns {
+        let c = d[st];
+        if st == 0 {
+            let hid = c * t.mbconv_expand_ratio;
+            for _ in 0..t.depths[0] {
+                let e = hid * p * (1.0 + bn + 1.0) + dw(hid, p, p) + hid * p * (bn + 1.0) + c * p * (1.0 + bn + 2.0);
+                add(e, hid * p);
+            }
+        } else {
+            let ws = t.window_sizes[st] as f64;
+            let padded = (side / ws).ceil() * ws;
+            let lp = padded * padded;
+            let pad = if padded > side { 2.0 * c * lp + c * p } else { 0.0 };
+            let heads = t.num_heads[st] as f64;
+            let hid = c * t.mlp_ratio;
+            let e_blk = pad
+                + c * lp * (1.0 + bn + 6.0 + 3.0 + 2.0 + 2.0 + 1.0) // window copy, norm, qkv, q/k/v, pv, proj, merge
+                + 6.0 * heads * ws * ws * lp // scores, scaled, biased, softmax (3)
+                + c * p * (1.0 + 1.0 + bn + bn + 2.0 + 1.0) // residual, map copy, local conv BN, MLP norm, fc2, residual
+                + dw(c, p, p)
+                + hid * p * 3.0; // fc1, GELU
+            for _ in 0..t.depths[st] {
+                add(e_blk, heads * ws * ws * lp);
+            }
+            add(c * p, 0.0); // tokens made contiguous at the stage entry
+        }
+        if st + 1 < ns {
+            let out = d[st + 1];
+            let stride = if st + 2 == ns { 1.0 } else { 2.0 };
+            let p2 = p / (stride * stride);
+            let phases = if stride > 1.0 { out * p } else { 0.0 };
+            add(out * p * (1.0 + bn + 1.0) + phases + dw(out, p, p2) + out * p2 * (bn + 1.0 + 1.0 + bn), out * p);
+            p = p2;
+            side /= stride;
+        }
+    }
+    let oc = t.out_chans as f64;
+    add(oc * p * (1.0 + bn + 1.0 + 1.0 + bn), oc * p);
+    (total, largest)
+}
+
+/// Decoder + heads of the losses, f32 elements per sample, and the largest tensor.
+fn decoder_graph_elems(spec: &PrsMedSpec, t: f64, batch: f64, s_llm: u64) -> (f64, f64) {
+    let dc = &spec.decoder;
+    let (d, ph, ff, lh) = (dc.dim as f64, dc.prompt_hidden as f64, dc.ffn_dim as f64, dc.llm_hidden as f64);
+    let m = (dc.grid * dc.grid) as f64;
+    let ln = 5.0;
+    let drop = if dc.dropout > 0.0 { 2.0 } else { 0.0 };
+    let mut e = if s_llm == 4 { 0.0 } else { t * lh }; // prompt states cast to f32
+    e += t * ph * (2.0 + ln + 1.0) + t * d * (2.0 + ln + 1.0 + ln); // prompt projection, norms
+    e += m * d * (1.0 + ln); // image tokens, norm
+                             // cross-attention: q, packed kv, heads, scaled q, scores (+mask, softmax 3), pv, merge, out
+    let hc = dc.cross_heads as f64;
+    e += m * d * 2.0 + t * 2.0 * d * 2.0 + (m + 2.0 * t) * d + m * d + 5.0 * hc * m * t + m * d * 4.0;
+    e += m * d * (1.0 + ln); // residual, norm1
+                             // encoder layer: packed qkv, heads, scaled q, scores (softmax 3, dropout), pv, merge, out,
+                             // dropouts, residuals, norms, feed-forward
+    let hs = dc.self_heads as f64;
+    let chunk = ((1usize << 25) as f64 / (batch * hs * m).max(1.0)).floor().clamp(1.0, m);
+    let chunked = if chunk < m { 2.0 } else { 0.0 };
+    let scores = hs * m * m * (4.0 + drop);
+    e += m * 3.0 * d * 2.0 + 3.0 * m * d + m * d + scores + m * d * (1.0 + chunked + 1.0 + 2.0);
+    e += m * d * (drop + 1.0 + ln) + m * ff * (2.0 + 1.0 + drop) + m * d * (2.0 + drop + 1.0 + ln);
+    e += m * d * (2.0 + 1.0 + 1.0 + 2.0 + 1.0 + ln); // ffn
+    e += m * d * 2.0; // back to a map, + features
+    let g2 = ((dc.grid + 2) * (dc.grid + 2)) as f64;
+    for (ci, co) in dc.block_channels() {
+        let (ci, co) = (ci as f64, co as f64);
+        e += ci * m * (2.0 + ln + 2.0) + co * g2 * (2.0 + ln) + co * m * 2.0;
+    }
+    e += 2.0 * m; // 1x1 conv to logits
+    let s_out = (dc.grid * dc.upsample) as f64;
+    let hw = s_out * s_out;
+    e += hw; // bilinear upsampling (one custom op)
+    e += 15.0 * hw; // structure loss terms and its constant weights
+    (e, (hs * m * m).max(hw))
+}
+
+/// The analytic peak of one training step (forward, backward, AdamW).
+pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
+    let spec = inp.spec;
+    let pc = param_counts(spec)?;
+    let s = inp.precision.bytes();
+    let b = u(inp.batch);
+    let vc = spec.llava.vision_config()?;
+    let n_img = u(vc.num_patches());
+    let t = u(inp.seq.total(n_img as usize));
+    let l = &spec.llava.llm;
+    let (h, v, layers) = (u(l.hidden_size), u(l.vocab_size), u(l.num_hidden_layers));
+    let tok = b * t;
+    let mut items: Vec<Item> = vec![];
+    let mut push = |name: &str, bytes: f64| items.push(Item { name: name.into(), bytes: bytes.max(0.0) as u64 });
+
+    // Persistent state.
+    push("weights: LLM (frozen)", (pc.llm * s) as f64);
+    push("weights: CLIP (frozen)", (pc.clip * s) as f64);
+    let (mut trained, mut frozen) = (pc.lora + pc.decoder + pc.classifier, pc.llm + pc.clip);
+    if inp.train_projector {
+        trained += pc.projector;
+    } else {
+        frozen += pc.projector;
+        push("weights: projector (frozen)", (pc.projector * s) as f64);
+    }
+    if inp.train_tinysam {
+        trained += pc.tinysam;
+        push("TinySAM BatchNorm statistics (f32)", (pc.tinysam_buffers * 4) as f64);
+    } else {
+        frozen += pc.tinysam + pc.tinysam_buffers;
+        push("weights: TinySAM (frozen)", ((pc.tinysam + pc.tinysam_buffers) * s) as f64);
+    }
+    push("trained: f32 master copies", (trained * 4) as f64);
+    push("trained: gradients (f32)", (trained * 4) as f64);
+    push("trained: AdamW moments (2 x f32)", (trained * 8) as f64);
+    let sam = u(spec.tinysam.img_size);
+    let sc = u(vc.image_size);
+    let inputs = b * (3 * sc * sc + 4 * sam * sam) * 4 + b * t * t * s;
+    push("batch inputs and attention mask", inputs as f64);
+
+    // Graph.
+    let per_tok = llm_layer_bytes_per_token(spec, s, t);
+    let embeds = (3 * tok * h * s + b * n_img * h * s) as f64; // text, spliced, image
+    let (llm_graph, recompute) = if inp.checkpointing {
+        ((layers * tok * h * s) as f64, per_tok * tok as f64)
+    } else {
+        (per_tok * (layers * tok) as f64, 0.0)
+    };
+    push("activations: LLM layers", llm_graph + embeds);
+    if inp.checkpointing {
+        push("activations: one LLM layer recomputed", recompute);
+    }
+    let rows = b * u(inp.seq.answer + 1);
+    let rms_final = if s == 4 { 12 * h } else { 12 * h + 2 * s * h };
+    let head = tok * rms_final + rows * (h * s + v * s + if s == 4 { 0 } else { 4 * v } + 12 * v);
+    push("activations: final norm, LM head, cross-entropy", head as f64);
+    let (ts_e, ts_big) = tinysam_graph_elems(spec);
+    let ts_bytes = if inp.train_tinysam { ts_e * 4.0 * b as f64 } else { 0.0 };
+    push("activations: TinySAM (f32)", ts_bytes);
+    let (dec_e, dec_big) = decoder_graph_elems(spec, t as f64, b as f64, s);
+    push("activations: decoder attention over image tokens, mask head, losses (f32)", dec_e * 4.0 * b as f64);
+
+    // Backward: gradients of the graph's nodes exist while it is still alive. Through the
+    // cross-entropy over the vocabulary about six (R, V) f32 tensors coexist (gradients of the
+    // log-softmax output, the shifted logits, exp, their sum and the logits); elsewhere an op's
+    // backward holds about three tensors the size of its largest input.
+    let llm_scores = (b * u(l.num_attention_heads) * t * t * 4) as f64;
+    let ce_bwd = (6 * rows * v * 4) as f64;
+    let biggest =
+        llm_scores.max(dec_big * 4.0 * b as f64).max(if inp.train_tinysam { ts_big * 4.0 * b as f64 } else { 0.0 });
+    push("backward temporaries", ce_bwd.max(3.0 * biggest));
+
+    // CLIP runs untracked: only a transient, before the graph exists.
+    let (c, ic, hc) = (u(vc.hidden_size), u(vc.intermediate_size), u(vc.num_attention_heads));
+    let n = n_img + 1;
+    let clip_transient = (b * hc * n * n * (2 * s + 12) + b * n * (4 * c * s + 2 * ic * s)) as f64;
+    push("context and workspaces", inp.context_bytes as f64);
+
+    let persistent: u64 = items
+        .iter()
+        .filter(|i| {
+            i.name.starts_with("weights")
+                || i.name.starts_with("trained")
+                || i.name.starts_with("TinySAM")
+                || i.name.starts_with("batch")
+                || i.name.starts_with("context")
+        })
+        .map(|i| i.bytes)
+        .sum();
+    let graph_phase: u64 = items.iter().map(|i| i.bytes).sum();
+    // Gradients do not exist yet while CLIP runs.
+    let clip_phase = persistent - trained * 4 + clip_transient as u64;
+    let (peak_bytes, phase) = if clip_phase > graph_phase {
+        items.push(Item { name: "CLIP forward transient (peak phase)".into(), bytes: clip_transient as u64 });
+        (clip_phase, "clip-forward")
+    } else {
+        (graph_phase, "graph+backward")
+    };
+    Ok(Estimate { items, peak_bytes, peak_phase: phase.into(), trained_params: trained, frozen_params: frozen })
+}
