@@ -168,10 +168,10 @@ fn tiny_sweep_predictions_within_15_percent_and_emitted_config_round_trips() {
     // The emitted file is a valid config carrying the recommendation.
     let emitted = Config::load(&out).unwrap();
     let t = &emitted.train;
-    assert_eq!(t["batch_size"].as_integer(), Some(b as i64));
-    assert_eq!(t["gradient_accumulation_steps"].as_integer(), Some(acc as i64));
-    assert_eq!(t["gradient_checkpointing"].as_bool(), rec["checkpointing"].as_bool());
-    assert_eq!(t["precision"].as_str(), Some("f32"));
+    assert_eq!(t.batch_size as u64, b as u64);
+    assert_eq!(t.gradient_accumulation_steps as u64, acc as u64);
+    assert_eq!(Some(t.gradient_checkpointing), rec["checkpointing"].as_bool());
+    assert_eq!(t.precision, "f32");
     assert_eq!(emitted.model.compute_dtype, "f32");
     let orig = Config::load(&cfg_path).unwrap();
     assert_eq!(emitted.model.lora, orig.model.lora);
@@ -268,4 +268,35 @@ fn prs_med_7b_prediction_table() {
     }
     // Frozen bf16 weights alone are ~15 GB.
     assert!(pred(1, true) > 15e9);
+}
+
+#[test]
+fn emitted_config_runs_in_finetune() {
+    // profile-memory --emit-config -> prs finetune --config (a dry run validates everything
+    // finetune needs: config, weights, dataset, and prints the plan with the emitted batch).
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("emitted.toml");
+    profile(
+        &["--config", tiny_config().to_str().unwrap(), "--device", "cpu", "--batch-sizes", "1,2", "--precision", "f32",
+          "--checkpointing", "off", "--effective-batch", "2", "--predict-only", "--emit-config", out.to_str().unwrap()],
+        &[],
+    );
+    let base = common::tiny_model(dir.path());
+    let data = dir.path().join("data");
+    prs::data::synth::generate(&data, &prs::data::synth::SynthConfig { train: 4, val: 2, test: 1, size: 64, seed: 1 }, false).unwrap();
+    let args = prs::commands::finetune::FinetuneArgs {
+        config: Some(out.clone()),
+        data_root: Some(data.display().to_string()),
+        set: vec![format!("model.base={:?}", base.model.base), format!("model.tinysam={:?}", base.model.tinysam)],
+        dry_run: true,
+        quiet: true,
+        out: Some(dir.path().join("run")),
+        device: "cpu".into(),
+        ..Default::default()
+    };
+    let cfg = prs::commands::finetune::resolve_config(&args).unwrap();
+    let emitted = Config::load(&out).unwrap();
+    assert_eq!(cfg.train.batch_size, emitted.train.batch_size);
+    assert_eq!(cfg.train.gradient_accumulation_steps, emitted.train.gradient_accumulation_steps);
+    prs::commands::finetune::run(&args).unwrap();
 }

@@ -159,10 +159,10 @@ pub fn emitted_config(cfg: &Config, row: &Row) -> Result<Config> {
     let mut out = cfg.clone();
     out.model.compute_dtype = row.precision.as_str().to_string();
     let t = &mut out.train;
-    t.insert("batch_size".into(), toml::Value::Integer(row.batch as i64));
-    t.insert("gradient_accumulation_steps".into(), toml::Value::Integer(row.accumulation as i64));
-    t.insert("gradient_checkpointing".into(), toml::Value::Boolean(row.checkpointing));
-    t.insert("precision".into(), toml::Value::String(row.precision.as_str().into()));
+    t.batch_size = row.batch;
+    t.gradient_accumulation_steps = row.accumulation;
+    t.gradient_checkpointing = row.checkpointing;
+    t.precision = row.precision.as_str().into();
     Ok(out)
 }
 
