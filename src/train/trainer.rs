@@ -1,7 +1,6 @@
 //! The training loop of `prs finetune`, top to bottom: data, model, optimizer, then epochs of
 //! micro-batches grouped into optimizer steps, with evaluation, checkpoints and exact resume.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,6 +23,7 @@ use crate::model::prs_med::{LossNorm, LossWeights, PrsMed};
 use crate::model::tinysam::FrozenBatchNormStats;
 use crate::nn::ops::{EvalMode, TrainingMode};
 use crate::nn::param::seed_for;
+use crate::report::{read_metrics, training_curves, MetricsLog, Record};
 use crate::tokenizer::{self, encode_prompt};
 use crate::weights::checkpoint::{save_checkpoint_with, CheckpointMeta};
 
@@ -207,9 +207,9 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
 
     std::fs::create_dir_all(&run.0).with_context(|| format!("creating {}", run.0.display()))?;
     if !opts.resume {
-        crate::weights::shards::write_atomic(&run.config(), |f| Ok(f.write_all(cfg.to_toml()?.as_bytes())?))?;
+        crate::weights::shards::write_atomic(&run.config(), |f| Ok(std::io::Write::write_all(f, cfg.to_toml()?.as_bytes())?))?;
     }
-    let mut log = MetricsFile::open(&run.metrics(), opts.resume.then_some(state.step))?;
+    let mut log = MetricsLog::open(&run.0, opts.resume.then_some(state.step))?;
 
     let bar = if opts.progress { ProgressBar::new(total_steps) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")?);
@@ -217,13 +217,14 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
 
     let first_eval = if state.step == 0 && !val_rows.is_empty() {
         let e = evaluate(&model, &builder, &val_rows, &cfg, &opts.device)?;
-        log.eval(0, 0, &e)?;
+        log_eval(&mut log, 0, 0, &e)?;
         bar.println(format!("step 0: val loss {:.4}  dice {:.3}  position acc {:.3}", e.loss, e.dice, e.position_accuracy));
         Some(e)
     } else {
         None
     };
     let mut last_eval = None;
+    let started = Instant::now();
     let mut last_checkpoint = ckpt.clone();
     let bn_frozen = tc.batchnorm == "frozen";
     ensure!(bn_frozen || tc.batchnorm == "batch", "train.batchnorm must be `batch` or `frozen`");
@@ -267,27 +268,16 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
                 let mb = collate(&items, &opts.device)?;
                 n_tokens += mb.prompts.iter().map(|p| p.before_image.len() + p.after_image.len() + p.answer.len() + 1).sum::<usize>();
                 let step_seed = seed_for(tc.seed, &format!("{epoch}/{}", batch.index));
-                let _train = TrainingMode::enter(step_seed);
-                let _bn = bn_frozen.then(FrozenBatchNormStats::enter);
-                let out = model.forward(&mb, true)?;
-                let l = model.losses_normed(&mb, &out, &weights, Some(norm))?;
-                let vals = [&l.total, &l.seg, &l.lm, &l.cls].map(|t| t.to_scalar::<f32>().map(|v| v as f64));
-                for (p, v) in parts.iter_mut().zip(vals.iter()) {
-                    *p += *v.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+                let micro = micro_backward(&model, &mb, &weights, norm, scaler.as_ref(), step_seed, bn_frozen)?;
+                for (p, v) in parts.iter_mut().zip(micro.parts) {
+                    *p += v;
                 }
-                if !parts[0].is_finite() {
-                    nonfinite = Some(format!("seg {:.4} lm {:.4} cls {:.4}", parts[1], parts[2], parts[3]));
-                    continue; // consume the rest of the group, no backward
-                }
-                let loss = match &scaler {
-                    Some(s) => s.scale_loss(&l.total)?,
-                    None => l.total.clone(),
-                };
-                let mut g = loss.backward()?;
-                model.merge_checkpoint_grads(&mut g)?;
-                match grads.as_mut() {
-                    Some(acc) => acc.extend(g)?,
-                    None => grads = Some(g),
+                match (micro.grads, grads.as_mut()) {
+                    (None, _) => {
+                        nonfinite = Some(format!("seg {:.4} lm {:.4} cls {:.4}", micro.parts[1], micro.parts[2], micro.parts[3]));
+                    }
+                    (Some(g), Some(acc)) => acc.extend(g)?,
+                    (Some(g), None) => grads = Some(g),
                 }
             }
             bi = group_end;
@@ -322,7 +312,20 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
             state.step += 1;
             state.samples_seen += norm.images as u64;
             let secs = t0.elapsed().as_secs_f64();
-            log.train(&state, epoch, lr, &parts, report.as_ref().map(|r| r.grad_norm), norm.images as f64 / secs, n_tokens as f64 / secs)?;
+            log.append(&Record {
+                epoch: Some(epoch),
+                loss: Some(parts[0]),
+                loss_seg: Some(parts[1]),
+                loss_lm: Some(parts[2]),
+                loss_cls: Some(parts[3]),
+                lr: Some(lr),
+                grad_norm: report.as_ref().map(|r| r.grad_norm),
+                samples_per_s: Some(norm.images as f64 / secs),
+                tokens_per_s: Some(n_tokens as f64 / secs),
+                peak_mem_bytes: peak_rss_bytes(),
+                elapsed_s: Some(started.elapsed().as_secs_f64()),
+                ..Record::train(state.step)
+            })?;
             bar.set_position(state.step);
             bar.set_message(format!("loss {:.4} lr {:.2e} {:.1} samples/s", parts[0], lr, norm.images as f64 / secs));
 
@@ -336,7 +339,8 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
             let mut improved = false;
             if eval_now && !val_rows.is_empty() {
                 let e = evaluate(&model, &builder, &val_rows, &cfg, &opts.device)?;
-                log.eval(state.step, epoch, &e)?;
+                log_eval(&mut log, state.step, epoch, &e)?;
+                training_curves(&read_metrics(&run.metrics())?, &run.curves())?;
                 bar.println(format!(
                     "step {}: val loss {:.4}  dice {:.3}  iou {:.3}  position acc {:.3}",
                     state.step, e.loss, e.dice, e.iou, e.position_accuracy
@@ -373,6 +377,46 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     }
     bar.finish_and_clear();
     Ok(TrainSummary { state, last_eval, first_eval, last_checkpoint, trained_parameters: n_trained })
+}
+
+/// What one micro-batch contributes to an optimizer step.
+pub struct MicroStep {
+    /// Gradients of the (normalised) loss; None when the loss was not finite.
+    pub grads: Option<GradStore>,
+    /// total, seg, lm, cls (each already divided by the step's `norm`).
+    pub parts: [f64; 4],
+}
+
+/// Forward + backward of one micro-batch in training mode. Losses are sums divided by the
+/// whole step's counts (`norm`), so summing the gradients of a step's micro-batches equals the
+/// gradient of one large batch.
+pub fn micro_backward(
+    model: &PrsMed,
+    mb: &crate::model::prs_med::ModelBatch,
+    weights: &LossWeights,
+    norm: LossNorm,
+    scaler: Option<&LossScaler>,
+    step_seed: u64,
+    bn_frozen: bool,
+) -> Result<MicroStep> {
+    let _train = TrainingMode::enter(step_seed);
+    let _bn = bn_frozen.then(FrozenBatchNormStats::enter);
+    let out = model.forward(mb, true)?;
+    let l = model.losses_normed(mb, &out, weights, Some(norm))?;
+    let mut parts = [0f64; 4];
+    for (p, t) in parts.iter_mut().zip([&l.total, &l.seg, &l.lm, &l.cls]) {
+        *p = t.to_scalar::<f32>()? as f64;
+    }
+    if !parts[0].is_finite() {
+        return Ok(MicroStep { grads: None, parts });
+    }
+    let loss = match scaler {
+        Some(s) => s.scale_loss(&l.total)?,
+        None => l.total,
+    };
+    let mut g = loss.backward()?;
+    model.merge_checkpoint_grads(&mut g)?;
+    Ok(MicroStep { grads: Some(g), parts })
 }
 
 fn save_training_checkpoint(
@@ -443,59 +487,15 @@ pub fn evaluate(model: &PrsMed, builder: &SampleBuilder, rows: &[Row], cfg: &Con
     })
 }
 
-/// `metrics.jsonl`: one JSON object per line, flushed as written.
-struct MetricsFile {
-    file: std::fs::File,
-}
-
-impl MetricsFile {
-    /// Opens for appending; on resume, drops lines past `keep_upto_step` first so the log
-    /// equals an uninterrupted run's.
-    fn open(path: &Path, keep_upto_step: Option<u64>) -> Result<Self> {
-        if let Some(step) = keep_upto_step {
-            if let Ok(text) = std::fs::read_to_string(path) {
-                let kept: String = text
-                    .lines()
-                    .filter(|l| {
-                        serde_json::from_str::<serde_json::Value>(l)
-                            .ok()
-                            .and_then(|v| v["step"].as_u64())
-                            .is_some_and(|s| s <= step)
-                    })
-                    .map(|l| format!("{l}\n"))
-                    .collect();
-                crate::weights::shards::write_atomic(path, |f| Ok(f.write_all(kept.as_bytes())?))?;
-            }
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        Ok(Self { file })
-    }
-
-    fn write(&mut self, v: serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{v}")?;
-        self.file.flush()?;
-        Ok(())
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn train(&mut self, s: &TrainerState, epoch: u64, lr: f64, parts: &[f64; 4], grad_norm: Option<f64>, sps: f64, tps: f64) -> Result<()> {
-        self.write(serde_json::json!({
-            "kind": "train", "step": s.step, "epoch": epoch, "loss": parts[0], "seg_loss": parts[1],
-            "lm_loss": parts[2], "cls_loss": parts[3], "lr": lr, "grad_norm": grad_norm,
-            "samples_per_s": sps, "tokens_per_s": tps, "peak_rss_bytes": peak_rss_bytes(),
-        }))
-    }
-
-    fn eval(&mut self, step: u64, epoch: u64, e: &EvalResult) -> Result<()> {
-        self.write(serde_json::json!({
-            "kind": "eval", "step": step, "epoch": epoch, "val_loss": e.loss, "dice": e.dice, "iou": e.iou,
-            "position_accuracy": e.position_accuracy, "n": e.n,
-        }))
-    }
+fn log_eval(log: &mut MetricsLog, step: u64, epoch: u64, e: &EvalResult) -> Result<()> {
+    log.append(&Record {
+        epoch: Some(epoch),
+        val_loss: Some(e.loss),
+        dice: Some(e.dice),
+        iou: Some(e.iou),
+        position_acc: Some(e.position_accuracy),
+        ..Record::eval(step)
+    })
 }
 
 /// Peak resident memory of this process (VmHWM), in bytes; None where /proc is unavailable.

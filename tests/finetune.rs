@@ -1,0 +1,256 @@
+//! `prs finetune` on the tiny model: accumulation equals the large batch, checkpointing gives
+//! the same gradients, SIGKILL + resume equals the uninterrupted run bit for bit, non-finite
+//! steps stop the run cleanly, bad data is reported with file and row, the guide's flags parse.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use clap::Parser;
+use common::{rel_err, tiny_model};
+use prs::config::Config;
+use prs::data::dataset::{prepare, PrepareOptions};
+use prs::data::sample::{collate, PreparedSample, SampleBuilder};
+use prs::model::load::{load_prs_med, LoadOptions, Mode};
+use prs::model::prs_med::{LossNorm, LossWeights, PrsMed};
+use prs::train::optim::{AdamW, AdamWConfig};
+use prs::train::trainer::micro_backward;
+
+fn synth(dir: &Path, n_train: usize) -> PathBuf {
+    let data = dir.join("data");
+    let cfg = prs::data::synth::SynthConfig { train: n_train, val: 2, test: 1, size: 64, seed: 5 };
+    prs::data::synth::generate(&data, &cfg, false).unwrap();
+    data
+}
+
+fn model(cfg: &Config) -> PrsMed {
+    load_prs_med(cfg, &LoadOptions { device: Device::Cpu, dtype: DType::F32, mode: Mode::Train, checkpoint: None, seed: 9 }).unwrap()
+}
+
+fn samples(cfg: &Config, data: &Path, n: usize) -> Vec<PreparedSample> {
+    let prep = prepare(data, &PrepareOptions::default()).unwrap();
+    let tok = prs::tokenizer::load(Path::new(&cfg.model.base)).unwrap();
+    let b = SampleBuilder { tokenizer: tok.into(), template: cfg.prompt.template.clone(), clip_size: 112, sam_size: cfg.model.sam_image_size };
+    prep.train.iter().take(n).map(|r| b.prepare(r, true).unwrap()).collect()
+}
+
+fn params(m: &PrsMed) -> Vec<(String, Tensor)> {
+    m.trained.all().into_iter().map(|p| (format!("{}/{}", p.group, p.key), p.var.as_tensor().copy().unwrap())).collect()
+}
+
+/// One optimizer step over `groups` (micro-batches of sample indices) from the same start.
+fn one_step(cfg: &Config, s: &[PreparedSample], groups: &[Vec<usize>]) -> Vec<(String, Tensor)> {
+    let m = model(cfg);
+    let w = LossWeights::default();
+    let all: Vec<usize> = groups.iter().flatten().copied().collect();
+    let norm = LossNorm { images: all.len(), tokens: all.iter().map(|&i| s[i].prompt.answer.len() + 1).sum() };
+    let mut acc: Option<candle_core::backprop::GradStore> = None;
+    for g in groups {
+        let items: Vec<&PreparedSample> = g.iter().map(|&i| &s[i]).collect();
+        let mb = collate(&items, &Device::Cpu).unwrap();
+        let step = micro_backward(&m, &mb, &w, norm, None, 77, true).unwrap();
+        let grads = step.grads.expect("finite");
+        match acc.as_mut() {
+            Some(a) => a.extend(grads).unwrap(),
+            None => acc = Some(grads),
+        }
+    }
+    let mut opt = AdamW::new(m.trained.weights(), AdamWConfig { lr: 1e-3, ..Default::default() }).unwrap();
+    opt.step(&acc.unwrap()).unwrap();
+    params(&m)
+}
+
+#[test]
+fn accumulation_of_4x2_equals_batch_8() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_model(dir.path());
+    let data = synth(dir.path(), 4);
+    let s = samples(&cfg, &data, 8);
+    let big = one_step(&cfg, &s, &[(0..8).collect()]);
+    let acc = one_step(&cfg, &s, &[(0..4).collect(), (4..8).collect()]);
+    let mut worst = 0f32;
+    for ((ka, a), (kb, b)) in big.iter().zip(acc.iter()) {
+        assert_eq!(ka, kb);
+        worst = worst.max(rel_err(b, a));
+    }
+    println!("batch 8 vs 4x2: worst relative difference of updated tensors {worst:.2e}");
+    assert!(worst < 1e-5, "accumulation differs from the large batch: {worst}");
+}
+
+#[test]
+fn gradient_checkpointing_gives_identical_gradients() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_model(dir.path());
+    let data = synth(dir.path(), 2);
+    let s = samples(&cfg, &data, 3);
+    let items: Vec<&PreparedSample> = s.iter().collect();
+    let mb = collate(&items, &Device::Cpu).unwrap();
+    let grads = |ckpt: bool| {
+        let mut m = model(&cfg);
+        // a moved LoRA B so that every tensor has a gradient
+        for p in m.trained.group("lora").iter().filter(|p| p.key.contains("lora_B")) {
+            p.var.set(&(p.var.ones_like().unwrap() * 0.01).unwrap()).unwrap();
+        }
+        m.set_gradient_checkpointing(ckpt);
+        let norm = LossNorm { images: 3, tokens: s.iter().map(|x| x.prompt.answer.len() + 1).sum() };
+        let g = micro_backward(&m, &mb, &LossWeights::default(), norm, None, 5, false).unwrap().grads.unwrap();
+        common::assert_grads_exactly_trained_except(&g, &m.trained, |k| k.starts_with("mask_generation.") && (k.ends_with("conv1.bias") || k.ends_with("conv2.bias")) || k.contains(".conv1.c.") || k.contains(".conv2.c."));
+        m.trained.weights().iter().map(|p| g.get(p.var.as_tensor()).unwrap().copy().unwrap()).collect::<Vec<_>>()
+    };
+    let (a, b) = (grads(false), grads(true));
+    let worst = a.iter().zip(b.iter()).map(|(x, y)| rel_err(y, x)).fold(0f32, f32::max);
+    println!("checkpointing on vs off: worst relative gradient difference {worst:.2e}");
+    assert!(worst <= 1e-6, "{worst}");
+}
+
+fn prs() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_prs"));
+    c.env("PRS_TOKENIZER_MODEL", common::tokenizer_model());
+    c
+}
+
+/// A small finetune config file pointing at the test's model and data.
+fn write_config(dir: &Path, cfg: &Config, data: &Path, extra: &str) -> PathBuf {
+    let mut c = cfg.clone();
+    c.data.root = Some(data.display().to_string());
+    c.data.num_workers = 2;
+    c.train.batch_size = 4;
+    c.train.num_epochs = 3;
+    c.train.eval_every = 4;
+    c.train.save_every = 2;
+    c.train.max_eval_samples = 2;
+    c.train.warmup_steps = 2;
+    let text = format!("{}\n", c.to_toml().unwrap());
+    let text = prs::config::Config::parse(&text, &extra.split_whitespace().map(String::from).collect::<Vec<_>>())
+        .unwrap()
+        .to_toml()
+        .unwrap();
+    let p = dir.join("ft.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn checkpoint_tensors(dir: &Path) -> Vec<(String, Tensor)> {
+    let mut out = vec![];
+    for f in ["adapter_model.safetensors", "image_encoder.safetensors", "mask_decoder.safetensors", "classifier.safetensors", "mm_projector.safetensors"] {
+        let mut t: Vec<_> = candle_core::safetensors::load(dir.join(f), &Device::Cpu).unwrap().into_iter().collect();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        out.extend(t.into_iter().map(|(k, v)| (format!("{f}/{k}"), v)));
+    }
+    out
+}
+
+#[test]
+fn sigkill_and_resume_equal_the_uninterrupted_run_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_model(dir.path());
+    let data = synth(dir.path(), 4);
+    let conf = write_config(dir.path(), &cfg, &data, "train.max_steps=10");
+    let full = dir.path().join("full");
+    let st = prs().args(["finetune", "--quiet", "--config"]).arg(&conf).arg("--out").arg(&full).status().unwrap();
+    assert!(st.success());
+
+    // Same run, killed once its step-4 checkpoint exists (mid-epoch: 3 steps per epoch).
+    let cut = dir.path().join("cut");
+    let mut child = prs().args(["finetune", "--quiet", "--config"]).arg(&conf).arg("--out").arg(&cut)
+        .stdout(std::process::Stdio::null()).spawn().unwrap();
+    let t0 = Instant::now();
+    loop {
+        let last = std::fs::read_to_string(cut.join("last")).unwrap_or_default();
+        if last.contains("step-0000004") || last.contains("step-0000005") || last.contains("step-0000006") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(600), "no checkpoint appeared");
+        assert!(child.try_wait().unwrap().is_none(), "run ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let st = prs().args(["finetune", "--quiet", "--resume"]).arg(&cut).status().unwrap();
+    assert!(st.success());
+
+    let last = |run: &Path| run.join(std::fs::read_to_string(run.join("last")).unwrap().trim());
+    let (a, b) = (checkpoint_tensors(&last(&full)), checkpoint_tensors(&last(&cut)));
+    assert_eq!(a.len(), b.len());
+    for ((ka, ta), (kb, tb)) in a.iter().zip(b.iter()) {
+        assert_eq!(ka, kb);
+        let d = (ta - tb).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "{ka} differs after resume");
+    }
+    // The metrics log of the resumed run equals the uninterrupted one's step for step.
+    let steps = |run: &Path| -> Vec<u64> {
+        prs::report::read_metrics(&run.join("metrics.jsonl")).unwrap().iter().map(|r| r.step).collect()
+    };
+    assert_eq!(steps(&full), steps(&cut));
+    assert!(last(&full).join("optimizer.safetensors").exists());
+    assert!(full.join("curves.png").exists() && full.join("best").join("prs_checkpoint.json").exists());
+}
+
+#[test]
+fn non_finite_steps_are_skipped_and_three_stop_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_model(dir.path());
+    let data = synth(dir.path(), 4);
+    // An absurd learning rate blows the weights up to inf after the first update.
+    let conf = write_config(dir.path(), &cfg, &data, "train.learning_rate=1e30 train.warmup_steps=0 train.max_grad_norm=0.0 train.save_every=1");
+    let out = prs().args(["finetune", "--quiet", "--config"]).arg(&conf).arg("--out").arg(dir.path().join("run")).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("consecutive steps had non-finite"), "{err}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("skipped"), "{stdout}");
+    // No checkpoint holds a non-finite value.
+    if let Ok(rd) = std::fs::read_dir(dir.path().join("run/checkpoints")) {
+        for e in rd {
+            for (k, t) in checkpoint_tensors(&e.unwrap().path()) {
+                let s = t.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(s.is_finite(), "{k} is not finite in a checkpoint");
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_rows_are_all_reported_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_model(dir.path());
+    let data = synth(dir.path(), 3);
+    // Break two rows: a missing image and an empty answer.
+    let csv = std::fs::read_dir(data.join("annotations")).unwrap().next().unwrap().unwrap().path();
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    let first_mask = lines[1].split(',').next().unwrap().to_string();
+    std::fs::remove_file(data.join(first_mask.replace("_masks", "_images")).with_extension("png")).ok();
+    std::fs::remove_file(data.join(first_mask.replace("_masks", "_images").replace("_Segmentation", "")).with_extension("jpg")).ok();
+    let conf = write_config(dir.path(), &cfg, &data, "");
+    let out = prs().args(["finetune", "--dry-run", "--quiet", "--config"]).arg(&conf).arg("--out").arg(dir.path().join("r")).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let name = csv.file_name().unwrap().to_string_lossy().to_string();
+    assert!(err.contains(&format!("{name}:2")), "error does not name {name}:2: {err}");
+    // --skip-bad-rows goes on and says how many were dropped.
+    let out = prs().args(["finetune", "--dry-run", "--quiet", "--skip-bad-rows", "--config"]).arg(&conf).arg("--out").arg(dir.path().join("r2")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("skipped 1 bad rows"));
+    lines.truncate(1);
+    let _ = lines;
+}
+
+#[test]
+fn the_memory_guides_flag_spellings_parse() {
+    let cli = prs::cli::Cli::try_parse_from([
+        "prs", "finetune", "--config", "c.toml", "--data_root", "d", "--batch_size", "4", "--gradient_accumulation_steps", "2",
+        "--gradient_checkpointing", "--use_amp", "--learning_rate", "1e-4", "--num_epochs", "3", "--image_size", "1024",
+        "--num_workers", "4", "--compile_model",
+    ])
+    .unwrap();
+    let prs::cli::Command::Finetune(a) = cli.command else { panic!("not finetune") };
+    assert_eq!((a.batch_size, a.gradient_accumulation_steps, a.num_epochs, a.image_size), (Some(4), Some(2), Some(3), Some(1024)));
+    assert!(a.gradient_checkpointing && a.use_amp && a.compile_model);
+    let cli = prs::cli::Cli::try_parse_from(["prs", "finetune", "--config", "c.toml", "--no-use_amp"]).unwrap();
+    let prs::cli::Command::Finetune(a) = cli.command else { panic!() };
+    assert!(a.no_amp);
+}
