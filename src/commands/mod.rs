@@ -3,3 +3,5 @@
 pub mod init;
 pub mod tokenize;
 pub mod synth_data;
+pub mod predict;
+pub mod evaluate;
