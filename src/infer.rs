@@ -170,8 +170,7 @@ pub fn predict_batch(model: &PrsMed, batch: &ModelBatch, opts: &GenerateOptions)
     let inp = model.llm_inputs(&batch.prompts, &image, false)?;
     let (b, t) = inp.key_valid.dims2()?;
     let n_image = image.dim(1)?;
-    let lens: Vec<usize> =
-        batch.prompts.iter().map(|p| p.before_image.len() + n_image + p.after_image.len()).collect();
+    let lens: Vec<usize> = batch.prompts.iter().map(|p| p.before_image.len() + n_image + p.after_image.len()).collect();
     let padded = lens.iter().any(|&l| l != t);
     let mut valid = inp.key_valid.clone();
     let mut cache = KvCache::new(model.llm.config().num_hidden_layers);
@@ -549,8 +548,11 @@ pub fn load_model(checkpoint: &Path, args: &ModelArgs) -> Result<Loaded> {
         checkpoint_format: format.into(),
         checkpoint_step: step,
         dtype: format!("{dtype:?}").to_lowercase(),
-        device: format!("{device:?}"),
+        device: match device.location() {
+            candle_core::DeviceLocation::Cpu => "cpu".into(),
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+        },
     };
     Ok(Loaded { model, cfg, tokenizer, info, load_secs: t0.elapsed().as_secs_f64() })
 }
-

@@ -96,8 +96,19 @@ fn single_image_from_a_project_checkpoint_matches_the_model() {
     let img = st.dir.path().join("scan.png");
     make_image(&img, 96, 72);
     let out = st.dir.path().join("pred");
-    predict(&["--checkpoint", &s(&st.project), "--image", &s(&img), "--question", Q, "--out", &s(&out),
-        "--save-logits", "--max-new-tokens", "12"])
+    predict(&[
+        "--checkpoint",
+        &s(&st.project),
+        "--image",
+        &s(&img),
+        "--question",
+        Q,
+        "--out",
+        &s(&out),
+        "--save-logits",
+        "--max-new-tokens",
+        "12",
+    ])
     .unwrap();
     for f in ["mask.png", "prob.png", "overlay.png", "result.json", "mask_logits.safetensors"] {
         assert!(out.join(f).is_file(), "{f} missing");
@@ -123,7 +134,10 @@ fn single_image_from_a_project_checkpoint_matches_the_model() {
     assert_eq!(got_ids, ids);
     let tok = tokenizer::load(Path::new(&st.cfg.model.base)).unwrap();
     assert_eq!(res["answer"].as_str().unwrap(), tok.decode(&ids, true).unwrap());
-    assert_eq!(res["position"].as_str().unwrap(), prs::metrics::parse_position(res["answer"].as_str().unwrap()).as_str());
+    assert_eq!(
+        res["position"].as_str().unwrap(),
+        prs::metrics::parse_position(res["answer"].as_str().unwrap()).as_str()
+    );
 
     // prob.png = sigmoid(bilinear(logits)) at 96x72, rounded to 8 bits.
     let logits = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -136,10 +150,14 @@ fn single_image_from_a_project_checkpoint_matches_the_model() {
     assert!(worst <= 0.5 / 255.0 + 1e-4, "prob.png off by {worst}");
 
     // mask.png is exactly prob >= 0.5, i.e. 8-bit level >= 128; the stats describe it.
-    let on: Vec<bool> = mask.as_raw().iter().map(|&v| {
-        assert!(v == 0 || v == 255, "mask.png is not binary");
-        v == 255
-    }).collect();
+    let on: Vec<bool> = mask
+        .as_raw()
+        .iter()
+        .map(|&v| {
+            assert!(v == 0 || v == 255, "mask.png is not binary");
+            v == 255
+        })
+        .collect();
     let from_prob: Vec<bool> = prob.as_raw().iter().map(|&v| v >= 128).collect();
     assert_eq!(on, from_prob);
     let n = on.iter().filter(|&&b| b).count() as u64;
@@ -155,7 +173,8 @@ fn single_image_from_a_project_checkpoint_matches_the_model() {
         assert_eq!(bb["y1"].as_u64().unwrap() as u32, pix.iter().map(|p| p.1).max().unwrap());
         let cx = pix.iter().map(|p| p.0 as f64).sum::<f64>() / n as f64;
         assert!((res["centroid"][0].as_f64().unwrap() - cx).abs() < 1e-9);
-        let mean: f64 = (0..on.len()).filter(|&i| on[i]).map(|i| prob.as_raw()[i] as f64 / 255.0).sum::<f64>() / n as f64;
+        let mean: f64 =
+            (0..on.len()).filter(|&i| on[i]).map(|i| prob.as_raw()[i] as f64 / 255.0).sum::<f64>() / n as f64;
         assert!((res["mean_prob_inside"].as_f64().unwrap() - mean).abs() <= 0.5 / 255.0 + 1e-6);
     } else {
         assert!(res["bbox"].is_null() && res["centroid"].is_null());
@@ -165,7 +184,11 @@ fn single_image_from_a_project_checkpoint_matches_the_model() {
     for k in ["load_s", "encode_s", "decode_s"] {
         assert!(res["timings"][k].as_f64().unwrap() > 0.0, "{k}");
     }
-    assert!(!std::fs::read_dir(st.dir.path()).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains(".tmp-")));
+    assert!(!std::fs::read_dir(st.dir.path()).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains(".tmp-")));
 }
 
 #[test]
@@ -236,8 +259,20 @@ fn batch_mode_folder_csv_and_resume() {
     }
     std::fs::write(dir.join("notes.txt"), "not an image").unwrap();
     let out = st.dir.path().join("batch");
-    let args = ["--checkpoint", &s(&st.project), "--images", &s(&dir), "--question", Q, "--out", &s(&out),
-        "--batch-size", "2", "--max-new-tokens", "6"];
+    let args = [
+        "--checkpoint",
+        &s(&st.project),
+        "--images",
+        &s(&dir),
+        "--question",
+        Q,
+        "--out",
+        &s(&out),
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "6",
+    ];
     predict(&args).unwrap();
     let csv = std::fs::read_to_string(out.join("predictions.csv")).unwrap();
     assert_eq!(csv.lines().count(), 4, "{csv}");
@@ -266,13 +301,26 @@ fn batch_mode_folder_csv_and_resume() {
     let data = synth(st.dir.path(), 2, 64);
     let csv_in = data.join("annotations/brain_tumors_ct_scan.csv");
     let out2 = st.dir.path().join("from_csv");
-    predict(&["--checkpoint", &s(&st.project), "--input", &s(&csv_in), "--split", "test", "--out", &s(&out2),
-        "--max-new-tokens", "4"])
+    predict(&[
+        "--checkpoint",
+        &s(&st.project),
+        "--input",
+        &s(&csv_in),
+        "--split",
+        "test",
+        "--out",
+        &s(&out2),
+        "--max-new-tokens",
+        "4",
+    ])
     .unwrap();
     let rows = std::fs::read_to_string(out2.join("predictions.csv")).unwrap();
     assert_eq!(rows.lines().count(), 3, "{rows}");
-    let ids: Vec<String> = std::fs::read_dir(&out2).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("brain_tumors_ct_scan__test_masks__")).collect();
+    let ids: Vec<String> = std::fs::read_dir(&out2)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("brain_tumors_ct_scan__test_masks__"))
+        .collect();
     assert_eq!(ids.len(), 2, "{ids:?}");
     for id in ids {
         let r = json(&out2.join(&id).join("result.json"));
@@ -292,16 +340,38 @@ fn authors_release_needs_a_configuration_then_predicts() {
     let msg = format!("{err:#}");
     assert!(msg.contains("authors' PRS-Med release") && msg.contains("--config") && msg.contains("--base"), "{msg}");
     assert!(!out.exists());
-    predict(&["--checkpoint", &s(&st.authors), "--config", &s(&st.config_file), "--image", &s(&img), "--question", Q,
-        "--out", &s(&out), "--max-new-tokens", "5"])
+    predict(&[
+        "--checkpoint",
+        &s(&st.authors),
+        "--config",
+        &s(&st.config_file),
+        "--image",
+        &s(&img),
+        "--question",
+        Q,
+        "--out",
+        &s(&out),
+        "--max-new-tokens",
+        "5",
+    ])
     .unwrap();
     let r = json(&out.join("result.json"));
     assert_eq!(r["model"]["checkpoint_format"], "authors");
     assert_eq!(grey(&out.join("mask.png")).dimensions(), (64, 64));
     // The release's weights are used: its masks differ from the project checkpoint's.
     let out_p = st.dir.path().join("p");
-    predict(&["--checkpoint", &s(&st.project), "--image", &s(&img), "--question", Q, "--out", &s(&out_p),
-        "--max-new-tokens", "1"])
+    predict(&[
+        "--checkpoint",
+        &s(&st.project),
+        "--image",
+        &s(&img),
+        "--question",
+        Q,
+        "--out",
+        &s(&out_p),
+        "--max-new-tokens",
+        "1",
+    ])
     .unwrap();
     assert_ne!(grey(&out.join("prob.png")).into_raw(), grey(&out_p.join("prob.png")).into_raw());
 }
@@ -330,7 +400,8 @@ fn input_errors_are_single_clear_messages_and_leave_nothing() {
     assert!(e.contains("cannot load image") && e.contains("anim.gif") && e.contains("Gif is not supported"), "{e}");
     let e = run(&st.dir.path().join("missing.png"), Q);
     assert!(e.contains("cannot load image") && e.contains("missing.png"), "{e}");
-    let e = predict(&["--checkpoint", &ck, "--image", &s(&good), "--question", Q, "--out", &s(&out), "--top-p", "0"]).unwrap_err();
+    let e = predict(&["--checkpoint", &ck, "--image", &s(&good), "--question", Q, "--out", &s(&out), "--top-p", "0"])
+        .unwrap_err();
     assert!(format!("{e:#}").contains("--top-p"), "{e:#}");
 
     // A base with another hidden size: named as such, before any weight is read.
@@ -339,13 +410,18 @@ fn input_errors_are_single_clear_messages_and_leave_nothing() {
     init.llm.intermediate_size = 64;
     let other = st.dir.path().join("llava32");
     prs::commands::init::write_llava(&other, &init, &tokenizer_model(), 1 << 20).unwrap();
-    let e = predict(&["--checkpoint", &ck, "--base", &s(&other), "--image", &s(&good), "--question", Q, "--out", &s(&out)])
-        .unwrap_err();
+    let e =
+        predict(&["--checkpoint", &ck, "--base", &s(&other), "--image", &s(&good), "--question", Q, "--out", &s(&out)])
+            .unwrap_err();
     let e = format!("{e:#}");
     assert!(e.contains("hidden size 64") && e.contains("has 32") && e.contains("--base"), "{e}");
     // A checkpoint that records another vocabulary.
     let ck2 = st.dir.path().join("ckpt_vocab");
-    project_checkpoint(&st.cfg, &ck2, Some(serde_json::json!({"base_config": {"vocab_size": 32064, "hidden_size": 64}})));
+    project_checkpoint(
+        &st.cfg,
+        &ck2,
+        Some(serde_json::json!({"base_config": {"vocab_size": 32064, "hidden_size": 64}})),
+    );
     let e = predict(&["--checkpoint", &s(&ck2), "--image", &s(&good), "--question", Q, "--out", &s(&out)]).unwrap_err();
     let e = format!("{e:#}");
     assert!(e.contains("vocab_size 32064") && e.contains("has 32000"), "{e}");
@@ -353,10 +429,23 @@ fn input_errors_are_single_clear_messages_and_leave_nothing() {
     // A write that fails midway (the output's parent is a file) leaves no temporary folder.
     let blocker = st.dir.path().join("blocker");
     std::fs::write(&blocker, "x").unwrap();
-    let e = predict(&["--checkpoint", &ck, "--image", &s(&good), "--question", Q, "--out", &s(&blocker.join("o")),
-        "--max-new-tokens", "1"]);
+    let e = predict(&[
+        "--checkpoint",
+        &ck,
+        "--image",
+        &s(&good),
+        "--question",
+        Q,
+        "--out",
+        &s(&blocker.join("o")),
+        "--max-new-tokens",
+        "1",
+    ]);
     assert!(e.is_err());
-    let leftovers: Vec<_> = std::fs::read_dir(st.dir.path()).unwrap().map(|e| e.unwrap().file_name())
-        .filter(|n| n.to_string_lossy().contains(".tmp-")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(st.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains(".tmp-"))
+        .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }

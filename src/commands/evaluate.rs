@@ -23,18 +23,22 @@ use image::DynamicImage;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::predict::{finished, predict_items, progress, unique_ids, write_predictions_csv, GenArgs, Item, PredictOptions};
+use super::predict::{
+    finished, predict_items, progress, unique_ids, write_predictions_csv, GenArgs, Item, PredictOptions,
+};
 use crate::data::dataset::{check_rows, load_mask, read_rows, DatasetOptions, Position, Row, Split};
 use crate::data::preprocess::load_image;
 use crate::infer::{load_model, ModelArgs};
 use crate::metrics::hd95::hd95;
+use crate::metrics::position::PositionReport;
 use crate::metrics::prsmed::{
     evaluate_u8_pair, load_gray_u8, resize_nearest_u8, summarize as prsmed_summary, PrsmedImage, PrsmedSummary, U8Pair,
     CSV_HEADER,
 };
-use crate::metrics::{parse_position, Confusion, EmptyPolicy, Hd95Summary, PositionConfusion, PositionLabel, SegAccumulator};
-use crate::metrics::position::PositionReport;
 use crate::metrics::seg::SegSummary;
+use crate::metrics::{
+    parse_position, Confusion, EmptyPolicy, Hd95Summary, PositionConfusion, PositionLabel, SegAccumulator,
+};
 use crate::report::overlay::{overlay_compare, save_png_atomic};
 use crate::weights::shards::write_atomic;
 
@@ -196,7 +200,8 @@ fn position_label(p: Position) -> PositionLabel {
 
 /// Rows of the split, checked (files decode, sizes agree).
 fn split_rows(args: &EvaluateArgs) -> Result<Vec<Row>> {
-    let split = Split::parse(&args.split).with_context(|| format!("--split {}: expected train, val or test", args.split))?;
+    let split =
+        Split::parse(&args.split).with_context(|| format!("--split {}: expected train, val or test", args.split))?;
     let read = read_rows(&args.data_root, &DatasetOptions::default())?;
     // Problems of rows we cannot place in a split are reported, not fatal (they may be train rows).
     let (fatal, other): (Vec<_>, Vec<_>) = read.problems.into_iter().partition(|p| p.fatal);
@@ -300,7 +305,8 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         .par_iter()
         .zip(&preds)
         .map(|(row, pred)| {
-            let s = score_case(pred, &row.mask, o).with_context(|| format!("scoring {} against {}", pred.display(), row.mask.display()));
+            let s = score_case(pred, &row.mask, o)
+                .with_context(|| format!("scoring {} against {}", pred.display(), row.mask.display()));
             pb.inc(1);
             s
         })
@@ -357,7 +363,8 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     };
     let all: Vec<usize> = (0..rows.len()).collect();
     let overall = summarize_group(&all);
-    let per_modality: BTreeMap<String, GroupSummary> = groups.iter().map(|(m, idx)| (m.clone(), summarize_group(idx))).collect();
+    let per_modality: BTreeMap<String, GroupSummary> =
+        groups.iter().map(|(m, idx)| (m.clone(), summarize_group(idx))).collect();
 
     // 5. Outputs.
     let method = args.method.clone().unwrap_or_else(|| {
@@ -417,8 +424,24 @@ fn num(v: f64) -> String {
 fn write_per_image_csv(path: &Path, cases: &[CaseRow]) -> Result<()> {
     let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record([
-        "id", "modality", "dice", "iou", "precision", "recall", "empty_gt", "empty_pred", "tp", "fp", "fn", "hd95",
-        "position_truth", "position_pred", "answer", "image", "mask", "prediction",
+        "id",
+        "modality",
+        "dice",
+        "iou",
+        "precision",
+        "recall",
+        "empty_gt",
+        "empty_pred",
+        "tp",
+        "fp",
+        "fn",
+        "hd95",
+        "position_truth",
+        "position_pred",
+        "answer",
+        "image",
+        "mask",
+        "prediction",
     ])?;
     for c in cases {
         let o = |v: &Option<String>| v.clone().unwrap_or_default();
@@ -456,7 +479,12 @@ pub fn summary_markdown(
 ) -> String {
     let f = |v: f64| if v.is_nan() { "-".to_string() } else { format!("{v:.4}") };
     let mut s = String::new();
-    let _ = writeln!(s, "# Evaluation: {} split `{}`\n", settings["method"].as_str().unwrap_or(""), settings["split"].as_str().unwrap_or(""));
+    let _ = writeln!(
+        s,
+        "# Evaluation: {} split `{}`\n",
+        settings["method"].as_str().unwrap_or(""),
+        settings["split"].as_str().unwrap_or("")
+    );
     let _ = writeln!(
         s,
         "Threshold {}, empty-ground-truth policy `{}` ({} of {} images have an empty ground truth; {} excluded from the means).\n",

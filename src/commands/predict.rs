@@ -222,7 +222,12 @@ pub fn progress(len: usize, msg: &str) -> ProgressBar {
 
 /// Predicts every item into `dirs[i]` (batched, model loaded once); returns the results in
 /// input order, finished folders included when `resume`.
-pub fn predict_items(loaded: &Loaded, items: &[Item], dirs: &[PathBuf], opts: &PredictOptions) -> Result<Vec<ItemResult>> {
+pub fn predict_items(
+    loaded: &Loaded,
+    items: &[Item],
+    dirs: &[PathBuf],
+    opts: &PredictOptions,
+) -> Result<Vec<ItemResult>> {
     ensure!(items.len() == dirs.len(), "{} items for {} folders", items.len(), dirs.len());
     ensure!(opts.batch_size > 0, "--batch-size must be at least 1");
     ensure!((0.0..=1.0).contains(&opts.threshold), "--threshold must be in [0, 1], got {}", opts.threshold);
@@ -294,8 +299,22 @@ pub fn predict_items(loaded: &Loaded, items: &[Item], dirs: &[PathBuf], opts: &P
 pub fn write_predictions_csv(path: &Path, results: &[ItemResult]) -> Result<()> {
     let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record([
-        "id", "image", "question", "answer", "position", "mask_position", "empty", "area_px", "area_fraction",
-        "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1", "centroid_x", "centroid_y", "mean_prob_inside",
+        "id",
+        "image",
+        "question",
+        "answer",
+        "position",
+        "mask_position",
+        "empty",
+        "area_px",
+        "area_fraction",
+        "bbox_x0",
+        "bbox_y0",
+        "bbox_x1",
+        "bbox_y1",
+        "centroid_x",
+        "centroid_y",
+        "mean_prob_inside",
     ])?;
     let opt = |v: Option<String>| v.unwrap_or_default();
     for r in results {
@@ -359,10 +378,7 @@ fn items_from_dir(dir: &Path, question: &str) -> Result<Vec<Item>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading --images {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && p.extension().is_some_and(|e| IMAGE_EXTS.iter().any(|x| e.eq_ignore_ascii_case(x)))
-        })
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| IMAGE_EXTS.iter().any(|x| e.eq_ignore_ascii_case(x))))
         .collect();
     files.sort();
     ensure!(!files.is_empty(), "no images ({}) in {}", IMAGE_EXTS.join(", "), dir.display());
@@ -380,12 +396,15 @@ pub fn items_from_csv(csv_path: &Path, question: Option<&str>, split: Option<&st
         .trim(csv::Trim::All)
         .from_path(csv_path)
         .with_context(|| format!("opening --input {}", csv_path.display()))?;
-    let headers: Vec<String> =
-        r.headers()?.iter().map(|h| h.trim_start_matches('\u{feff}').to_lowercase()).collect();
+    let headers: Vec<String> = r.headers()?.iter().map(|h| h.trim_start_matches('\u{feff}').to_lowercase()).collect();
     let col = |n: &str| headers.iter().position(|h| h == n);
     let dir = csv_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     // The authors' CSVs live in DATA_ROOT/annotations and name paths relative to DATA_ROOT.
-    let root = if dir.file_name().is_some_and(|n| n == "annotations") { dir.parent().unwrap().to_path_buf() } else { dir.clone() };
+    let root = if dir.file_name().is_some_and(|n| n == "annotations") {
+        dir.parent().unwrap().to_path_buf()
+    } else {
+        dir.clone()
+    };
     let (img_col, authors) = match (col("image"), col("image_path")) {
         (Some(c), _) => (c, false),
         (None, Some(c)) => (c, true),
@@ -419,7 +438,12 @@ pub fn items_from_csv(csv_path: &Path, question: Option<&str>, split: Option<&st
         rels.push(rel);
         rows.push((get(id_col), image, q));
     }
-    ensure!(!rows.is_empty(), "{}: no inputs{}", csv_path.display(), split.map(|s| format!(" in split {s}")).unwrap_or_default());
+    ensure!(
+        !rows.is_empty(),
+        "{}: no inputs{}",
+        csv_path.display(),
+        split.map(|s| format!(" in split {s}")).unwrap_or_default()
+    );
     let ids = unique_ids(&rels);
     Ok(rows
         .into_iter()
@@ -454,7 +478,7 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         load_image(image)?;
         let item = Item { id: "prediction".into(), image: image.clone(), question };
         let loaded = load_model(&args.checkpoint, &args.model)?;
-        let r = predict_items(&loaded, &[item], &[args.out.clone()], &PredictOptions { resume: false, ..opts })?;
+        let r = predict_items(&loaded, &[item], std::slice::from_ref(&args.out), &PredictOptions { resume: false, ..opts })?;
         println!("{}", serde_json::to_string_pretty(&r[0])?);
         println!("wrote {}", args.out.display());
         return Ok(());
@@ -475,11 +499,7 @@ pub fn run(args: &PredictArgs) -> Result<()> {
     let results = predict_items(&loaded, &items, &dirs, &opts)?;
     write_predictions_csv(&args.out.join("predictions.csv"), &results)?;
     let empty = results.iter().filter(|r| r.mask.empty).count();
-    println!(
-        "wrote {} predictions ({empty} with an empty mask) to {}",
-        results.len(),
-        args.out.display()
-    );
+    println!("wrote {} predictions ({empty} with an empty mask) to {}", results.len(), args.out.display());
     Ok(())
 }
 

@@ -23,7 +23,9 @@ fn thickness(w: u32, h: u32) -> usize {
 pub fn contour(mask: &[bool], w: usize, h: usize, t: usize) -> Vec<bool> {
     assert_eq!(mask.len(), w * h, "contour: mask length != w*h");
     // A 4-neighbour boundary first, then dilated by t-1 inside the mask.
-    let at = |x: isize, y: isize| x >= 0 && y >= 0 && (x as usize) < w && (y as usize) < h && mask[y as usize * w + x as usize];
+    let at = |x: isize, y: isize| {
+        x >= 0 && y >= 0 && (x as usize) < w && (y as usize) < h && mask[y as usize * w + x as usize]
+    };
     let mut edge: Vec<bool> = (0..w * h)
         .map(|i| {
             let (x, y) = ((i % w) as isize, (i / w) as isize);
@@ -32,7 +34,9 @@ pub fn contour(mask: &[bool], w: usize, h: usize, t: usize) -> Vec<bool> {
         .collect();
     for _ in 1..t {
         let prev = edge.clone();
-        let on = |x: isize, y: isize| x >= 0 && y >= 0 && (x as usize) < w && (y as usize) < h && prev[y as usize * w + x as usize];
+        let on = |x: isize, y: isize| {
+            x >= 0 && y >= 0 && (x as usize) < w && (y as usize) < h && prev[y as usize * w + x as usize]
+        };
         for i in 0..w * h {
             if mask[i] && !prev[i] {
                 let (x, y) = ((i % w) as isize, (i / w) as isize);
