@@ -16,6 +16,10 @@ pub struct Cli {
 pub enum Command {
     /// LoRA fine-tuning of PRS-Med (LLM adapter, TinySAM, mask decoder).
     Finetune(commands::finetune::FinetuneArgs),
+    /// Mask, probability map, overlay and answer for one image (or a folder / CSV of them).
+    Predict(commands::predict::PredictArgs),
+    /// Score a test split (or existing probability maps): Dice/IoU, the authors' protocol, HD95, position accuracy.
+    Evaluate(commands::evaluate::EvaluateArgs),
     /// Write random base weights in the real checkpoint layouts (LLaVA-Med folder + TinySAM .pth).
     Init(commands::init::InitArgs),
     /// Print the token ids the model sees for some text.
@@ -31,6 +35,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Finetune(a) => commands::finetune::run(&a),
         Command::Init(a) => commands::init::run(&a),
+        Command::Predict(a) => commands::predict::run(&a),
+        Command::Evaluate(a) => commands::evaluate::run(&a),
         Command::Tokenize(a) => commands::tokenize::run(&a),
         Command::SynthData(a) => commands::synth_data::run(&a),
         Command::ProfileMemory(a) => commands::profile_memory::run(&a),

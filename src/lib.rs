@@ -7,6 +7,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod data;
+pub mod infer;
 pub mod memory;
 pub mod metrics;
 pub mod model;

@@ -5,3 +5,5 @@ pub mod init;
 pub mod profile_memory;
 pub mod tokenize;
 pub mod synth_data;
+pub mod predict;
+pub mod evaluate;

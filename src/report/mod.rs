@@ -8,6 +8,7 @@
 pub mod chart;
 pub mod font;
 pub mod metrics_log;
+pub mod overlay;
 
 use std::path::Path;
 

@@ -1,0 +1,516 @@
+//! `prs predict`: mask + answer for one image (`--image`) or many (`--images DIR`,
+//! `--input list.csv`), written at the original image resolution.
+//!
+//! Per input a folder with `mask.png` (0/255), `prob.png` (8-bit probability), `overlay.png`,
+//! `result.json` and, with `--save-logits`, `mask_logits.safetensors` ((1,1,S,S) f32). Each
+//! folder is written under a temporary name and renamed when complete, so an interrupted run
+//! leaves no partial item; `--resume` skips items whose folder exists. Batch mode adds
+//! `predictions.csv`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{Device, Tensor};
+use image::{DynamicImage, GrayImage, RgbImage};
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::data::dataset::image_candidates;
+use crate::data::preprocess::{clip_preprocess, load_image, sam_preprocess};
+use crate::infer::{
+    load_model, mask_stats, predict_batch, prob_map, prob_to_u8, threshold_mask, GenerateOptions, Loaded, MaskStats,
+    ModelArgs, ModelInfo,
+};
+use crate::metrics::{parse_position, position_from_mask};
+use crate::model::prs_med::ModelBatch;
+use crate::report::overlay::{overlay_mask, save_png_atomic, PRED_COLOUR};
+use crate::tokenizer::{encode_prompt, PromptIds};
+use crate::weights::shards::{write_atomic, write_safetensors_atomic};
+
+/// Answer generation flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GenArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl GenArgs {
+    pub fn options(&self) -> GenerateOptions {
+        GenerateOptions {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+            stop_at_eos: true,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PredictArgs {
+    /// Trained checkpoint: a project checkpoint folder or the authors' release layout.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// One image (PNG or JPEG).
+    #[arg(long, required_unless_present_any = ["images", "input"], conflicts_with_all = ["images", "input"])]
+    pub image: Option<PathBuf>,
+    /// A folder of images (one prediction folder per image).
+    #[arg(long, conflicts_with = "input")]
+    pub images: Option<PathBuf>,
+    /// A CSV of inputs: `image` (relative to the CSV) or the authors' `image_path` column,
+    /// `question` (or `description`), optional `id` and `split`.
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    /// The question (for --input: used where the CSV has none).
+    #[arg(long)]
+    pub question: Option<String>,
+    /// With --input: only rows of this split.
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Output folder (single image: the prediction folder itself).
+    #[arg(long, default_value = "prs-predict")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub gen: GenArgs,
+    /// Mask threshold on the probability.
+    #[arg(long, default_value_t = 0.5)]
+    pub threshold: f32,
+    /// Also write the model-resolution logits (mask_logits.safetensors, f32 (1,1,S,S)).
+    #[arg(long)]
+    pub save_logits: bool,
+    /// Skip inputs whose prediction folder is complete.
+    #[arg(long)]
+    pub resume: bool,
+    /// Images per forward in batch mode.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+}
+
+/// One input.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Item {
+    /// Folder name of its prediction (unique within a run).
+    pub id: String,
+    pub image: PathBuf,
+    pub question: String,
+}
+
+/// Timings of one prediction, in seconds. Batched work is split evenly over the batch.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Timings {
+    pub load_s: f64,
+    pub encode_s: f64,
+    pub decode_s: f64,
+    pub generated_tokens: usize,
+    pub decode_per_token_s: Option<f64>,
+    pub batch_size: usize,
+}
+
+/// `result.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ItemResult {
+    pub id: String,
+    pub image: String,
+    pub question: String,
+    pub answer: String,
+    pub answer_ids: Vec<u32>,
+    pub stopped_at_eos: bool,
+    /// The answer parsed to a position label ("none" when it names none).
+    pub position: String,
+    /// The position rule applied to the predicted mask.
+    pub mask_position: String,
+    #[serde(flatten)]
+    pub mask: MaskStats,
+    pub model: ModelInfo,
+    pub generation: GenerateOptions,
+    pub timings: Timings,
+}
+
+/// What `predict_items` does besides generating.
+#[derive(Clone, Debug)]
+pub struct PredictOptions {
+    pub gen: GenerateOptions,
+    pub threshold: f32,
+    pub save_logits: bool,
+    pub batch_size: usize,
+    pub resume: bool,
+}
+
+struct Prepared {
+    clip: Tensor,
+    sam: Tensor,
+    prompt: PromptIds,
+    image: RgbImage,
+}
+
+fn prepare(loaded: &Loaded, item: &Item) -> Result<Prepared> {
+    let img = load_image(&item.image)?;
+    let clip_size = loaded.model.spec.llava.vision_config()?.image_size;
+    let clip = clip_preprocess(&img, clip_size)?;
+    let sam = sam_preprocess(&img, loaded.cfg.model.sam_image_size)?;
+    let prompt = encode_prompt(&loaded.tokenizer, &loaded.cfg.prompt.template, &item.question, None)
+        .with_context(|| format!("question for {}", item.image.display()))?;
+    Ok(Prepared { clip, sam, prompt, image: img.into_rgb8() })
+}
+
+/// The folder `out/id` is complete (its result.json parses).
+pub fn finished(dir: &Path) -> Option<ItemResult> {
+    let text = std::fs::read_to_string(dir.join("result.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Writes an item's files into a temporary sibling folder and renames it to `dir`.
+fn write_item(dir: &Path, p: &Prepared, prob: &[f32], logits: Option<&Tensor>, res: &ItemResult) -> Result<()> {
+    let parent = dir.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let name = dir.file_name().with_context(|| format!("bad output folder {}", dir.display()))?.to_string_lossy();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let written = (|| -> Result<()> {
+        let (w, h) = p.image.dimensions();
+        let mask = threshold_mask(prob, res.mask.threshold);
+        let mask_u8: Vec<u8> = mask.iter().map(|&m| if m { 255 } else { 0 }).collect();
+        let grey = |v: Vec<u8>| DynamicImage::ImageLuma8(GrayImage::from_raw(w, h, v).expect("size checked"));
+        save_png_atomic(&grey(mask_u8), &tmp.join("mask.png"))?;
+        save_png_atomic(&grey(prob_to_u8(prob)), &tmp.join("prob.png"))?;
+        let ov = overlay_mask(&p.image, &mask, PRED_COLOUR, 0.4)?;
+        save_png_atomic(&DynamicImage::ImageRgb8(ov), &tmp.join("overlay.png"))?;
+        if let Some(l) = logits {
+            write_safetensors_atomic(&tmp.join("mask_logits.safetensors"), &[("mask_logits".into(), l.clone())], None)?;
+        }
+        write_atomic(&tmp.join("result.json"), |f| Ok(serde_json::to_writer_pretty(f, res)?))
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!("writing {}", dir.display())));
+    }
+    if dir.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(dir, &old).with_context(|| format!("moving the old {} aside", dir.display()))?;
+        std::fs::rename(&tmp, dir).with_context(|| format!("renaming into {}", dir.display()))?;
+        std::fs::remove_dir_all(&old).ok();
+    } else {
+        std::fs::rename(&tmp, dir).with_context(|| format!("renaming into {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress(len: usize, msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}
+
+/// Predicts every item into `dirs[i]` (batched, model loaded once); returns the results in
+/// input order, finished folders included when `resume`.
+pub fn predict_items(
+    loaded: &Loaded,
+    items: &[Item],
+    dirs: &[PathBuf],
+    opts: &PredictOptions,
+) -> Result<Vec<ItemResult>> {
+    ensure!(items.len() == dirs.len(), "{} items for {} folders", items.len(), dirs.len());
+    ensure!(opts.batch_size > 0, "--batch-size must be at least 1");
+    ensure!((0.0..=1.0).contains(&opts.threshold), "--threshold must be in [0, 1], got {}", opts.threshold);
+    opts.gen.validate()?;
+    let mut results: Vec<Option<ItemResult>> =
+        dirs.iter().map(|d| if opts.resume { finished(d) } else { None }).collect();
+    let todo: Vec<usize> = (0..items.len()).filter(|&i| results[i].is_none()).collect();
+    let pb = progress(items.len(), "predict");
+    pb.inc((items.len() - todo.len()) as u64);
+    let dev = loaded.model.device().clone();
+    for chunk in todo.chunks(opts.batch_size) {
+        let prepared: Vec<Prepared> = chunk
+            .par_iter()
+            .map(|&i| prepare(loaded, &items[i]).with_context(|| format!("input `{}`", items[i].id)))
+            .collect::<Result<_>>()?;
+        let stack = |f: fn(&Prepared) -> &Tensor| -> Result<Tensor> {
+            let ts: Vec<&Tensor> = prepared.iter().map(f).collect();
+            Ok(Tensor::stack(&ts, 0)?.to_device(&dev)?)
+        };
+        let batch = ModelBatch {
+            clip_pixels: stack(|p| &p.clip)?,
+            sam_pixels: stack(|p| &p.sam)?,
+            prompts: prepared.iter().map(|p| p.prompt.clone()).collect(),
+            masks: None,
+            modality: None,
+        };
+        let out = predict_batch(&loaded.model, &batch, &opts.gen)?;
+        let n = chunk.len();
+        for (k, (&i, p)) in chunk.iter().zip(&prepared).enumerate() {
+            let (w, h) = p.image.dimensions();
+            let logits = out.mask_logits.narrow(0, k, 1)?;
+            let prob = prob_map(&logits, w, h)?;
+            let stats = mask_stats(&prob, w, h, opts.threshold)?;
+            let mask = threshold_mask(&prob, opts.threshold);
+            let ids = &out.answers[k];
+            let answer = loaded.tokenizer.decode(ids, true).map_err(|e| anyhow::anyhow!("decoding the answer: {e}"))?;
+            let res = ItemResult {
+                id: items[i].id.clone(),
+                image: items[i].image.display().to_string(),
+                question: items[i].question.clone(),
+                position: parse_position(&answer).as_str().into(),
+                mask_position: position_from_mask(&mask, h as usize, w as usize).0.as_str().into(),
+                answer,
+                answer_ids: ids.clone(),
+                stopped_at_eos: out.hit_eos[k],
+                mask: stats,
+                model: loaded.info.clone(),
+                generation: opts.gen.clone(),
+                timings: Timings {
+                    load_s: loaded.load_secs,
+                    encode_s: out.encode_secs / n as f64,
+                    decode_s: out.decode_secs / n as f64,
+                    generated_tokens: ids.len(),
+                    decode_per_token_s: (out.decode_steps > 0).then(|| out.decode_secs / out.decode_steps as f64),
+                    batch_size: n,
+                },
+            };
+            let l = if opts.save_logits { Some(logits.to_device(&Device::Cpu)?) } else { None };
+            write_item(&dirs[i], p, &prob, l.as_ref(), &res)?;
+            results[i] = Some(res);
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    Ok(results.into_iter().map(|r| r.expect("every item predicted")).collect())
+}
+
+/// `predictions.csv`: one row per input, in input order.
+pub fn write_predictions_csv(path: &Path, results: &[ItemResult]) -> Result<()> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record([
+        "id",
+        "image",
+        "question",
+        "answer",
+        "position",
+        "mask_position",
+        "empty",
+        "area_px",
+        "area_fraction",
+        "bbox_x0",
+        "bbox_y0",
+        "bbox_x1",
+        "bbox_y1",
+        "centroid_x",
+        "centroid_y",
+        "mean_prob_inside",
+    ])?;
+    let opt = |v: Option<String>| v.unwrap_or_default();
+    for r in results {
+        let m = &r.mask;
+        let b = m.bbox;
+        w.write_record([
+            r.id.clone(),
+            r.image.clone(),
+            r.question.clone(),
+            r.answer.clone(),
+            r.position.clone(),
+            r.mask_position.clone(),
+            m.empty.to_string(),
+            m.area_px.to_string(),
+            format!("{:.6}", m.area_fraction),
+            opt(b.map(|b| b.x0.to_string())),
+            opt(b.map(|b| b.y0.to_string())),
+            opt(b.map(|b| b.x1.to_string())),
+            opt(b.map(|b| b.y1.to_string())),
+            opt(m.centroid.map(|c| format!("{:.2}", c[0]))),
+            opt(m.centroid.map(|c| format!("{:.2}", c[1]))),
+            opt(m.mean_prob_inside.map(|p| format!("{p:.4}"))),
+        ])?;
+    }
+    let bytes = w.into_inner().map_err(|e| anyhow::anyhow!("writing predictions.csv: {e}"))?;
+    write_atomic(path, |f| Ok(std::io::Write::write_all(f, &bytes)?))
+}
+
+/// Folder-safe id from a relative path ("a/b/c.png" -> "a__b__c"); duplicates get "-2", "-3".
+pub fn unique_ids(paths: &[PathBuf]) -> Vec<String> {
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    paths
+        .iter()
+        .map(|p| {
+            let stem = p.with_extension("");
+            let base: String = stem
+                .components()
+                .filter_map(|c| match c {
+                    std::path::Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+                .join("__")
+                .chars()
+                .map(|c| if c.is_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+                .collect();
+            let n = seen.entry(base.clone()).or_insert(0);
+            *n += 1;
+            if *n == 1 {
+                base
+            } else {
+                format!("{base}-{n}")
+            }
+        })
+        .collect()
+}
+
+const IMAGE_EXTS: [&str; 6] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
+
+fn items_from_dir(dir: &Path, question: &str) -> Result<Vec<Item>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading --images {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| IMAGE_EXTS.iter().any(|x| e.eq_ignore_ascii_case(x))))
+        .collect();
+    files.sort();
+    ensure!(!files.is_empty(), "no images ({}) in {}", IMAGE_EXTS.join(", "), dir.display());
+    let names: Vec<PathBuf> = files.iter().map(|f| PathBuf::from(f.file_name().unwrap())).collect();
+    Ok(unique_ids(&names)
+        .into_iter()
+        .zip(files)
+        .map(|(id, image)| Item { id, image, question: question.to_string() })
+        .collect())
+}
+
+/// Inputs from a CSV (see `--input`).
+pub fn items_from_csv(csv_path: &Path, question: Option<&str>, split: Option<&str>) -> Result<Vec<Item>> {
+    let mut r = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_path(csv_path)
+        .with_context(|| format!("opening --input {}", csv_path.display()))?;
+    let headers: Vec<String> = r.headers()?.iter().map(|h| h.trim_start_matches('\u{feff}').to_lowercase()).collect();
+    let col = |n: &str| headers.iter().position(|h| h == n);
+    let dir = csv_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    // The authors' CSVs live in DATA_ROOT/annotations and name paths relative to DATA_ROOT.
+    let root = if dir.file_name().is_some_and(|n| n == "annotations") {
+        dir.parent().unwrap().to_path_buf()
+    } else {
+        dir.clone()
+    };
+    let (img_col, authors) = match (col("image"), col("image_path")) {
+        (Some(c), _) => (c, false),
+        (None, Some(c)) => (c, true),
+        _ => bail!("{}: needs an `image` or `image_path` column (columns: {})", csv_path.display(), headers.join(",")),
+    };
+    let q_col = col("question").or(col("description"));
+    let (id_col, split_col) = (col("id"), col("split"));
+    let (mut rels, mut rows) = (vec![], vec![]);
+    for (k, rec) in r.records().enumerate() {
+        let line = k + 2;
+        let rec = rec.with_context(|| format!("{}:{line}", csv_path.display()))?;
+        let get = |c: Option<usize>| c.and_then(|c| rec.get(c)).unwrap_or("").to_string();
+        if let (Some(want), Some(_)) = (split, split_col) {
+            if get(split_col) != want {
+                continue;
+            }
+        }
+        let rel = PathBuf::from(get(Some(img_col)).replace('\\', "/"));
+        ensure!(!rel.as_os_str().is_empty(), "{}:{line}: empty image path", csv_path.display());
+        let base = if authors { &root } else { &dir };
+        let direct = base.join(&rel);
+        let image = if (authors && rel.to_string_lossy().contains("_masks")) || !direct.is_file() {
+            image_candidates(&rel).into_iter().map(|p| base.join(p)).find(|p| p.is_file()).unwrap_or(direct)
+        } else {
+            direct
+        };
+        let q = Some(get(q_col)).filter(|q| !q.trim().is_empty()).or(question.map(str::to_owned));
+        let Some(q) = q.filter(|q| !q.trim().is_empty()) else {
+            bail!("{}:{line}: empty question (and no --question given)", csv_path.display());
+        };
+        rels.push(rel);
+        rows.push((get(id_col), image, q));
+    }
+    ensure!(
+        !rows.is_empty(),
+        "{}: no inputs{}",
+        csv_path.display(),
+        split.map(|s| format!(" in split {s}")).unwrap_or_default()
+    );
+    let ids = unique_ids(&rels);
+    Ok(rows
+        .into_iter()
+        .zip(ids)
+        .map(|((id, image, question), auto)| Item { id: if id.is_empty() { auto } else { id }, image, question })
+        .collect())
+}
+
+/// Cheap checks before the model is loaded: the question and the image files.
+fn check_inputs(items: &[Item]) -> Result<()> {
+    for it in items {
+        ensure!(!it.question.trim().is_empty(), "empty question for {}", it.image.display());
+        ensure!(it.image.is_file(), "cannot load image {}: no such file", it.image.display());
+    }
+    Ok(())
+}
+
+pub fn run(args: &PredictArgs) -> Result<()> {
+    let question = args.question.clone().unwrap_or_default();
+    let opts = PredictOptions {
+        gen: args.gen.options(),
+        threshold: args.threshold,
+        save_logits: args.save_logits,
+        batch_size: args.batch_size,
+        resume: args.resume,
+    };
+    opts.gen.validate()?;
+    ensure!((0.0..=1.0).contains(&args.threshold), "--threshold must be in [0, 1], got {}", args.threshold);
+    if let Some(image) = &args.image {
+        ensure!(!question.trim().is_empty(), "empty question: pass --question \"...\"");
+        // Decode once up front: an unreadable or unsupported image fails before the model loads.
+        load_image(image)?;
+        let item = Item { id: "prediction".into(), image: image.clone(), question };
+        let loaded = load_model(&args.checkpoint, &args.model)?;
+        let r = predict_items(&loaded, &[item], std::slice::from_ref(&args.out), &PredictOptions { resume: false, ..opts })?;
+        println!("{}", serde_json::to_string_pretty(&r[0])?);
+        println!("wrote {}", args.out.display());
+        return Ok(());
+    }
+    let items = match (&args.images, &args.input) {
+        (Some(dir), _) => {
+            ensure!(!question.trim().is_empty(), "empty question: pass --question \"...\" for --images");
+            items_from_dir(dir, &question)?
+        }
+        (None, Some(csv)) => items_from_csv(csv, args.question.as_deref(), args.split.as_deref())?,
+        _ => bail!("give --image, --images or --input"),
+    };
+    check_inputs(&items)?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    clean_temporaries(&args.out);
+    let dirs: Vec<PathBuf> = items.iter().map(|it| args.out.join(&it.id)).collect();
+    let loaded = load_model(&args.checkpoint, &args.model)?;
+    let results = predict_items(&loaded, &items, &dirs, &opts)?;
+    write_predictions_csv(&args.out.join("predictions.csv"), &results)?;
+    let empty = results.iter().filter(|r| r.mask.empty).count();
+    println!("wrote {} predictions ({empty} with an empty mask) to {}", results.len(), args.out.display());
+    Ok(())
+}
+
+/// Removes temporary item folders left by an interrupted run.
+pub fn clean_temporaries(out: &Path) {
+    if let Ok(rd) = std::fs::read_dir(out) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && (name.contains(".tmp-") || name.contains(".old-")) && e.path().is_dir() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
