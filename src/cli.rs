@@ -14,6 +14,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// The whole pipeline on the embedded tiny model and a synthetic dataset (CPU, minutes).
+    Demo(commands::demo::DemoArgs),
     /// LoRA fine-tuning of PRS-Med (LLM adapter, TinySAM, mask decoder).
     Finetune(commands::finetune::FinetuneArgs),
     /// Mask, probability map, overlay and answer for one image (or a folder / CSV of them).
@@ -33,6 +35,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Demo(a) => commands::demo::run(&a),
         Command::Finetune(a) => commands::finetune::run(&a),
         Command::Init(a) => commands::init::run(&a),
         Command::Predict(a) => commands::predict::run(&a),

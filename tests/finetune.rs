@@ -41,8 +41,9 @@ fn params(m: &PrsMed) -> Vec<(String, Tensor)> {
     m.trained.all().into_iter().map(|p| (format!("{}/{}", p.group, p.key), p.var.as_tensor().copy().unwrap())).collect()
 }
 
-/// One optimizer step over `groups` (micro-batches of sample indices) from the same start.
-fn one_step(cfg: &Config, s: &[PreparedSample], groups: &[Vec<usize>]) -> Vec<(String, Tensor)> {
+/// The accumulated gradient of one optimizer step over `groups` (micro-batches of sample
+/// indices), from the same start, and the parameters after the AdamW step.
+fn one_step(cfg: &Config, s: &[PreparedSample], groups: &[Vec<usize>]) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
     let m = model(cfg);
     let w = LossWeights::default();
     let all: Vec<usize> = groups.iter().flatten().copied().collect();
@@ -58,9 +59,17 @@ fn one_step(cfg: &Config, s: &[PreparedSample], groups: &[Vec<usize>]) -> Vec<(S
             None => acc = Some(grads),
         }
     }
+    let acc = acc.unwrap();
+    let grads = m.trained.weights().iter().map(|p| (format!("{}/{}", p.group, p.key), acc.get(p.var.as_tensor()).unwrap().copy().unwrap())).collect();
     let mut opt = AdamW::new(m.trained.weights(), AdamWConfig { lr: 1e-3, ..Default::default() }).unwrap();
-    opt.step(&acc.unwrap()).unwrap();
-    params(&m)
+    opt.step(&acc).unwrap();
+    (grads, params(&m))
+}
+
+/// The decoder's conv biases right before an InstanceNorm have a zero gradient in exact
+/// arithmetic (what is left is rounding noise).
+fn zero_by_design(k: &str) -> bool {
+    k.contains("mask_generation.") && (k.ends_with("conv1.bias") || k.ends_with("conv2.bias"))
 }
 
 #[test]
@@ -69,15 +78,28 @@ fn accumulation_of_4x2_equals_batch_8() {
     let cfg = tiny_model(dir.path());
     let data = synth(dir.path(), 4);
     let s = samples(&cfg, &data, 8);
-    let big = one_step(&cfg, &s, &[(0..8).collect()]);
-    let acc = one_step(&cfg, &s, &[(0..4).collect(), (4..8).collect()]);
+    let (g_big, p_big) = one_step(&cfg, &s, &[(0..8).collect()]);
+    let (g_acc, p_acc) = one_step(&cfg, &s, &[(0..4).collect(), (4..8).collect()]);
     let mut worst = 0f32;
-    for ((ka, a), (kb, b)) in big.iter().zip(acc.iter()) {
+    for ((ka, a), (kb, b)) in g_big.iter().zip(g_acc.iter()) {
         assert_eq!(ka, kb);
-        worst = worst.max(rel_err(b, a));
+        if !zero_by_design(ka) {
+            worst = worst.max(rel_err(b, a));
+        }
     }
-    println!("batch 8 vs 4x2: worst relative difference of updated tensors {worst:.2e}");
-    assert!(worst < 1e-5, "accumulation differs from the large batch: {worst}");
+    println!("batch 8 vs 4x2: worst relative gradient difference {worst:.2e}");
+    assert!(worst < 1e-5, "accumulated gradient differs from the large batch: {worst}");
+    // The update: AdamW's first step is lr * g/|g| per element, so elements whose gradient is
+    // at rounding level may flip; all others agree to float precision.
+    let mut moved_same = 0usize;
+    let mut total = 0usize;
+    for ((_, a), (_, b)) in p_big.iter().zip(p_acc.iter()) {
+        let d: Vec<f32> = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        total += d.len();
+        moved_same += d.iter().filter(|&&x| x < 1e-6).count();
+    }
+    println!("parameters updated identically (|diff| < 1e-6): {moved_same} of {total}");
+    assert!(moved_same as f64 >= 0.999 * total as f64, "{moved_same} of {total}");
 }
 
 #[test]
@@ -90,14 +112,15 @@ fn gradient_checkpointing_gives_identical_gradients() {
     let mb = collate(&items, &Device::Cpu).unwrap();
     let grads = |ckpt: bool| {
         let mut m = model(&cfg);
-        // a moved LoRA B so that every tensor has a gradient
-        for p in m.trained.group("lora").iter().filter(|p| p.key.contains("lora_B")) {
-            p.var.set(&(p.var.ones_like().unwrap() * 0.01).unwrap()).unwrap();
+        // Moved from init (LoRA B = 0 and MBConv's zero BatchNorm weight silence branches),
+        // deterministically, so that every tensor has a gradient.
+        for p in m.trained.weights() {
+            p.var.set(&(p.var.as_tensor() + 0.01).unwrap()).unwrap();
         }
         m.set_gradient_checkpointing(ckpt);
         let norm = LossNorm { images: 3, tokens: s.iter().map(|x| x.prompt.answer.len() + 1).sum() };
         let g = micro_backward(&m, &mb, &LossWeights::default(), norm, None, 5, false).unwrap().grads.unwrap();
-        common::assert_grads_exactly_trained_except(&g, &m.trained, |k| k.starts_with("mask_generation.") && (k.ends_with("conv1.bias") || k.ends_with("conv2.bias")) || k.contains(".conv1.c.") || k.contains(".conv2.c."));
+        common::assert_grads_exactly_trained_except(&g, &m.trained, zero_by_design);
         m.trained.weights().iter().map(|p| g.get(p.var.as_tensor()).unwrap().copy().unwrap()).collect::<Vec<_>>()
     };
     let (a, b) = (grads(false), grads(true));

@@ -6,4 +6,5 @@ pub mod profile_memory;
 pub mod tokenize;
 pub mod synth_data;
 pub mod predict;
+pub mod demo;
 pub mod evaluate;

@@ -218,7 +218,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     let first_eval = if state.step == 0 && !val_rows.is_empty() {
         let e = evaluate(&model, &builder, &val_rows, &cfg, &opts.device)?;
         log_eval(&mut log, 0, 0, &e)?;
-        bar.println(format!("step 0: val loss {:.4}  dice {:.3}  position acc {:.3}", e.loss, e.dice, e.position_accuracy));
+        say(&bar, format!("step 0: val loss {:.4}  dice {:.3}  position acc {:.3}", e.loss, e.dice, e.position_accuracy));
         Some(e)
     } else {
         None
@@ -258,6 +258,8 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
                 tokens: group.iter().flatten().map(|&i| supervised[i]).sum(),
             };
             let t0 = Instant::now();
+            // BatchNorm running statistics change in the forward: keep them to undo a skipped step.
+            let buffers = snapshot_buffers(&model)?;
             let mut grads: Option<GradStore> = None;
             let mut parts = [0f64; 4];
             let mut nonfinite: Option<String> = None;
@@ -294,10 +296,11 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
             let skipped = report.as_ref().map(|r| r.skipped()).unwrap_or(true);
             state.batch_in_epoch = bi;
             if skipped {
+                restore_buffers(&buffers)?;
                 state.skipped_steps += 1;
                 state.consecutive_nonfinite += 1;
                 let why = nonfinite.clone().unwrap_or_else(|| "non-finite gradient".into());
-                bar.println(format!("step {}: skipped ({why})", state.step + 1));
+                say(&bar, format!("step {}: skipped ({why})", state.step + 1));
                 if state.consecutive_nonfinite >= tc.max_consecutive_nonfinite {
                     bail!(
                         "{} consecutive steps had non-finite losses or gradients (last: {why}); stopping. \
@@ -341,7 +344,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
                 let e = evaluate(&model, &builder, &val_rows, &cfg, &opts.device)?;
                 log_eval(&mut log, state.step, epoch, &e)?;
                 training_curves(&read_metrics(&run.metrics())?, &run.curves())?;
-                bar.println(format!(
+                say(&bar, format!(
                     "step {}: val loss {:.4}  dice {:.3}  iou {:.3}  position acc {:.3}",
                     state.step, e.loss, e.dice, e.iou, e.position_accuracy
                 ));
@@ -370,13 +373,39 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
                 break 'epochs;
             }
             if tc.early_stopping_patience > 0 && state.evals_since_best >= tc.early_stopping_patience {
-                bar.println(format!("early stopping: no better validation Dice in {} evaluations", state.evals_since_best));
+                say(&bar, format!("early stopping: no better validation Dice in {} evaluations", state.evals_since_best));
                 break 'epochs;
             }
         }
     }
     bar.finish_and_clear();
     Ok(TrainSummary { state, last_eval, first_eval, last_checkpoint, trained_parameters: n_trained })
+}
+
+/// A line above the progress bar, or plain stdout when there is none (--quiet).
+fn say(bar: &ProgressBar, msg: String) {
+    if bar.is_hidden() {
+        println!("{msg}");
+    } else {
+        bar.println(msg);
+    }
+}
+
+fn snapshot_buffers(model: &PrsMed) -> Result<Vec<(candle_core::Var, candle_core::Tensor)>> {
+    model
+        .trained
+        .all()
+        .into_iter()
+        .filter(|p| p.kind == crate::nn::param::ParamKind::Buffer)
+        .map(|p| Ok((p.var.clone(), p.var.as_tensor().copy()?)))
+        .collect()
+}
+
+fn restore_buffers(saved: &[(candle_core::Var, candle_core::Tensor)]) -> Result<()> {
+    for (v, t) in saved {
+        v.set(t)?;
+    }
+    Ok(())
 }
 
 /// What one micro-batch contributes to an optimizer step.
@@ -430,6 +459,11 @@ fn save_training_checkpoint(
     let mut meta = CheckpointMeta::new(&cfg.model.base, &cfg.model.tinysam, toml::to_string(&cfg.model)?);
     meta.step = state.step;
     meta.extra.insert("prompt_template".into(), serde_json::json!(cfg.prompt.template));
+    let llm = &model.spec.llava.llm;
+    meta.extra.insert(
+        "base_config".into(),
+        serde_json::json!({"hidden_size": llm.hidden_size, "vocab_size": llm.vocab_size, "num_hidden_layers": llm.num_hidden_layers}),
+    );
     save_checkpoint_with(dir, &model.trained, &model.spec.lora, meta, |tmp| {
         let mut st = optim.state_tensors()?;
         if let Some(s) = scaler {
