@@ -26,6 +26,22 @@ $(TOKENIZER_MODEL):
 test: assets
 	PRS_TOKENIZER_MODEL=$(CURDIR)/$(TOKENIZER_MODEL) cargo test --no-fail-fast
 
+# The main job on the embedded default: tiny PRS-Med + synthetic data, init -> finetune ->
+# evaluate -> predict, on the CPU. Output in runs/demo (curves.png, eval/summary.md, predict/).
+DEMO_DIR ?= runs/demo
+demo: assets
+	cargo build --release
+	rm -rf $(DEMO_DIR)
+	PRS_TOKENIZER_MODEL=$(CURDIR)/$(TOKENIZER_MODEL) ./target/release/prs demo --out $(DEMO_DIR)
+
+# Numbers, never pass/fail: tiny-model training (samples/s and peak RSS per batch size x
+# accumulation x checkpointing, measured in child processes) and inference latency.
+bench: assets
+	cargo build --release --examples
+	./target/release/prs profile-memory --config configs/tiny.toml --device cpu --batch-sizes 2,4,8 \
+		--precision f32 --checkpointing both --effective-batch 8 --measure
+	PRS_TOKENIZER_MODEL=$(CURDIR)/$(TOKENIZER_MODEL) ./target/release/examples/bench_infer
+
 # Regenerates the PyTorch parity fixtures under tests/fixtures (needs torch; CPU only).
 # Not part of `make test`: the fixtures are committed.
 FIXTURE_VENV := .venv
