@@ -7,6 +7,8 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod data;
+#[cfg(feature = "cuda")]
+pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod nn;
