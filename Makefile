@@ -5,7 +5,7 @@ ASSETS := .cache/assets
 TOKENIZER_MODEL := $(ASSETS)/tokenizer.model.v1
 MISTRAL_COMMON := mistral-common==1.13.1
 
-.PHONY: all build test assets fixtures demo bench clean-assets
+.PHONY: all build test assets fixtures demo bench clean-assets cuda-toolkit build-cuda check-cuda
 
 all: build
 
@@ -52,3 +52,29 @@ fixtures:
 
 clean-assets:
 	rm -rf .cache
+
+# ---- CUDA (feature `cuda`; docs/cuda.md). Building needs nvcc and the CUDA libraries, not a GPU.
+# `cuda-toolkit` uses a system CUDA when nvcc is found (CUDA_HOME or PATH); otherwise it installs
+# NVIDIA's CUDA 13.0.2 pip wheels into $(CUDA_PREFIX) and writes $(CUDA_PREFIX)/env.sh, which the
+# build targets source. CUDA builds use their own target directory so the CPU one stays valid.
+CUDA_PREFIX ?= .cache/cuda
+CUDA_COMPUTE_CAP ?= 90
+CUDA_TARGET_DIR ?= target/cuda
+CUDAFORGE_THREADS ?= $(shell nproc)
+CUDA_ENV = if [ -f $(CUDA_PREFIX)/env.sh ]; then . $(CUDA_PREFIX)/env.sh; fi; \
+	export CUDA_COMPUTE_CAP=$(CUDA_COMPUTE_CAP) CUDAFORGE_THREADS=$(CUDAFORGE_THREADS) \
+	CARGO_TARGET_DIR=$(CUDA_TARGET_DIR);
+
+cuda-toolkit:
+	@if [ -z "$(CUDA_FROM_PIP)" ] && { [ -x "$$CUDA_HOME/bin/nvcc" ] || command -v nvcc >/dev/null; }; then \
+		echo "system CUDA: $$( { [ -x "$$CUDA_HOME/bin/nvcc" ] && echo $$CUDA_HOME/bin/nvcc; } || command -v nvcc) (CUDA_FROM_PIP=1 forces the pip toolkit)"; \
+	else \
+		bash scripts/cuda_toolkit.sh $(CUDA_PREFIX); \
+	fi
+
+build-cuda:
+	$(CUDA_ENV) cargo build --release --features cuda
+
+# CI compile check of every `cfg(feature = "cuda")` path, the GPU check example included.
+check-cuda:
+	$(CUDA_ENV) cargo check --features cuda --lib --bins --examples

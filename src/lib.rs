@@ -8,6 +8,8 @@ pub mod commands;
 pub mod config;
 pub mod data;
 pub mod infer;
+#[cfg(feature = "cuda")]
+pub mod kernels;
 pub mod memory;
 pub mod metrics;
 pub mod model;

@@ -5,10 +5,13 @@
 //! - `MaskUpsample`, a `CustomOp1` with a CPU kernel (f32/f16/bf16 computed in f32, f64 in
 //!   f64) whose backward is a second op, `MaskUpsampleGrad` (the exact adjoint, written as a
 //!   gather: every low-resolution pixel sums the weighted gradients of its output footprint,
-//!   so no scatter or atomics are needed). The `cuda_fwd` slots are where the fused f16 kernel
-//!   (`kernels/mask_upsample.cu`) plugs in.
+//!   so no scatter or atomics are needed). On CUDA both run `kernels/mask_upsample.cu`
+//!   (`crate::kernels`), which repeats the CPU arithmetic exactly.
 //! - `upsample_bilinear_ac_composite`, the same linear map as two small matmuls,
 //!   Y = Ry X Rx^T, device-agnostic and differentiable through ordinary ops.
+//! - `upsample_bilinear_ac_wide`, `upsample_sigmoid`, `upsample_mask`: the same upsampling with
+//!   an epilogue fused into the pass (f32 logits, probabilities, a u8 mask), one op each with a
+//!   CPU reference and the CUDA kernel.
 //!
 //! Index/weight formula, per axis, for an input size `n` and output size `m = n * f`:
 //! `scale = (n - 1) / (m - 1)` (0 when `m == 1`), `src = dst * scale`, `i0 = floor(src)`,
@@ -26,9 +29,8 @@ use rayon::prelude::*;
 
 use super::linear::frozen_matmul;
 
-/// Whether the fused CUDA kernel is compiled in. Until it is, GPU tensors take the composite
-/// path in `upsample_bilinear_ac`.
-const CUDA_KERNEL_BUILT: bool = false;
+/// Whether the CUDA kernels are compiled in (build.rs builds them with the `cuda` feature).
+const CUDA_KERNEL_BUILT: bool = cfg!(feature = "cuda");
 
 /// Interpolation taps of one axis, per output index.
 #[derive(Clone, Debug)]
@@ -121,6 +123,20 @@ impl Geom {
     }
     fn wo(&self) -> usize {
         self.w * self.f
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Geom {
+    fn dims(&self) -> crate::kernels::UpsampleDims {
+        crate::kernels::UpsampleDims { planes: self.planes, h: self.h, w: self.w, factor: self.f }
+    }
+
+    /// Widest range of output columns read by one backward tile of `BWD_TILE` low-res columns
+    /// (sizes the kernel's shared memory).
+    fn bwd_span(&self) -> usize {
+        let fp = Taps::new(self.w, self.wo()).footprint;
+        fp.chunks(crate::kernels::BWD_TILE).map(|t| t[t.len() - 1].1 - t[0].0).max().unwrap_or(0)
     }
 }
 
@@ -232,15 +248,13 @@ impl CustomOp1 for MaskUpsample {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        _s: &candle_core::CudaStorage,
-        _l: &Layout,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        // Slot for kernels/mask_upsample.cu. `upsample_bilinear_ac` never gets here while
-        // CUDA_KERNEL_BUILT is false; only a direct `apply_op1` does.
-        candle_core::bail!(
-            "mask upsample: the CUDA kernel (kernels/mask_upsample.cu) is not built; \
-             use upsample_bilinear_ac, which falls back to the matmul composite on GPU"
-        )
+        let g = self.geom(l)?;
+        let (b, c, _, _) = l.shape().dims4()?;
+        let out = crate::kernels::upsample_fwd(s, l, g.dims(), crate::kernels::Epilogue::Logits)?;
+        Ok((out, Shape::from((b, c, g.ho(), g.wo()))))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -280,13 +294,13 @@ impl CustomOp1 for MaskUpsampleGrad {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        _s: &candle_core::CudaStorage,
-        _l: &Layout,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        candle_core::bail!(
-            "mask upsample grad: the CUDA kernel (kernels/mask_upsample.cu) is not built; \
-             use upsample_bilinear_ac_backward, which falls back to the matmul composite on GPU"
-        )
+        let g = self.geom(l)?;
+        let (b, c, _, _) = l.shape().dims4()?;
+        let out = crate::kernels::upsample_bwd(s, l, g.dims(), g.bwd_span())?;
+        Ok((out, Shape::from((b, c, g.h, g.w))))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -315,6 +329,27 @@ fn use_custom_op(device: &Device) -> bool {
     }
 }
 
+/// The backward kernel keeps one tile's column sums in shared memory; very large factors fall
+/// back to the composite.
+#[cfg(feature = "cuda")]
+fn use_grad_op(grad: &Tensor, factor: usize) -> bool {
+    if !use_custom_op(grad.device()) {
+        return false;
+    }
+    // Anything but a valid CUDA input goes to the op, which reports shape errors itself.
+    let Ok((b, c, ho, wo)) = grad.dims4() else { return true };
+    if !grad.device().is_cuda() || ho % factor != 0 || wo % factor != 0 {
+        return true;
+    }
+    let g = Geom { planes: b * c, h: ho / factor, w: wo / factor, f: factor };
+    crate::kernels::bwd_smem_bytes(grad.dtype(), g.bwd_span()) <= crate::kernels::BWD_SMEM_LIMIT
+}
+
+#[cfg(not(feature = "cuda"))]
+fn use_grad_op(grad: &Tensor, _factor: usize) -> bool {
+    use_custom_op(grad.device())
+}
+
 /// x16-style bilinear upsampling with align_corners = true: (B, C, H, W) -> (B, C, H*f, W*f).
 /// The custom op on CPU (and on CUDA once its kernel exists), the matmul composite elsewhere.
 pub fn upsample_bilinear_ac(x: &Tensor, factor: usize) -> Result<Tensor> {
@@ -335,7 +370,7 @@ pub fn upsample_bilinear_ac_backward(grad: &Tensor, factor: usize) -> Result<Ten
     if factor == 1 {
         return Ok(grad.clone());
     }
-    if use_custom_op(grad.device()) {
+    if use_grad_op(grad, factor) {
         Ok(grad.contiguous()?.apply_op1(MaskUpsampleGrad { factor })?)
     } else {
         let (_, _, ho, wo) = grad.dims4()?;
@@ -386,4 +421,147 @@ pub fn upsample_bilinear_ac_composite(x: &Tensor, factor: usize) -> Result<Tenso
     let ry = interp_matrix(h, factor, x.dtype(), x.device())?;
     let rx = interp_matrix(w, factor, x.dtype(), x.device())?;
     Ok(separable(&x, &ry, &rx)?.to_dtype(dt)?)
+}
+
+/// What an upsampling pass writes besides plain logits (fused into one pass on CUDA).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Epilogue {
+    /// Logits in the input dtype (what `MaskUpsample` writes).
+    Logits,
+    /// Logits in f32 (f64 input stays f64): feeds an f32 loss without a cast pass.
+    LogitsWide,
+    /// sigmoid(logits) in the input dtype.
+    Sigmoid,
+    /// `sigmoid(logits) >= threshold` as u8 0/1, the metrics' foreground rule.
+    Threshold(f32),
+}
+
+impl Epilogue {
+    pub fn out_dtype(&self, input: DType) -> DType {
+        match self {
+            Epilogue::Logits | Epilogue::Sigmoid => input,
+            Epilogue::LogitsWide if input == DType::F64 => DType::F64,
+            Epilogue::LogitsWide => DType::F32,
+            Epilogue::Threshold(_) => DType::U8,
+        }
+    }
+}
+
+fn sigmoid32(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+fn sigmoid64(v: f64) -> f64 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+/// f32 values (computed in f32) stored as `dt`.
+fn store_f32(v: Vec<f32>, dt: DType) -> candle_core::Result<CpuStorage> {
+    Ok(match dt {
+        DType::F32 => CpuStorage::F32(v),
+        DType::F16 => CpuStorage::F16(v.into_par_iter().map(f16::from_f32).collect()),
+        DType::BF16 => CpuStorage::BF16(v.into_par_iter().map(bf16::from_f32).collect()),
+        other => candle_core::bail!("mask upsample: unsupported dtype {other:?}"),
+    })
+}
+
+/// Upsampling followed by an elementwise epilogue: the CPU reference of the fused CUDA kernels.
+/// Differentiable for the logit epilogues; the sigmoid and mask outputs are inference-only.
+#[derive(Clone, Copy, Debug)]
+pub struct MaskUpsampleEpilogue {
+    pub factor: usize,
+    pub epilogue: Epilogue,
+}
+
+impl CustomOp1 for MaskUpsampleEpilogue {
+    fn name(&self) -> &'static str {
+        "mask-upsample-bilinear-ac-epilogue"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = MaskUpsample { factor: self.factor }.geom(l)?;
+        let (b, c, _, _) = l.shape().dims4()?;
+        let Some((o0, o1)) = l.contiguous_offsets() else { candle_core::bail!("mask upsample: input must be contiguous") };
+        let dt = s.dtype();
+        // Interpolate exactly as `MaskUpsample` does (f32, f64 for f64), then apply the epilogue
+        // to the unrounded value.
+        let out = if let CpuStorage::F64(v) = s {
+            let y = upsample_kernel::<f64>(&v[o0..o1], g);
+            match self.epilogue {
+                Epilogue::Logits | Epilogue::LogitsWide => CpuStorage::F64(y),
+                Epilogue::Sigmoid => CpuStorage::F64(y.into_par_iter().map(sigmoid64).collect()),
+                Epilogue::Threshold(t) => {
+                    CpuStorage::U8(y.into_par_iter().map(|v| u8::from(sigmoid64(v) >= t as f64)).collect())
+                }
+            }
+        } else {
+            let x: Vec<f32> = match s {
+                CpuStorage::F32(v) => v[o0..o1].to_vec(),
+                CpuStorage::F16(v) => v[o0..o1].par_iter().map(|v| v.to_f32()).collect(),
+                CpuStorage::BF16(v) => v[o0..o1].par_iter().map(|v| v.to_f32()).collect(),
+                other => candle_core::bail!("mask upsample: unsupported dtype {:?}", other.dtype()),
+            };
+            let y = upsample_kernel::<f32>(&x, g);
+            match self.epilogue {
+                Epilogue::Logits => store_f32(y, dt)?,
+                Epilogue::LogitsWide => CpuStorage::F32(y),
+                Epilogue::Sigmoid => store_f32(y.into_par_iter().map(sigmoid32).collect(), dt)?,
+                Epilogue::Threshold(t) => CpuStorage::U8(y.into_par_iter().map(|v| u8::from(sigmoid32(v) >= t)).collect()),
+            }
+        };
+        Ok((out, Shape::from((b, c, g.ho(), g.wo()))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let g = MaskUpsample { factor: self.factor }.geom(l)?;
+        let (b, c, _, _) = l.shape().dims4()?;
+        let out = crate::kernels::upsample_fwd(s, l, g.dims(), self.epilogue)?;
+        Ok((out, Shape::from((b, c, g.ho(), g.wo()))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        match self.epilogue {
+            Epilogue::Logits | Epilogue::LogitsWide => upsample_bilinear_ac_backward(grad, self.factor)
+                .and_then(|g| Ok(g.to_dtype(arg.dtype())?))
+                .map(Some)
+                .map_err(candle_core::Error::wrap),
+            _ => Err(candle_core::Error::BackwardNotSupported { op: "mask upsample sigmoid/threshold" }),
+        }
+    }
+}
+
+fn upsample_with(x: &Tensor, factor: usize, epilogue: Epilogue) -> Result<Tensor> {
+    check_input(x, factor)?;
+    if use_custom_op(x.device()) {
+        return Ok(x.contiguous()?.apply_op1(MaskUpsampleEpilogue { factor, epilogue })?);
+    }
+    let dt = x.dtype();
+    let y = upsample_bilinear_ac_composite(&x.to_dtype(acc_dtype(dt))?, factor)?;
+    Ok(match epilogue {
+        Epilogue::Logits => y.to_dtype(dt)?,
+        Epilogue::LogitsWide => y,
+        Epilogue::Sigmoid => candle_nn::ops::sigmoid(&y)?.to_dtype(dt)?,
+        Epilogue::Threshold(t) => candle_nn::ops::sigmoid(&y)?.ge(t as f64)?,
+    })
+}
+
+/// `upsample_bilinear_ac` with f32 output for half-precision input (one pass on CUDA, no
+/// separate cast); differentiable, the gradient comes back in the input dtype.
+pub fn upsample_bilinear_ac_wide(x: &Tensor, factor: usize) -> Result<Tensor> {
+    upsample_with(x, factor, Epilogue::LogitsWide)
+}
+
+/// sigmoid of the upsampled logits, in the input dtype (inference).
+pub fn upsample_sigmoid(x: &Tensor, factor: usize) -> Result<Tensor> {
+    upsample_with(x, factor, Epilogue::Sigmoid)
+}
+
+/// u8 mask `sigmoid(upsampled logits) >= threshold` (inference).
+pub fn upsample_mask(x: &Tensor, factor: usize, threshold: f32) -> Result<Tensor> {
+    upsample_with(x, factor, Epilogue::Threshold(threshold))
 }

@@ -1,0 +1,178 @@
+//! GPU check of `kernels/mask_upsample.cu` (run by scripts/gpu_check.sh on a machine with a GPU):
+//! 1. correctness: every CUDA path of `nn::upsample` against its CPU op on random inputs (odd
+//!    sizes, batch > 1, vector and scalar store variants, each dtype), including an autograd
+//!    round trip; 2. timing: kernel vs the matmul composite vs an on-device copy of the output.
+//! Exits non-zero when a comparison fails. Needs `--features cuda`.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use prs::nn::upsample::{
+    upsample_bilinear_ac, upsample_bilinear_ac_backward, upsample_bilinear_ac_composite, upsample_bilinear_ac_wide,
+    upsample_mask, upsample_sigmoid,
+};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::time::Instant;
+
+fn random(shape: (usize, usize, usize, usize), dt: DType, seed: u64, dev: &Device) -> Result<Tensor> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n = shape.0 * shape.1 * shape.2 * shape.3;
+    let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-4.0f32..4.0)).collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dt)?.to_device(dev)?)
+}
+
+/// Unit roundoff of the stored dtype: the tolerance is one rounding of the output.
+fn eps(dt: DType) -> f64 {
+    match dt {
+        DType::F16 => 2f64.powi(-11),
+        DType::BF16 => 2f64.powi(-8),
+        DType::F32 => 2f64.powi(-24),
+        _ => 2f64.powi(-53),
+    }
+}
+
+/// (max |a-b| / max(|b|, 1), number of elements that differ at all).
+fn compare(gpu: &Tensor, cpu: &Tensor) -> Result<(f64, usize)> {
+    let a = gpu.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let b = cpu.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    if a.len() != b.len() {
+        bail!("length {} vs {}", a.len(), b.len());
+    }
+    let mut worst = 0f64;
+    let mut differ = 0;
+    for (x, y) in a.iter().zip(&b) {
+        if x != y {
+            differ += 1;
+            worst = worst.max((x - y).abs() / y.abs().max(1.0));
+        }
+    }
+    Ok((worst, differ))
+}
+
+struct Report {
+    failures: usize,
+}
+
+impl Report {
+    fn check(&mut self, what: &str, (rel, differ): (f64, usize), tol: f64) {
+        let ok = rel <= tol;
+        if !ok {
+            self.failures += 1;
+        }
+        println!("{:<58} max rel {:>9.2e} (tol {:.1e}), {:>8} differ  {}", what, rel, tol, differ, if ok { "ok" } else { "FAIL" });
+    }
+}
+
+fn correctness(gpu: &Device, rep: &mut Report) -> Result<()> {
+    // (b, c, h, w, factor): the mask head's case, odd sizes, batch/channels > 1, widths whose
+    // output is not a whole number of 16-byte vectors (scalar kernels), a single pixel.
+    let cases = [(2, 1, 64, 64, 16), (3, 2, 7, 5, 16), (1, 1, 9, 13, 3), (2, 3, 5, 11, 5), (1, 1, 1, 1, 16), (4, 1, 33, 17, 2)];
+    for (i, &(b, c, h, w, f)) in cases.iter().enumerate() {
+        for dt in [DType::F16, DType::BF16, DType::F32, DType::F64] {
+            let tag = format!("{b}x{c}x{h}x{w} f{f} {dt:?}");
+            let xc = random((b, c, h, w), dt, 7 + i as u64, &Device::Cpu)?;
+            let xg = xc.to_device(gpu)?;
+            let tol = eps(dt);
+            rep.check(&format!("forward {tag}"), compare(&upsample_bilinear_ac(&xg, f)?, &upsample_bilinear_ac(&xc, f)?)?, tol);
+            let gc = random((b, c, h * f, w * f), dt, 100 + i as u64, &Device::Cpu)?;
+            let gg = gc.to_device(gpu)?;
+            rep.check(
+                &format!("backward {tag}"),
+                compare(&upsample_bilinear_ac_backward(&gg, f)?, &upsample_bilinear_ac_backward(&gc, f)?)?,
+                tol,
+            );
+            let wide_tol = eps(DType::F32).max(if dt == DType::F64 { eps(dt) } else { 0.0 });
+            rep.check(
+                &format!("wide logits {tag}"),
+                compare(&upsample_bilinear_ac_wide(&xg, f)?, &upsample_bilinear_ac_wide(&xc, f)?)?,
+                wide_tol,
+            );
+            // expf differs from the host libm by a few ulp before the final rounding.
+            rep.check(
+                &format!("sigmoid {tag}"),
+                compare(&upsample_sigmoid(&xg, f)?, &upsample_sigmoid(&xc, f)?)?,
+                tol.max(4.0 * eps(DType::F32)),
+            );
+            // A mask bit may only flip where the probability is within float error of 0.5.
+            let mg = upsample_mask(&xg, f, 0.5)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?;
+            let mc = upsample_mask(&xc, f, 0.5)?.flatten_all()?.to_vec1::<u8>()?;
+            let p = upsample_bilinear_ac_wide(&xc, f)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            let bad = mg.iter().zip(&mc).zip(&p).filter(|((a, b), v)| a != b && v.abs() > 1e-5).count();
+            let flips = mg.iter().zip(&mc).filter(|(a, b)| a != b).count();
+            rep.check(&format!("mask >= 0.5 {tag} (flips away from 0.5)"), (bad as f64, flips), 0.0);
+        }
+    }
+    // Autograd through the op on the GPU: d/dx sum(upsample(x) * r) against the CPU.
+    for dt in [DType::F32, DType::F16] {
+        let xc = random((2, 1, 16, 16), dt, 3, &Device::Cpu)?;
+        let r = random((2, 1, 256, 256), dt, 4, &Device::Cpu)?;
+        let mut grads = Vec::new();
+        for dev in [&Device::Cpu, gpu] {
+            let x = Var::from_tensor(&xc.to_device(dev)?)?;
+            let y = upsample_bilinear_ac(x.as_tensor(), 16)?;
+            let loss = (y * r.to_device(dev)?)?.to_dtype(DType::F32)?.sum_all()?;
+            let g = loss.backward()?;
+            grads.push(g.get(x.as_tensor()).expect("gradient of x").clone());
+        }
+        rep.check(&format!("autograd dX 2x1x16x16 x16 {dt:?}"), compare(&grads[1], &grads[0])?, eps(dt));
+    }
+    Ok(())
+}
+
+/// Median seconds of `iters` runs of `f` (after warm-up), synchronising around each.
+fn time(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    dev.synchronize()?;
+    let mut t = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let s = Instant::now();
+        let y = f()?;
+        dev.synchronize()?;
+        t.push(s.elapsed().as_secs_f64());
+        drop(y);
+    }
+    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Ok(t[iters / 2])
+}
+
+fn bench(gpu: &Device) -> Result<()> {
+    println!("\n{:<44} {:>10} {:>10} {:>9}", "timing (median of 20)", "ms", "GB/s", "% copy");
+    // The mask head (B x 1 x 64 x 64 -> 1024 x 1024, f16) and gpu.md's earlier naive-kernel case.
+    for &(b, h, w, f, dt) in &[(64, 64, 64, 16, DType::F16), (64, 512, 512, 2, DType::F16), (16, 64, 64, 16, DType::F32)] {
+        let x = random((b, 1, h, w), dt, 1, gpu)?;
+        let y = upsample_bilinear_ac(&x, f)?;
+        let g = random((b, 1, h * f, w * f), dt, 2, gpu)?;
+        let (in_b, out_b) = ((x.elem_count() * dt.size_in_bytes()) as f64, (y.elem_count() * dt.size_in_bytes()) as f64);
+        let copy = time(gpu, 20, || Ok(y.copy()?))?;
+        let copy_bw = 2.0 * out_b / copy;
+        let row = |name: &str, secs: f64, bytes: f64| {
+            let bw = bytes / secs;
+            println!("{:<44} {:>10.3} {:>10.1} {:>8.1}%", name, secs * 1e3, bw / 1e9, 100.0 * bw / copy_bw);
+        };
+        let tag = format!("{b}x1x{h}x{w} f{f} {dt:?}");
+        row(&format!("copy of output {tag}"), copy, 2.0 * out_b);
+        row(&format!("kernel fwd {tag}"), time(gpu, 20, || upsample_bilinear_ac(&x, f))?, in_b + out_b);
+        row(&format!("composite fwd {tag}"), time(gpu, 20, || upsample_bilinear_ac_composite(&x, f))?, in_b + out_b);
+        let wide_b = in_b + (y.elem_count() * 4) as f64;
+        row(&format!("kernel fwd -> f32 {tag}"), time(gpu, 20, || upsample_bilinear_ac_wide(&x, f))?, wide_b);
+        row(&format!("kernel fwd + sigmoid {tag}"), time(gpu, 20, || upsample_sigmoid(&x, f))?, in_b + out_b);
+        row(&format!("kernel fwd + mask u8 {tag}"), time(gpu, 20, || upsample_mask(&x, f, 0.5))?, in_b + y.elem_count() as f64);
+        row(&format!("kernel bwd {tag}"), time(gpu, 20, || upsample_bilinear_ac_backward(&g, f))?, in_b + out_b);
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let gpu = Device::new_cuda(0)?;
+    let mut rep = Report { failures: 0 };
+    correctness(&gpu, &mut rep)?;
+    if rep.failures > 0 {
+        bail!("{} comparison(s) failed", rep.failures);
+    }
+    println!("all comparisons passed");
+    if std::env::args().any(|a| a == "--no-bench") {
+        return Ok(());
+    }
+    bench(&gpu)
+}
