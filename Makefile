@@ -5,7 +5,7 @@ ASSETS := .cache/assets
 TOKENIZER_MODEL := $(ASSETS)/tokenizer.model.v1
 MISTRAL_COMMON := mistral-common==1.13.1
 
-.PHONY: all build test assets fixtures demo bench clean-assets cuda-toolkit build-cuda check-cuda
+.PHONY: all build test test-cpu assets fixtures demo bench clean-assets cuda-toolkit build-cuda check-cuda
 
 all: build
 
@@ -22,8 +22,11 @@ $(TOKENIZER_MODEL):
 	$(PYTHON) -c "import zipfile,glob,shutil; w=sorted(glob.glob('.cache/wheels/mistral_common-*.whl'))[-1]; z=zipfile.ZipFile(w); shutil.copyfileobj(z.open('mistral_common/data/tokenizer.model.v1'), open('$(TOKENIZER_MODEL).tmp','wb'))"
 	mv $(TOKENIZER_MODEL).tmp $(TOKENIZER_MODEL)
 
-# The test command (README, .ci/run).
-test: assets
+# The test command (README, .ci/run): the CPU test suite, then a full compile of the CUDA build
+# (no GPU needed) so that `cfg(feature = "cuda")` code cannot rot.
+test: test-cpu check-cuda
+
+test-cpu: assets
 	PRS_TOKENIZER_MODEL=$(CURDIR)/$(TOKENIZER_MODEL) cargo test --no-fail-fast
 
 # The main job on the embedded default: tiny PRS-Med + synthetic data, init -> finetune ->
@@ -75,6 +78,7 @@ cuda-toolkit:
 build-cuda:
 	$(CUDA_ENV) cargo build --release --features cuda
 
-# CI compile check of every `cfg(feature = "cuda")` path, the GPU check example included.
-check-cuda:
-	$(CUDA_ENV) cargo check --features cuda --lib --bins --examples
+# Full (debug-profile) build of every `cfg(feature = "cuda")` path, the GPU check example included:
+# compiles the kernels to PTX and links against the CUDA libraries.
+check-cuda: cuda-toolkit
+	$(CUDA_ENV) cargo build --features cuda --lib --bins --examples
