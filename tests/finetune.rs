@@ -210,6 +210,21 @@ fn sigkill_and_resume_equal_the_uninterrupted_run_bit_for_bit() {
     assert_eq!(steps(&full), steps(&cut));
     assert!(last(&full).join("optimizer.safetensors").exists());
     assert!(full.join("curves.png").exists() && full.join("best").join("prs_checkpoint.json").exists());
+
+    // A finetune checkpoint feeds `prs predict` and `prs evaluate` directly.
+    let image = std::fs::read_dir(data.join("brain_tumors_ct_scan/test_images")).unwrap().next().unwrap().unwrap().path();
+    let pred = dir.path().join("pred");
+    let st = prs().args(["predict", "--checkpoint"]).arg(full.join("best")).arg("--image").arg(&image)
+        .args(["--question", "Where is the tumor?", "--out"]).arg(&pred).status().unwrap();
+    assert!(st.success());
+    for f in ["mask.png", "prob.png", "overlay.png", "result.json"] {
+        assert!(pred.join(f).exists(), "predict wrote no {f}");
+    }
+    let eval = dir.path().join("eval");
+    let st = prs().args(["evaluate", "--checkpoint"]).arg(full.join("best")).arg("--data-root").arg(&data)
+        .args(["--split", "test", "--out"]).arg(&eval).status().unwrap();
+    assert!(st.success());
+    assert!(eval.join("summary.json").exists() && eval.join("per_image.csv").exists());
 }
 
 #[test]
