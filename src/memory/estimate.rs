@@ -200,17 +200,20 @@ fn llm_layer_bytes_per_token(spec: &PrsMedSpec, s: u64, t: u64) -> f64 {
     (2 * rms + attn + mlp + 2 * s * h) as f64
 }
 
-/// TinySAM's graph when it trains (f32), elements per sample, and its largest tensor.
-fn tinysam_graph_elems(spec: &PrsMedSpec) -> (f64, f64) {
+/// TinySAM's graph when it trains (f32), elements per sample: (kept without checkpointing,
+/// kept with per-stage checkpointing = stem + stage outputs + one stage recomputed, largest
+/// tensor).
+fn tinysam_graph_elems(spec: &PrsMedSpec) -> (f64, f64, f64) {
     let t = &spec.tinysam;
     let s = t.img_size as f64;
     let d: Vec<f64> = t.embed_dims.iter().map(|&x| x as f64).collect();
     let bn = 5.0; // centred, squared, normalised, scaled, shifted
-    let mut total = 0.0;
-    let mut largest: f64 = 0.0;
-    let mut add = |e: f64, big: f64| {
-        total += e;
-        largest = largest.max(big);
+    let total = std::cell::Cell::new(0.0f64);
+    let largest = std::cell::Cell::new(0.0f64);
+    let mut stage_elems: Vec<f64> = vec![];
+    let add = |e: f64, big: f64| {
+        total.set(total.get() + e);
+        largest.set(largest.get().max(big));
     };
     // stem: im2col of the image (untracked input), matmul, layout copy, BN, GELU; conv, BN
     let p0 = (s / 2.0).powi(2);
@@ -222,7 +225,10 @@ fn tinysam_graph_elems(spec: &PrsMedSpec) -> (f64, f64) {
     let dw = |c: f64, pin: f64, pout: f64| 2.0 * c * pin + c * (pin - pout).max(0.0) + 19.0 * c * pout;
     let mut side = s / 4.0;
     let ns = t.depths.len();
+    let stem_total = total.get();
+    let mut outputs = 0.0;
     for st in 0..ns {
+        let before = total.get();
         let c = d[st];
         if st == 0 {
             let hid = c * t.mbconv_expand_ratio;
@@ -256,11 +262,17 @@ fn tinysam_graph_elems(spec: &PrsMedSpec) -> (f64, f64) {
             add(out * p * (1.0 + bn + 1.0) + phases + dw(out, p, p2) + out * p2 * (bn + 1.0 + 1.0 + bn), out * p);
             p = p2;
             side /= stride;
+            outputs += out * p;
+        } else {
+            outputs += c * p;
         }
+        stage_elems.push(total.get() - before);
     }
+    let recomputed = stage_elems.iter().cloned().fold(0.0, f64::max);
     let oc = t.out_chans as f64;
-    add(oc * p * (1.0 + bn + 1.0 + 1.0 + bn), oc * p);
-    (total, largest)
+    let neck = oc * p * (1.0 + bn + 1.0 + 1.0 + bn);
+    add(neck, oc * p);
+    (total.get(), stem_total + outputs + recomputed + neck, largest.get())
 }
 
 /// Decoder + heads of the losses, f32 elements per sample, and the largest tensor.
@@ -356,7 +368,8 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
     let rms_final = if s == 4 { 12 * h } else { 12 * h + 2 * s * h };
     let head = tok * rms_final + rows * (h * s + v * s + if s == 4 { 0 } else { 4 * v } + 12 * v);
     push("activations: final norm, LM head, cross-entropy", head as f64);
-    let (ts_e, ts_big) = tinysam_graph_elems(spec);
+    let (ts_full, ts_ckpt, ts_big) = tinysam_graph_elems(spec);
+    let ts_e = if inp.checkpointing { ts_ckpt } else { ts_full };
     let ts_bytes = if inp.train_tinysam { ts_e * 4.0 * b as f64 } else { 0.0 };
     push("activations: TinySAM (f32)", ts_bytes);
     let (dec_e, dec_big) = decoder_graph_elems(spec, t as f64, b as f64, s);

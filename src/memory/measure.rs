@@ -23,10 +23,9 @@ use serde::{Deserialize, Serialize};
 use super::{Precision, SeqShape};
 use crate::config::Config;
 use crate::model::load::Mode;
-use crate::model::prs_med::{LossWeights, ModelBatch, Outputs, PrsMed};
+use crate::model::prs_med::{LossWeights, ModelBatch, PrsMed};
 use crate::model::random::{random_prs_med, spec_for_config, RandomOptions};
-use crate::nn::checkpoint::Checkpointer;
-use crate::nn::ops::{self, TrainingMode};
+use crate::nn::ops::TrainingMode;
 use crate::tokenizer::{PromptIds, BOS_ID};
 use crate::train::optim::{AdamW, AdamWConfig, LossScaler};
 
@@ -144,33 +143,25 @@ pub fn synthetic_batch(m: &PrsMed, batch: usize, seq: &SeqShape, seed: u64) -> R
     Ok(ModelBatch { clip_pixels, sam_pixels, prompts, masks: Some(masks), modality: Some(modality) })
 }
 
-/// `PrsMed::forward(batch, true)` with every LLM layer run through `ck` (gradient checkpointing).
-/// The final norm uses a ones weight: the trial's fresh model has exactly that, and the field
-/// is private to the model (the trainer's own wiring replaces this).
-pub fn forward_checkpointed(m: &PrsMed, batch: &ModelBatch, ck: &Checkpointer) -> Result<Outputs> {
-    let image = m.encode_image(&batch.clip_pixels)?;
-    let inp = m.llm_inputs(&batch.prompts, &image, true)?;
-    let llm = &m.llm;
-    let cfg = llm.config();
-    let (b, t, h) = inp.embeds.dims3()?;
-    let mask = llm.attention_mask(Some(&inp.key_valid), b, t, 0)?;
-    let rope = ops::rope_tables(&inp.position_ids, cfg.head_dim(), cfg.rope_theta, m.dtype())?;
-    let mut x = inp.embeds.to_dtype(m.dtype())?;
-    for layer in llm.layers() {
-        let (layer, rope, mask) = (layer.clone(), rope.clone(), mask.clone());
-        x = ck.run(&x, move |x| layer.forward(x, &rope, &mask, None))?;
-    }
-    let ones = Tensor::ones(h, m.dtype(), m.device())?;
-    let hidden = ops::rms_norm(&x, &ones, cfg.rms_norm_eps)?;
-    let rows = Tensor::new(inp.lm_rows.as_slice(), m.device())?;
-    let sel = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
-    let answer_logits = Some(llm.logits(&sel)?);
-    let answer_targets = Some(Tensor::new(inp.lm_targets.as_slice(), m.device())?);
-    let sam_dtype = if m.trained.group("image_encoder").is_empty() { m.dtype() } else { DType::F32 };
-    let feats = m.tinysam.forward(&batch.sam_pixels.to_dtype(sam_dtype)?)?;
-    let mask_logits = m.decoder.forward(&feats, &hidden, &inp.prompt_valid)?;
-    let class_logits = m.classifier.forward(&feats)?;
-    Ok(Outputs { mask_logits, class_logits, answer_logits, answer_targets })
+/// One full training step (forward, losses, backward, optimizer) on `batch`; returns the loss.
+/// Gradient checkpointing is whatever `m` was set to (`PrsMed::set_gradient_checkpointing`).
+pub fn train_step(m: &PrsMed, batch: &ModelBatch, opt: &mut AdamW, scaler: Option<&mut LossScaler>, seed: u64) -> Result<f64> {
+    let _train = TrainingMode::enter(seed);
+    let out = m.forward(batch, true)?;
+    let losses = m.losses(batch, &out, &LossWeights::default())?;
+    let total = match &scaler {
+        Some(s) => s.scale_loss(&losses.total)?,
+        None => losses.total.clone(),
+    };
+    let mut grads = total.backward()?;
+    m.merge_checkpoint_grads(&mut grads)?;
+    let loss = losses.total.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+    drop((out, losses, total));
+    match scaler {
+        Some(s) => opt.step_scaled(&grads, s)?,
+        None => opt.step(&grads)?,
+    };
+    Ok(loss)
 }
 
 #[cfg(feature = "cuda")]
@@ -259,11 +250,11 @@ pub fn run_trial(spec: &TrialSpec) -> Result<TrialResult> {
     let mspec = spec_for_config(&cfg)?;
     let dtype = spec.precision.dtype();
     let opts = RandomOptions::from_config(&cfg, device.clone(), dtype, Mode::Train, spec.seed);
-    let m = random_prs_med(&mspec, &opts)?;
+    let mut m = random_prs_med(&mspec, &opts)?;
+    m.set_gradient_checkpointing(spec.checkpointing);
     let mut opt = AdamW::new(m.trained.weights(), AdamWConfig::default())?;
     let mut scaler = (spec.precision == Precision::F16).then(LossScaler::default);
     let batch = synthetic_batch(&m, spec.batch, &spec.seq, spec.seed)?;
-    let ck = if spec.checkpointing { Checkpointer::new(&m.trained) } else { Checkpointer::disabled(&m.trained) };
     device.synchronize()?;
     #[cfg(feature = "cuda")]
     let baseline_cuda = match &pool {
@@ -282,22 +273,7 @@ pub fn run_trial(spec: &TrialSpec) -> Result<TrialResult> {
     let (mut secs, mut loss) = (0.0, 0.0);
     for step in 0..spec.steps.max(1) {
         let t0 = Instant::now();
-        let _train = TrainingMode::enter(spec.seed.wrapping_add(step as u64));
-        let out = if spec.checkpointing { forward_checkpointed(&m, &batch, &ck)? } else { m.forward(&batch, true)? };
-        let losses = m.losses(&batch, &out, &LossWeights::default())?;
-        let total = match &scaler {
-            Some(s) => s.scale_loss(&losses.total)?,
-            None => losses.total.clone(),
-        };
-        let mut grads = total.backward()?;
-        ck.merge_into(&mut grads)?;
-        loss = losses.total.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
-        drop((out, losses, total));
-        match &mut scaler {
-            Some(s) => opt.step_scaled(&grads, s)?,
-            None => opt.step(&grads)?,
-        };
-        drop(grads);
+        loss = train_step(&m, &batch, &mut opt, scaler.as_mut(), spec.seed.wrapping_add(step as u64))?;
         device.synchronize()?;
         secs = t0.elapsed().as_secs_f64();
     }
