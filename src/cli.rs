@@ -14,6 +14,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Time training steps or predictions with random weights (no download).
+    Bench(commands::bench::BenchArgs),
     /// The whole pipeline on the embedded tiny model and a synthetic dataset (CPU, minutes).
     Demo(commands::demo::DemoArgs),
     /// LoRA fine-tuning of PRS-Med (LLM adapter, TinySAM, mask decoder).
@@ -35,6 +37,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Bench(a) => commands::bench::run(&a),
         Command::Demo(a) => commands::demo::run(&a),
         Command::Finetune(a) => commands::finetune::run(&a),
         Command::Init(a) => commands::init::run(&a),

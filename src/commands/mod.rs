@@ -6,5 +6,6 @@ pub mod profile_memory;
 pub mod tokenize;
 pub mod synth_data;
 pub mod predict;
+pub mod bench;
 pub mod demo;
 pub mod evaluate;

@@ -1,0 +1,128 @@
+//! `prs bench train|predict`: timing of the model with random weights built directly on the
+//! device (no download), for comparing with the PyTorch reference in the GPU notes.
+
+use std::time::Instant;
+
+use anyhow::Result;
+
+use crate::config::Config;
+use crate::infer::{predict_batch, GenerateOptions};
+use crate::memory::measure::{synthetic_batch, train_step};
+use crate::memory::{Precision, SeqShape};
+use crate::model::load::Mode;
+use crate::model::random::{random_prs_med, spec_for_config, RandomOptions};
+use crate::train::optim::{AdamW, AdamWConfig, LossScaler};
+use crate::train::trainer::compute_dtype;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// `train` (forward + backward + AdamW step) or `predict` (mask + answer).
+    pub what: String,
+    #[arg(long)]
+    pub config: std::path::PathBuf,
+    /// Random weights built on the device (the only mode: no checkpoint is read).
+    #[arg(long, default_value_t = true)]
+    pub random_weights: bool,
+    #[arg(long, alias = "batch_size", default_value_t = 1)]
+    pub batch_size: usize,
+    #[arg(long, alias = "gradient_checkpointing")]
+    pub gradient_checkpointing: bool,
+    /// LLM sequence length (BOS + image tokens + prompt + answer + EOS).
+    #[arg(long, default_value_t = 640)]
+    pub seq_len: usize,
+    #[arg(long, default_value = "bf16")]
+    pub precision: String,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// New tokens for `predict`.
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// The card's dense bf16 matmul rate in TFLOP/s, for the utilisation column
+    /// (764 = measured on an H100 SXM in the GPU notes).
+    #[arg(long, default_value_t = 764.0)]
+    pub peak_tflops: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+pub fn run(a: &BenchArgs) -> Result<()> {
+    let cfg = Config::load(&a.config)?;
+    let device = crate::commands::finetune::parse_device(&a.device)?;
+    let dtype = compute_dtype(&a.precision, &device)?;
+    let spec = spec_for_config(&cfg)?;
+    let t0 = Instant::now();
+    let mode = if a.what == "train" { Mode::Train } else { Mode::Infer };
+    let mut m = random_prs_med(&spec, &RandomOptions::from_config(&cfg, device.clone(), dtype, mode, 0))?;
+    println!("built {} with random weights on {:?} in {:.1} s", a.config.display(), device, t0.elapsed().as_secs_f64());
+    let n_img = m.image_tokens()?;
+    let seq = SeqShape::from_total(a.seq_len, n_img)?;
+    match a.what.as_str() {
+        "train" => {
+            m.set_gradient_checkpointing(a.gradient_checkpointing);
+            let batch = synthetic_batch(&m, a.batch_size, &seq, 1)?;
+            let mut opt = AdamW::new(m.trained.weights(), AdamWConfig::default())?;
+            let mut scaler = (dtype == Precision::F16.dtype()).then(LossScaler::default);
+            let mut times = vec![];
+            for i in 0..a.warmup + a.steps {
+                let t = Instant::now();
+                train_step(&m, &batch, &mut opt, scaler.as_mut(), i as u64)?;
+                device.synchronize()?;
+                if i >= a.warmup {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+            }
+            let step = median(times);
+            let tokens = (a.batch_size * a.seq_len) as f64;
+            // LLM forward + activation backward (frozen weights need no weight gradient).
+            let flops = 4.0 * (spec.llava.llm.num_hidden_layers as f64 * 12.0 * (spec.llava.llm.hidden_size as f64).powi(2)) * tokens;
+            println!(
+                "train: batch {} seq {} ckpt {}: step {:.3} s (median of {}), {:.2} samples/s, {:.0} tokens/s, LLM {:.1} TFLOP/s = {:.1}% of {} TFLOP/s, peak RSS {:.2} GB",
+                a.batch_size,
+                a.seq_len,
+                a.gradient_checkpointing,
+                step,
+                a.steps,
+                a.batch_size as f64 / step,
+                tokens / step,
+                flops / step / 1e12,
+                100.0 * flops / step / 1e12 / a.peak_tflops,
+                a.peak_tflops,
+                crate::train::trainer::peak_rss_bytes().unwrap_or(0) as f64 / 1e9
+            );
+        }
+        "predict" => {
+            let mut batch = synthetic_batch(&m, 1, &seq, 1)?;
+            batch.prompts[0].answer.clear();
+            let gen = GenerateOptions { max_new_tokens: a.max_new_tokens, stop_at_eos: false, ..Default::default() };
+            let mut times = vec![];
+            for i in 0..a.warmup + a.steps {
+                let t = Instant::now();
+                let out = predict_batch(&m, &batch, &gen)?;
+                device.synchronize()?;
+                if i >= a.warmup {
+                    times.push((t.elapsed().as_secs_f64(), out.encode_secs, out.decode_secs / out.decode_steps.max(1) as f64));
+                }
+            }
+            let total = median(times.iter().map(|t| t.0).collect());
+            let enc = median(times.iter().map(|t| t.1).collect());
+            let per_tok = median(times.iter().map(|t| t.2).collect());
+            println!(
+                "predict: mask + {}-token answer {:.3} s (median of {}): encode {:.3} s, {:.1} ms/token",
+                a.max_new_tokens,
+                total,
+                a.steps,
+                enc,
+                per_tok * 1e3
+            );
+        }
+        w => anyhow::bail!("prs bench {w}: expected `train` or `predict`"),
+    }
+    Ok(())
+}
