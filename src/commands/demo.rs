@@ -71,7 +71,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     let best = run.join("best");
     step(&["evaluate".into(), "--checkpoint".into(), s(&best), "--data-root".into(), s(&data), "--split".into(), "test".into(), "--out".into(), s(&eval)])?;
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(eval.join("summary.json"))?)?;
-    let dice = summary["overall"]["seg"]["dice"]["mean"].as_f64().context("summary.json: no overall Dice")?;
+    let dice = summary["overall"]["dice"]["mean"].as_f64().context("summary.json: no overall Dice")?;
     let pos = summary["overall"]["position"]["accuracy"].as_f64().context("summary.json: no position accuracy")?;
     // One test image through `prs predict`.
     let case = summary["per_case"][0].clone();
