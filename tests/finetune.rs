@@ -303,9 +303,9 @@ fn the_tiny_model_learns() {
     let mut c = cfg.clone();
     c.data.root = Some(data.display().to_string());
     c.train.batch_size = 8;
-    c.train.max_steps = 36;
+    c.train.max_steps = 60;
     c.train.num_epochs = 100;
-    c.train.eval_every = 36;
+    c.train.eval_every = 60;
     c.train.warmup_steps = 3;
     c.train.max_eval_samples = 12;
     let summary = prs::train::trainer::train(prs::train::trainer::TrainOptions {
@@ -324,5 +324,5 @@ fn the_tiny_model_learns() {
     let (d0, d1) = (summary.first_eval.unwrap().dice, summary.last_eval.unwrap().dice);
     println!("train loss {first:.3} -> {last:.3}; val Dice {d0:.3} -> {d1:.3}");
     assert!(last < 0.75 * first, "loss did not fall: {first} -> {last}");
-    assert!(d1 > d0 + 0.15, "Dice did not rise: {d0} -> {d1}");
+    assert!(d1 > d0 + 0.1 && d1 > 1.5 * d0, "Dice did not rise: {d0} -> {d1}");
 }
