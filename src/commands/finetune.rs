@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use candle_core::Device;
 
 use crate::config::Config;
 use crate::train::state::RunDir;
@@ -75,14 +74,7 @@ pub struct FinetuneArgs {
     pub quiet: bool,
 }
 
-pub fn parse_device(spec: &str) -> Result<Device> {
-    Ok(match spec {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)?,
-        s if s.starts_with("cuda:") => Device::new_cuda(s[5..].parse()?)?,
-        s => bail!("unknown device `{s}` (cpu, cuda, cuda:N)"),
-    })
-}
+pub use crate::infer::parse_device;
 
 /// The configuration a run uses: file (or the resumed run's saved config) + --set + flags.
 pub fn resolve_config(args: &FinetuneArgs) -> Result<Config> {

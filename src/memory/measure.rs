@@ -16,8 +16,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{Precision, SeqShape};
@@ -72,16 +72,7 @@ pub struct TrialResult {
     pub seq_len: usize,
 }
 
-pub fn parse_device(s: &str) -> Result<Device> {
-    Ok(match s.trim() {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)?,
-        d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => Device::new_cuda(i)?,
-            _ => bail!("unknown device `{d}` (cpu, cuda or cuda:N)"),
-        },
-    })
-}
+pub use crate::infer::parse_device;
 
 fn status_kb(field: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -24,7 +24,7 @@ use crate::model::tinysam::FrozenBatchNormStats;
 use crate::nn::ops::{EvalMode, TrainingMode};
 use crate::nn::param::seed_for;
 use crate::report::{read_metrics, training_curves, MetricsLog, Record};
-use crate::tokenizer::{self, encode_prompt};
+use crate::tokenizer::encode_prompt;
 use crate::weights::checkpoint::{save_checkpoint_with, CheckpointMeta};
 
 pub struct TrainOptions {
@@ -116,9 +116,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     }
     ensure!(!prep.train.is_empty(), "no training rows in {root}");
     let base = crate::weights::hub::ModelSource::parse(&cfg.model.base)?;
-    let tok = tokenizer::load(&base.file("tokenizer.model").map(|p| p.parent().unwrap().to_path_buf()).or_else(|_| {
-        base.file("tokenizer.json").map(|p| p.parent().unwrap().to_path_buf())
-    })?)?;
+    let tok = crate::infer::load_tokenizer(&cfg.model.base)?;
     let llava = crate::model::load::read_llava_config(&base)?;
     let vcfg = llava.vision_config()?;
     let builder = SampleBuilder {
@@ -534,8 +532,6 @@ fn log_eval(log: &mut MetricsLog, step: u64, epoch: u64, e: &EvalResult) -> Resu
 
 /// Peak resident memory of this process (VmHWM), in bytes; None where /proc is unavailable.
 pub fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let (_, peak) = crate::memory::measure::rss();
+    (peak > 0).then_some(peak)
 }
