@@ -230,6 +230,12 @@ pub struct InitSection {
     /// Std of the random base weights: ~1/sqrt(hidden) so a frozen random lm_head can express
     /// confident answers (the reference, section 8).
     pub weight_std: f64,
+    /// Std of the LLM's decoder-layer projections (None: `weight_std`).
+    #[serde(default)]
+    pub llm_layer_std: Option<f64>,
+    /// Std of the random CLIP position embedding (None: CLIP's own 0.02).
+    #[serde(default)]
+    pub vision_position_std: Option<f64>,
     #[serde(default = "default_seed")]
     pub seed: u64,
 }

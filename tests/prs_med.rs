@@ -75,12 +75,13 @@ fn forward_shapes_and_gradients_reach_exactly_the_trained_tensors() {
     // subtraction: zero gradient in exact arithmetic (the authors' layers, kept for their keys).
     let before_instance_norm = |k: &str| k.starts_with("mask_generation.") && (k.ends_with("conv1.bias") || k.ends_with("conv2.bias"));
     assert_grads_exactly_trained_except(&grads, &m.trained, before_instance_norm);
-    // What trains: LoRA A/B on q,k,v,o of both layers, TinySAM, decoder, classifier, projector.
+    // What trains: LoRA A/B on the config's modules of every layer, TinySAM, decoder, classifier, projector.
     let groups: std::collections::BTreeSet<_> = m.trained.weights().iter().map(|p| p.group.clone()).collect();
     let want: std::collections::BTreeSet<_> =
         ["classifier", "image_encoder", "lora", "mask_decoder", "mm_projector"].iter().map(|s| s.to_string()).collect();
     assert_eq!(groups, want);
-    assert_eq!(m.trained.group("lora").len(), 2 * 4 * 2);
+    let layers = cfg.init.as_ref().unwrap().llm.num_hidden_layers;
+    assert_eq!(m.trained.group("lora").len(), layers * cfg.model.lora.target_modules.len() * 2);
 }
 
 #[test]
@@ -169,8 +170,9 @@ fn authors_release_layout_loads_and_applies_the_adapter() {
         Tensor::zeros((8, 32), DType::F32, &Device::Cpu).unwrap(),
     ));
     write_safetensors_atomic(&rel.join("lora_adapter/adapter_model.safetensors"), &lora, None).unwrap();
-    let ac = serde_json::json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "bias": "none",
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "task_type": "CAUSAL_LM"});
+    let l = &cfg.model.lora;
+    let ac = serde_json::json!({"peft_type": "LORA", "r": l.r, "lora_alpha": l.alpha, "lora_dropout": 0.05, "bias": "none",
+        "target_modules": l.target_modules, "task_type": "CAUSAL_LM"});
     write_atomic(&rel.join("lora_adapter/adapter_config.json"), |f| Ok(serde_json::to_writer(f, &ac)?)).unwrap();
     let enc = group("image_encoder");
     let mut enc_all: Vec<_> = enc.iter().map(|(k, t)| (format!("image_encoder.{k}"), t.clone())).collect();
@@ -242,4 +244,34 @@ fn a_separate_clip_checkpoint_replaces_the_embedded_tower() {
     let a = combined.encode_image(&bt.clip_pixels).unwrap();
     let b = split.encode_image(&bt.clip_pixels).unwrap();
     assert_eq!(rel_err(&b, &a), 0.0);
+}
+
+#[test]
+fn init_draws_each_part_at_its_configured_scale() {
+    // `prs init`: embeddings and lm_head at `weight_std`, decoder layers at `llm_layer_std`,
+    // CLIP's position embedding at `vision_position_std` (the tiny model's learnability rests on these).
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_model(dir.path());
+    let init = cfg.init.clone().unwrap();
+    let (layer_std, pos_std) = (init.llm_layer_std.unwrap(), init.vision_position_std.unwrap());
+    assert!(layer_std != init.weight_std && pos_std != init.weight_std, "pick a config whose scales differ");
+    let source = prs::weights::hub::ModelSource::parse(&cfg.model.base).unwrap();
+    let st = prs::weights::shards::open_safetensors(&source, DType::F32, &Device::Cpu).unwrap();
+    let std_of = |key: &str, shape: &[usize]| -> f64 {
+        let t = st.vb.get(shape, key).unwrap().flatten_all().unwrap();
+        let v = t.to_vec1::<f32>().unwrap();
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+        (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
+    };
+    let (h, vocab) = (init.llm.hidden_size, init.llm.vocab_size);
+    let near = |got: f64, want: f64, what: &str| assert!((got / want - 1.0).abs() < 0.05, "{what}: std {got}, want {want}");
+    near(std_of("lm_head.weight", &[vocab, h]), init.weight_std, "lm_head");
+    near(std_of("model.embed_tokens.weight", &[vocab, h]), init.weight_std, "embed_tokens");
+    let inter = init.llm.intermediate_size;
+    near(std_of("model.layers.0.mlp.gate_proj.weight", &[inter, h]), layer_std, "gate_proj");
+    near(std_of("model.layers.1.self_attn.q_proj.weight", &[h, h]), layer_std, "q_proj");
+    let v = &init.vision;
+    let n_pos = (v.image_size / v.patch_size).pow(2) + 1;
+    let key = format!("{}.embeddings.position_embedding.weight", prs::model::load::CLIP_PREFIX);
+    near(std_of(&key, &[n_pos, v.hidden_size]), pos_std, "CLIP position embedding");
 }

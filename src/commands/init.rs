@@ -63,6 +63,14 @@ fn collect(reg: &TrainedParams, prefix: &str, std: Option<f64>, seed: u64) -> Re
     Ok(out)
 }
 
+/// Redraws the tensors whose key and shape `pick` selects from N(0, std).
+fn redraw(tensors: &mut [(String, Tensor)], pick: impl Fn(&str, &Tensor) -> bool, std: f64, seed: u64) -> Result<()> {
+    for (key, t) in tensors.iter_mut().filter(|(k, t)| pick(k, t)) {
+        *t = init_tensor(t.shape(), Init::Normal(std), seed_for(seed, key), DType::F32, &Device::Cpu)?;
+    }
+    Ok(())
+}
+
 pub fn write_llava(dir: &Path, init: &InitSection, tokenizer: &Path, max_shard_bytes: u64) -> Result<()> {
     if !tokenizer.exists() {
         bail!("tokenizer {} not found (run `make assets`, or pass --tokenizer)", tokenizer.display());
@@ -87,7 +95,14 @@ pub fn write_llava(dir: &Path, init: &InitSection, tokenizer: &Path, max_shard_b
     ClipVisionTower::new(&fresh("clip", &r_clip), &init.vision, -1)?;
     Projector::new(&fresh("proj", &r_proj), init.vision.hidden_size, init.llm.hidden_size, "mlp2x_gelu")?;
     let mut tensors = collect(&r_llm, "", Some(init.weight_std), init.seed)?;
-    tensors.extend(collect(&r_clip, CLIP_PREFIX, None, init.seed)?);
+    if let Some(std) = init.llm_layer_std {
+        redraw(&mut tensors, |k, t| k.starts_with("model.layers.") && t.rank() >= 2, std, init.seed)?;
+    }
+    let mut clip = collect(&r_clip, CLIP_PREFIX, None, init.seed)?;
+    if let Some(std) = init.vision_position_std {
+        redraw(&mut clip, |k, _| k.ends_with("position_embedding.weight"), std, init.seed)?;
+    }
+    tensors.extend(clip);
     tensors.extend(collect(&r_proj, PROJECTOR_PREFIX, Some(init.weight_std), init.seed)?);
 
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
