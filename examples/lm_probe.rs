@@ -5,6 +5,7 @@
 //! `PRS_PROBE_ORACLE=1` adds the true position class as a constant to every image token:
 //! if the loss then drops but not without it, the LLM can route image information and the
 //! vision features are what lacks position.
+//! `PRS_PROBE_TF=1` also prints the teacher-forced accuracy on the position words.
 //! Run: cargo run --release --example lm_probe -- CONFIG DATA_ROOT STEPS [KEY=VALUE ...]
 use std::time::Instant;
 
@@ -55,6 +56,19 @@ fn main() -> anyhow::Result<()> {
         let rows = Tensor::new(inp.lm_rows.as_slice(), &dev)?;
         let logits = m.llm.logits(&h.reshape((bb * t, hd))?.index_select(&rows, 0)?)?;
         let targets = Tensor::new(inp.lm_targets.as_slice(), &dev)?;
+        if std::env::var("PRS_PROBE_TF").is_ok() {
+            // Teacher-forced accuracy on the position words.
+            let pred = logits.argmax(1)?.to_vec1::<u32>()?;
+            let (mut n, mut ok) = (0, 0);
+            for (p, t) in pred.iter().zip(&inp.lm_targets) {
+                let w = b.tokenizer.decode(&[*t], true).map_err(anyhow::Error::msg)?;
+                if ["top", "bottom", "left", "right", "center"].contains(&w.trim()) {
+                    n += 1;
+                    ok += (p == t) as usize;
+                }
+            }
+            println!("teacher-forced position-word accuracy {ok}/{n}");
+        }
         Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
     };
     let mut order: Vec<usize> = (0..train.len()).collect();

@@ -47,7 +47,7 @@ fn synth_round_trip() {
             assert!(!r.question.is_empty());
             per_pos[p.index()] += 1;
             seen.insert((r.modality.clone(), r.class_id));
-            let img = prs::data::dataset::decode_image(&r.image).unwrap();
+            let img = prs::data::preprocess::decode_image(&r.image).unwrap();
             assert_eq!((img.width(), img.height()), mask.dimensions());
             if r.modality == "skin_rgbimage" {
                 let m = r.mask.file_name().unwrap().to_string_lossy().into_owned();
@@ -216,7 +216,7 @@ fn validation_reports_every_problem() {
             && text.contains(&format!("{}:{line}: ", csv.display()))
     };
     assert!(has(3, "image not found"), "{text}");
-    assert!(has(4, "decoding"), "{text}");
+    assert!(has(4, "cannot load image"), "{text}");
     assert!(has(5, "image is 32x32 but mask is 16x32"), "{text}");
     assert!(has(7, "empty answer"), "{text}");
     assert!(has(9, "not binary"), "{text}");

@@ -22,6 +22,7 @@ use image::{DynamicImage, GenericImageView, GrayImage};
 use rayon::prelude::*;
 
 use super::loader::{mix64, str_hash};
+use super::preprocess::decode_image;
 
 /// Where the lesion lies, by the rule of [`position_of_mask`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -508,16 +509,6 @@ fn parse_row(
         class_id: class_id.unwrap(),
         split: split.unwrap(),
     })
-}
-
-/// Decodes an image by content (not by extension), with the path in the error.
-pub fn decode_image(path: &Path) -> Result<DynamicImage> {
-    image::ImageReader::open(path)
-        .with_context(|| format!("opening {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("reading {}", path.display()))?
-        .decode()
-        .with_context(|| format!("decoding {}", path.display()))
 }
 
 /// Brings a decoded mask to one 0/255 channel: colour masks take the channel maximum (a red

@@ -45,12 +45,9 @@ impl Resample {
     }
 }
 
-/// Decodes PNG (8/16-bit, grey, palette, with or without alpha) or JPEG and converts to 8-bit
-/// RGB. Alpha is dropped, not composited (as PIL's `.convert("RGB")`). 16-bit samples are scaled
-/// to 8 bits (PIL would clip 16-bit greyscale to 255 instead; we keep the image usable).
-/// The format is detected from the content, not the extension.
-pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage> {
-    let path = path.as_ref();
+/// Decodes an image file as stored (grey, RGB, 16-bit...), the format guessed from its bytes;
+/// the one decoder for images and masks, so every bad file gives the same message.
+pub fn decode_image(path: &Path) -> Result<DynamicImage> {
     let decode = || -> Result<DynamicImage> {
         let reader = image::ImageReader::open(path)?.with_guessed_format()?;
         if reader.format().is_none() {
@@ -58,7 +55,15 @@ pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage> {
         }
         Ok(reader.decode()?)
     };
-    let img = decode().with_context(|| format!("cannot load image {}", path.display()))?;
+    decode().with_context(|| format!("cannot load image {}", path.display()))
+}
+
+/// Decodes PNG (8/16-bit, grey, palette, with or without alpha) or JPEG and converts to 8-bit
+/// RGB. Alpha is dropped, not composited (as PIL's `.convert("RGB")`). 16-bit samples are scaled
+/// to 8 bits (PIL would clip 16-bit greyscale to 255 instead; we keep the image usable).
+/// The format is detected from the content, not the extension.
+pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage> {
+    let img = decode_image(path.as_ref())?;
     Ok(match img {
         DynamicImage::ImageRgb8(_) => img,
         other => DynamicImage::ImageRgb8(other.to_rgb8()),
