@@ -10,6 +10,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use prs::nn::linear::{frozen_matmul, masked_add};
 use prs::nn::ops::{mask_min, softmax_last_dim};
+use prs::nn::fused::{rms_normalize, scaled_masked_softmax};
 use prs::nn::upsample::{upsample_bilinear_ac, upsample_bilinear_ac_backward, upsample_bilinear_ac_composite};
 
 const CPU: Device = Device::Cpu;
@@ -248,4 +249,89 @@ fn upsample_rejects_bad_input() {
     assert!(upsample_bilinear_ac(&x.to_dtype(DType::U8).unwrap(), 2).is_err());
     let g = Tensor::zeros((1, 1, 5, 4), DType::F32, &CPU).unwrap();
     assert!(upsample_bilinear_ac_backward(&g, 2).is_err());
+}
+
+#[test]
+fn fused_attention_softmax_matches_the_composite_in_value_and_gradient() -> Result<()> {
+    let (b, h, q, k, scale) = (2, 3, 4, 5, 0.37);
+    let neg = mask_min(DType::F32);
+    // (B,1,Q,K) causal-style mask broadcast over heads, as the LLM builds it.
+    let m: Vec<f32> = (0..b * q * k).map(|i| if (i % k) > (i / k) % q + (i / (q * k)) { neg as f32 } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(m, (b, 1, q, k), &CPU)?;
+    let r = randn(&[b, h, q, k], 21)?.to_dtype(DType::F32)?;
+    for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 2e-2)] {
+        let s = randn(&[b, h, q, k], 20)?.to_dtype(dtype)?;
+        for with_mask in [true, false] {
+            let mk = with_mask.then_some(&mask);
+            let composite = |t: &Tensor| -> Result<Tensor> {
+                let x = (t.to_dtype(DType::F32)? * scale)?;
+                let x = match mk {
+                    Some(m) => masked_add(&x, &m.broadcast_as(x.shape())?.contiguous()?)?,
+                    None => x,
+                };
+                softmax_last_dim(&x)
+            };
+            let sv = Var::from_tensor(&s)?;
+            let fused = scaled_masked_softmax(sv.as_tensor(), scale, mk)?;
+            assert_eq!(fused.dtype(), dtype);
+            let want = composite(sv.as_tensor())?;
+            let e = max_abs_diff(&vec64(&fused)?, &vec64(&want)?);
+            assert!(e <= tol, "{dtype:?} mask {with_mask}: values differ by {e}");
+            let g_fused = dot(&fused.to_dtype(DType::F32)?, &r)?.backward()?;
+            let g_comp = dot(&want, &r)?.backward()?;
+            let (gf, gc) = (g_fused.get(sv.as_tensor()).expect("gradient"), g_comp.get(sv.as_tensor()).expect("gradient"));
+            assert_eq!(gf.dtype(), dtype);
+            let e = max_abs_diff(&vec64(gf)?, &vec64(gc)?) / max_abs(&vec64(gc)?).max(1e-12);
+            assert!(e <= tol * 5.0, "{dtype:?} mask {with_mask}: gradients differ by {e} (relative)");
+            assert!(g_fused.get(&mask).is_none(), "the mask must have no gradient");
+        }
+    }
+    // Against central differences (f64 input; the op computes in f32).
+    let s = randn(&[1, 2, 3, 4], 22)?;
+    let r = randn(&[1, 2, 3, 4], 23)?;
+    let small = mask.narrow(0, 0, 1)?.narrow(2, 0, 3)?.narrow(3, 0, 4)?;
+    let loss = |t: &Tensor| -> Result<Tensor> { dot(&scaled_masked_softmax(t, scale, Some(&small))?, &r) };
+    let sv = Var::from_tensor(&s)?;
+    let g = vec64(loss(sv.as_tensor())?.backward()?.get(sv.as_tensor()).expect("gradient"))?;
+    let g_num = numeric_grad(&s, 1e-3, |t| Ok(loss(t)?.to_scalar::<f64>()?))?;
+    let e = max_abs_diff(&g, &g_num);
+    println!("fused softmax: |autograd - numeric| {e:.2e}");
+    assert!(e <= 2e-3, "numeric: {e}");
+    Ok(())
+}
+
+#[test]
+fn fused_rms_normalize_matches_the_composite_in_value_and_gradient() -> Result<()> {
+    let eps = 1e-5;
+    let composite = |t: &Tensor| -> Result<Tensor> {
+        let x = t.to_dtype(DType::F32)?;
+        let var = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+        Ok(x.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(t.dtype())?)
+    };
+    let r = randn(&[2, 3, 16], 31)?.to_dtype(DType::F32)?;
+    for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 1e-2)] {
+        let x = (randn(&[2, 3, 16], 30)? * 3.0)?.to_dtype(dtype)?;
+        let xv = Var::from_tensor(&x)?;
+        let fused = rms_normalize(xv.as_tensor(), eps)?;
+        let want = composite(xv.as_tensor())?;
+        assert_eq!(fused.dtype(), dtype);
+        let e = max_abs_diff(&vec64(&fused)?, &vec64(&want)?);
+        assert!(e <= tol, "{dtype:?}: values differ by {e}");
+        let gf = dot(&fused.to_dtype(DType::F32)?, &r)?.backward()?;
+        let gc = dot(&want.to_dtype(DType::F32)?, &r)?.backward()?;
+        let (gf, gc) = (gf.get(xv.as_tensor()).expect("gradient"), gc.get(xv.as_tensor()).expect("gradient"));
+        assert_eq!(gf.dtype(), dtype);
+        let e = max_abs_diff(&vec64(gf)?, &vec64(gc)?) / max_abs(&vec64(gc)?);
+        assert!(e <= tol * 5.0, "{dtype:?}: gradients differ by {e} (relative)");
+    }
+    let x = randn(&[2, 5], 32)?;
+    let r = randn(&[2, 5], 33)?;
+    let xv = Var::from_tensor(&x)?;
+    let loss = |t: &Tensor| -> Result<Tensor> { dot(&rms_normalize(t, eps)?, &r) };
+    let g = vec64(loss(xv.as_tensor())?.backward()?.get(xv.as_tensor()).expect("gradient"))?;
+    let g_num = numeric_grad(&x, 1e-3, |t| Ok(loss(t)?.to_scalar::<f64>()?))?;
+    let e = max_abs_diff(&g, &g_num);
+    println!("fused rms normalise: |autograd - numeric| {e:.2e}");
+    assert!(e <= 2e-3, "numeric: {e}");
+    Ok(())
 }

@@ -186,14 +186,14 @@ fn llm_layer_bytes_per_token(spec: &PrsMedSpec, s: u64, t: u64) -> f64 {
             s * dout
         }
     };
-    // f32 copy (low precision only), square, normalised, cast back (low precision), scaled
-    let rms = if s == 4 { 12 * h } else { 8 * h + 4 * h + 2 * s * h };
+    // normalised (fused op, in the compute dtype), scaled by the weight
+    let rms = 2 * s * h;
     let rep = if nh > nkv { 2 * s * qd } else { 0 };
     let attn = lin("q_proj", h, qd) + lin("k_proj", h, kvd) + lin("v_proj", h, kvd)
         + s * (qd + 2 * kvd) // heads made contiguous
         + s * (qd + kvd) * 9 / 2 // rope: neg half, cat, two products, sum
         + rep
-        + 24 * nh * t // scores, scaled, masked, softmax in f32 (3 x 4 B) and its casts
+        + 2 * s * nh * t // scores and probabilities (the fused softmax keeps nothing else)
         + 2 * s * qd // probs @ v, heads merged
         + lin("o_proj", qd, h);
     let mlp = lin("gate_proj", h, i) + lin("up_proj", h, i) + 2 * s * i + lin("down_proj", i, h);
@@ -285,16 +285,16 @@ fn decoder_graph_elems(spec: &PrsMedSpec, t: f64, batch: f64, s_llm: u64) -> (f6
     let mut e = if s_llm == 4 { 0.0 } else { t * lh }; // prompt states cast to f32
     e += t * ph * (2.0 + ln + 1.0) + t * d * (2.0 + ln + 1.0 + ln); // prompt projection, norms
     e += m * d * (1.0 + ln); // image tokens, norm
-                             // cross-attention: q, packed kv, heads, scaled q, scores (+mask, softmax 3), pv, merge, out
+                             // cross-attention: q, packed kv, heads, scaled q, scores and probabilities, pv, merge, out
     let hc = dc.cross_heads as f64;
-    e += m * d * 2.0 + t * 2.0 * d * 2.0 + (m + 2.0 * t) * d + m * d + 5.0 * hc * m * t + m * d * 4.0;
+    e += m * d * 2.0 + t * 2.0 * d * 2.0 + (m + 2.0 * t) * d + m * d + 2.0 * hc * m * t + m * d * 4.0;
     e += m * d * (1.0 + ln); // residual, norm1
-                             // encoder layer: packed qkv, heads, scaled q, scores (softmax 3, dropout), pv, merge, out,
+                             // encoder layer: packed qkv, heads, scaled q, scores, probabilities (+ dropout), pv, merge, out,
                              // dropouts, residuals, norms, feed-forward
     let hs = dc.self_heads as f64;
     let chunk = ((1usize << 25) as f64 / (batch * hs * m).max(1.0)).floor().clamp(1.0, m);
     let chunked = if chunk < m { 2.0 } else { 0.0 };
-    let scores = hs * m * m * (4.0 + drop);
+    let scores = hs * m * m * (2.0 + drop);
     e += m * 3.0 * d * 2.0 + 3.0 * m * d + m * d + scores + m * d * (1.0 + chunked + 1.0 + 2.0);
     e += m * d * (drop + 1.0 + ln) + m * ff * (2.0 + 1.0 + drop) + m * d * (2.0 + drop + 1.0 + ln);
     e += m * d * (2.0 + 1.0 + 1.0 + 2.0 + 1.0 + ln); // ffn
@@ -365,7 +365,7 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
         push("activations: one LLM layer recomputed", recompute);
     }
     let rows = b * u(inp.seq.answer + 1);
-    let rms_final = if s == 4 { 12 * h } else { 12 * h + 2 * s * h };
+    let rms_final = 2 * s * h; // fused normalisation + weight, as in the layers
     let head = tok * rms_final + rows * (h * s + v * s + if s == 4 { 0 } else { 4 * v } + 12 * v);
     push("activations: final norm, LM head, cross-entropy", head as f64);
     let (ts_full, ts_ckpt, ts_big) = tinysam_graph_elems(spec);

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::nn::ops;
 use crate::nn::param::{Init, Param, ParamBuilder};
-use crate::nn::{frozen_matmul, Linear};
+use crate::nn::{frozen_matmul, scaled_masked_softmax, Linear};
 
 /// HF `CLIPVisionConfig` fields we use (other fields of a config.json are ignored).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -235,7 +235,7 @@ impl Attention {
         let k = heads(self.k_proj.forward(x)?)?;
         let v = heads(self.v_proj.forward(x)?)?;
         let scores = q.matmul(&k.t()?.contiguous()?)?; // (B,H,N,N)
-        let probs = ops::softmax_last_dim(&scores)?;
+        let probs = scaled_masked_softmax(&scores, 1.0, None)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         self.out_proj.forward(&out)
     }

@@ -14,7 +14,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::linear::{frozen_matmul, masked_add, Linear};
+use crate::nn::linear::{frozen_matmul, Linear};
+use crate::nn::scaled_masked_softmax;
 use crate::nn::ops;
 use crate::nn::param::{Init, Param, ParamBuilder};
 use crate::nn::upsample::upsample_bilinear_ac;
@@ -225,11 +226,7 @@ impl MultiheadAttention {
         for (i, s) in (0..n).step_by(chunk).enumerate() {
             let len = chunk.min(n - s);
             let qc = if len == n { q.clone() } else { q.narrow(2, s, len)?.contiguous()? };
-            let mut scores = qc.matmul(&kt)?;
-            if let Some(m) = key_bias {
-                scores = masked_add(&scores, m)?;
-            }
-            let p = ops::softmax_last_dim(&scores)?;
+            let p = scaled_masked_softmax(&qc.matmul(&kt)?, 1.0, key_bias)?;
             let p = ops::dropout(&p, self.dropout, &format!("{}.{i}", self.site))?;
             outs.push(p.matmul(&v)?);
         }

@@ -10,7 +10,8 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::nn::checkpoint::Checkpointer;
-use crate::nn::consts::{add_any, masked_add};
+use crate::nn::consts::add_any;
+use crate::nn::scaled_masked_softmax;
 use crate::nn::linear::{frozen_matmul, Linear, LoraConfig};
 use crate::nn::ops;
 use crate::nn::param::{Init, Param, ParamBuilder};
@@ -194,9 +195,7 @@ impl Attention {
         let k = repeat_kv(&k, rep)?;
         let v = repeat_kv(&v, rep)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = masked_add(&scores, mask)?;
-        let probs = ops::softmax_last_dim(&scores)?;
+        let probs = scaled_masked_softmax(&q.matmul(&k.t()?)?, scale, Some(mask))?;
         let y = probs.matmul(&v)?; // (b, nh, t, hd)
         let y = y.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&y)

@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod consts;
 pub mod conv;
+pub mod fused;
 pub mod linear;
 pub mod ops;
 pub mod param;
@@ -15,3 +16,4 @@ pub mod upsample;
 pub use consts::{add_any, add_const, masked_add, mul_any, mul_const};
 pub use linear::{frozen_matmul, Linear};
 pub use param::{Param, ParamBuilder, TrainedParams};
+pub use fused::{rms_normalize, scaled_masked_softmax};

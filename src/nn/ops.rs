@@ -97,11 +97,8 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 /// RMSNorm as HF Mistral: normalise in f32, cast back, then scale by the weight.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let dt = x.dtype();
-    let x32 = x.to_dtype(DType::F32)?;
-    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = x32.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dt)?;
-    mul_any(&y, &weight.to_dtype(dt)?)
+    let y = super::fused::rms_normalize(x, eps)?;
+    mul_any(&y, &weight.to_dtype(x.dtype())?)
 }
 
 /// LayerNorm over the last dimension in f32 (biased variance, as PyTorch).

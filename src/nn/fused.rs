@@ -1,0 +1,199 @@
+//! Fused ops with their own backward, for the two largest per-token activations of the LLM.
+//!
+//! Attention softmax as one autograd node: `softmax(scale * scores + mask)` over the last
+//! dimension, computed in f32, returned in the scores' dtype. Composed from tensor ops, the
+//! same function keeps every intermediate for backward: the
+//! scaled and masked copies, the f32 cast, the shifted exponentials and the normalised f32
+//! result, about 24 bytes per score in bf16 (6 in f32 terms) next to the 2-byte scores. For the
+//! 7B model that was half of the predicted LLM activations. Here the intermediates live only
+//! inside the forward; backward needs the output alone:
+//! `dx = scale * p * (g - sum(g * p))`.
+//!
+//! RMS normalisation `x / sqrt(mean(x^2) + eps)` likewise keeps only its output (the input is
+//! kept by whatever produced it) and recomputes the row statistics in backward.
+//!
+//! Each forward is written once over candle's `BackendStorage` operations, so the CPU and CUDA
+//! paths run the same sequence of candle kernels (no kernel of ours to keep in step).
+
+use anyhow::{ensure, Result};
+use candle_core::backend::BackendStorage;
+use candle_core::op::{Add, Div, Exp, ReduceOp, Sqr, Sqrt, Sub};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
+
+/// `cpu_fwd` and `cuda_fwd` of a `CustomOp1` whose forward is one function generic over the
+/// backend storage.
+macro_rules! same_forward_on_every_backend {
+    ($fwd:expr) => {
+        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            $fwd(self, s, l)
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            s: &candle_core::CudaStorage,
+            l: &Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+            $fwd(self, s, l)
+        }
+    };
+}
+
+struct MaskedSoftmax {
+    scale: f64,
+}
+
+/// The forward on one backend: `mask`, when present, broadcasts to the scores' shape.
+fn softmax_forward<S: BackendStorage>(
+    scale: f64,
+    s: &S,
+    l: &Layout,
+    mask: Option<(&S, &Layout)>,
+) -> candle_core::Result<(S, Shape)> {
+    let shape = l.shape().clone();
+    let last = shape.rank() - 1;
+    let full = Layout::contiguous(&shape);
+    let mut x = s.to_dtype(l, DType::F32)?;
+    if scale != 1.0 {
+        x = x.affine(&full, scale, 0.0)?;
+    }
+    if let Some((m, ml)) = mask {
+        let m = m.to_dtype(ml, DType::F32)?;
+        let ml = Layout::contiguous(ml.shape()).broadcast_as(&shape)?;
+        x = x.binary_impl::<Add>(&m, &full, &ml)?;
+    }
+    let mut row_dims = shape.dims().to_vec();
+    row_dims[last] = 1;
+    let per_row = Layout::contiguous(row_dims).broadcast_as(&shape)?;
+    // Subtracting the row maximum keeps exp finite; it cancels in the ratio.
+    let max = x.reduce_op(ReduceOp::Max, &full, &[last])?;
+    let e = x.binary_impl::<Sub>(&max, &full, &per_row)?.unary_impl::<Exp>(&full)?;
+    let sum = e.reduce_op(ReduceOp::Sum, &full, &[last])?;
+    let p = e.binary_impl::<Div>(&sum, &full, &per_row)?;
+    Ok((p.to_dtype(&full, s.dtype())?, shape))
+}
+
+/// Gradient with respect to the scores, from the output `p` and its gradient `g`.
+fn softmax_backward(scale: f64, scores: &Tensor, p: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+    let p = p.detach().to_dtype(DType::F32)?;
+    let g = g.to_dtype(DType::F32)?;
+    let dot = (&g * &p)?.sum_keepdim(D::Minus1)?;
+    let dx = (g.broadcast_sub(&dot)? * p)?;
+    let dx = if scale != 1.0 { (dx * scale)? } else { dx };
+    dx.to_dtype(scores.dtype())
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "scaled-softmax"
+    }
+
+    same_forward_on_every_backend!(|op: &Self, s, l| softmax_forward(op.scale, s, l, None));
+
+    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(softmax_backward(self.scale, x, res, grad)?))
+    }
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "scaled-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        m: &CpuStorage,
+        ml: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        softmax_forward(self.scale, s, l, Some((m, ml)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        m: &candle_core::CudaStorage,
+        ml: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        softmax_forward(self.scale, s, l, Some((m, ml)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _mask: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // The mask is a constant: no gradient.
+        Ok((Some(softmax_backward(self.scale, x, res, grad)?), None))
+    }
+}
+
+/// `softmax(scale * scores + mask)` over the last dimension, in f32, returned in the scores'
+/// dtype. `mask` (additive, never differentiated) broadcasts to the scores' shape, its
+/// trailing dimensions aligned as in numpy; every row needs at least one finite entry.
+pub fn scaled_masked_softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    let op = MaskedSoftmax { scale };
+    Ok(match mask {
+        None => scores.apply_op1(op)?,
+        Some(m) => {
+            ensure!(m.rank() <= scores.rank(), "mask {:?} has more dimensions than scores {:?}", m.dims(), scores.dims());
+            // Leading size-1 dimensions so the mask has the scores' rank; `forward` checks
+            // that it broadcasts.
+            let mut dims = vec![1; scores.rank() - m.rank()];
+            dims.extend_from_slice(m.dims());
+            let m = m.reshape(dims)?.contiguous()?;
+            scores.apply_op2(&m.detach(), op)?
+        }
+    })
+}
+
+struct RmsNormalize {
+    eps: f64,
+}
+
+/// `x / sqrt(mean(x^2) + eps)` over the last dimension in f32, cast back to `x`'s dtype.
+fn rms_forward<S: BackendStorage>(eps: f64, s: &S, l: &Layout) -> candle_core::Result<(S, Shape)> {
+    let shape = l.shape().clone();
+    let last = shape.rank() - 1;
+    let h = shape.dims()[last];
+    let full = Layout::contiguous(&shape);
+    let mut row_dims = shape.dims().to_vec();
+    row_dims[last] = 1;
+    let rows = Layout::contiguous(row_dims);
+    let per_row = rows.broadcast_as(&shape)?;
+    let x = s.to_dtype(l, DType::F32)?;
+    let sum = x.unary_impl::<Sqr>(&full)?.reduce_op(ReduceOp::Sum, &full, &[last])?;
+    let rms = sum.affine(&rows, 1.0 / h as f64, eps)?.unary_impl::<Sqrt>(&rows)?;
+    let y = x.binary_impl::<Div>(&rms, &full, &per_row)?;
+    Ok((y.to_dtype(&full, s.dtype())?, shape))
+}
+
+impl CustomOp1 for RmsNormalize {
+    fn name(&self) -> &'static str {
+        "rms-normalize"
+    }
+
+    same_forward_on_every_backend!(|op: &Self, s, l| rms_forward(op.eps, s, l));
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // y = x * r with r = (mean(x^2) + eps)^-1/2: dx = r * (g - y * mean(g * y)).
+        let x32 = x.detach().to_dtype(DType::F32)?;
+        let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+        let y = x32.broadcast_mul(&r)?;
+        let g = grad.to_dtype(DType::F32)?;
+        let gy = (&g * &y)?.mean_keepdim(D::Minus1)?;
+        let dx = g.broadcast_sub(&y.broadcast_mul(&gy)?)?.broadcast_mul(&r)?;
+        Ok(Some(dx.to_dtype(x.dtype())?))
+    }
+}
+
+/// RMS normalisation over the last dimension, in f32, returned in `x`'s dtype (HF Mistral's
+/// `RMSNorm` before its weight).
+pub fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(x.apply_op1(RmsNormalize { eps })?)
+}
