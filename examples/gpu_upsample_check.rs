@@ -118,6 +118,44 @@ fn correctness(gpu: &Device, rep: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// The fused attention softmax and RMS normalisation (src/nn/fused.rs), value and gradient,
+/// CUDA against CPU: the same candle kernels in the same order, so one rounding of the output
+/// apart at most (reductions may sum in another order).
+fn fused_ops(gpu: &Device, rep: &mut Report) -> Result<()> {
+    use prs::nn::fused::{rms_normalize, scaled_masked_softmax};
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        let s = random((2, 4, 33, 37), dt, 11, &Device::Cpu)?;
+        let r = random((2, 4, 33, 37), DType::F32, 12, &Device::Cpu)?;
+        // (B,1,Q,K) causal mask broadcast over the heads.
+        let m: Vec<f32> = (0..2 * 33 * 37).map(|i| if i % 37 > (i / 37) % 33 { -1e4 } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(m, (2, 1, 33, 37), &Device::Cpu)?;
+        let (mut outs, mut grads) = (vec![], vec![]);
+        for dev in [&Device::Cpu, gpu] {
+            let x = Var::from_tensor(&s.to_device(dev)?)?;
+            let p = scaled_masked_softmax(x.as_tensor(), 0.25, Some(&mask.to_device(dev)?))?;
+            let g = (p.to_dtype(DType::F32)? * r.to_device(dev)?)?.sum_all()?.backward()?;
+            grads.push(g.get(x.as_tensor()).expect("gradient").clone());
+            outs.push(p);
+        }
+        let tol = 4.0 * eps(dt).max(eps(DType::F32));
+        rep.check(&format!("fused softmax 2x4x33x37 {dt:?}"), compare(&outs[1], &outs[0])?, tol);
+        rep.check(&format!("fused softmax dX {dt:?}"), compare(&grads[1], &grads[0])?, tol);
+        let x = random((3, 5, 1, 4096), dt, 13, &Device::Cpu)?;
+        let r = random((3, 5, 1, 4096), DType::F32, 14, &Device::Cpu)?;
+        let (mut outs, mut grads) = (vec![], vec![]);
+        for dev in [&Device::Cpu, gpu] {
+            let v = Var::from_tensor(&x.to_device(dev)?)?;
+            let y = rms_normalize(v.as_tensor(), 1e-5)?;
+            let g = (y.to_dtype(DType::F32)? * r.to_device(dev)?)?.sum_all()?.backward()?;
+            grads.push(g.get(v.as_tensor()).expect("gradient").clone());
+            outs.push(y);
+        }
+        rep.check(&format!("fused rms normalise 15x4096 {dt:?}"), compare(&outs[1], &outs[0])?, tol);
+        rep.check(&format!("fused rms normalise dX {dt:?}"), compare(&grads[1], &grads[0])?, tol);
+    }
+    Ok(())
+}
+
 /// Median seconds of `iters` runs of `f` (after warm-up), synchronising around each.
 fn time(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
     for _ in 0..3 {
@@ -167,6 +205,7 @@ fn main() -> Result<()> {
     let gpu = Device::new_cuda(0)?;
     let mut rep = Report { failures: 0 };
     correctness(&gpu, &mut rep)?;
+    fused_ops(&gpu, &mut rep)?;
     if rep.failures > 0 {
         bail!("{} comparison(s) failed", rep.failures);
     }
