@@ -276,7 +276,7 @@ fn tinysam_graph_elems(spec: &PrsMedSpec) -> (f64, f64, f64) {
 }
 
 /// Decoder + heads of the losses, f32 elements per sample, and the largest tensor.
-fn decoder_graph_elems(spec: &PrsMedSpec, t: f64, batch: f64, s_llm: u64) -> (f64, f64) {
+fn decoder_graph_elems(spec: &PrsMedSpec, t: f64, batch: f64, s_llm: u64, checkpointing: bool) -> (f64, f64) {
     let dc = &spec.decoder;
     let (d, ph, ff, lh) = (dc.dim as f64, dc.prompt_hidden as f64, dc.ffn_dim as f64, dc.llm_hidden as f64);
     let m = (dc.grid * dc.grid) as f64;
@@ -294,7 +294,11 @@ fn decoder_graph_elems(spec: &PrsMedSpec, t: f64, batch: f64, s_llm: u64) -> (f6
     let hs = dc.self_heads as f64;
     let chunk = ((1usize << 25) as f64 / (batch * hs * m).max(1.0)).floor().clamp(1.0, m);
     let chunked = if chunk < m { 2.0 } else { 0.0 };
-    let scores = hs * m * m * (2.0 + drop);
+    // Checkpointed, a chunk keeps its packed [q chunk; k; v] input instead of its scores, and
+    // backward holds one chunk's scores at a time.
+    let n_chunks = (m / chunk).ceil();
+    let scores = if checkpointing { (m + 2.0 * m * n_chunks) * d } else { hs * m * m * (2.0 + drop) };
+    let biggest_scores = if checkpointing { hs * chunk * m } else { hs * m * m };
     e += m * 3.0 * d * 2.0 + 3.0 * m * d + m * d + scores + m * d * (1.0 + chunked + 1.0 + 2.0);
     e += m * d * (drop + 1.0 + ln) + m * ff * (2.0 + 1.0 + drop) + m * d * (2.0 + drop + 1.0 + ln);
     e += m * d * (2.0 + 1.0 + 1.0 + 2.0 + 1.0 + ln); // ffn
@@ -309,7 +313,7 @@ fn decoder_graph_elems(spec: &PrsMedSpec, t: f64, batch: f64, s_llm: u64) -> (f6
     let hw = s_out * s_out;
     e += hw; // bilinear upsampling (one custom op)
     e += 15.0 * hw; // structure loss terms and its constant weights
-    (e, (hs * m * m).max(hw))
+    (e, biggest_scores.max(hw))
 }
 
 /// The analytic peak of one training step (forward, backward, AdamW).
@@ -372,7 +376,7 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
     let ts_e = if inp.checkpointing { ts_ckpt } else { ts_full };
     let ts_bytes = if inp.train_tinysam { ts_e * 4.0 * b as f64 } else { 0.0 };
     push("activations: TinySAM (f32)", ts_bytes);
-    let (dec_e, dec_big) = decoder_graph_elems(spec, t as f64, b as f64, s);
+    let (dec_e, dec_big) = decoder_graph_elems(spec, t as f64, b as f64, s, inp.checkpointing);
     push("activations: decoder attention over image tokens, mask head, losses (f32)", dec_e * 4.0 * b as f64);
 
     // Backward: gradients of the graph's nodes exist while it is still alive. Through the

@@ -324,7 +324,7 @@ impl PrsMed {
             (None, None)
         };
         let feats = self.tinysam.forward_with(&batch.sam_pixels.to_dtype(self.tinysam_dtype())?, ck)?;
-        let mask_logits = self.decoder.forward(&feats, &hidden, &inp.prompt_valid)?;
+        let mask_logits = self.decoder.forward_with(&feats, &hidden, &inp.prompt_valid, ck)?;
         let class_logits = self.classifier.forward(&feats)?;
         Ok(Outputs { mask_logits, class_logits, answer_logits, answer_targets })
     }
