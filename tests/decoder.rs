@@ -58,7 +58,7 @@ fn parity_with_pytorch() -> Result<()> {
     for train in [false, true] {
         let (f, _) = fixture_model(train)?;
         let (img, prompt, mask) = (&f.io["image_feats"], &f.io["prompt_states"], &f.io["key_mask"]);
-        let low = f.dec.forward_low_res(img, prompt, mask)?;
+        let low = f.dec.forward_low_res(img, prompt, mask, None)?;
         let up = f.dec.forward(img, prompt, mask)?;
         let cls = f.cls.forward(img)?;
         assert_eq!(low.dims(), &[2, 1, 8, 8]);
@@ -75,7 +75,7 @@ fn parity_with_pytorch() -> Result<()> {
 fn half_precision_inputs_are_cast_to_f32() -> Result<()> {
     let (f, _) = fixture_model(false)?;
     let (img, prompt, mask) = (&f.io["image_feats"], &f.io["prompt_states"], &f.io["key_mask"]);
-    let out = f.dec.forward_low_res(&img.to_dtype(DType::BF16)?, &prompt.to_dtype(DType::F16)?, mask)?;
+    let out = f.dec.forward_low_res(&img.to_dtype(DType::BF16)?, &prompt.to_dtype(DType::F16)?, mask, None)?;
     assert_eq!(out.dtype(), DType::F32);
     // Only the input rounding differs.
     assert!(max_rel(&out, &f.io["low_res"])? < 5e-2);
@@ -127,7 +127,7 @@ fn gradients_reach_every_trained_weight_and_only_unmasked_prompt_positions() -> 
     let loss = {
         let _train = TrainingMode::enter(7); // dropout on
         let up = f.dec.forward(img, prompt.as_tensor(), mask)?;
-        let low = f.dec.forward_low_res(img, prompt.as_tensor(), mask)?;
+        let low = f.dec.forward_low_res(img, prompt.as_tensor(), mask, None)?;
         let w = Tensor::randn(0f32, 1.0, up.dims(), &Device::Cpu)?;
         let cls = f.cls.forward(img)?;
         ((up * w)?.mean_all()? + low.sqr()?.mean_all()? + cls.sqr()?.mean_all()?)?
@@ -207,7 +207,7 @@ fn real_config_shapes() -> Result<()> {
     let img = Tensor::randn(0f32, 1.0, (1, 256, 64, 64), &Device::Cpu)?;
     let prompt = Tensor::randn(0f32, 1.0, (1, 12, 4096), &Device::Cpu)?.to_dtype(DType::BF16)?;
     let mask = Tensor::new(&[[1u8, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]], &Device::Cpu)?;
-    let low = dec.forward_low_res(&img, &prompt, &mask)?;
+    let low = dec.forward_low_res(&img, &prompt, &mask, None)?;
     assert_eq!(low.dims(), &[1, 1, 64, 64]);
     let up = prs::nn::upsample::upsample_bilinear_ac(&low, cfg.upsample)?;
     assert_eq!(up.dims(), &[1, 1, 1024, 1024]);

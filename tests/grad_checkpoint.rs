@@ -335,7 +335,7 @@ fn mask_decoder_self_attention_checkpoint_matches_plain_graph() {
     let run = |ckpt: Option<&Checkpointer>| -> (Tensor, GradStore) {
         let (y, mut g) = {
             let _t = TrainingMode::enter(7);
-            let y = dec.forward_low_res_with(&feats, &prompt, &keys, ckpt).unwrap();
+            let y = dec.forward_low_res(&feats, &prompt, &keys, ckpt).unwrap();
             let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
             (y, g)
         };

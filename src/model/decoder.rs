@@ -414,12 +414,8 @@ impl PromptedMaskDecoder {
     /// Logits before upsampling: (B, 1, g, g).
     /// `image_feats` (B, dim, g, g), `prompt_states` (B, T, llm_hidden), `key_mask` (B, T) with
     /// 1 = attend, 0 = ignore (answer and padding positions). Any input dtype; runs in f32.
-    pub fn forward_low_res(&self, image_feats: &Tensor, prompt_states: &Tensor, key_mask: &Tensor) -> Result<Tensor> {
-        self.forward_low_res_with(image_feats, prompt_states, key_mask, None)
-    }
-
-    /// `forward_low_res` with gradient checkpointing of the self-attention when `ckpt` is enabled.
-    pub fn forward_low_res_with(
+    /// An enabled `ckpt` checkpoints the self-attention.
+    pub fn forward_low_res(
         &self,
         image_feats: &Tensor,
         prompt_states: &Tensor,
@@ -478,7 +474,7 @@ impl PromptedMaskDecoder {
         key_mask: &Tensor,
         ckpt: Option<&Checkpointer>,
     ) -> Result<Tensor> {
-        let low = self.forward_low_res_with(image_feats, prompt_states, key_mask, ckpt)?;
+        let low = self.forward_low_res(image_feats, prompt_states, key_mask, ckpt)?;
         upsample_bilinear_ac(&low, self.cfg.upsample)
     }
 }
