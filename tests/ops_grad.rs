@@ -335,3 +335,46 @@ fn fused_rms_normalize_matches_the_composite_in_value_and_gradient() -> Result<(
     assert!(e <= 2e-3, "numeric: {e}");
     Ok(())
 }
+
+#[test]
+fn fused_batch_norm_matches_the_composite_and_frozen_affine_gets_no_gradient() -> Result<()> {
+    use prs::nn::fused::batch_norm_train;
+    let eps = 1e-5;
+    let composite = |x: &Tensor, w: &Tensor, b: &Tensor| -> Result<Tensor> {
+        let mean = x.mean_keepdim((0, 2, 3))?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim((0, 2, 3))?;
+        Ok(xc.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?.broadcast_add(b)?)
+    };
+    let x = randn(&[3, 4, 5, 6], 40)?.affine(2.0, 1.0)?.to_dtype(DType::F32)?;
+    let w = randn(&[1, 4, 1, 1], 41)?.to_dtype(DType::F32)?;
+    let b = randn(&[1, 4, 1, 1], 42)?.to_dtype(DType::F32)?;
+    let r = randn(&[3, 4, 5, 6], 43)?.to_dtype(DType::F32)?;
+    let (xv, wv, bv) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?, Var::from_tensor(&b)?);
+    let fused = batch_norm_train(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), eps)?;
+    let want = composite(xv.as_tensor(), wv.as_tensor(), bv.as_tensor())?;
+    let e = max_abs_diff(&vec64(&fused)?, &vec64(&want)?);
+    assert!(e <= 1e-5, "values differ by {e}");
+    let gf = dot(&fused, &r)?.backward()?;
+    let gc = dot(&want, &r)?.backward()?;
+    for (name, v) in [("x", &xv), ("w", &wv), ("b", &bv)] {
+        let (a, c) = (vec64(gf.get(v.as_tensor()).expect("gradient"))?, vec64(gc.get(v.as_tensor()).expect("gradient"))?);
+        let e = max_abs_diff(&a, &c) / max_abs(&c);
+        assert!(e <= 1e-5, "d{name} differs by {e} (relative)");
+    }
+    // Against central differences in x (f64 input; the op computes in f32).
+    let x64 = randn(&[2, 2, 2, 3], 44)?;
+    let r64 = randn(&[2, 2, 2, 3], 45)?;
+    let (w2, b2) = (Tensor::new(&[1.5f32, -0.5], &CPU)?.reshape((1, 2, 1, 1))?, Tensor::new(&[0.1f32, 0.2], &CPU)?.reshape((1, 2, 1, 1))?);
+    let loss = |t: &Tensor| -> Result<Tensor> { dot(&batch_norm_train(t, &w2, &b2, eps)?.to_dtype(DType::F64)?, &r64) };
+    let xv = Var::from_tensor(&x64)?;
+    let g = loss(xv.as_tensor())?.backward()?;
+    assert_eq!(g.get(&w2).map(|_| ()), None, "a frozen weight got a gradient");
+    assert_eq!(g.get(&b2).map(|_| ()), None, "a frozen bias got a gradient");
+    let g = vec64(g.get(xv.as_tensor()).expect("gradient"))?;
+    let g_num = numeric_grad(&x64, 1e-3, |t| Ok(loss(t)?.to_scalar::<f64>()?))?;
+    let e = max_abs_diff(&g, &g_num);
+    println!("fused batch norm: |autograd - numeric| {e:.2e}");
+    assert!(e <= 2e-3, "numeric: {e}");
+    Ok(())
+}

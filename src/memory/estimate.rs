@@ -207,7 +207,8 @@ fn tinysam_graph_elems(spec: &PrsMedSpec) -> (f64, f64, f64) {
     let t = &spec.tinysam;
     let s = t.img_size as f64;
     let d: Vec<f64> = t.embed_dims.iter().map(|&x| x as f64).collect();
-    let bn = 5.0; // centred, squared, normalised, scaled, shifted
+    let bn = 1.0; // fused training BatchNorm: its output
+    let ln = 5.0; // LayerNorm: centred, squared, normalised, scaled, shifted
     let total = std::cell::Cell::new(0.0f64);
     let largest = std::cell::Cell::new(0.0f64);
     let mut stage_elems: Vec<f64> = vec![];
@@ -244,9 +245,9 @@ fn tinysam_graph_elems(spec: &PrsMedSpec) -> (f64, f64, f64) {
             let heads = t.num_heads[st] as f64;
             let hid = c * t.mlp_ratio;
             let e_blk = pad
-                + c * lp * (1.0 + bn + 6.0 + 3.0 + 2.0 + 2.0 + 1.0) // window copy, norm, qkv, q/k/v, pv, proj, merge
+                + c * lp * (1.0 + ln + 6.0 + 3.0 + 2.0 + 2.0 + 1.0) // window copy, norm, qkv, q/k/v, pv, proj, merge
                 + 6.0 * heads * ws * ws * lp // scores, scaled, biased, softmax (3)
-                + c * p * (1.0 + 1.0 + bn + bn + 2.0 + 1.0) // residual, map copy, local conv BN, MLP norm, fc2, residual
+                + c * p * (1.0 + 1.0 + bn + ln + 2.0 + 1.0) // residual, map copy, local conv BN, MLP norm, fc2, residual
                 + dw(c, p, p)
                 + hid * p * 3.0; // fc1, GELU
             for _ in 0..t.depths[st] {
@@ -270,7 +271,7 @@ fn tinysam_graph_elems(spec: &PrsMedSpec) -> (f64, f64, f64) {
     }
     let recomputed = stage_elems.iter().cloned().fold(0.0, f64::max);
     let oc = t.out_chans as f64;
-    let neck = oc * p * (1.0 + bn + 1.0 + 1.0 + bn);
+    let neck = oc * p * (1.0 + ln + 1.0 + 1.0 + ln);
     add(neck, oc * p);
     (total.get(), stem_total + outputs + recomputed + neck, largest.get())
 }

@@ -25,6 +25,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 
 use crate::nn::conv::{conv2d_const_input, depthwise_conv2d, pad_zeros};
+use crate::nn::fused::batch_norm_train;
 use crate::nn::param::{Init, Param, ParamBuilder};
 use crate::nn::{add_any, mul_any, ops, Linear};
 
@@ -193,18 +194,15 @@ impl BatchNorm2d {
         let b = self.bias.cast(DType::F32)?.reshape((1, c, 1, 1))?;
         if let (Param::Trained(rm), Param::Trained(rv)) = (&self.running_mean, &self.running_var) {
             if ops::is_training() && !USE_RUNNING_STATS.with(|k| k.get()) {
-                let x32 = x.to_dtype(DType::F32)?;
-                let mean = x32.mean_keepdim((0, 2, 3))?;
-                let xc = x32.broadcast_sub(&mean)?;
-                let var = xc.sqr()?.mean_keepdim((0, 2, 3))?; // biased, for normalising
-                let y = xc.broadcast_div(&(var.clone() + BN_EPS)?.sqrt()?)?;
-                let y = add_any(&mul_any(&y, &w)?, &b)?;
+                let y = batch_norm_train(x, &w, &b, BN_EPS)?;
                 // A checkpointed stage's recomputation must not update the statistics twice.
                 if !KEEP_RUNNING_STATS.with(|k| k.get()) && !crate::nn::checkpoint::is_recomputing() {
                     let n = (x.elem_count() / c) as f64;
-                    ensure!(n > 1.0, "batchnorm: training needs more than one value per channel");
-                    let mean = mean.detach().flatten_all()?;
-                    let var_unbiased = (var.detach().flatten_all()? * (n / (n - 1.0)))?;
+                    let x32 = x.detach().to_dtype(DType::F32)?;
+                    let mean = x32.mean_keepdim((0, 2, 3))?;
+                    let var = x32.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
+                    let mean = mean.flatten_all()?;
+                    let var_unbiased = (var.flatten_all()? * (n / (n - 1.0)))?;
                     rm.set(&((rm.as_tensor().detach() * (1.0 - BN_MOMENTUM))? + (mean * BN_MOMENTUM)?)?)?;
                     rv.set(&((rv.as_tensor().detach() * (1.0 - BN_MOMENTUM))? + (var_unbiased * BN_MOMENTUM)?)?)?;
                 }

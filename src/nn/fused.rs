@@ -17,8 +17,8 @@
 
 use anyhow::{ensure, Result};
 use candle_core::backend::BackendStorage;
-use candle_core::op::{Add, Div, Exp, ReduceOp, Sqr, Sqrt, Sub};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
+use candle_core::op::{Add, Div, Exp, Mul, ReduceOp, Sqr, Sqrt, Sub};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
 /// `cpu_fwd` and `cuda_fwd` of a `CustomOp1` whose forward is one function generic over the
 /// backend storage.
@@ -196,4 +196,102 @@ impl CustomOp1 for RmsNormalize {
 /// `RMSNorm` before its weight).
 pub fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x.apply_op1(RmsNormalize { eps })?)
+}
+
+struct BatchNormTrain {
+    eps: f64,
+}
+
+/// Training-mode BatchNorm over (N, H, W) per channel of `x` (N, C, H, W), with `w` and `b`
+/// shaped (1, C, 1, 1): `(x - mean) / sqrt(var + eps) * w + b` in f32 (biased variance).
+fn batch_norm_forward<S: BackendStorage>(
+    eps: f64,
+    (x, xl): (&S, &Layout),
+    (w, wl): (&S, &Layout),
+    (b, bl): (&S, &Layout),
+) -> candle_core::Result<(S, Shape)> {
+    let shape = xl.shape().clone();
+    let (n, c, h, wd) = shape.dims4()?;
+    let count = (n * h * wd) as f64;
+    let full = Layout::contiguous(&shape);
+    let per_channel = Layout::contiguous((1, c, 1, 1));
+    let bcast = per_channel.broadcast_as(&shape)?;
+    let x = x.to_dtype(xl, DType::F32)?;
+    let mean = x.reduce_op(ReduceOp::Sum, &full, &[0, 2, 3])?.affine(&per_channel, 1.0 / count, 0.0)?;
+    let xc = x.binary_impl::<Sub>(&mean, &full, &bcast)?;
+    let var = xc.unary_impl::<Sqr>(&full)?.reduce_op(ReduceOp::Sum, &full, &[0, 2, 3])?;
+    let std = var.affine(&per_channel, 1.0 / count, eps)?.unary_impl::<Sqrt>(&per_channel)?;
+    let xhat = xc.binary_impl::<Div>(&std, &full, &bcast)?;
+    let w = w.to_dtype(wl, DType::F32)?;
+    let b = b.to_dtype(bl, DType::F32)?;
+    let y = xhat.binary_impl::<Mul>(&w, &full, &bcast)?.binary_impl::<Add>(&b, &full, &bcast)?;
+    Ok((y, shape))
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        batch_norm_forward(self.eps, (x, xl), (w, wl), (b, bl))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        batch_norm_forward(self.eps, (x, xl), (w, wl), (b, bl))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Recompute x_hat from x; with dbeta = sum(g), dgamma = sum(g * x_hat) per channel:
+        // dx = w * rstd * (g - dbeta / n - x_hat * dgamma / n).
+        let x = x.detach().to_dtype(DType::F32)?;
+        let n = (x.elem_count() / x.dim(1)?) as f64;
+        let mean = x.mean_keepdim((0, 2, 3))?;
+        let xc = x.broadcast_sub(&mean)?;
+        let rstd = (xc.sqr()?.mean_keepdim((0, 2, 3))? + self.eps)?.sqrt()?.recip()?;
+        let xhat = xc.broadcast_mul(&rstd)?;
+        let g = grad.to_dtype(DType::F32)?;
+        let dbeta = g.sum_keepdim((0, 2, 3))?;
+        let dgamma = (&g * &xhat)?.sum_keepdim((0, 2, 3))?;
+        let w32 = w.detach().to_dtype(DType::F32)?;
+        let inner = g.broadcast_sub(&(dbeta.clone() / n)?)?.broadcast_sub(&xhat.broadcast_mul(&(dgamma.clone() / n)?)?)?;
+        let dx = inner.broadcast_mul(&rstd.broadcast_mul(&w32)?)?.to_dtype(grad.dtype())?;
+        // Frozen (untracked) affine parameters get no gradient entry.
+        let dw = w.track_op().then(|| dgamma.to_dtype(w.dtype())).transpose()?;
+        let db = b.track_op().then(|| dbeta.to_dtype(b.dtype())).transpose()?;
+        Ok((Some(dx), dw, db))
+    }
+}
+
+/// Training-mode BatchNorm of `x` (N, C, H, W) with batch statistics, in f32; `w` and `b`
+/// (1, C, 1, 1). Keeps only its output for backward (the input is kept by its producer).
+pub fn batch_norm_train(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    ensure!(w.dims() == [1, c, 1, 1] && b.dims() == [1, c, 1, 1], "batchnorm: weight {:?} / bias {:?} for {c} channels", w.dims(), b.dims());
+    ensure!(x.elem_count() > c, "batchnorm: training needs more than one value per channel");
+    Ok(x.to_dtype(DType::F32)?.apply_op3(&w.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?, BatchNormTrain { eps })?)
 }
