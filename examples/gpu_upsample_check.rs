@@ -118,7 +118,7 @@ fn correctness(gpu: &Device, rep: &mut Report) -> Result<()> {
     Ok(())
 }
 
-/// The fused attention softmax and RMS normalisation (src/nn/fused.rs), value and gradient,
+/// The fused attention softmax, RMS normalisation and training BatchNorm (src/nn/fused.rs), value and gradient,
 /// CUDA against CPU: the same candle kernels in the same order, so one rounding of the output
 /// apart at most (reductions may sum in another order).
 fn fused_ops(gpu: &Device, rep: &mut Report) -> Result<()> {
@@ -152,6 +152,25 @@ fn fused_ops(gpu: &Device, rep: &mut Report) -> Result<()> {
         }
         rep.check(&format!("fused rms normalise 15x4096 {dt:?}"), compare(&outs[1], &outs[0])?, tol);
         rep.check(&format!("fused rms normalise dX {dt:?}"), compare(&grads[1], &grads[0])?, tol);
+    }
+    // Training BatchNorm (TinySAM runs it in f32): output and the three gradients.
+    let x = random((4, 8, 33, 35), DType::F32, 15, &Device::Cpu)?;
+    let w = random((1, 8, 1, 1), DType::F32, 16, &Device::Cpu)?;
+    let b = random((1, 8, 1, 1), DType::F32, 17, &Device::Cpu)?;
+    let r = random((4, 8, 33, 35), DType::F32, 18, &Device::Cpu)?;
+    let mut runs = vec![];
+    for dev in [&Device::Cpu, gpu] {
+        let vars = [&x, &w, &b].map(|t| Var::from_tensor(&t.to_device(dev).unwrap()).unwrap());
+        let y = prs::nn::fused::batch_norm_train(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), 1e-5)?;
+        let g = (&y * r.to_device(dev)?)?.sum_all()?.backward()?;
+        let grads: Vec<Tensor> = vars.iter().map(|v| g.get(v.as_tensor()).expect("gradient").clone()).collect();
+        runs.push((y, grads));
+    }
+    // Per-channel sums over 4 x 33 x 35 values: reduction order differs between the backends.
+    let tol = 64.0 * eps(DType::F32);
+    rep.check("fused batch norm 4x8x33x35 f32", compare(&runs[1].0, &runs[0].0)?, tol);
+    for (i, name) in ["dX", "dW", "dB"].iter().enumerate() {
+        rep.check(&format!("fused batch norm {name}"), compare(&runs[1].1[i], &runs[0].1[i])?, tol);
     }
     Ok(())
 }

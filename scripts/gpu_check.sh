@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (examples/gpu_upsample_check.rs): the upsampling kernels and the fused softmax / RMS ops vs CPU on random inputs,
+# GPU check (examples/gpu_upsample_check.rs): the upsampling kernels and the fused softmax / RMS / BatchNorm ops vs CPU on random inputs,
 # then kernel vs composite vs on-device copy timings.
 #
 #   scripts/gpu_check.sh build   on the build machine (no GPU needed): builds the example with
