@@ -378,3 +378,37 @@ fn fused_batch_norm_matches_the_composite_and_frozen_affine_gets_no_gradient() -
     assert!(e <= 2e-3, "numeric: {e}");
     Ok(())
 }
+
+#[test]
+fn fused_layer_norm_matches_the_composite_in_value_and_all_gradients() -> Result<()> {
+    use prs::nn::fused::layer_norm_f32;
+    let eps = 1e-5;
+    let composite = |x: &Tensor, w: &Tensor, b: &Tensor| -> Result<Tensor> {
+        let mean = x.mean_keepdim(candle_core::D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+        Ok(xc.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?.broadcast_add(b)?)
+    };
+    let x = randn(&[2, 7, 24], 50)?.affine(3.0, -1.0)?.to_dtype(DType::F32)?;
+    let w = randn(&[24], 51)?.to_dtype(DType::F32)?;
+    let b = randn(&[24], 52)?.to_dtype(DType::F32)?;
+    let r = randn(&[2, 7, 24], 53)?.to_dtype(DType::F32)?;
+    let (xv, wv, bv) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?, Var::from_tensor(&b)?);
+    let fused = layer_norm_f32(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), eps)?;
+    let want = composite(xv.as_tensor(), wv.as_tensor(), bv.as_tensor())?;
+    let e = max_abs_diff(&vec64(&fused)?, &vec64(&want)?);
+    assert!(e <= 1e-5, "values differ by {e}");
+    let gf = dot(&fused, &r)?.backward()?;
+    let gc = dot(&want, &r)?.backward()?;
+    for (name, v) in [("x", &xv), ("w", &wv), ("b", &bv)] {
+        let (a, c) = (gf.get(v.as_tensor()).expect("gradient"), gc.get(v.as_tensor()).expect("gradient"));
+        assert_eq!(a.dims(), c.dims(), "d{name} shape");
+        let e = max_abs_diff(&vec64(a)?, &vec64(c)?) / max_abs(&vec64(c)?);
+        assert!(e <= 1e-5, "d{name} differs by {e} (relative)");
+    }
+    // Frozen weight and bias: gradient for x only.
+    let g = dot(&layer_norm_f32(xv.as_tensor(), &w, &b, eps)?, &r)?.backward()?;
+    assert!(g.get(&w).is_none() && g.get(&b).is_none(), "frozen LayerNorm parameters got gradients");
+    assert!(g.get(xv.as_tensor()).is_some());
+    Ok(())
+}

@@ -208,7 +208,7 @@ fn tinysam_graph_elems(spec: &PrsMedSpec) -> (f64, f64, f64) {
     let s = t.img_size as f64;
     let d: Vec<f64> = t.embed_dims.iter().map(|&x| x as f64).collect();
     let bn = 1.0; // fused training BatchNorm: its output
-    let ln = 5.0; // LayerNorm: centred, squared, normalised, scaled, shifted
+    let ln = 1.0; // fused LayerNorm: its output
     let total = std::cell::Cell::new(0.0f64);
     let largest = std::cell::Cell::new(0.0f64);
     let mut stage_elems: Vec<f64> = vec![];
@@ -281,7 +281,7 @@ fn decoder_graph_elems(spec: &PrsMedSpec, t: f64, batch: f64, s_llm: u64, checkp
     let dc = &spec.decoder;
     let (d, ph, ff, lh) = (dc.dim as f64, dc.prompt_hidden as f64, dc.ffn_dim as f64, dc.llm_hidden as f64);
     let m = (dc.grid * dc.grid) as f64;
-    let ln = 5.0;
+    let ln = 1.0; // fused LayerNorm: its output
     let drop = if dc.dropout > 0.0 { 2.0 } else { 0.0 };
     let mut e = if s_llm == 4 { 0.0 } else { t * lh }; // prompt states cast to f32
     e += t * ph * (2.0 + ln + 1.0) + t * d * (2.0 + ln + 1.0 + ln); // prompt projection, norms

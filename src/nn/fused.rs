@@ -198,39 +198,45 @@ pub fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x.apply_op1(RmsNormalize { eps })?)
 }
 
-struct BatchNormTrain {
+struct AffineNorm {
     eps: f64,
+    /// Dimensions the statistics are taken over (BatchNorm: N, H, W; LayerNorm: the last).
+    reduce: Vec<usize>,
 }
 
-/// Training-mode BatchNorm over (N, H, W) per channel of `x` (N, C, H, W), with `w` and `b`
-/// shaped (1, C, 1, 1): `(x - mean) / sqrt(var + eps) * w + b` in f32 (biased variance).
-fn batch_norm_forward<S: BackendStorage>(
+/// `(x - mean) / sqrt(var + eps) * w + b` in f32 with the mean and (biased) variance over
+/// `reduce`; `w` and `b` have `x`'s rank and broadcast to it.
+fn affine_norm_forward<S: BackendStorage>(
     eps: f64,
+    reduce: &[usize],
     (x, xl): (&S, &Layout),
     (w, wl): (&S, &Layout),
     (b, bl): (&S, &Layout),
 ) -> candle_core::Result<(S, Shape)> {
     let shape = xl.shape().clone();
-    let (n, c, h, wd) = shape.dims4()?;
-    let count = (n * h * wd) as f64;
+    let count: usize = reduce.iter().map(|&d| shape.dims()[d]).product();
     let full = Layout::contiguous(&shape);
-    let per_channel = Layout::contiguous((1, c, 1, 1));
-    let bcast = per_channel.broadcast_as(&shape)?;
+    let mut stat_dims = shape.dims().to_vec();
+    reduce.iter().for_each(|&d| stat_dims[d] = 1);
+    let stats = Layout::contiguous(stat_dims);
+    let per_stat = stats.broadcast_as(&shape)?;
     let x = x.to_dtype(xl, DType::F32)?;
-    let mean = x.reduce_op(ReduceOp::Sum, &full, &[0, 2, 3])?.affine(&per_channel, 1.0 / count, 0.0)?;
-    let xc = x.binary_impl::<Sub>(&mean, &full, &bcast)?;
-    let var = xc.unary_impl::<Sqr>(&full)?.reduce_op(ReduceOp::Sum, &full, &[0, 2, 3])?;
-    let std = var.affine(&per_channel, 1.0 / count, eps)?.unary_impl::<Sqrt>(&per_channel)?;
-    let xhat = xc.binary_impl::<Div>(&std, &full, &bcast)?;
-    let w = w.to_dtype(wl, DType::F32)?;
-    let b = b.to_dtype(bl, DType::F32)?;
-    let y = xhat.binary_impl::<Mul>(&w, &full, &bcast)?.binary_impl::<Add>(&b, &full, &bcast)?;
+    let mean = x.reduce_op(ReduceOp::Sum, &full, reduce)?.affine(&stats, 1.0 / count as f64, 0.0)?;
+    let xc = x.binary_impl::<Sub>(&mean, &full, &per_stat)?;
+    let var = xc.unary_impl::<Sqr>(&full)?.reduce_op(ReduceOp::Sum, &full, reduce)?;
+    let std = var.affine(&stats, 1.0 / count as f64, eps)?.unary_impl::<Sqrt>(&stats)?;
+    let xhat = xc.binary_impl::<Div>(&std, &full, &per_stat)?;
+    let param = |(p, pl): (&S, &Layout)| -> candle_core::Result<(S, Layout)> {
+        Ok((p.to_dtype(pl, DType::F32)?, Layout::contiguous(pl.shape()).broadcast_as(&shape)?))
+    };
+    let ((w, wl), (b, bl)) = (param((w, wl))?, param((b, bl))?);
+    let y = xhat.binary_impl::<Mul>(&w, &full, &wl)?.binary_impl::<Add>(&b, &full, &bl)?;
     Ok((y, shape))
 }
 
-impl CustomOp3 for BatchNormTrain {
+impl CustomOp3 for AffineNorm {
     fn name(&self) -> &'static str {
-        "batch-norm-train"
+        "affine-norm"
     }
 
     fn cpu_fwd(
@@ -242,7 +248,7 @@ impl CustomOp3 for BatchNormTrain {
         b: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        batch_norm_forward(self.eps, (x, xl), (w, wl), (b, bl))
+        affine_norm_forward(self.eps, &self.reduce, (x, xl), (w, wl), (b, bl))
     }
 
     #[cfg(feature = "cuda")]
@@ -255,7 +261,7 @@ impl CustomOp3 for BatchNormTrain {
         b: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        batch_norm_forward(self.eps, (x, xl), (w, wl), (b, bl))
+        affine_norm_forward(self.eps, &self.reduce, (x, xl), (w, wl), (b, bl))
     }
 
     fn bwd(
@@ -266,23 +272,29 @@ impl CustomOp3 for BatchNormTrain {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Recompute x_hat from x; with dbeta = sum(g), dgamma = sum(g * x_hat) per channel:
-        // dx = w * rstd * (g - dbeta / n - x_hat * dgamma / n).
+        // Recompute x_hat from x. Over the statistics' dimensions (n values):
+        // dx = w * rstd * (g' - mean(g') - x_hat * mean(g' * x_hat)) with g' = g, and
+        // dgamma / dbeta sum g * x_hat / g over the dimensions the parameters broadcast along.
+        let red = self.reduce.clone();
         let x = x.detach().to_dtype(DType::F32)?;
-        let n = (x.elem_count() / x.dim(1)?) as f64;
-        let mean = x.mean_keepdim((0, 2, 3))?;
+        let mean = x.mean_keepdim(red.clone())?;
         let xc = x.broadcast_sub(&mean)?;
-        let rstd = (xc.sqr()?.mean_keepdim((0, 2, 3))? + self.eps)?.sqrt()?.recip()?;
+        let rstd = (xc.sqr()?.mean_keepdim(red.clone())? + self.eps)?.sqrt()?.recip()?;
         let xhat = xc.broadcast_mul(&rstd)?;
         let g = grad.to_dtype(DType::F32)?;
-        let dbeta = g.sum_keepdim((0, 2, 3))?;
-        let dgamma = (&g * &xhat)?.sum_keepdim((0, 2, 3))?;
         let w32 = w.detach().to_dtype(DType::F32)?;
-        let inner = g.broadcast_sub(&(dbeta.clone() / n)?)?.broadcast_sub(&xhat.broadcast_mul(&(dgamma.clone() / n)?)?)?;
-        let dx = inner.broadcast_mul(&rstd.broadcast_mul(&w32)?)?.to_dtype(grad.dtype())?;
+        let gw = g.broadcast_mul(&w32)?; // gradient with respect to x_hat
+        let inner = gw
+            .broadcast_sub(&gw.mean_keepdim(red.clone())?)?
+            .broadcast_sub(&xhat.broadcast_mul(&(&gw * &xhat)?.mean_keepdim(red)?)?)?;
+        let dx = inner.broadcast_mul(&rstd)?.to_dtype(grad.dtype())?;
+        let param_sum = |t: Tensor, p: &Tensor| -> candle_core::Result<Tensor> {
+            let along: Vec<usize> = (0..t.rank()).filter(|&d| p.dims()[d] == 1 && t.dims()[d] != 1).collect();
+            t.sum_keepdim(along)?.to_dtype(p.dtype())
+        };
         // Frozen (untracked) affine parameters get no gradient entry.
-        let dw = w.track_op().then(|| dgamma.to_dtype(w.dtype())).transpose()?;
-        let db = b.track_op().then(|| dbeta.to_dtype(b.dtype())).transpose()?;
+        let dw = w.track_op().then(|| param_sum((&g * &xhat)?, w)).transpose()?;
+        let db = b.track_op().then(|| param_sum(g.clone(), b)).transpose()?;
         Ok((Some(dx), dw, db))
     }
 }
@@ -293,5 +305,18 @@ pub fn batch_norm_train(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<
     let c = x.dim(1)?;
     ensure!(w.dims() == [1, c, 1, 1] && b.dims() == [1, c, 1, 1], "batchnorm: weight {:?} / bias {:?} for {c} channels", w.dims(), b.dims());
     ensure!(x.elem_count() > c, "batchnorm: training needs more than one value per channel");
-    Ok(x.to_dtype(DType::F32)?.apply_op3(&w.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?, BatchNormTrain { eps })?)
+    let op = AffineNorm { eps, reduce: vec![0, 2, 3] };
+    Ok(x.to_dtype(DType::F32)?.apply_op3(&w.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?, op)?)
+}
+
+/// LayerNorm over the last dimension of `x`, in f32, with `w` and `b` of that dimension's size.
+/// Keeps only its output for backward.
+pub fn layer_norm_f32(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let h = x.dim(D::Minus1)?;
+    ensure!(w.elem_count() == h && b.elem_count() == h, "layernorm: weight {:?} / bias {:?} for width {h}", w.dims(), b.dims());
+    let mut dims = vec![1; x.rank()];
+    dims[x.rank() - 1] = h;
+    let op = AffineNorm { eps, reduce: vec![x.rank() - 1] };
+    let (w, b) = (w.to_dtype(DType::F32)?.reshape(dims.clone())?, b.to_dtype(DType::F32)?.reshape(dims)?);
+    Ok(x.to_dtype(DType::F32)?.apply_op3(&w, &b, op)?)
 }

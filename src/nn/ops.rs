@@ -10,7 +10,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use super::consts::{add_any, add_const, mul_any, mul_const};
+use super::consts::{add_const, mul_any, mul_const};
 use super::param::seed_for;
 
 thread_local! {
@@ -103,17 +103,15 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// LayerNorm over the last dimension in f32 (biased variance, as PyTorch).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
-    let dt = x.dtype();
-    let x32 = x.to_dtype(DType::F32)?;
-    let mean = x32.mean_keepdim(D::Minus1)?;
-    let xc = x32.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let mut y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    y = mul_any(&y, &weight.to_dtype(DType::F32)?)?;
-    if let Some(b) = bias {
-        y = add_any(&y, &b.to_dtype(DType::F32)?)?;
-    }
-    Ok(y.to_dtype(dt)?)
+    let zeros;
+    let bias = match bias {
+        Some(b) => b,
+        None => {
+            zeros = weight.zeros_like()?;
+            &zeros
+        }
+    };
+    Ok(super::fused::layer_norm_f32(x, weight, bias, eps)?.to_dtype(x.dtype())?)
 }
 
 /// GELU with the exact erf form (PyTorch's default `nn.GELU()`).
