@@ -336,6 +336,29 @@ fn fused_rms_normalize_matches_the_composite_in_value_and_gradient() -> Result<(
     Ok(())
 }
 
+/// A fused normalisation against its composite form: values, and the gradients of x, w and b.
+fn assert_affine_norm_matches(
+    xv: &Var,
+    wv: &Var,
+    bv: &Var,
+    r: &Tensor,
+    fused: impl Fn(&Tensor, &Tensor, &Tensor) -> anyhow::Result<Tensor>,
+    composite: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<()> {
+    let (x, w, b) = (xv.as_tensor(), wv.as_tensor(), bv.as_tensor());
+    let (got, want) = (fused(x, w, b)?, composite(x, w, b)?);
+    let e = max_abs_diff(&vec64(&got)?, &vec64(&want)?);
+    assert!(e <= 1e-5, "values differ by {e}");
+    let (gf, gc) = (dot(&got, r)?.backward()?, dot(&want, r)?.backward()?);
+    for (name, v) in [("x", xv), ("w", wv), ("b", bv)] {
+        let (a, c) = (gf.get(v.as_tensor()).expect("gradient"), gc.get(v.as_tensor()).expect("gradient"));
+        assert_eq!(a.dims(), c.dims(), "d{name} shape");
+        let e = max_abs_diff(&vec64(a)?, &vec64(c)?) / max_abs(&vec64(c)?);
+        assert!(e <= 1e-5, "d{name} differs by {e} (relative)");
+    }
+    Ok(())
+}
+
 #[test]
 fn fused_batch_norm_matches_the_composite_and_frozen_affine_gets_no_gradient() -> Result<()> {
     use prs::nn::fused::batch_norm_train;
@@ -351,17 +374,7 @@ fn fused_batch_norm_matches_the_composite_and_frozen_affine_gets_no_gradient() -
     let b = randn(&[1, 4, 1, 1], 42)?.to_dtype(DType::F32)?;
     let r = randn(&[3, 4, 5, 6], 43)?.to_dtype(DType::F32)?;
     let (xv, wv, bv) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?, Var::from_tensor(&b)?);
-    let fused = batch_norm_train(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), eps)?;
-    let want = composite(xv.as_tensor(), wv.as_tensor(), bv.as_tensor())?;
-    let e = max_abs_diff(&vec64(&fused)?, &vec64(&want)?);
-    assert!(e <= 1e-5, "values differ by {e}");
-    let gf = dot(&fused, &r)?.backward()?;
-    let gc = dot(&want, &r)?.backward()?;
-    for (name, v) in [("x", &xv), ("w", &wv), ("b", &bv)] {
-        let (a, c) = (vec64(gf.get(v.as_tensor()).expect("gradient"))?, vec64(gc.get(v.as_tensor()).expect("gradient"))?);
-        let e = max_abs_diff(&a, &c) / max_abs(&c);
-        assert!(e <= 1e-5, "d{name} differs by {e} (relative)");
-    }
+    assert_affine_norm_matches(&xv, &wv, &bv, &r, |x, w, b| batch_norm_train(x, w, b, eps), composite)?;
     // Against central differences in x (f64 input; the op computes in f32).
     let x64 = randn(&[2, 2, 2, 3], 44)?;
     let r64 = randn(&[2, 2, 2, 3], 45)?;
@@ -394,18 +407,7 @@ fn fused_layer_norm_matches_the_composite_in_value_and_all_gradients() -> Result
     let b = randn(&[24], 52)?.to_dtype(DType::F32)?;
     let r = randn(&[2, 7, 24], 53)?.to_dtype(DType::F32)?;
     let (xv, wv, bv) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?, Var::from_tensor(&b)?);
-    let fused = layer_norm_f32(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), eps)?;
-    let want = composite(xv.as_tensor(), wv.as_tensor(), bv.as_tensor())?;
-    let e = max_abs_diff(&vec64(&fused)?, &vec64(&want)?);
-    assert!(e <= 1e-5, "values differ by {e}");
-    let gf = dot(&fused, &r)?.backward()?;
-    let gc = dot(&want, &r)?.backward()?;
-    for (name, v) in [("x", &xv), ("w", &wv), ("b", &bv)] {
-        let (a, c) = (gf.get(v.as_tensor()).expect("gradient"), gc.get(v.as_tensor()).expect("gradient"));
-        assert_eq!(a.dims(), c.dims(), "d{name} shape");
-        let e = max_abs_diff(&vec64(a)?, &vec64(c)?) / max_abs(&vec64(c)?);
-        assert!(e <= 1e-5, "d{name} differs by {e} (relative)");
-    }
+    assert_affine_norm_matches(&xv, &wv, &bv, &r, |x, w, b| layer_norm_f32(x, w, b, eps), composite)?;
     // Frozen weight and bias: gradient for x only.
     let g = dot(&layer_norm_f32(xv.as_tensor(), &w, &b, eps)?, &r)?.backward()?;
     assert!(g.get(&w).is_none() && g.get(&b).is_none(), "frozen LayerNorm parameters got gradients");
