@@ -118,7 +118,7 @@ fn correctness(gpu: &Device, rep: &mut Report) -> Result<()> {
     Ok(())
 }
 
-/// The fused attention softmax, RMS normalisation and training BatchNorm (src/nn/fused.rs), value and gradient,
+/// The fused attention softmax, RMS normalisation, training BatchNorm and SiLU gate (src/nn/fused.rs), value and gradient,
 /// CUDA against CPU: the same candle kernels in the same order, so one rounding of the output
 /// apart at most (reductions may sum in another order).
 fn fused_ops(gpu: &Device, rep: &mut Report) -> Result<()> {
@@ -152,6 +152,23 @@ fn fused_ops(gpu: &Device, rep: &mut Report) -> Result<()> {
         }
         rep.check(&format!("fused rms normalise 15x4096 {dt:?}"), compare(&outs[1], &outs[0])?, tol);
         rep.check(&format!("fused rms normalise dX {dt:?}"), compare(&grads[1], &grads[0])?, tol);
+    }
+    // Gated MLP product silu(gate) * up, in the LLM's dtypes.
+    for dt in [DType::BF16, DType::F32] {
+        let (gate, up) = (random((2, 7, 1, 300), dt, 19, &Device::Cpu)?, random((2, 7, 1, 300), dt, 20, &Device::Cpu)?);
+        let r = random((2, 7, 1, 300), DType::F32, 21, &Device::Cpu)?;
+        let mut runs = vec![];
+        for dev in [&Device::Cpu, gpu] {
+            let (g, u) = (Var::from_tensor(&gate.to_device(dev)?)?, Var::from_tensor(&up.to_device(dev)?)?);
+            let y = prs::nn::fused::silu_mul(g.as_tensor(), u.as_tensor())?;
+            let grads = (y.to_dtype(DType::F32)? * r.to_device(dev)?)?.sum_all()?.backward()?;
+            let (dg, du) = (grads.get(g.as_tensor()).expect("gradient").clone(), grads.get(u.as_tensor()).expect("gradient").clone());
+            runs.push((y, dg, du));
+        }
+        let tol = 4.0 * eps(dt).max(eps(DType::F32));
+        rep.check(&format!("fused silu * up {dt:?}"), compare(&runs[1].0, &runs[0].0)?, tol);
+        rep.check(&format!("fused silu * up dGate {dt:?}"), compare(&runs[1].1, &runs[0].1)?, tol);
+        rep.check(&format!("fused silu * up dUp {dt:?}"), compare(&runs[1].2, &runs[0].2)?, tol);
     }
     // Training BatchNorm (TinySAM runs it in f32): output and the three gradients.
     let x = random((4, 8, 33, 35), DType::F32, 15, &Device::Cpu)?;

@@ -414,3 +414,35 @@ fn fused_layer_norm_matches_the_composite_in_value_and_all_gradients() -> Result
     assert!(g.get(xv.as_tensor()).is_some());
     Ok(())
 }
+
+#[test]
+fn fused_silu_mul_matches_the_composite_in_value_and_gradient() -> Result<()> {
+    use prs::nn::fused::silu_mul;
+    let r = randn(&[3, 4, 10], 62)?.to_dtype(DType::F32)?;
+    for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 2e-2)] {
+        let gate = randn(&[3, 4, 10], 60)?.affine(2.0, 0.0)?.to_dtype(dtype)?;
+        let up = randn(&[3, 4, 10], 61)?.to_dtype(dtype)?;
+        let (gv, uv) = (Var::from_tensor(&gate)?, Var::from_tensor(&up)?);
+        let fused = silu_mul(gv.as_tensor(), uv.as_tensor())?;
+        let want = (gv.as_tensor().silu()? * uv.as_tensor())?;
+        assert_eq!(fused.dtype(), dtype);
+        let e = max_abs_diff(&vec64(&fused)?, &vec64(&want)?);
+        assert!(e <= tol, "{dtype:?}: values differ by {e}");
+        let gf = dot(&fused.to_dtype(DType::F32)?, &r)?.backward()?;
+        let gc = dot(&want.to_dtype(DType::F32)?, &r)?.backward()?;
+        for (name, v) in [("gate", &gv), ("up", &uv)] {
+            let (a, c) = (gf.get(v.as_tensor()).expect("gradient"), gc.get(v.as_tensor()).expect("gradient"));
+            assert_eq!(a.dtype(), dtype);
+            let e = max_abs_diff(&vec64(a)?, &vec64(c)?) / max_abs(&vec64(c)?);
+            assert!(e <= tol * 5.0, "{dtype:?}: d{name} differs by {e} (relative)");
+        }
+    }
+    let (gate, up, r) = (randn(&[2, 5], 63)?, randn(&[2, 5], 64)?, randn(&[2, 5], 65)?);
+    let gv = Var::from_tensor(&gate)?;
+    let loss = |t: &Tensor| -> Result<Tensor> { dot(&silu_mul(t, &up)?, &r) };
+    let g = vec64(loss(gv.as_tensor())?.backward()?.get(gv.as_tensor()).expect("gradient"))?;
+    let g_num = numeric_grad(&gate, 1e-4, |t| Ok(loss(t)?.to_scalar::<f64>()?))?;
+    let e = max_abs_diff(&g, &g_num);
+    assert!(e <= 1e-6, "numeric: {e}");
+    Ok(())
+}

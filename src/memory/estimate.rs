@@ -196,7 +196,7 @@ fn llm_layer_bytes_per_token(spec: &PrsMedSpec, s: u64, t: u64) -> f64 {
         + 2 * s * nh * t // scores and probabilities (the fused softmax keeps nothing else)
         + 2 * s * qd // probs @ v, heads merged
         + lin("o_proj", qd, h);
-    let mlp = lin("gate_proj", h, i) + lin("up_proj", h, i) + 2 * s * i + lin("down_proj", i, h);
+    let mlp = lin("gate_proj", h, i) + lin("up_proj", h, i) + s * i + lin("down_proj", i, h); // fused silu * up
     (2 * rms + attn + mlp + 2 * s * h) as f64
 }
 

@@ -17,7 +17,7 @@
 
 use anyhow::{ensure, Result};
 use candle_core::backend::BackendStorage;
-use candle_core::op::{Add, Div, Exp, Mul, ReduceOp, Sqr, Sqrt, Sub};
+use candle_core::op::{Add, Div, Exp, Mul, ReduceOp, Silu, Sqr, Sqrt, Sub};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
 /// `cpu_fwd` and `cuda_fwd` of a `CustomOp1` whose forward is one function generic over the
@@ -319,4 +319,54 @@ pub fn layer_norm_f32(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Te
     let op = AffineNorm { eps, reduce: vec![x.rank() - 1] };
     let (w, b) = (w.to_dtype(DType::F32)?.reshape(dims.clone())?, b.to_dtype(DType::F32)?.reshape(dims)?);
     Ok(x.to_dtype(DType::F32)?.apply_op3(&w, &b, op)?)
+}
+
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(&self, g: &CpuStorage, gl: &Layout, u: &CpuStorage, ul: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        silu_mul_forward((g, gl), (u, ul))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+        u: &candle_core::CudaStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        silu_mul_forward((g, gl), (u, ul))
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // silu(a) = a * s(a); silu'(a) = s(a) * (1 + a * (1 - s(a))), computed in f32.
+        let a = gate.detach().to_dtype(DType::F32)?;
+        let sig = candle_nn::ops::sigmoid(&a)?;
+        let silu = (&a * &sig)?;
+        let dsilu = (&sig * ((&a * (1.0 - &sig)?)? + 1.0)?)?;
+        let g = grad.to_dtype(DType::F32)?;
+        let u = up.detach().to_dtype(DType::F32)?;
+        let d_gate = (&g * u)?.mul(&dsilu)?.to_dtype(gate.dtype())?;
+        let d_up = (g * silu)?.to_dtype(up.dtype())?;
+        Ok((Some(d_gate), Some(d_up)))
+    }
+}
+
+fn silu_mul_forward<S: BackendStorage>((g, gl): (&S, &Layout), (u, ul): (&S, &Layout)) -> candle_core::Result<(S, Shape)> {
+    let shape = gl.shape().clone();
+    let full = Layout::contiguous(&shape);
+    let out = g.unary_impl::<Silu>(gl)?.binary_impl::<Mul>(u, &full, ul)?;
+    Ok((out, shape))
+}
+
+/// `silu(gate) * up` (Mistral's gated MLP) as one node: keeps the product only, its backward
+/// recomputes the activation from `gate`.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    ensure!(gate.dims() == up.dims() && gate.dtype() == up.dtype(), "silu_mul: gate {:?} {:?} vs up {:?} {:?}", gate.dims(), gate.dtype(), up.dims(), up.dtype());
+    Ok(gate.apply_op2(up, SiluMul)?)
 }
