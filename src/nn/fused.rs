@@ -1,16 +1,15 @@
-//! Fused ops with their own backward, for the two largest per-token activations of the LLM.
+//! Fused ops with their own backward. Composed from tensor ops, each of these keeps every
+//! intermediate for backward; as one autograd node it keeps only its output (its inputs are kept
+//! by whatever produced them) and backward recomputes what it needs from the inputs.
 //!
-//! Attention softmax as one autograd node: `softmax(scale * scores + mask)` over the last
-//! dimension, computed in f32, returned in the scores' dtype. Composed from tensor ops, the
-//! same function keeps every intermediate for backward: the
-//! scaled and masked copies, the f32 cast, the shifted exponentials and the normalised f32
-//! result, about 24 bytes per score in bf16 (6 in f32 terms) next to the 2-byte scores. For the
-//! 7B model that was half of the predicted LLM activations. Here the intermediates live only
-//! inside the forward; backward needs the output alone:
-//! `dx = scale * p * (g - sum(g * p))`.
-//!
-//! RMS normalisation `x / sqrt(mean(x^2) + eps)` likewise keeps only its output (the input is
-//! kept by whatever produced it) and recomputes the row statistics in backward.
+//! - Attention softmax `softmax(scale * scores + mask)` in f32, returned in the scores' dtype.
+//!   Composed, the scaled and masked copies, the f32 cast, the exponentials and the f32 result
+//!   cost about 24 bytes per score in bf16, half of the 7B model's predicted LLM activations.
+//!   Backward needs the output alone: `dx = scale * p * (g - sum(g * p))`.
+//! - RMS normalisation `x / sqrt(mean(x^2) + eps)` (Mistral).
+//! - Affine normalisation with statistics over chosen dimensions: training BatchNorm (TinySAM)
+//!   and LayerNorm (decoder, TinySAM, CLIP); frozen affine parameters get no gradient entry.
+//! - The gated MLP product `silu(gate) * up` (Mistral).
 //!
 //! Each forward is written once over candle's `BackendStorage` operations, so the CPU and CUDA
 //! paths run the same sequence of candle kernels (no kernel of ours to keep in step).
