@@ -37,6 +37,8 @@ fn main() -> anyhow::Result<()> {
     let tc = &cfg.train;
     let mut opt = AdamW::new(params, AdamWConfig { lr: tc.learning_rate, max_grad_norm: Some(tc.max_grad_norm), weight_decay: 0.0, ..Default::default() })?;
     let bs = tc.batch_size;
+    // Cosine without warm-up; `lr_at(step)` for the 1-based step ends at the minimum.
+    let schedule = prs::train::schedule::LrSchedule::cosine(tc.learning_rate, tc.min_learning_rate, 0, steps as u64);
     let t0 = Instant::now();
     let lm_loss = |mb: &prs::model::prs_med::ModelBatch| -> anyhow::Result<Tensor> {
         let mut img = m.encode_image(&mb.clip_pixels)?;
@@ -82,8 +84,7 @@ fn main() -> anyhow::Result<()> {
         }
         let items: Vec<&PreparedSample> = (0..bs).map(|k| &train[order[((step - 1) * bs + k) % train.len()]]).collect();
         let mb = collate(&items, &dev)?;
-        let frac = step as f64 / steps as f64;
-        opt.set_lr(tc.min_learning_rate + 0.5 * (tc.learning_rate - tc.min_learning_rate) * (1.0 + (std::f64::consts::PI * frac).cos()));
+        opt.set_lr(schedule.lr_at(step as u64));
         let l = {
             let _t = prs::nn::ops::TrainingMode::enter(step as u64);
             lm_loss(&mb)?

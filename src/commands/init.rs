@@ -12,7 +12,7 @@ use crate::model::clip::ClipVisionTower;
 use crate::model::llava::Projector;
 use crate::model::load::{CLIP_PREFIX, PROJECTOR_PREFIX};
 use crate::model::mistral::Mistral;
-use crate::model::prs_med::LlavaMedConfig;
+use crate::model::random::llava_config_from_init;
 use crate::model::tinysam::TinySam;
 use crate::nn::param::{init_tensor, seed_for, Init, ParamBuilder, TrainedParams};
 use crate::weights::pth::write_pth_atomic;
@@ -76,16 +76,7 @@ pub fn write_llava(dir: &Path, init: &InitSection, tokenizer: &Path, max_shard_b
         bail!("tokenizer {} not found (run `make assets`, or pass --tokenizer)", tokenizer.display());
     }
     let dev = Device::Cpu;
-    let llava = LlavaMedConfig {
-        llm: init.llm.clone(),
-        mm_vision_tower: "prs-init/random-clip".into(),
-        mm_hidden_size: init.vision.hidden_size,
-        mm_projector_type: "mlp2x_gelu".into(),
-        mm_vision_select_layer: -2,
-        mm_vision_select_feature: "patch".into(),
-        image_aspect_ratio: "pad".into(),
-        mm_vision_config: Some(init.vision.clone()),
-    };
+    let llava = llava_config_from_init(init, "prs-init/random-clip");
     llava.validate()?;
     // Build each part with trainable fresh builders: the registry then lists every tensor
     // under its checkpoint key.

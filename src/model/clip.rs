@@ -133,7 +133,7 @@ impl LayerNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::layer_norm(x, self.weight.tensor(), Some(self.bias.tensor()), self.eps)
+        ops::layer_norm(x, self.weight.tensor(), self.bias.tensor(), self.eps)
     }
 }
 

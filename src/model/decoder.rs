@@ -110,7 +110,7 @@ impl LayerNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::layer_norm(x, &self.weight.cast(DType::F32)?, Some(&self.bias.cast(DType::F32)?), 1e-5)
+        ops::layer_norm(x, &self.weight.cast(DType::F32)?, &self.bias.cast(DType::F32)?, 1e-5)
     }
 }
 

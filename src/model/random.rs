@@ -9,7 +9,7 @@ use super::clip::ClipVisionConfig;
 use super::load::{read_llava_config, spec_from, Mode};
 use super::mistral::MistralConfig;
 use super::prs_med::{Builders, LlavaMedConfig, PrsMed, PrsMedSpec};
-use crate::config::Config;
+use crate::config::{Config, InitSection};
 use crate::nn::param::{ParamBuilder, TrainedParams};
 use crate::weights::hub::ModelSource;
 
@@ -35,21 +35,27 @@ impl RandomOptions {
     }
 }
 
+/// The LLaVA-Med config of the random base model an `[init]` section describes (what `prs init`
+/// writes as config.json), with `vision_tower` as its CLIP name.
+pub fn llava_config_from_init(init: &InitSection, vision_tower: &str) -> LlavaMedConfig {
+    LlavaMedConfig {
+        llm: init.llm.clone(),
+        mm_vision_tower: vision_tower.into(),
+        mm_hidden_size: init.vision.hidden_size,
+        mm_projector_type: "mlp2x_gelu".into(),
+        mm_vision_select_layer: -2,
+        mm_vision_select_feature: "patch".into(),
+        image_aspect_ratio: "pad".into(),
+        mm_vision_config: Some(init.vision.clone()),
+    }
+}
+
 /// LLaVA-Med's config for a base model, without reading any weights: the `[init]` section of a
 /// tiny config, the built-in LLaVA-Med v1.5 7B (Mistral-7B + CLIP ViT-L/14-336) for its hub id,
 /// else the `config.json` of a local base folder.
 pub fn llava_config_for(cfg: &Config) -> Result<LlavaMedConfig> {
     let llava = if let Some(init) = &cfg.init {
-        LlavaMedConfig {
-            llm: init.llm.clone(),
-            mm_vision_tower: CLIP_L_336.into(),
-            mm_hidden_size: init.vision.hidden_size,
-            mm_projector_type: "mlp2x_gelu".into(),
-            mm_vision_select_layer: -2,
-            mm_vision_select_feature: "patch".into(),
-            image_aspect_ratio: "pad".into(),
-            mm_vision_config: Some(init.vision.clone()),
-        }
+        llava_config_from_init(init, CLIP_L_336)
     } else if cfg.model.base.trim_end_matches('/') == LLAVA_MED_7B {
         LlavaMedConfig {
             llm: MistralConfig::mistral_7b(),

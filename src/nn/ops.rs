@@ -102,15 +102,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// LayerNorm over the last dimension in f32 (biased variance, as PyTorch).
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
-    let zeros;
-    let bias = match bias {
-        Some(b) => b,
-        None => {
-            zeros = weight.zeros_like()?;
-            &zeros
-        }
-    };
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(super::fused::layer_norm_f32(x, weight, bias, eps)?.to_dtype(x.dtype())?)
 }
 

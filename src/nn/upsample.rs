@@ -251,10 +251,8 @@ impl CustomOp1 for MaskUpsample {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let g = self.geom(l)?;
-        let (b, c, _, _) = l.shape().dims4()?;
-        let out = crate::kernels::upsample_fwd(s, l, g.dims(), crate::kernels::Epilogue::Logits)?;
-        Ok((out, Shape::from((b, c, g.ho(), g.wo()))))
+        // On the GPU the plain upsampling is the logits epilogue of the fused kernel.
+        MaskUpsampleEpilogue { factor: self.factor, epilogue: Epilogue::Logits }.cuda_fwd(s, l)
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
