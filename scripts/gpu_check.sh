@@ -1,37 +1,105 @@
 #!/usr/bin/env bash
-# GPU check (examples/gpu_upsample_check.rs): the upsampling kernels and the fused softmax / RMS / BatchNorm ops vs CPU on random inputs,
-# then kernel vs composite vs on-device copy timings.
+# The GPU checks and benchmarks, built here and run on a machine with a GPU (no Rust there).
 #
-#   scripts/gpu_check.sh build   on the build machine (no GPU needed): builds the example with
-#                                `--features cuda` (toolkit env from `make cuda-toolkit`) and puts
-#                                the stripped binary in dist/gpu_check/
-#   scripts/gpu_check.sh run     on the GPU machine (no Rust, no network): runs that binary; the
-#                                CUDA runtime libraries must be findable (see docs/cuda.md)
-set -euo pipefail
+#   scripts/gpu_check.sh build   on the build machine (no GPU needed): builds `prs` and the two
+#                                check examples with `--features cuda` (toolkit from
+#                                `make cuda-toolkit`), strips and xz-compresses them into dist/gpu/
+#                                with Mistral's tokenizer.model (for the tiny model)
+#   scripts/gpu_check.sh run [SECONDS] [OUT]
+#                                on the GPU machine: runs, in this order, until SECONDS (default
+#                                480) are spent, each step under its own time limit, logging to
+#                                OUT/gpu_check.log (default dist/gpu/out):
+#     1. examples/gpu_model_check: the tiny model on CUDA vs CPU (losses, every gradient, AdamW,
+#        greedy prediction, bf16); an error (not a tolerance miss) stops here: nothing after it
+#        could run
+#     2. examples/gpu_upsample_check: mask-upsampling kernels and fused ops vs CPU, then timings
+#        against candle's composite and the card's copy bandwidth
+#     3. prs bench train, 7B with random weights, batch 1/4/8 with and without checkpointing
+#     4. prs bench predict, 7B
+#     5. prs profile-memory, 7B, batch 1,2,4,8 x checkpointing on/off, predicted vs measured
+#     6. prs demo (the embedded default, on CUDA)
+set -uo pipefail
 cd "$(dirname "$0")/.."
-BIN=dist/gpu_check/gpu_upsample_check
+DIST=dist/gpu
+BINS="prs gpu_model_check gpu_upsample_check"
+
+build() {
+  set -e
+  [[ -f .cache/cuda/env.sh ]] && . .cache/cuda/env.sh
+  export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-2}"
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/cuda}"
+  cargo build --release --features cuda --bin prs --example gpu_model_check --example gpu_upsample_check
+  mkdir -p "$DIST"
+  for b in $BINS; do
+    src="$CARGO_TARGET_DIR/release/$b"
+    [[ -f "$src" ]] || src="$CARGO_TARGET_DIR/release/examples/$b"
+    strip -o "$DIST/$b" "$src"
+    xz -T2 -6 -f "$DIST/$b"
+  done
+  cp "${PRS_TOKENIZER_MODEL:-.cache/assets/tokenizer.model.v1}" "$DIST/tokenizer.model.v1"
+  echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo ' + uncommitted changes')" >"$DIST/COMMIT"
+  ls -l "$DIST"
+}
+
+run() {
+  local budget="${1:-480}" out="${2:-$DIST/out}" work
+  mkdir -p "$out"
+  work=$(mktemp -d)
+  local log="$out/gpu_check.log" t_end=$((SECONDS + budget))
+  exec > >(tee -a "$log") 2>&1
+  for b in $BINS; do
+    [[ -f "$DIST/$b.xz" ]] || { echo "no $DIST/$b.xz: run '$0 build' on the build machine first"; exit 1; }
+    if command -v xz >/dev/null; then xz -dc "$DIST/$b.xz" >"$work/$b"
+    else python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],"wb"))' "$DIST/$b.xz" "$work/$b"; fi
+    chmod +x "$work/$b"
+  done
+  # Runtime libraries: the driver, and cuBLAS/cuRAND/NVRTC/cudart 13 from a CUDA install or pip wheels.
+  local libdirs
+  libdirs=$(find /usr/local/nvidia/lib64 /usr/local/cuda/lib64 /usr/local/cuda/targets /opt /usr/lib/python3* /usr/local/lib \
+    -maxdepth 8 \( -name 'libcublas.so.13' -o -name 'libcurand.so.10' -o -name 'libnvrtc.so.13' -o -name 'libcudart.so.13' -o -name 'libcuda.so.1' \) \
+    -printf '%h\n' 2>/dev/null | sort -u | tr '\n' ':')
+  export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:-}"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  echo "built from $(cat "$DIST/COMMIT" 2>/dev/null || echo '?'), run $(date -u +%FT%TZ)"
+  if ldd "$work/prs" | grep 'not found'; then echo "missing runtime libraries (above)"; exit 1; fi
+  export PATH="$work:$PATH"
+  local cfg=configs/prs-med-7b.toml failed=0
+  # step NAME LIMIT CMD...: runs CMD under min(LIMIT, time left); returns its status.
+  step() {
+    local name=$1 limit=$2 left=$((t_end - SECONDS)) t0=$SECONDS rc; shift 2
+    (( left < limit )) && limit=$left
+    if (( limit < 10 )); then echo "== $name: skipped (time budget spent)" >&2; return 99; fi
+    echo "== $name (limit ${limit}s): $*" >&2
+    timeout "$limit" "$@"; rc=$?
+    echo "== $name: exit $rc after $((SECONDS - t0)) s" >&2
+    (( rc == 0 )) || failed=$((failed + 1))
+    return $rc
+  }
+  step model-check 90 gpu_model_check "$DIST/tokenizer.model.v1"
+  if (( $? != 0 )) && ! grep -q 'comparison(s) failed' "$log"; then
+    echo "the tiny model does not run on CUDA: stopping before the 7B steps"; exit 1
+  fi
+  step upsample-check 90 gpu_upsample_check
+  for ck in "" --gradient-checkpointing; do
+    for b in 1 4 8; do
+      step "bench train b$b ${ck:-no-ckpt}" 90 prs bench train --config $cfg --random-weights --device cuda \
+        --batch-size $b $ck --warmup 1 --steps 3
+    done
+  done
+  step "bench predict" 60 prs bench predict --config $cfg --random-weights --device cuda --warmup 1 --steps 3
+  step profile-memory 240 prs profile-memory --config $cfg --device cuda:0 --batch-sizes 1,2,4,8 --precision bf16 \
+    --checkpointing both --seq-len 640 --measure --json --emit-config "$out/recommended.toml" >"$out/profile-memory.json"
+  head -c 4000 "$out/profile-memory.json"; echo
+  if step demo 150 prs demo --out "$work/demo" --tokenizer "$DIST/tokenizer.model.v1"; then
+    cp "$work/demo/run/curves.png" "$out/demo-curves.png" 2>/dev/null
+    cp "$work/demo/run/metrics.jsonl" "$out/demo-metrics.jsonl" 2>/dev/null
+    cp "$(find "$work/demo/predict" -name overlay.png | head -1)" "$out/demo-overlay.png" 2>/dev/null
+  fi
+  echo "== done: $failed step(s) failed, $((SECONDS)) s"
+}
 
 case "${1:-run}" in
-  build)
-    [[ -f .cache/cuda/env.sh ]] && . .cache/cuda/env.sh
-    export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/cuda}"
-    cargo build --release --features cuda --example gpu_upsample_check
-    mkdir -p dist/gpu_check
-    cp "$CARGO_TARGET_DIR/release/examples/gpu_upsample_check" "$BIN"
-    strip "$BIN"
-    ls -l "$BIN"
-    ;;
-  run)
-    [[ -x "$BIN" ]] || { echo "no $BIN: run '$0 build' on the build machine first" >&2; exit 1; }
-    # Runtime libraries: a PyTorch cu13 venv or a CUDA install, plus the driver (docs/cuda.md).
-    for d in /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib /usr/local/nvidia/lib64 \
-             /usr/local/cuda/lib64 "${CUDA_HOME:-/nonexistent}/lib64"; do
-      [[ -d "$d" ]] && LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    done
-    export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}"
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-    if ldd "$BIN" | grep 'not found'; then echo "missing runtime libraries (above)" >&2; exit 1; fi
-    timeout "${GPU_CHECK_TIMEOUT:-300}" "$BIN" "${@:2}"
-    ;;
-  *) echo "usage: $0 build|run [--no-bench]" >&2; exit 2 ;;
+  build) build ;;
+  run) run "${@:2}" ;;
+  *) echo "usage: $0 build | run [SECONDS] [OUT]" >&2; exit 2 ;;
 esac

@@ -385,7 +385,7 @@ pub struct Loaded {
 }
 
 pub fn parse_device(s: &str) -> Result<Device> {
-    Ok(match s {
+    let dev = match s {
         "auto" => Device::cuda_if_available(0)?,
         "cpu" => Device::Cpu,
         "cuda" => Device::new_cuda(0)?,
@@ -393,7 +393,14 @@ pub fn parse_device(s: &str) -> Result<Device> {
             Some(n) => Device::new_cuda(n)?,
             None => bail!("--device `{other}`: expected auto, cpu, cuda or cuda:N"),
         },
-    })
+    };
+    // Keep freed blocks in the CUDA pool (release threshold raised): returning them to the
+    // driver at each synchronisation and asking again costs time every step.
+    #[cfg(feature = "cuda")]
+    if dev.is_cuda() {
+        crate::memory::measure::pool::Pool::new(&dev)?;
+    }
+    Ok(dev)
 }
 
 pub fn parse_dtype(s: &str) -> Result<DType> {

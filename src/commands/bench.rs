@@ -32,7 +32,8 @@ pub struct BenchArgs {
     pub seq_len: usize,
     #[arg(long, default_value = "bf16")]
     pub precision: String,
-    #[arg(long, default_value = "cpu")]
+    /// auto (CUDA when built with it and a GPU is present), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
     pub device: String,
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
@@ -52,6 +53,14 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Weights of the LLM's matmuls (attention and MLP projections of every layer, and the head).
+fn llm_matmul_weights(c: &crate::model::mistral::MistralConfig) -> f64 {
+    let hd = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads);
+    let (h, q, kv) = (c.hidden_size, c.num_attention_heads * hd, c.num_key_value_heads * hd);
+    let layer = h * q + 2 * h * kv + q * h + 3 * h * c.intermediate_size;
+    (c.num_hidden_layers * layer + c.vocab_size * h) as f64
+}
+
 pub fn run(a: &BenchArgs) -> Result<()> {
     let cfg = Config::load(&a.config)?;
     let device = crate::commands::finetune::parse_device(&a.device)?;
@@ -69,6 +78,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             let batch = synthetic_batch(&m, a.batch_size, &seq, 1)?;
             let mut opt = AdamW::new(m.trained.weights(), AdamWConfig::default())?;
             let mut scaler = (dtype == Precision::F16.dtype()).then(LossScaler::default);
+            device.synchronize()?;
+            crate::memory::measure::reset_peak_memory(&device);
             let mut times = vec![];
             for i in 0..a.warmup + a.steps {
                 let t = Instant::now();
@@ -80,10 +91,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             }
             let step = median(times);
             let tokens = (a.batch_size * a.seq_len) as f64;
-            // LLM forward + activation backward (frozen weights need no weight gradient).
-            let flops = 4.0 * (spec.llava.llm.num_hidden_layers as f64 * 12.0 * (spec.llava.llm.hidden_size as f64).powi(2)) * tokens;
+            // LLM forward + activation backward (frozen weights need no weight gradient):
+            // 2 + 2 FLOPs per weight of its matmuls per token.
+            let flops = 4.0 * llm_matmul_weights(&spec.llava.llm) * tokens;
             println!(
-                "train: batch {} seq {} ckpt {}: step {:.3} s (median of {}), {:.2} samples/s, {:.0} tokens/s, LLM {:.1} TFLOP/s = {:.1}% of {} TFLOP/s, peak RSS {:.2} GB",
+                "train: batch {} seq {} ckpt {}: step {:.3} s (median of {}), {:.2} samples/s, {:.0} tokens/s, LLM {:.1} TFLOP/s = {:.1}% of {} TFLOP/s, peak {:.2} GB ({})",
                 a.batch_size,
                 a.seq_len,
                 a.gradient_checkpointing,
@@ -94,7 +106,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 flops / step / 1e12,
                 100.0 * flops / step / 1e12 / a.peak_tflops,
                 a.peak_tflops,
-                crate::train::trainer::peak_rss_bytes().unwrap_or(0) as f64 / 1e9
+                crate::memory::measure::peak_memory_bytes(&device).unwrap_or(0) as f64 / 1e9,
+                if device.is_cuda() { "CUDA pool high-water mark + context" } else { "peak RSS" }
             );
         }
         "predict" => {

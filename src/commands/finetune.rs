@@ -50,8 +50,8 @@ pub struct FinetuneArgs {
     pub image_size: Option<usize>,
     #[arg(long, alias = "num_workers")]
     pub num_workers: Option<usize>,
-    /// cpu | cuda | cuda:N
-    #[arg(long, default_value = "cpu")]
+    /// auto (CUDA when built with it and a GPU is present), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
     pub device: String,
     #[arg(long)]
     pub seed: Option<u64>,

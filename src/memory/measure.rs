@@ -74,6 +74,33 @@ pub struct TrialResult {
 
 pub use crate::infer::parse_device;
 
+/// Peak memory of this process on `dev` so far, in bytes: on CUDA the pool's used high-water
+/// mark plus what lies outside the pool (context, cuBLAS workspaces); on CPU the peak resident
+/// set (VmHWM). None where it cannot be read.
+pub fn peak_memory_bytes(dev: &candle_core::Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if dev.is_cuda() {
+        let p = pool::Pool::new(dev).ok()?;
+        return Some(p.used_high().ok()? + p.outside().ok()?);
+    }
+    let _ = dev;
+    let (_, peak) = rss();
+    (peak > 0).then_some(peak)
+}
+
+/// Resets what [`peak_memory_bytes`] reports to the memory in use now.
+pub fn reset_peak_memory(dev: &candle_core::Device) {
+    #[cfg(feature = "cuda")]
+    if dev.is_cuda() {
+        if let Ok(p) = pool::Pool::new(dev) {
+            let _ = p.reset_high();
+        }
+        return;
+    }
+    let _ = dev;
+    reset_peak_rss();
+}
+
 fn status_kb(field: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = text.lines().find(|l| l.starts_with(field))?;
@@ -155,8 +182,9 @@ pub fn train_step(m: &PrsMed, batch: &ModelBatch, opt: &mut AdamW, scaler: Optio
     Ok(loss)
 }
 
+/// The CUDA default memory pool, which candle allocates every tensor from.
 #[cfg(feature = "cuda")]
-mod pool {
+pub mod pool {
     use anyhow::Result;
     use candle_core::cuda_backend::cudarc::driver::{result, sys};
     use candle_core::Device;

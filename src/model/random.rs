@@ -92,9 +92,12 @@ pub fn random_prs_med(spec: &PrsMedSpec, opts: &RandomOptions) -> Result<PrsMed>
     let reg = TrainedParams::new();
     // Distinct seeds per part so that no two parts share random streams.
     let fresh = |k: u64, group: &str, t: bool| ParamBuilder::fresh(seed.wrapping_add(k), group, t, dtype, dev, &reg);
+    // The frozen LLM and CLIP (99% of a 7B model) come from the device RNG: the host RNG would
+    // take minutes per build. Trained parts stay seeded.
+    let frozen = |group: &str| ParamBuilder::device_random(group, false, dtype, dev, &reg);
     let builders = Builders {
-        llava: fresh(0, "llm", false),
-        clip: fresh(1, "clip", false),
+        llava: frozen("llm"),
+        clip: frozen("clip"),
         lora: fresh(2, "lora", train),
         projector: fresh(3, "mm_projector", train && opts.train_projector),
         tinysam: fresh(4, "image_encoder", train && opts.train_tinysam),

@@ -123,6 +123,10 @@ enum Source<'a> {
     Checkpoint { vb: VarBuilder<'a>, what: Arc<String> },
     /// Values are created from `Init` with a seeded host RNG (candle's CPU RNG cannot be seeded).
     Fresh { seed: u64 },
+    /// Values are drawn from `Init` by the device's own RNG: fast (a 7B model in seconds on a
+    /// GPU, where the host RNG takes minutes) but not reproducible. For frozen weights whose
+    /// values do not matter: benchmarks and memory trials.
+    DeviceRandom,
 }
 
 /// Builds the parameters of one component. Prefixes mirror checkpoint keys (`pp`), the
@@ -174,6 +178,11 @@ impl<'a> ParamBuilder<'a> {
         }
     }
 
+    /// Parameters drawn by the device RNG (see `Source::DeviceRandom`).
+    pub fn device_random(group: &str, train: bool, dtype: DType, device: &Device, registry: &TrainedParams) -> Self {
+        Self { source: Source::DeviceRandom, ..Self::fresh(0, group, train, dtype, device, registry) }
+    }
+
     pub fn pp(&self, s: impl ToString) -> Self {
         let mut b = self.clone();
         b.path.push(s.to_string());
@@ -223,7 +232,7 @@ impl<'a> ParamBuilder<'a> {
     pub fn contains(&self, name: &str) -> bool {
         match &self.source {
             Source::Checkpoint { vb, .. } => vb.contains_tensor(name),
-            Source::Fresh { .. } => false,
+            Source::Fresh { .. } | Source::DeviceRandom => false,
         }
     }
 
@@ -251,6 +260,7 @@ impl<'a> ParamBuilder<'a> {
                 t
             }
             Source::Fresh { seed } => init_tensor(&shape, init, seed_for(*seed, &self.key(name)), dtype, &self.device)?,
+            Source::DeviceRandom => device_init_tensor(&shape, init, dtype, &self.device)?,
         };
         self.wrap(name, t, ParamKind::Weight)
     }
@@ -274,6 +284,17 @@ impl<'a> ParamBuilder<'a> {
         self.registry.push(TrainedParam { group: self.group.to_string(), key: self.key(name), kind, var: var.clone() })?;
         Ok(Param::Trained(var))
     }
+}
+
+/// A tensor drawn by the device's RNG (curand on CUDA); f32 first, as candle's RNG kernels
+/// are f32, then cast.
+fn device_init_tensor(shape: &Shape, init: Init, dtype: DType, device: &Device) -> Result<Tensor> {
+    let t = match init {
+        Init::Uniform(bound) => Tensor::rand(-bound as f32, bound as f32, shape, device)?,
+        Init::Normal(std) => Tensor::randn(0f32, std as f32, shape, device)?,
+        other => return init_tensor(shape, other, 0, dtype, device),
+    };
+    Ok(t.to_dtype(dtype)?)
 }
 
 /// Per-tensor seed: stable under construction order changes.

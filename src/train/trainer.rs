@@ -323,7 +323,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
                 grad_norm: report.as_ref().map(|r| r.grad_norm),
                 samples_per_s: Some(norm.images as f64 / secs),
                 tokens_per_s: Some(n_tokens as f64 / secs),
-                peak_mem_bytes: peak_rss_bytes(),
+                peak_mem_bytes: crate::memory::measure::peak_memory_bytes(&opts.device),
                 elapsed_s: Some(started.elapsed().as_secs_f64()),
                 ..Record::train(state.step)
             })?;
@@ -530,8 +530,3 @@ fn log_eval(log: &mut MetricsLog, step: u64, epoch: u64, e: &EvalResult) -> Resu
     })
 }
 
-/// Peak resident memory of this process (VmHWM), in bytes; None where /proc is unavailable.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let (_, peak) = crate::memory::measure::rss();
-    (peak > 0).then_some(peak)
-}
