@@ -20,7 +20,7 @@
 #     6. prs demo (the embedded default, on CUDA)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DIST=dist/gpu
+DIST="${PRS_GPU_DIST:-dist/gpu}"
 BINS="prs gpu_model_check gpu_upsample_check"
 
 build() {
@@ -63,7 +63,8 @@ run() {
   echo "built from $(cat "$DIST/COMMIT" 2>/dev/null || echo '?'), run $(date -u +%FT%TZ)"
   if ldd "$work/prs" | grep 'not found'; then echo "missing runtime libraries (above)"; exit 1; fi
   export PATH="$work:$PATH"
-  local cfg=configs/prs-med-7b.toml failed=0
+  # PRS_GPU_CONFIG / PRS_GPU_DEVICE: a dry run of this script on a CPU build (tiny, cpu).
+  local cfg="${PRS_GPU_CONFIG:-configs/prs-med-7b.toml}" dev="${PRS_GPU_DEVICE:-cuda}" failed=0
   # step NAME LIMIT CMD...: runs CMD under min(LIMIT, time left); returns its status.
   step() {
     local name=$1 limit=$2 left=$((t_end - SECONDS)) t0=$SECONDS rc; shift 2
@@ -82,12 +83,12 @@ run() {
   step upsample-check 90 gpu_upsample_check
   for ck in "" --gradient-checkpointing; do
     for b in 1 4 8; do
-      step "bench train b$b ${ck:-no-ckpt}" 90 prs bench train --config $cfg --random-weights --device cuda \
+      step "bench train b$b ${ck:-no-ckpt}" 90 prs bench train --config $cfg --random-weights --device $dev \
         --batch-size $b $ck --warmup 1 --steps 3
     done
   done
-  step "bench predict" 60 prs bench predict --config $cfg --random-weights --device cuda --warmup 1 --steps 3
-  step profile-memory 240 prs profile-memory --config $cfg --device cuda:0 --batch-sizes 1,2,4,8 --precision bf16 \
+  step "bench predict" 60 prs bench predict --config $cfg --random-weights --device $dev --warmup 1 --steps 3
+  step profile-memory 240 prs profile-memory --config $cfg --device $dev --batch-sizes 1,2,4,8 --precision bf16 \
     --checkpointing both --seq-len 640 --measure --json --emit-config "$out/recommended.toml" >"$out/profile-memory.json"
   head -c 4000 "$out/profile-memory.json"; echo
   if step demo 150 prs demo --out "$work/demo" --tokenizer "$DIST/tokenizer.model.v1"; then
