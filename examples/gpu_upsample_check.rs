@@ -165,7 +165,8 @@ fn fused_ops(gpu: &Device, rep: &mut Report) -> Result<()> {
             let (dg, du) = (grads.get(g.as_tensor()).expect("gradient").clone(), grads.get(u.as_tensor()).expect("gradient").clone());
             runs.push((y, dg, du));
         }
-        let tol = 4.0 * eps(dt).max(eps(DType::F32));
+        // silu's backward goes through exp, whose CUDA and CPU versions differ by an ulp or two.
+        let tol = 8.0 * eps(dt).max(eps(DType::F32));
         rep.check(&format!("fused silu * up {dt:?}"), compare(&runs[1].0, &runs[0].0)?, tol);
         rep.check(&format!("fused silu * up dGate {dt:?}"), compare(&runs[1].1, &runs[0].1)?, tol);
         rep.check(&format!("fused silu * up dUp {dt:?}"), compare(&runs[1].2, &runs[0].2)?, tol);
@@ -183,11 +184,19 @@ fn fused_ops(gpu: &Device, rep: &mut Report) -> Result<()> {
         let grads: Vec<Tensor> = vars.iter().map(|v| g.get(v.as_tensor()).expect("gradient").clone()).collect();
         runs.push((y, grads));
     }
-    // Per-channel sums over 4 x 33 x 35 values: reduction order differs between the backends.
-    let tol = 64.0 * eps(DType::F32);
+    // Per-channel sums over n = 4 x 33 x 35 values, in another order on each backend: the
+    // rounding error of a sum grows like sqrt(n) ulps, and dW / dB are such sums themselves.
+    let tol = 8.0 * eps(DType::F32) * (4.0f64 * 33.0 * 35.0).sqrt();
     rep.check("fused batch norm 4x8x33x35 f32", compare(&runs[1].0, &runs[0].0)?, tol);
     for (i, name) in ["dX", "dW", "dB"].iter().enumerate() {
         rep.check(&format!("fused batch norm {name}"), compare(&runs[1].1[i], &runs[0].1[i])?, tol);
+    }
+    // Dropout: the counter-based mask must be the CPU's bit for bit, in every dtype.
+    for dt in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+        let x = random((3, 7, 129, 65), dt, 22, &Device::Cpu)?;
+        let cpu = prs::nn::dropout::dropout_seeded(&x, 0.1, 1234)?;
+        let cuda = prs::nn::dropout::dropout_seeded(&x.to_device(gpu)?, 0.1, 1234)?;
+        rep.check(&format!("dropout p 0.1 3x7x129x65 {dt:?} (exact)"), compare(&cuda, &cpu)?, 0.0);
     }
     Ok(())
 }
@@ -234,6 +243,14 @@ fn bench(gpu: &Device) -> Result<()> {
         row(&format!("kernel fwd + mask u8 {tag}"), time(gpu, 20, || upsample_mask(&x, f, 0.5))?, in_b + y.elem_count() as f64);
         row(&format!("kernel bwd {tag}"), time(gpu, 20, || upsample_bilinear_ac_backward(&g, f))?, in_b + out_b);
     }
+    // Dropout of a LoRA input at batch 8 (8 x 640 x 4096 bf16): one read, one write.
+    let x = random((8, 1, 640, 4096), DType::BF16, 3, gpu)?;
+    let bytes = 2.0 * (x.elem_count() * 2) as f64;
+    let copy = time(gpu, 20, || Ok(x.copy()?))?;
+    let drop = time(gpu, 20, || prs::nn::dropout::dropout_seeded(&x, 0.05, 5))?;
+    for (name, secs) in [("copy 8x640x4096 bf16", copy), ("dropout 8x640x4096 bf16", drop)] {
+        println!("{:<44} {:>10.3} {:>10.1} {:>8.1}%", name, secs * 1e3, bytes / secs / 1e9, 100.0 * copy / secs);
+    }
     Ok(())
 }
 
@@ -242,12 +259,15 @@ fn main() -> Result<()> {
     let mut rep = Report { failures: 0 };
     correctness(&gpu, &mut rep)?;
     fused_ops(&gpu, &mut rep)?;
+    if rep.failures == 0 {
+        println!("all comparisons passed");
+    }
+    // Timings even after a failed comparison: they are independent of it.
+    if !std::env::args().any(|a| a == "--no-bench") {
+        bench(&gpu)?;
+    }
     if rep.failures > 0 {
         bail!("{} comparison(s) failed", rep.failures);
     }
-    println!("all comparisons passed");
-    if std::env::args().any(|a| a == "--no-bench") {
-        return Ok(());
-    }
-    bench(&gpu)
+    Ok(())
 }

@@ -6,7 +6,9 @@
 #                                `make cuda-toolkit`), strips and xz-compresses them into dist/gpu/
 #                                with Mistral's tokenizer.model (for the tiny model)
 #   scripts/gpu_check.sh run [SECONDS] [OUT]
-#                                on the GPU machine: runs, in this order, until SECONDS (default
+#                                on the GPU machine: runs the steps below (PRS_GPU_STEPS names a
+#                                subset, in its order: model upsample train-bN[-ckpt] predict
+#                                profile demo), in this order, until SECONDS (default
 #                                480) are spent, each step under its own time limit, logging to
 #                                OUT/gpu_check.log (default dist/gpu/out):
 #     1. examples/gpu_model_check: the tiny model on CUDA vs CPU (losses, every gradient, AdamW,
@@ -76,26 +78,34 @@ run() {
     (( rc == 0 )) || failed=$((failed + 1))
     return $rc
   }
-  step model-check 90 gpu_model_check "$DIST/tokenizer.model.v1"
-  if (( $? != 0 )) && ! grep -q 'comparison(s) failed' "$log"; then
-    echo "the tiny model does not run on CUDA: stopping before the 7B steps"; exit 1
-  fi
-  step upsample-check 90 gpu_upsample_check
-  for ck in "" --gradient-checkpointing; do
-    for b in 1 4 8; do
-      step "bench train b$b ${ck:-no-ckpt}" 90 prs bench train --config $cfg --random-weights --device $dev \
-        --batch-size $b $ck --warmup 1 --steps 3
-    done
+  local steps="${PRS_GPU_STEPS:-model upsample train-b1 train-b4 train-b8 train-b1-ckpt train-b4-ckpt train-b8-ckpt predict profile demo}"
+  for name in $steps; do
+    case $name in
+      model)
+        step model-check 90 gpu_model_check "$DIST/tokenizer.model.v1"
+        if (( $? != 0 )) && ! grep -q 'comparison(s) failed' "$log"; then
+          echo "the tiny model does not run on CUDA: stopping before the 7B steps"; exit 1
+        fi ;;
+      upsample) step upsample-check 90 gpu_upsample_check ;;
+      train-b*)
+        local b=${name#train-b} ck=""
+        [[ $b == *-ckpt ]] && { b=${b%-ckpt}; ck=--gradient-checkpointing; }
+        step "bench train b$b ${ck:-no-ckpt}" 90 prs bench train --config $cfg --random-weights --device $dev \
+          --batch-size $b $ck --warmup 1 --steps 3 ;;
+      predict) step "bench predict" 60 prs bench predict --config $cfg --random-weights --device $dev --warmup 1 --steps 3 ;;
+      profile)
+        step profile-memory 240 prs profile-memory --config $cfg --device $dev --batch-sizes 1,2,4,8 --precision bf16 \
+          --checkpointing both --seq-len 640 --measure --json --emit-config "$out/recommended.toml" >"$out/profile-memory.json"
+        head -c 4000 "$out/profile-memory.json"; echo ;;
+      demo)
+        if step demo 150 prs demo --out "$work/demo" --tokenizer "$DIST/tokenizer.model.v1"; then
+          cp "$work/demo/run/curves.png" "$out/demo-curves.png" 2>/dev/null
+          cp "$work/demo/run/metrics.jsonl" "$out/demo-metrics.jsonl" 2>/dev/null
+          cp "$(find "$work/demo/predict" -name overlay.png | head -1)" "$out/demo-overlay.png" 2>/dev/null
+        fi ;;
+      *) echo "unknown step $name" ;;
+    esac
   done
-  step "bench predict" 60 prs bench predict --config $cfg --random-weights --device $dev --warmup 1 --steps 3
-  step profile-memory 240 prs profile-memory --config $cfg --device $dev --batch-sizes 1,2,4,8 --precision bf16 \
-    --checkpointing both --seq-len 640 --measure --json --emit-config "$out/recommended.toml" >"$out/profile-memory.json"
-  head -c 4000 "$out/profile-memory.json"; echo
-  if step demo 150 prs demo --out "$work/demo" --tokenizer "$DIST/tokenizer.model.v1"; then
-    cp "$work/demo/run/curves.png" "$out/demo-curves.png" 2>/dev/null
-    cp "$work/demo/run/metrics.jsonl" "$out/demo-metrics.jsonl" 2>/dev/null
-    cp "$(find "$work/demo/predict" -name overlay.png | head -1)" "$out/demo-overlay.png" 2>/dev/null
-  fi
   echo "== done: $failed step(s) failed, $((SECONDS)) s"
 }
 

@@ -1,6 +1,6 @@
 //! The crate's own CUDA kernels (feature `cuda`): PTX compiled from `kernels/*.cu` by build.rs and
 //! launched through candle's re-exported cudarc on the tensor's device and stream. The ops that
-//! use them (and their CPU references) live in `nn::upsample`.
+//! use them (and their CPU references) live in `nn::upsample` and `nn::dropout`.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -174,5 +174,46 @@ pub fn upsample_bwd(s: &CudaStorage, l: &Layout, d: UpsampleDims, span: usize) -
         DType::F32 => launch::<f32, f32>(s, l, &name, cfg, n_out, &a, None),
         DType::F64 => launch::<f64, f64>(s, l, &name, cfg, n_out, &a, None),
         other => bail!("mask upsample grad kernel: unsupported dtype {other:?}"),
+    }
+}
+
+/// PTX of `kernels/dropout.cu`.
+pub const DROPOUT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dropout.ptx"));
+const DROPOUT_MODULE: &str = "prs_dropout";
+
+/// Dropout of a contiguous tensor (see `nn::dropout`): `y = keep(seed, i) ? x * scale : 0`.
+pub fn dropout(s: &CudaStorage, l: &Layout, seed: u64, threshold: u64, scale: f64) -> Result<CudaStorage> {
+    let Some((o0, o1)) = l.contiguous_offsets() else { bail!("dropout kernel: input must be contiguous") };
+    let n = o1 - o0;
+    // A grid-stride loop: enough blocks to fill the card, each thread several elements.
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, 65_536) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    fn go<T: CudaDType + DeviceRepr, S: DeviceRepr>(
+        s: &CudaStorage,
+        (o0, o1): (usize, usize),
+        name: &str,
+        cfg: LaunchConfig,
+        (seed, threshold, scale): (u64, u64, S),
+    ) -> Result<CudaStorage> {
+        let func = s.device.get_or_load_custom_func(name, DROPOUT_MODULE, DROPOUT_PTX)?;
+        let src = s.as_cuda_slice::<T>()?.slice(o0..o1);
+        let n = (o1 - o0) as u64;
+        // SAFETY: the kernel writes every element before it is read.
+        let mut dst = unsafe { s.device.alloc::<T>(o1 - o0)? };
+        {
+            let mut b = func.builder();
+            b.arg(&src).arg(&mut dst).arg(&n).arg(&seed).arg(&threshold).arg(&scale);
+            // SAFETY: argument list and types match the kernel's signature in dropout.cu.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(dst, s.device.clone()))
+    }
+    let (sc32, off) = (scale as f32, (o0, o1));
+    match s.dtype() {
+        DType::F32 => go::<f32, f32>(s, off, "dropout_f32", cfg, (seed, threshold, sc32)),
+        DType::F16 => go::<f16, f32>(s, off, "dropout_f16", cfg, (seed, threshold, sc32)),
+        DType::BF16 => go::<bf16, f32>(s, off, "dropout_bf16", cfg, (seed, threshold, sc32)),
+        DType::F64 => go::<f64, f64>(s, off, "dropout_f64", cfg, (seed, threshold, scale)),
+        other => bail!("dropout kernel: unsupported dtype {other:?} ({n} elements)"),
     }
 }

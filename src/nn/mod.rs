@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod consts;
 pub mod conv;
+pub mod dropout;
 pub mod fused;
 pub mod linear;
 pub mod ops;

@@ -7,8 +7,7 @@
 use std::cell::RefCell;
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, D};
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use candle_core::{DType, Tensor, D};
 
 use super::consts::{add_const, mul_any, mul_const};
 use super::param::seed_for;
@@ -66,22 +65,14 @@ pub fn step_seed() -> Option<u64> {
     TRAINING.with(|t| *t.borrow())
 }
 
-/// Inverted dropout with a mask drawn from (step seed, call site); identity in eval mode.
+/// Inverted dropout with a mask drawn from (step seed, call site) on the tensor's device
+/// (`nn::dropout`); identity in eval mode.
 pub fn dropout(x: &Tensor, p: f32, site: &str) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
     let Some(seed) = step_seed() else { return Ok(x.clone()) };
-    let mask = bernoulli_keep_mask(x.dims(), 1.0 - p, seed_for(seed, site), x.device())?;
-    mul_const(x, &(mask * (1.0 / (1.0 - p as f64)))?)
-}
-
-/// 0/1 mask with keep probability `keep`, reproducible on every device.
-fn bernoulli_keep_mask(dims: &[usize], keep: f32, seed: u64, device: &Device) -> Result<Tensor> {
-    let n: usize = dims.iter().product();
-    let mut rng = StdRng::seed_from_u64(seed);
-    let v: Vec<f32> = (0..n).map(|_| if rng.gen::<f32>() < keep { 1.0 } else { 0.0 }).collect();
-    Ok(Tensor::from_vec(v, dims, device)?)
+    super::dropout::dropout_seeded(x, p, seed_for(seed, site))
 }
 
 /// Softmax over the last dimension, computed in f32, with a backward.
