@@ -87,7 +87,7 @@ fn compare_step(rep: &mut Report, tag: &str, cpu: &PrsMed, gpu: &PrsMed, bc: &Mo
     for (key, g, c, top) in &pairs {
         if *top < 1e-6 * largest {
             tiny += 1;
-            let d = (g.to_dtype(DType::F64)? - c.to_dtype(DType::F64)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            let d = (g.to_device(&Device::Cpu)?.to_dtype(DType::F64)? - c.to_dtype(DType::F64)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
             worst_abs = worst_abs.max(d / largest);
         } else {
             let e = rel(g, c)?;
