@@ -91,7 +91,7 @@ run() {
         local b=${name#train-b} ck=""
         [[ $b == *-ckpt ]] && { b=${b%-ckpt}; ck=--gradient-checkpointing; }
         step "bench train b$b ${ck:-no-ckpt}" 90 prs bench train --config $cfg --random-weights --device $dev \
-          --batch-size $b $ck --warmup 1 --steps 3 ;;
+          --batch-size $b $ck --warmup 1 --steps 3 --phases ;;
       predict) step "bench predict" 60 prs bench predict --config $cfg --random-weights --device $dev --warmup 1 --steps 3 ;;
       profile)
         step profile-memory 240 prs profile-memory --config $cfg --device $dev --batch-sizes 1,2,4,8 --precision bf16 \

@@ -14,6 +14,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod nn;
+pub mod phases;
 pub mod report;
 pub mod tokenizer;
 pub mod train;

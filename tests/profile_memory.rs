@@ -300,3 +300,39 @@ fn emitted_config_runs_in_finetune() {
     assert_eq!(cfg.train.gradient_accumulation_steps, emitted.train.gradient_accumulation_steps);
     prs::commands::finetune::run(&args).unwrap();
 }
+
+#[test]
+fn phase_timer_attributes_a_training_step_to_its_parts() {
+    use prs::memory::measure::{synthetic_batch, train_step};
+    use prs::train::optim::{AdamW, AdamWConfig};
+    let cfg = Config::load(&tiny_config()).unwrap();
+    let spec = spec_for_config(&cfg).unwrap();
+    let mut m = random_prs_med(&spec, &RandomOptions::from_config(&cfg, Device::Cpu, DType::F32, Mode::Train, 0)).unwrap();
+    m.set_gradient_checkpointing(true);
+    let batch = synthetic_batch(&m, 2, &SeqShape { before: 3, after: 10, answer: 6 }, 1).unwrap();
+    let mut opt = AdamW::new(m.trained.weights(), AdamWConfig::default()).unwrap();
+    // Inactive: marks record nothing and cost nothing.
+    train_step(&m, &batch, &mut opt, None, 0).unwrap();
+    let timer = prs::phases::PhaseTimer::start(&Device::Cpu);
+    let t0 = std::time::Instant::now();
+    train_step(&m, &batch, &mut opt, None, 1).unwrap();
+    let wall = t0.elapsed().as_secs_f64();
+    let phases = timer.finish();
+    let names: Vec<&str> = phases.iter().map(|p| p.0).collect();
+    for want in [
+        "CLIP + projector",
+        "LLM forward",
+        "TinySAM forward",
+        "mask decoder forward",
+        "losses",
+        "backward (outside recomputations)",
+        "checkpoint recomputation + its backward",
+        "AdamW",
+    ] {
+        assert!(names.contains(&want), "no phase `{want}` in {names:?}");
+    }
+    let total: f64 = phases.iter().map(|p| p.1).sum();
+    assert!(phases.iter().all(|p| p.1 >= 0.0));
+    assert!(total <= wall && total > 0.5 * wall, "phases sum to {total} s of a {wall} s step");
+    assert!(prs::phases::PhaseTimer::start(&Device::Cpu).finish().is_empty(), "a new timer starts empty");
+}

@@ -42,6 +42,10 @@ pub struct BenchArgs {
     /// New tokens for `predict`.
     #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
+    /// `train`: also time each phase of the step (the device is synchronised between phases,
+    /// so the total is a little slower than without).
+    #[arg(long)]
+    pub phases: bool,
     /// The card's dense bf16 matmul rate in TFLOP/s, for the utilisation column
     /// (764 = measured on an H100 SXM in the GPU notes).
     #[arg(long, default_value_t = 764.0)]
@@ -87,6 +91,18 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 device.synchronize()?;
                 if i >= a.warmup {
                     times.push(t.elapsed().as_secs_f64());
+                }
+            }
+            if a.phases {
+                let timer = crate::phases::PhaseTimer::start(&device);
+                for i in 0..a.steps {
+                    train_step(&m, &batch, &mut opt, scaler.as_mut(), (a.warmup + a.steps + i) as u64)?;
+                }
+                let phases = timer.finish();
+                let total: f64 = phases.iter().map(|p| p.1).sum();
+                println!("phases (mean of {} synchronised steps, {:.3} s per step):", a.steps, total / a.steps as f64);
+                for (name, secs) in &phases {
+                    println!("  {name:<42} {:>8.3} s {:>6.1}%", secs / a.steps as f64, 100.0 * secs / total);
                 }
             }
             let step = median(times);

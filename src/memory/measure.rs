@@ -165,20 +165,24 @@ pub fn synthetic_batch(m: &PrsMed, batch: usize, seq: &SeqShape, seed: u64) -> R
 /// Gradient checkpointing is whatever `m` was set to (`PrsMed::set_gradient_checkpointing`).
 pub fn train_step(m: &PrsMed, batch: &ModelBatch, opt: &mut AdamW, scaler: Option<&mut LossScaler>, seed: u64) -> Result<f64> {
     let _train = TrainingMode::enter(seed);
+    let mark = |name| crate::phases::mark(m.device(), name);
     let out = m.forward(batch, true)?;
     let losses = m.losses(batch, &out, &LossWeights::default())?;
     let total = match &scaler {
         Some(s) => s.scale_loss(&losses.total)?,
         None => losses.total.clone(),
     };
+    mark("losses");
     let mut grads = total.backward()?;
     m.merge_checkpoint_grads(&mut grads)?;
+    mark("backward (outside recomputations)");
     let loss = losses.total.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
     drop((out, losses, total));
     match scaler {
         Some(s) => opt.step_scaled(&grads, s)?,
         None => opt.step(&grads)?,
     };
+    mark("AdamW");
     Ok(loss)
 }
 

@@ -310,10 +310,13 @@ impl PrsMed {
 
     /// Full forward for training and evaluation (teacher-forced answer when `train`).
     pub fn forward(&self, batch: &ModelBatch, train: bool) -> Result<Outputs> {
+        let mark = |name| crate::phases::mark(&self.device, name);
         let image = self.encode_image(&batch.clip_pixels)?;
+        mark("CLIP + projector");
         let inp = self.llm_inputs(&batch.prompts, &image, train)?;
         let ck = self.checkpointer.as_ref();
         let hidden = self.llm.forward_embeds_with(&inp.embeds, Some(&inp.key_valid), &inp.position_ids, None, ck)?;
+        mark("LLM forward");
         let (answer_logits, answer_targets) = if train {
             let (b, t, h) = hidden.dims3()?;
             let rows = Tensor::new(inp.lm_rows.as_slice(), &self.device)?;
@@ -323,9 +326,13 @@ impl PrsMed {
         } else {
             (None, None)
         };
+        mark("LM head");
         let feats = self.tinysam.forward_with(&batch.sam_pixels.to_dtype(self.tinysam_dtype())?, ck)?;
+        mark("TinySAM forward");
         let mask_logits = self.decoder.forward_with(&feats, &hidden, &inp.prompt_valid, ck)?;
+        mark("mask decoder forward");
         let class_logits = self.classifier.forward(&feats)?;
+        mark("classifier");
         Ok(Outputs { mask_logits, class_logits, answer_logits, answer_targets })
     }
 

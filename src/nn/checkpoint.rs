@@ -157,6 +157,14 @@ impl CheckpointOp {
 
     /// Re-runs the block with the graph and backpropagates `grad`; returns dX.
     fn recompute(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dev = x.device().clone();
+        crate::phases::mark(&dev, "backward (outside recomputations)");
+        let out = self.recompute_inner(x, grad);
+        crate::phases::mark(&dev, "checkpoint recomputation + its backward");
+        out
+    }
+
+    fn recompute_inner(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let _train = self.seed.map(TrainingMode::enter);
         let _eval = self.seed.is_none().then(EvalMode::enter);
         let _re = RecomputeGuard::enter();
