@@ -59,8 +59,7 @@ fn step(m: &PrsMed, batch: &ModelBatch, seed: u64) -> Result<([Tensor; 4], GradS
     let _train = TrainingMode::enter(seed);
     let out = m.forward(batch, true)?;
     let l = m.losses(batch, &out, &LossWeights::default())?;
-    let mut grads = l.total.backward()?;
-    m.merge_checkpoint_grads(&mut grads)?;
+    let grads = m.backward(&l.total)?;
     Ok(([l.total, l.seg, l.lm, l.cls], grads))
 }
 

@@ -6,6 +6,7 @@
 //! if the loss then drops but not without it, the LLM can route image information and the
 //! vision features are what lacks position.
 //! `PRS_PROBE_TF=1` also prints the teacher-forced accuracy on the position words.
+//! `PRS_PROBE_POSW=W` weighs the position words W times in the training loss.
 //! Run: cargo run --release --example lm_probe -- CONFIG DATA_ROOT STEPS [KEY=VALUE ...]
 use std::time::Instant;
 
@@ -71,7 +72,24 @@ fn main() -> anyhow::Result<()> {
             }
             println!("teacher-forced position-word accuracy {ok}/{n}");
         }
-        Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+        // PRS_PROBE_POSW=W: position words weigh W in the loss (the others 1).
+        let posw: f32 = std::env::var("PRS_PROBE_POSW").ok().and_then(|v| v.parse().ok()).unwrap_or(1.0);
+        if posw == 1.0 {
+            return Ok(candle_nn::loss::cross_entropy(&logits, &targets)?);
+        }
+        let w: Vec<f32> = inp
+            .lm_targets
+            .iter()
+            .map(|t| {
+                let w = b.tokenizer.decode(&[*t], true).unwrap_or_default();
+                if ["top", "bottom", "left", "right", "center"].contains(&w.trim()) { posw } else { 1.0 }
+            })
+            .collect();
+        let wsum: f32 = w.iter().sum();
+        let logp = candle_nn::ops::log_softmax(&logits, 1)?;
+        let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+        let w = Tensor::new(w.as_slice(), &dev)?;
+        Ok(((picked * w)?.sum_all()? * (-1.0 / wsum as f64))?)
     };
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut rng = 12345u64;

@@ -354,3 +354,39 @@ fn mask_decoder_self_attention_checkpoint_matches_plain_graph() {
     println!("decoder self-attention checkpoint: worst gradient rel err {worst:.2e}");
     assert!(worst < 1e-5, "{worst}");
 }
+
+/// `PrsMed::backward` returns gradients that hold no graph: candle's own backward leaves each
+/// variable's gradient attached to the backward ops that made it, which keeps the forward's
+/// activations (and every checkpointed block's recomputation) alive until the store is dropped.
+#[test]
+fn model_backward_returns_detached_gradients() {
+    use prs::memory::measure::synthetic_batch;
+    use prs::memory::SeqShape;
+    use prs::model::load::Mode;
+    use prs::model::prs_med::LossWeights;
+    use prs::model::random::{random_prs_med, spec_for_config, RandomOptions};
+    let cfg = prs::config::Config::load(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml")).unwrap();
+    let spec = spec_for_config(&cfg).unwrap();
+    let mut m = random_prs_med(&spec, &RandomOptions::from_config(&cfg, Device::Cpu, DType::F32, Mode::Train, 0)).unwrap();
+    for ckpt in [false, true] {
+        m.set_gradient_checkpointing(ckpt);
+        let batch = synthetic_batch(&m, 2, &SeqShape { before: 3, after: 8, answer: 5 }, 1).unwrap();
+        let _train = TrainingMode::enter(3);
+        let loss = |m: &prs::model::prs_med::PrsMed| {
+            let out = m.forward(&batch, true).unwrap();
+            m.losses(&batch, &out, &LossWeights::default()).unwrap().total
+        };
+        // The problem this guards against: candle's raw store keeps graphs.
+        let mut raw = loss(&m).backward().unwrap();
+        m.merge_checkpoint_grads(&mut raw).unwrap();
+        let attached = m.trained.weights().iter().filter(|p| raw.get(p.var.as_tensor()).is_some_and(|g| g.track_op())).count();
+        assert!(attached > 0, "ckpt {ckpt}: expected candle's raw gradients to carry graphs");
+        drop(raw);
+        let g = m.backward(&loss(&m)).unwrap();
+        common::assert_grads_exactly_trained_except(&g, &m.trained, |_| true);
+        for p in m.trained.weights() {
+            let t = g.get(p.var.as_tensor()).unwrap();
+            assert!(!t.track_op(), "ckpt {ckpt}: gradient of {}/{} still holds a graph", p.group, p.key);
+        }
+    }
+}

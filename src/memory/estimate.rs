@@ -276,7 +276,8 @@ fn tinysam_graph_elems(spec: &PrsMedSpec) -> (f64, f64, f64) {
     (total.get(), stem_total + outputs + recomputed + neck, largest.get())
 }
 
-/// Decoder + heads of the losses, f32 elements per sample, and the largest tensor.
+/// Decoder + heads of the losses, f32 elements per sample: kept for backward, and the
+/// largest transient of its backward.
 fn decoder_graph_elems(spec: &PrsMedSpec, t: f64, batch: f64, s_llm: u64, checkpointing: bool) -> (f64, f64) {
     let dc = &spec.decoder;
     let (d, ph, ff, lh) = (dc.dim as f64, dc.prompt_hidden as f64, dc.ffn_dim as f64, dc.llm_hidden as f64);
@@ -299,7 +300,9 @@ fn decoder_graph_elems(spec: &PrsMedSpec, t: f64, batch: f64, s_llm: u64, checkp
     // backward holds one chunk's scores at a time.
     let n_chunks = (m / chunk).ceil();
     let scores = if checkpointing { (m + 2.0 * m * n_chunks) * d } else { hs * m * m * (2.0 + drop) };
-    let biggest_scores = if checkpointing { hs * chunk * m } else { hs * m * m };
+    // Backward transient: about three score-sized gradients at a time; checkpointed, the
+    // recomputed chunk's scores and probabilities (+ dropout) exist alongside them.
+    let transient_scores = if checkpointing { (5.0 + drop) * hs * chunk * m } else { 3.0 * hs * m * m };
     e += m * 3.0 * d * 2.0 + 3.0 * m * d + m * d + scores + m * d * (1.0 + chunked + 1.0 + 2.0);
     e += m * d * (drop + 1.0 + ln) + m * ff * (2.0 + 1.0 + drop) + m * d * (2.0 + drop + 1.0 + ln);
     e += m * d * (2.0 + 1.0 + 1.0 + 2.0 + 1.0 + ln); // ffn
@@ -314,7 +317,7 @@ fn decoder_graph_elems(spec: &PrsMedSpec, t: f64, batch: f64, s_llm: u64, checkp
     let hw = s_out * s_out;
     e += hw; // bilinear upsampling (one custom op)
     e += 15.0 * hw; // structure loss terms and its constant weights
-    (e, biggest_scores.max(hw))
+    (e, transient_scores.max(3.0 * hw))
 }
 
 /// The analytic peak of one training step (forward, backward, AdamW).
@@ -377,7 +380,7 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
     let ts_e = if inp.checkpointing { ts_ckpt } else { ts_full };
     let ts_bytes = if inp.train_tinysam { ts_e * 4.0 * b as f64 } else { 0.0 };
     push("activations: TinySAM (f32)", ts_bytes);
-    let (dec_e, dec_big) = decoder_graph_elems(spec, t as f64, b as f64, s, inp.checkpointing);
+    let (dec_e, dec_transient) = decoder_graph_elems(spec, t as f64, b as f64, s, inp.checkpointing);
     push("activations: decoder attention over image tokens, mask head, losses (f32)", dec_e * 4.0 * b as f64);
 
     // Backward: gradients of the graph's nodes exist while it is still alive. Through the
@@ -386,9 +389,8 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
     // backward holds about three tensors the size of its largest input.
     let llm_scores = (b * u(l.num_attention_heads) * t * t * 4) as f64;
     let ce_bwd = (6 * rows * v * 4) as f64;
-    let biggest =
-        llm_scores.max(dec_big * 4.0 * b as f64).max(if inp.train_tinysam { ts_big * 4.0 * b as f64 } else { 0.0 });
-    push("backward temporaries", ce_bwd.max(3.0 * biggest));
+    let biggest = llm_scores.max(if inp.train_tinysam { ts_big * 4.0 * b as f64 } else { 0.0 });
+    push("backward temporaries", ce_bwd.max(3.0 * biggest).max(dec_transient * 4.0 * b as f64));
 
     // CLIP runs untracked: only a transient, before the graph exists.
     let (c, ic, hc) = (u(vc.hidden_size), u(vc.intermediate_size), u(vc.num_attention_heads));

@@ -173,8 +173,7 @@ pub fn train_step(m: &PrsMed, batch: &ModelBatch, opt: &mut AdamW, scaler: Optio
         None => losses.total.clone(),
     };
     mark("losses");
-    let mut grads = total.backward()?;
-    m.merge_checkpoint_grads(&mut grads)?;
+    let grads = m.backward(&total)?;
     mark("backward (outside recomputations)");
     let loss = losses.total.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
     drop((out, losses, total));

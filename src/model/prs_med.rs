@@ -235,6 +235,16 @@ impl PrsMed {
         self.checkpointer.is_some()
     }
 
+    /// Gradients of `loss` for training: candle's backward, the parameter gradients of
+    /// checkpointed blocks merged in, and every gradient detached so that the activations are
+    /// freed now rather than when the store is dropped (`nn::checkpoint::detach_grads`).
+    pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        let mut grads = loss.backward()?;
+        self.merge_checkpoint_grads(&mut grads)?;
+        crate::nn::checkpoint::detach_grads(&mut grads);
+        Ok(grads)
+    }
+
     /// Moves the parameter gradients collected by checkpointed blocks into `grads`.
     pub fn merge_checkpoint_grads(&self, grads: &mut candle_core::backprop::GradStore) -> Result<()> {
         match &self.checkpointer {

@@ -124,6 +124,20 @@ impl Checkpointer {
     }
 }
 
+/// Detaches every gradient in `grads`. candle leaves a variable's gradient attached to the
+/// backward ops that produced it, so the store keeps the forward's activations alive (through
+/// those ops' inputs) until it is dropped: through an optimizer step, across accumulated
+/// micro-batches, and across every checkpointed block's recomputation.
+pub fn detach_grads(grads: &mut GradStore) {
+    let ids: Vec<_> = grads.get_ids().copied().collect();
+    for id in ids {
+        if let Some(g) = grads.get_id(id) {
+            let g = g.detach();
+            grads.insert_id(id, g);
+        }
+    }
+}
+
 struct CheckpointOp {
     block: Block,
     /// The block's output from the forward, moved out when the op copies it.
@@ -177,6 +191,8 @@ impl CheckpointOp {
         // d/dy sum(y * grad) = grad exactly; mul_const keeps no gradient for `grad`.
         let mut inner = mul_const(&y, &grad.detach())?.sum_all()?.backward()?;
         drop(y);
+        // Detached, or each gradient would keep this recomputation's activations alive.
+        detach_grads(&mut inner);
         let dx = xv.and_then(|v| inner.remove(v.as_tensor()));
         let mut side = self.side.lock().unwrap();
         for p in self.trained.weights() {

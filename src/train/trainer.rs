@@ -441,8 +441,7 @@ pub fn micro_backward(
         Some(s) => s.scale_loss(&l.total)?,
         None => l.total,
     };
-    let mut g = loss.backward()?;
-    model.merge_checkpoint_grads(&mut g)?;
+    let g = model.backward(&loss)?;
     Ok(MicroStep { grads: Some(g), parts })
 }
 
