@@ -14,12 +14,17 @@ use super::{Precision, SeqShape};
 use crate::model::llava::ProjectorKind;
 use crate::model::prs_med::PrsMedSpec;
 
-/// CUDA context of one process (measured on an H100, driver 580: docs/gpu.md).
-pub const CUDA_CONTEXT_BYTES: u64 = 595 << 20;
+/// Device memory outside candle's pool once a training step ran: the CUDA context (595 MiB
+/// bare, docs/gpu.md) plus the loaded kernel modules; with the cuBLAS allowance below this is
+/// the 1.17 GB measured on an H100 (driver 580) by `prs profile-memory --measure`.
+pub const CUDA_CONTEXT_BYTES: u64 = 1056 << 20;
 /// cuBLAS/cuBLASLt workspaces allocated outside candle's pool (an allowance).
 pub const CUBLAS_WORKSPACE_BYTES: u64 = 64 << 20;
 /// Resident size of an idle `prs` process when nothing was measured (an allowance).
 pub const CPU_PROCESS_BYTES: u64 = 24 << 20;
+/// What a CPU process adds once it computes, on top of the idle baseline: thread pools and the
+/// matmul packing buffers (the constant part of the tiny sweep's error, about 8 MB).
+pub const CPU_COMPUTE_SCRATCH_BYTES: u64 = 8 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -200,10 +205,20 @@ fn llm_layer_bytes_per_token(spec: &PrsMedSpec, s: u64, t: u64) -> f64 {
     (2 * rms + attn + mlp + 2 * s * h) as f64
 }
 
-/// TinySAM's graph when it trains (f32), elements per sample: (kept without checkpointing,
-/// kept with per-stage checkpointing = stem + stage outputs + one stage recomputed, largest
-/// tensor).
-fn tinysam_graph_elems(spec: &PrsMedSpec) -> (f64, f64, f64) {
+/// TinySAM's graph when it trains (f32), elements per sample.
+struct TinySamElems {
+    /// Kept for backward without checkpointing.
+    full: f64,
+    /// Kept with per-block checkpointing: stem, block and PatchMerging outputs, layout copies,
+    /// neck.
+    checkpointed: f64,
+    /// The largest block (or PatchMerging), rebuilt while its backward runs (checkpointing).
+    recomputed_block: f64,
+    /// The largest single tensor.
+    largest: f64,
+}
+
+fn tinysam_graph_elems(spec: &PrsMedSpec) -> TinySamElems {
     let t = &spec.tinysam;
     let s = t.img_size as f64;
     let d: Vec<f64> = t.embed_dims.iter().map(|&x| x as f64).collect();
@@ -211,7 +226,6 @@ fn tinysam_graph_elems(spec: &PrsMedSpec) -> (f64, f64, f64) {
     let ln = 1.0; // fused LayerNorm: its output
     let total = std::cell::Cell::new(0.0f64);
     let largest = std::cell::Cell::new(0.0f64);
-    let mut stage_elems: Vec<f64> = vec![];
     let add = |e: f64, big: f64| {
         total.set(total.get() + e);
         largest.set(largest.get().max(big));
@@ -227,15 +241,20 @@ fn tinysam_graph_elems(spec: &PrsMedSpec) -> (f64, f64, f64) {
     let mut side = s / 4.0;
     let ns = t.depths.len();
     let stem_total = total.get();
-    let mut outputs = 0.0;
+    // Checkpointed: what stays between blocks (outputs, layout copies) and the largest block.
+    let (mut kept, mut unit) = (0.0f64, 0.0f64);
+    let mut block = |e: f64, big: f64, out: f64| {
+        add(e, big);
+        kept += out;
+        unit = unit.max(e);
+    };
     for st in 0..ns {
-        let before = total.get();
         let c = d[st];
         if st == 0 {
             let hid = c * t.mbconv_expand_ratio;
             for _ in 0..t.depths[0] {
                 let e = hid * p * (1.0 + bn + 1.0) + dw(hid, p, p) + hid * p * (bn + 1.0) + c * p * (1.0 + bn + 2.0);
-                add(e, hid * p);
+                block(e, hid * p, c * p);
             }
         } else {
             let ws = t.window_sizes[st] as f64;
@@ -251,29 +270,30 @@ fn tinysam_graph_elems(spec: &PrsMedSpec) -> (f64, f64, f64) {
                 + dw(c, p, p)
                 + hid * p * 3.0; // fc1, GELU
             for _ in 0..t.depths[st] {
-                add(e_blk, heads * ws * ws * lp);
+                block(e_blk, heads * ws * ws * lp, c * p);
             }
-            add(c * p, 0.0); // tokens made contiguous at the stage entry
+            block(c * p, 0.0, 2.0 * c * p); // tokens made contiguous at the stage entry, and back to a map
         }
         if st + 1 < ns {
             let out = d[st + 1];
             let stride = if st + 2 == ns { 1.0 } else { 2.0 };
             let p2 = p / (stride * stride);
             let phases = if stride > 1.0 { out * p } else { 0.0 };
-            add(out * p * (1.0 + bn + 1.0) + phases + dw(out, p, p2) + out * p2 * (bn + 1.0 + 1.0 + bn), out * p);
+            let e = out * p * (1.0 + bn + 1.0) + phases + dw(out, p, p2) + out * p2 * (bn + 1.0 + 1.0 + bn);
+            block(e, out * p, out * p2);
             p = p2;
             side /= stride;
-            outputs += out * p;
-        } else {
-            outputs += c * p;
         }
-        stage_elems.push(total.get() - before);
     }
-    let recomputed = stage_elems.iter().cloned().fold(0.0, f64::max);
     let oc = t.out_chans as f64;
     let neck = oc * p * (1.0 + ln + 1.0 + 1.0 + ln);
     add(neck, oc * p);
-    (total.get(), stem_total + outputs + recomputed + neck, largest.get())
+    TinySamElems {
+        full: total.get(),
+        checkpointed: stem_total + kept + neck,
+        recomputed_block: unit,
+        largest: largest.get(),
+    }
 }
 
 /// Decoder + heads of the losses, f32 elements per sample: kept for backward, and the
@@ -369,17 +389,14 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
         (per_tok * (layers * tok) as f64, 0.0)
     };
     push("activations: LLM layers", llm_graph + embeds);
-    if inp.checkpointing {
-        push("activations: one LLM layer recomputed", recompute);
-    }
     let rows = b * u(inp.seq.answer + 1);
     let rms_final = 2 * s * h; // fused normalisation + weight, as in the layers
     let head = tok * rms_final + rows * (h * s + v * s + if s == 4 { 0 } else { 4 * v } + 12 * v);
     push("activations: final norm, LM head, cross-entropy", head as f64);
-    let (ts_full, ts_ckpt, ts_big) = tinysam_graph_elems(spec);
-    let ts_e = if inp.checkpointing { ts_ckpt } else { ts_full };
-    let ts_bytes = if inp.train_tinysam { ts_e * 4.0 * b as f64 } else { 0.0 };
-    push("activations: TinySAM (f32)", ts_bytes);
+    let ts = tinysam_graph_elems(spec);
+    let ts_e = if inp.checkpointing { ts.checkpointed } else { ts.full };
+    let per_sample_f32 = |e: f64| if inp.train_tinysam { e * 4.0 * b as f64 } else { 0.0 };
+    push("activations: TinySAM (f32)", per_sample_f32(ts_e));
     let (dec_e, dec_transient) = decoder_graph_elems(spec, t as f64, b as f64, s, inp.checkpointing);
     push("activations: decoder attention over image tokens, mask head, losses (f32)", dec_e * 4.0 * b as f64);
 
@@ -389,14 +406,33 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
     // backward holds about three tensors the size of its largest input.
     let llm_scores = (b * u(l.num_attention_heads) * t * t * 4) as f64;
     let ce_bwd = (6 * rows * v * 4) as f64;
-    let biggest = llm_scores.max(if inp.train_tinysam { ts_big * 4.0 * b as f64 } else { 0.0 });
-    push("backward temporaries", ce_bwd.max(3.0 * biggest).max(dec_transient * 4.0 * b as f64));
+    // The backward's transients do not coexist: the cross-entropy's come first, then, with
+    // checkpointing, one recomputed block at a time (an LLM layer, a TinySAM stage, a decoder
+    // chunk) with its own backward's gradients. The peak takes the largest.
+    let biggest = llm_scores.max(per_sample_f32(ts.largest));
+    let mut transients = vec![
+        ("cross-entropy backward", ce_bwd),
+        ("backward temporaries", 3.0 * biggest),
+        ("decoder attention backward", dec_transient * 4.0 * b as f64),
+    ];
+    if inp.checkpointing {
+        transients.push(("one LLM layer recomputed + its backward", recompute + 3.0 * llm_scores));
+        // The block is rebuilt, and its backward's working set (the depthwise convolution's
+        // tap gradients accumulate into padded buffers) measured about 0.9x the block on the
+        // CPU (the 7B's TinySAM at 512 px, BENCHMARKS.md).
+        transients.push(("one TinySAM block recomputed + its backward", 1.9 * per_sample_f32(ts.recomputed_block)));
+    }
+    let (what, bytes) = transients.into_iter().fold(("", 0.0), |a, t| if t.1 > a.1 { t } else { a });
+    push(&format!("backward transient (largest: {what})"), bytes);
 
     // CLIP runs untracked: only a transient, before the graph exists.
     let (c, ic, hc) = (u(vc.hidden_size), u(vc.intermediate_size), u(vc.num_attention_heads));
     let n = n_img + 1;
     let clip_transient = (b * hc * n * n * (2 * s + 12) + b * n * (4 * c * s + 2 * ic * s)) as f64;
     push("context and workspaces", inp.context_bytes as f64);
+    if inp.device == DeviceKind::Cpu {
+        push("CPU threads and matmul buffers", CPU_COMPUTE_SCRATCH_BYTES as f64);
+    }
 
     let persistent: u64 = items
         .iter()
@@ -406,6 +442,7 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
                 || i.name.starts_with("TinySAM")
                 || i.name.starts_with("batch")
                 || i.name.starts_with("context")
+                || i.name.starts_with("CPU threads")
         })
         .map(|i| i.bytes)
         .sum();

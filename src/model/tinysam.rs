@@ -24,6 +24,7 @@ use std::cell::Cell;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 
+use crate::nn::checkpoint::Checkpointer;
 use crate::nn::conv::{conv2d_const_input, depthwise_conv2d, pad_zeros};
 use crate::nn::fused::batch_norm_train;
 use crate::nn::param::{Init, Param, ParamBuilder};
@@ -523,6 +524,38 @@ impl Stage {
         Ok(Self { blocks, downsample })
     }
 
+    /// With checkpointing, each block and the PatchMerging is its own checkpoint: backward
+    /// then rebuilds one block at a time (a whole stage 0 at 1024 px is about 3.6 GB per sample).
+    fn forward_with(&self, x: &Tensor, ckpt: Option<&Checkpointer>) -> Result<Tensor> {
+        let Some(c) = ckpt.filter(|c| c.is_enabled()) else { return self.forward(x) };
+        let mut x = x.clone();
+        match &self.blocks {
+            Blocks::Conv(blocks) => {
+                for blk in blocks {
+                    let blk = blk.clone();
+                    x = c.run(&x, move |x| blk.forward(x))?;
+                }
+            }
+            Blocks::Attn(blocks) if !blocks.is_empty() => {
+                let (b, ch, h, w) = x.dims4()?;
+                let mut t = x.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
+                for blk in blocks {
+                    let blk = blk.clone();
+                    t = c.run(&t, move |t| blk.forward(t, h, w))?;
+                }
+                x = t.transpose(1, 2)?.reshape((b, ch, h, w))?;
+            }
+            Blocks::Attn(_) => {}
+        }
+        match &self.downsample {
+            Some(d) => {
+                let d = d.clone();
+                c.run(&x, move |x| d.forward(x))
+            }
+            None => Ok(x),
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut x = x.clone();
         match &self.blocks {
@@ -612,8 +645,7 @@ impl TinySam {
         self.patch_embed.forward(x)
     }
 
-    /// Stage `l` (`layers.{l}`: its blocks, then its PatchMerging) on a (B, C, H, W) map; the
-    /// unit of gradient checkpointing.
+    /// Stage `l` (`layers.{l}`: its blocks, then its PatchMerging) on a (B, C, H, W) map.
     pub fn forward_stage(&self, l: usize, x: &Tensor) -> Result<Tensor> {
         let stage = self.layers.get(l).with_context(|| format!("tinysam: no stage {l}"))?;
         stage.forward(x)
@@ -629,17 +661,12 @@ impl TinySam {
         self.forward_with(x, None)
     }
 
-    /// `forward` with gradient checkpointing per stage (`layers.{l}`).
-    pub fn forward_with(&self, x: &Tensor, ckpt: Option<&crate::nn::checkpoint::Checkpointer>) -> Result<Tensor> {
+    /// `forward` with gradient checkpointing per block (each block of `layers.{l}.blocks` and
+    /// each PatchMerging).
+    pub fn forward_with(&self, x: &Tensor, ckpt: Option<&Checkpointer>) -> Result<Tensor> {
         let mut x = self.patch_embed(x)?;
-        for l in 0..self.layers.len() {
-            x = match ckpt {
-                Some(c) if c.is_enabled() => {
-                    let stage = self.layers[l].clone();
-                    c.run(&x, move |x| stage.forward(x))?
-                }
-                _ => self.forward_stage(l, &x)?,
-            };
+        for stage in &self.layers {
+            x = stage.forward_with(&x, ckpt)?;
         }
         Ok(self.neck(&x)?.contiguous()?)
     }
