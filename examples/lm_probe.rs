@@ -7,6 +7,9 @@
 //! vision features are what lacks position.
 //! `PRS_PROBE_TF=1` also prints the teacher-forced accuracy on the position words.
 //! `PRS_PROBE_POSW=W` weighs the position words W times in the training loss.
+//! `PRS_PROBE_LINEAR=1` instead fits a linear classifier of the position on the frozen CLIP
+//! features (all tokens, flattened): high validation accuracy means the features carry the
+//! position linearly and the LLM path is what fails to read it.
 //! Run: cargo run --release --example lm_probe -- CONFIG DATA_ROOT STEPS [KEY=VALUE ...]
 use std::time::Instant;
 
@@ -91,6 +94,9 @@ fn main() -> anyhow::Result<()> {
         let w = Tensor::new(w.as_slice(), &dev)?;
         Ok(((picked * w)?.sum_all()? * (-1.0 / wsum as f64))?)
     };
+    if std::env::var("PRS_PROBE_LINEAR").is_ok() {
+        return linear_probe(&m, &b, &train, &val, steps);
+    }
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut rng = 12345u64;
     for step in 1..=steps {
@@ -140,6 +146,57 @@ fn main() -> anyhow::Result<()> {
                 rep.grad_norm,
                 t0.elapsed().as_secs_f64()
             );
+        }
+    }
+    Ok(())
+}
+
+/// Softmax regression of the position class on the standardised, flattened CLIP features.
+fn linear_probe(
+    m: &prs::model::prs_med::PrsMed,
+    b: &SampleBuilder,
+    train: &[PreparedSample],
+    val: &[PreparedSample],
+    steps: usize,
+) -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let feats = |set: &[PreparedSample]| -> anyhow::Result<(Tensor, Tensor)> {
+        let mut xs = vec![];
+        let mut ys = vec![];
+        for chunk in set.chunks(32) {
+            let items: Vec<&PreparedSample> = chunk.iter().collect();
+            let mb = collate(&items, &dev)?;
+            xs.push(m.clip.forward(&mb.clip_pixels)?.flatten_from(1)?);
+            for s in chunk {
+                let text = b.tokenizer.decode(&s.prompt.answer, true).map_err(anyhow::Error::msg)?;
+                ys.push(parse_position(&text) as u32);
+            }
+        }
+        Ok((Tensor::cat(&xs, 0)?, Tensor::new(ys.as_slice(), &dev)?))
+    };
+    let (xt, yt) = feats(train)?;
+    let (xv, yv) = feats(val)?;
+    let mean = xt.mean_keepdim(0)?;
+    let std = (xt.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)? + 1e-6)?.sqrt()?;
+    let norm = |x: &Tensor| -> anyhow::Result<Tensor> { Ok(x.broadcast_sub(&mean)?.broadcast_div(&std)?) };
+    let (xt, xv) = (norm(&xt)?, norm(&xv)?);
+    let d = xt.dim(1)?;
+    let w = candle_core::Var::zeros((d, 6), DType::F32, &dev)?;
+    let bias = candle_core::Var::zeros(6, DType::F32, &dev)?;
+    let params = candle_nn::ParamsAdamW { lr: 1e-3, weight_decay: 1e-2, ..Default::default() };
+    let mut opt = <candle_nn::AdamW as candle_nn::Optimizer>::new(vec![w.clone(), bias.clone()], params)?;
+    let acc = |x: &Tensor, y: &Tensor| -> anyhow::Result<f64> {
+        let pred = x.matmul(w.as_tensor())?.broadcast_add(bias.as_tensor())?.argmax(1)?;
+        let ok = pred.eq(y)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(ok as f64 / y.dim(0)? as f64)
+    };
+    println!("linear probe on {d} CLIP feature values: {} train, {} val samples", yt.dim(0)?, yv.dim(0)?);
+    for step in 1..=steps {
+        let logits = xt.matmul(w.as_tensor())?.broadcast_add(bias.as_tensor())?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &yt)?;
+        candle_nn::Optimizer::backward_step(&mut opt, &loss)?;
+        if step % 100 == 0 || step == steps {
+            println!("step {step} loss {:.3} train acc {:.3} val acc {:.3}", loss.to_scalar::<f32>()?, acc(&xt, &yt)?, acc(&xv, &yv)?);
         }
     }
     Ok(())

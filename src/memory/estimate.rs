@@ -407,7 +407,7 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
     let llm_scores = (b * u(l.num_attention_heads) * t * t * 4) as f64;
     let ce_bwd = (6 * rows * v * 4) as f64;
     // The backward's transients do not coexist: the cross-entropy's come first, then, with
-    // checkpointing, one recomputed block at a time (an LLM layer, a TinySAM stage, a decoder
+    // checkpointing, one recomputed block at a time (an LLM layer, a TinySAM block, a decoder
     // chunk) with its own backward's gradients. The peak takes the largest.
     let biggest = llm_scores.max(per_sample_f32(ts.largest));
     let mut transients = vec![

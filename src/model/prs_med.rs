@@ -113,7 +113,7 @@ pub struct PrsMed {
     pub classifier: ModalityClassifier,
     pub spec: PrsMedSpec,
     pub trained: TrainedParams,
-    /// Gradient checkpointing of LLM layers and TinySAM stages (training only).
+    /// Gradient checkpointing of LLM layers, TinySAM blocks and decoder attention chunks (training only).
     checkpointer: Option<Checkpointer>,
     dtype: DType,
     device: Device,
@@ -225,8 +225,9 @@ impl PrsMed {
         self.dtype
     }
 
-    /// Switches gradient checkpointing on (one block per decoder layer and per TinySAM stage)
-    /// or off. After each `backward()`, call `merge_checkpoint_grads`.
+    /// Switches gradient checkpointing on (one checkpoint per LLM decoder layer, per TinySAM
+    /// block and per mask-decoder attention chunk) or off. Take gradients with
+    /// [`PrsMed::backward`], which merges the checkpointed blocks' parameter gradients.
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
         self.checkpointer = on.then(|| Checkpointer::new(&self.trained));
     }
