@@ -390,3 +390,27 @@ fn model_backward_returns_detached_gradients() {
         }
     }
 }
+
+/// The depthwise convolution keeps only its output (`nn::checkpoint::recomputed2`): same values
+/// and gradients as the composite graph, bit for bit, with a graph of a few nodes instead of
+/// one per shifted product and partial sum.
+#[test]
+fn depthwise_conv_recomputed_in_backward_equals_the_composite() {
+    use prs::nn::conv::{depthwise_conv2d, depthwise_conv2d_composite};
+    for (stride, pad) in [(1, 1), (2, 1), (1, 0)] {
+        let x = Var::from_tensor(&randn(&[2, 5, 9, 11], 1)).unwrap();
+        let w = Var::from_tensor(&randn(&[5, 1, 3, 3], 2)).unwrap();
+        let r = randn(&[2, 5, (9 + 2 * pad - 3) / stride + 1, (11 + 2 * pad - 3) / stride + 1], 3);
+        let lean = depthwise_conv2d(x.as_tensor(), w.as_tensor(), stride, pad).unwrap();
+        let full = depthwise_conv2d_composite(x.as_tensor(), w.as_tensor(), stride, pad).unwrap();
+        assert_eq!(bits(&lean), bits(&full), "stride {stride} pad {pad}: values");
+        assert!(lean.sorted_nodes().len() <= 3, "the lean op keeps {} nodes", lean.sorted_nodes().len());
+        assert!(full.sorted_nodes().len() > 15);
+        let gl = (&lean * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gf = (&full * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w] {
+            let (a, b) = (gl.get(v.as_tensor()).unwrap(), gf.get(v.as_tensor()).unwrap());
+            assert_eq!(bits(a), bits(b), "stride {stride} pad {pad}: gradient of {:?}", v.dims());
+        }
+    }
+}

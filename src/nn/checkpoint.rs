@@ -253,3 +253,75 @@ impl CustomOp2 for CheckpointOp {
         Ok((dx, None))
     }
 }
+
+type Fn2 = Arc<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// `f(a, b)` as one autograd node that keeps only its output: the composite's intermediates
+/// are freed as soon as the forward ends, and the backward re-runs `f` on its inputs to
+/// differentiate it. For cheap composites with large intermediates (the depthwise convolution
+/// built from shifted views keeps about 20 map-sized tensors per call). `f` must be
+/// deterministic (no dropout).
+pub fn recomputed2<F>(a: &Tensor, b: &Tensor, f: F) -> Result<Tensor>
+where
+    F: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+{
+    let y = f(&a.detach(), &b.detach())?;
+    if !a.track_op() && !b.track_op() {
+        return Ok(y);
+    }
+    let op = Recomputed2 { f: Arc::new(f), out: Mutex::new(Some(y.detach())) };
+    drop(y);
+    Ok(a.apply_op2(b, op)?)
+}
+
+struct Recomputed2 {
+    f: Fn2,
+    out: Mutex<Option<Tensor>>,
+}
+
+impl Recomputed2 {
+    fn take_out(&self) -> candle_core::Result<Tensor> {
+        self.out.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("recomputed op: output already taken".into()))
+    }
+
+    fn grads(&self, a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (av, bv) = (Var::from_tensor(&a.detach())?, Var::from_tensor(&b.detach())?);
+        let y = (self.f)(av.as_tensor(), bv.as_tensor())?;
+        let mut g = mul_const(&y, &grad.detach())?.sum_all()?.backward()?;
+        drop(y);
+        let da = a.track_op().then(|| g.remove(av.as_tensor())).flatten().map(|t| t.detach());
+        let db = b.track_op().then(|| g.remove(bv.as_tensor())).flatten().map(|t| t.detach());
+        Ok((da, db))
+    }
+}
+
+impl CustomOp2 for Recomputed2 {
+    fn name(&self) -> &'static str {
+        "recomputed"
+    }
+
+    fn cpu_fwd(&self, _a: &CpuStorage, _al: &Layout, _b: &CpuStorage, _bl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = self.take_out()?;
+        let (ys, yl) = y.storage_and_layout();
+        let Storage::Cpu(ys) = &*ys else { candle_core::bail!("recomputed op: output not on the cpu") };
+        copy_out(ys, yl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _a: &candle_core::CudaStorage,
+        _al: &Layout,
+        _b: &candle_core::CudaStorage,
+        _bl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let y = self.take_out()?;
+        let (ys, yl) = y.storage_and_layout();
+        let Storage::Cuda(ys) = &*ys else { candle_core::bail!("recomputed op: output not on the gpu") };
+        copy_out(ys, yl)
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        self.grads(a, b, grad).map_err(|e| candle_core::Error::Msg(format!("recomputed op backward: {e:#}")))
+    }
+}

@@ -65,8 +65,15 @@ impl Taps {
 /// Depthwise k x k convolution (one filter per channel) as k*k shifted multiply-adds.
 /// candle runs a grouped conv as one convolution per channel plus a concat (hundreds of tiny
 /// kernels per layer and as many in backward); this is k*k broadcast ops on views, all with a
-/// backward. `x`: (B,C,H,W), `w`: (C,1,k,k).
+/// backward. The composite's ~2k^2 map-sized intermediates are not kept: the op keeps its
+/// output only and its backward recomputes them (`nn::checkpoint::recomputed2`).
+/// `x`: (B,C,H,W), `w`: (C,1,k,k).
 pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+    super::checkpoint::recomputed2(x, w, move |x, w| depthwise_conv2d_composite(x, w, stride, pad))
+}
+
+/// The graph of [`depthwise_conv2d`]: every shifted product and partial sum is a node.
+pub fn depthwise_conv2d_composite(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
     let c = x.dim(1)?;
     let k = w.dim(2)?;
     let taps = Taps::new(x, k, stride, pad)?;
