@@ -48,6 +48,7 @@ run() {
   mkdir -p "$out"
   work=$(mktemp -d)
   local log="$out/gpu_check.log" t_end=$((SECONDS + budget))
+  : >"$log" # a fresh log: the model step below greps it
   exec > >(tee -a "$log") 2>&1
   for b in $BINS; do
     [[ -f "$DIST/$b.xz" ]] || { echo "no $DIST/$b.xz: run '$0 build' on the build machine first"; exit 1; }

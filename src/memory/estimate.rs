@@ -3,7 +3,7 @@
 //! The model follows this crate's implementation, not PyTorch's: candle keeps every tensor that a
 //! tracked op read until the loss (and so the whole graph) is dropped after backward, so the
 //! activation terms count, op by op, the outputs that stay referenced by the graph (casts,
-//! contiguous copies, norm and softmax intermediates in f32, dropout masks). Frozen parts run
+//! contiguous copies, norm and softmax intermediates in f32, dropout outputs). Frozen parts run
 //! untracked and only cost a transient. Peak = persistent state + the larger of the CLIP
 //! transient (early in the forward) and the graph plus the backward's largest temporaries.
 
@@ -183,10 +183,11 @@ fn llm_layer_bytes_per_token(spec: &PrsMedSpec, s: u64, t: u64) -> f64 {
     let (qd, kvd) = (nh * hd, nkv * hd);
     let lora = &spec.lora;
     let drop = lora.dropout > 0.0;
-    // frozen output; with LoRA: B output, scaled, sum, A output, dropout mask + product
+    // frozen output; with LoRA: B output, scaled, sum, A output, dropout output (its mask is
+    // recomputed, not stored)
     let lin = |m: &str, din: u64, dout: u64| -> u64 {
         if lora.targets(m) {
-            4 * s * dout + s * u(lora.r) + if drop { 2 * s * din } else { 0 }
+            4 * s * dout + s * u(lora.r) + if drop { s * din } else { 0 }
         } else {
             s * dout
         }
@@ -315,7 +316,7 @@ fn decoder_graph_elems(spec: &PrsMedSpec, t: f64, batch: f64, s_llm: u64, checkp
     let (d, ph, ff, lh) = (dc.dim as f64, dc.prompt_hidden as f64, dc.ffn_dim as f64, dc.llm_hidden as f64);
     let m = (dc.grid * dc.grid) as f64;
     let ln = 1.0; // fused LayerNorm: its output
-    let drop = if dc.dropout > 0.0 { 2.0 } else { 0.0 };
+    let drop = if dc.dropout > 0.0 { 1.0 } else { 0.0 }; // its output (the mask is recomputed)
     let mut e = if s_llm == 4 { 0.0 } else { t * lh }; // prompt states cast to f32
     e += t * ph * (2.0 + ln + 1.0) + t * d * (2.0 + ln + 1.0 + ln); // prompt projection, norms
     e += m * d * (1.0 + ln); // image tokens, norm

@@ -285,13 +285,15 @@ impl Recomputed2 {
     }
 
     fn grads(&self, a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (av, bv) = (Var::from_tensor(&a.detach())?, Var::from_tensor(&b.detach())?);
-        let y = (self.f)(av.as_tensor(), bv.as_tensor())?;
+        // Only tracked inputs become variables: an untracked one gets no gradient computed.
+        let var = |t: &Tensor| t.track_op().then(|| Var::from_tensor(&t.detach())).transpose();
+        let (av, bv) = (var(a)?, var(b)?);
+        let input = |v: &Option<Var>, t: &Tensor| v.as_ref().map(|v| v.as_tensor().clone()).unwrap_or_else(|| t.detach());
+        let y = (self.f)(&input(&av, a), &input(&bv, b))?;
         let mut g = mul_const(&y, &grad.detach())?.sum_all()?.backward()?;
         drop(y);
-        let da = a.track_op().then(|| g.remove(av.as_tensor())).flatten().map(|t| t.detach());
-        let db = b.track_op().then(|| g.remove(bv.as_tensor())).flatten().map(|t| t.detach());
-        Ok((da, db))
+        let mut take = |v: Option<Var>| v.and_then(|v| g.remove(v.as_tensor())).map(|t| t.detach());
+        Ok((take(av), take(bv)))
     }
 }
 
