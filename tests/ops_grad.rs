@@ -53,6 +53,14 @@ fn numeric_grad(x: &Tensor, eps: f64, f: impl Fn(&Tensor) -> Result<f64>) -> Res
     Ok(g)
 }
 
+/// max |autograd - central differences| of the gradient of the scalar `loss` at `x`.
+fn autograd_vs_numeric(x: &Tensor, eps: f64, loss: impl Fn(&Tensor) -> Result<Tensor>) -> Result<f64> {
+    let xv = Var::from_tensor(x)?;
+    let g = vec64(loss(xv.as_tensor())?.backward()?.get(xv.as_tensor()).expect("gradient"))?;
+    let g_num = numeric_grad(x, eps, |t| Ok(loss(t)?.to_dtype(DType::F64)?.to_scalar::<f64>()?))?;
+    Ok(max_abs_diff(&g, &g_num))
+}
+
 fn dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok((a * b)?.sum_all()?)
 }
@@ -290,11 +298,7 @@ fn fused_attention_softmax_matches_the_composite_in_value_and_gradient() -> Resu
     let s = randn(&[1, 2, 3, 4], 22)?;
     let r = randn(&[1, 2, 3, 4], 23)?;
     let small = mask.narrow(0, 0, 1)?.narrow(2, 0, 3)?.narrow(3, 0, 4)?;
-    let loss = |t: &Tensor| -> Result<Tensor> { dot(&scaled_masked_softmax(t, scale, Some(&small))?, &r) };
-    let sv = Var::from_tensor(&s)?;
-    let g = vec64(loss(sv.as_tensor())?.backward()?.get(sv.as_tensor()).expect("gradient"))?;
-    let g_num = numeric_grad(&s, 1e-3, |t| Ok(loss(t)?.to_scalar::<f64>()?))?;
-    let e = max_abs_diff(&g, &g_num);
+    let e = autograd_vs_numeric(&s, 1e-3, |t| dot(&scaled_masked_softmax(t, scale, Some(&small))?, &r))?;
     println!("fused softmax: |autograd - numeric| {e:.2e}");
     assert!(e <= 2e-3, "numeric: {e}");
     Ok(())
@@ -326,11 +330,7 @@ fn fused_rms_normalize_matches_the_composite_in_value_and_gradient() -> Result<(
     }
     let x = randn(&[2, 5], 32)?;
     let r = randn(&[2, 5], 33)?;
-    let xv = Var::from_tensor(&x)?;
-    let loss = |t: &Tensor| -> Result<Tensor> { dot(&rms_normalize(t, eps)?, &r) };
-    let g = vec64(loss(xv.as_tensor())?.backward()?.get(xv.as_tensor()).expect("gradient"))?;
-    let g_num = numeric_grad(&x, 1e-3, |t| Ok(loss(t)?.to_scalar::<f64>()?))?;
-    let e = max_abs_diff(&g, &g_num);
+    let e = autograd_vs_numeric(&x, 1e-3, |t| dot(&rms_normalize(t, eps)?, &r))?;
     println!("fused rms normalise: |autograd - numeric| {e:.2e}");
     assert!(e <= 2e-3, "numeric: {e}");
     Ok(())
@@ -380,13 +380,10 @@ fn fused_batch_norm_matches_the_composite_and_frozen_affine_gets_no_gradient() -
     let r64 = randn(&[2, 2, 2, 3], 45)?;
     let (w2, b2) = (Tensor::new(&[1.5f32, -0.5], &CPU)?.reshape((1, 2, 1, 1))?, Tensor::new(&[0.1f32, 0.2], &CPU)?.reshape((1, 2, 1, 1))?);
     let loss = |t: &Tensor| -> Result<Tensor> { dot(&batch_norm_train(t, &w2, &b2, eps)?.to_dtype(DType::F64)?, &r64) };
-    let xv = Var::from_tensor(&x64)?;
-    let g = loss(xv.as_tensor())?.backward()?;
+    let g = loss(Var::from_tensor(&x64)?.as_tensor())?.backward()?;
     assert_eq!(g.get(&w2).map(|_| ()), None, "a frozen weight got a gradient");
     assert_eq!(g.get(&b2).map(|_| ()), None, "a frozen bias got a gradient");
-    let g = vec64(g.get(xv.as_tensor()).expect("gradient"))?;
-    let g_num = numeric_grad(&x64, 1e-3, |t| Ok(loss(t)?.to_scalar::<f64>()?))?;
-    let e = max_abs_diff(&g, &g_num);
+    let e = autograd_vs_numeric(&x64, 1e-3, loss)?;
     println!("fused batch norm: |autograd - numeric| {e:.2e}");
     assert!(e <= 2e-3, "numeric: {e}");
     Ok(())
@@ -438,11 +435,7 @@ fn fused_silu_mul_matches_the_composite_in_value_and_gradient() -> Result<()> {
         }
     }
     let (gate, up, r) = (randn(&[2, 5], 63)?, randn(&[2, 5], 64)?, randn(&[2, 5], 65)?);
-    let gv = Var::from_tensor(&gate)?;
-    let loss = |t: &Tensor| -> Result<Tensor> { dot(&silu_mul(t, &up)?, &r) };
-    let g = vec64(loss(gv.as_tensor())?.backward()?.get(gv.as_tensor()).expect("gradient"))?;
-    let g_num = numeric_grad(&gate, 1e-4, |t| Ok(loss(t)?.to_scalar::<f64>()?))?;
-    let e = max_abs_diff(&g, &g_num);
+    let e = autograd_vs_numeric(&gate, 1e-4, |t| dot(&silu_mul(t, &up)?, &r))?;
     assert!(e <= 1e-6, "numeric: {e}");
     Ok(())
 }

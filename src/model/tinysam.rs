@@ -524,58 +524,38 @@ impl Stage {
         Ok(Self { blocks, downsample })
     }
 
-    /// With checkpointing, each block and the PatchMerging is its own checkpoint: backward
-    /// then rebuilds one block at a time (a whole stage 0 at 1024 px is about 3.6 GB per sample).
+    /// Blocks, then the PatchMerging. With checkpointing each of them is its own checkpoint:
+    /// backward then rebuilds one block at a time (a whole stage 0 at 1024 px is about 3.6 GB
+    /// per sample).
     fn forward_with(&self, x: &Tensor, ckpt: Option<&Checkpointer>) -> Result<Tensor> {
-        let Some(c) = ckpt.filter(|c| c.is_enabled()) else { return self.forward(x) };
+        let unit = |x: &Tensor, f: Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>| match ckpt {
+            Some(c) => c.run(x, f),
+            None => f(x),
+        };
         let mut x = x.clone();
         match &self.blocks {
             Blocks::Conv(blocks) => {
                 for blk in blocks {
                     let blk = blk.clone();
-                    x = c.run(&x, move |x| blk.forward(x))?;
-                }
-            }
-            Blocks::Attn(blocks) if !blocks.is_empty() => {
-                let (b, ch, h, w) = x.dims4()?;
-                let mut t = x.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
-                for blk in blocks {
-                    let blk = blk.clone();
-                    t = c.run(&t, move |t| blk.forward(t, h, w))?;
-                }
-                x = t.transpose(1, 2)?.reshape((b, ch, h, w))?;
-            }
-            Blocks::Attn(_) => {}
-        }
-        match &self.downsample {
-            Some(d) => {
-                let d = d.clone();
-                c.run(&x, move |x| d.forward(x))
-            }
-            None => Ok(x),
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut x = x.clone();
-        match &self.blocks {
-            Blocks::Conv(blocks) => {
-                for blk in blocks {
-                    x = blk.forward(&x)?;
+                    x = unit(&x, Box::new(move |x| blk.forward(x)))?;
                 }
             }
             Blocks::Attn(blocks) if !blocks.is_empty() => {
                 let (b, c, h, w) = x.dims4()?;
                 let mut t = x.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
                 for blk in blocks {
-                    t = blk.forward(&t, h, w)?;
+                    let blk = blk.clone();
+                    t = unit(&t, Box::new(move |t| blk.forward(t, h, w)))?;
                 }
                 x = t.transpose(1, 2)?.reshape((b, c, h, w))?;
             }
             Blocks::Attn(_) => {}
         }
         match &self.downsample {
-            Some(d) => d.forward(&x),
+            Some(d) => {
+                let d = d.clone();
+                unit(&x, Box::new(move |x| d.forward(x)))
+            }
             None => Ok(x),
         }
     }
@@ -648,7 +628,7 @@ impl TinySam {
     /// Stage `l` (`layers.{l}`: its blocks, then its PatchMerging) on a (B, C, H, W) map.
     pub fn forward_stage(&self, l: usize, x: &Tensor) -> Result<Tensor> {
         let stage = self.layers.get(l).with_context(|| format!("tinysam: no stage {l}"))?;
-        stage.forward(x)
+        stage.forward_with(x, None)
     }
 
     /// Neck: (B, embed_dims[last], S/16, S/16) -> (B, out_chans, S/16, S/16).

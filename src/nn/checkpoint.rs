@@ -96,7 +96,7 @@ impl Checkpointer {
         let anchor = Var::zeros(1, x.dtype(), x.device())?;
         let op = CheckpointOp {
             block: Arc::new(block),
-            out: Mutex::new(Some(out)),
+            out: HeldOutput::new(out),
             seed: step_seed(),
             x_tracked,
             trained: self.trained.clone(),
@@ -140,8 +140,8 @@ pub fn detach_grads(grads: &mut GradStore) {
 
 struct CheckpointOp {
     block: Block,
-    /// The block's output from the forward, moved out when the op copies it.
-    out: Mutex<Option<Tensor>>,
+    /// The block's output from the forward.
+    out: HeldOutput,
     /// Training-mode step seed at forward time (None = eval mode).
     seed: Option<u64>,
     x_tracked: bool,
@@ -149,26 +149,67 @@ struct CheckpointOp {
     side: Arc<Mutex<GradStore>>,
 }
 
-fn copy_out<S>(ys: &S, yl: &Layout) -> candle_core::Result<(S, Shape)>
-where
-    S: BackendStorage,
-    S::Device: BackendDevice<Storage = S>,
-{
-    // SAFETY: every element of `dst` is written by the strided copy below.
-    let mut dst = unsafe { ys.device().alloc_uninit(yl.shape(), ys.dtype())? };
-    ys.copy_strided_src(&mut dst, 0, yl)?;
-    Ok((dst, yl.shape().clone()))
+/// An op's output computed before the op was applied (by a block run on detached inputs); the
+/// op's forward hands a copy over once. Both recomputing ops below work this way.
+struct HeldOutput(Mutex<Option<Tensor>>);
+
+impl HeldOutput {
+    fn new(y: Tensor) -> Self {
+        Self(Mutex::new(Some(y)))
+    }
+
+    fn take(&self) -> candle_core::Result<Tensor> {
+        self.0.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("recomputed op: output already taken".into()))
+    }
+
+    fn copy<S>(ys: &S, yl: &Layout) -> candle_core::Result<(S, Shape)>
+    where
+        S: BackendStorage,
+        S::Device: BackendDevice<Storage = S>,
+    {
+        // SAFETY: every element of `dst` is written by the strided copy below.
+        let mut dst = unsafe { ys.device().alloc_uninit(yl.shape(), ys.dtype())? };
+        ys.copy_strided_src(&mut dst, 0, yl)?;
+        Ok((dst, yl.shape().clone()))
+    }
+
+    fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = self.take()?;
+        let (ys, yl) = y.storage_and_layout();
+        let Storage::Cpu(ys) = &*ys else { candle_core::bail!("recomputed op: output not on the cpu") };
+        Self::copy(ys, yl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(&self) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let y = self.take()?;
+        let (ys, yl) = y.storage_and_layout();
+        let Storage::Cuda(ys) = &*ys else { candle_core::bail!("recomputed op: output not on the gpu") };
+        Self::copy(ys, yl)
+    }
+}
+
+/// `cpu_fwd` / `cuda_fwd` of a `CustomOp2` whose forward hands over its [`HeldOutput`] `out`.
+macro_rules! forward_hands_over_held_output {
+    () => {
+        fn cpu_fwd(&self, _a: &CpuStorage, _al: &Layout, _b: &CpuStorage, _bl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            self.out.cpu()
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            _a: &candle_core::CudaStorage,
+            _al: &Layout,
+            _b: &candle_core::CudaStorage,
+            _bl: &Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+            self.out.cuda()
+        }
+    };
 }
 
 impl CheckpointOp {
-    fn take_out(&self) -> candle_core::Result<Tensor> {
-        self.out
-            .lock()
-            .unwrap()
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("checkpoint: output already taken".into()))
-    }
-
     /// Re-runs the block with the graph and backpropagates `grad`; returns dX.
     fn recompute(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let dev = x.device().clone();
@@ -214,32 +255,7 @@ impl CustomOp2 for CheckpointOp {
         "checkpoint"
     }
 
-    fn cpu_fwd(
-        &self,
-        _x: &CpuStorage,
-        _xl: &Layout,
-        _a: &CpuStorage,
-        _al: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = self.take_out()?;
-        let (ys, yl) = y.storage_and_layout();
-        let Storage::Cpu(ys) = &*ys else { candle_core::bail!("checkpoint: block output not on the cpu") };
-        copy_out(ys, yl)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _x: &candle_core::CudaStorage,
-        _xl: &Layout,
-        _a: &candle_core::CudaStorage,
-        _al: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let y = self.take_out()?;
-        let (ys, yl) = y.storage_and_layout();
-        let Storage::Cuda(ys) = &*ys else { candle_core::bail!("checkpoint: block output not on the gpu") };
-        copy_out(ys, yl)
-    }
+    forward_hands_over_held_output!();
 
     fn bwd(
         &self,
@@ -269,21 +285,17 @@ where
     if !a.track_op() && !b.track_op() {
         return Ok(y);
     }
-    let op = Recomputed2 { f: Arc::new(f), out: Mutex::new(Some(y.detach())) };
+    let op = Recomputed2 { f: Arc::new(f), out: HeldOutput::new(y.detach()) };
     drop(y);
     Ok(a.apply_op2(b, op)?)
 }
 
 struct Recomputed2 {
     f: Fn2,
-    out: Mutex<Option<Tensor>>,
+    out: HeldOutput,
 }
 
 impl Recomputed2 {
-    fn take_out(&self) -> candle_core::Result<Tensor> {
-        self.out.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("recomputed op: output already taken".into()))
-    }
-
     fn grads(&self, a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // Only tracked inputs become variables: an untracked one gets no gradient computed.
         let var = |t: &Tensor| t.track_op().then(|| Var::from_tensor(&t.detach())).transpose();
@@ -302,26 +314,7 @@ impl CustomOp2 for Recomputed2 {
         "recomputed"
     }
 
-    fn cpu_fwd(&self, _a: &CpuStorage, _al: &Layout, _b: &CpuStorage, _bl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = self.take_out()?;
-        let (ys, yl) = y.storage_and_layout();
-        let Storage::Cpu(ys) = &*ys else { candle_core::bail!("recomputed op: output not on the cpu") };
-        copy_out(ys, yl)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _a: &candle_core::CudaStorage,
-        _al: &Layout,
-        _b: &candle_core::CudaStorage,
-        _bl: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let y = self.take_out()?;
-        let (ys, yl) = y.storage_and_layout();
-        let Storage::Cuda(ys) = &*ys else { candle_core::bail!("recomputed op: output not on the gpu") };
-        copy_out(ys, yl)
-    }
+    forward_hands_over_held_output!();
 
     fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         self.grads(a, b, grad).map_err(|e| candle_core::Error::Msg(format!("recomputed op backward: {e:#}")))

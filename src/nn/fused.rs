@@ -19,8 +19,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::op::{Add, Div, Exp, Mul, ReduceOp, Silu, Sqr, Sqrt, Sub};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
-/// `cpu_fwd` and `cuda_fwd` of a `CustomOp1` whose forward is one function generic over the
-/// backend storage.
+/// `cpu_fwd` and `cuda_fwd` of a `CustomOp1` (or, with `two:`, a `CustomOp2`) whose forward is one
+/// closure over the backend storage, expanded once per backend.
 macro_rules! same_forward_on_every_backend {
     ($fwd:expr) => {
         fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -34,6 +34,22 @@ macro_rules! same_forward_on_every_backend {
             l: &Layout,
         ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
             $fwd(self, s, l)
+        }
+    };
+    (two: $fwd:expr) => {
+        fn cpu_fwd(&self, a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            $fwd(self, (a, al), (b, bl))
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            a: &candle_core::CudaStorage,
+            al: &Layout,
+            b: &candle_core::CudaStorage,
+            bl: &Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+            $fwd(self, (a, al), (b, bl))
         }
     };
 }
@@ -99,26 +115,7 @@ impl CustomOp2 for MaskedSoftmax {
         "scaled-masked-softmax"
     }
 
-    fn cpu_fwd(
-        &self,
-        s: &CpuStorage,
-        l: &Layout,
-        m: &CpuStorage,
-        ml: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        softmax_forward(self.scale, s, l, Some((m, ml)))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-        m: &candle_core::CudaStorage,
-        ml: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        softmax_forward(self.scale, s, l, Some((m, ml)))
-    }
+    same_forward_on_every_backend!(two: |op: &Self, (s, l), mask| softmax_forward(op.scale, s, l, Some(mask)));
 
     fn bwd(
         &self,
@@ -327,20 +324,7 @@ impl CustomOp2 for SiluMul {
         "silu-mul"
     }
 
-    fn cpu_fwd(&self, g: &CpuStorage, gl: &Layout, u: &CpuStorage, ul: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        silu_mul_forward((g, gl), (u, ul))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        g: &candle_core::CudaStorage,
-        gl: &Layout,
-        u: &candle_core::CudaStorage,
-        ul: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        silu_mul_forward((g, gl), (u, ul))
-    }
+    same_forward_on_every_backend!(two: |_: &Self, gate, up| silu_mul_forward(gate, up));
 
     fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // silu(a) = a * s(a); silu'(a) = s(a) * (1 + a * (1 - s(a))), computed in f32.
