@@ -439,3 +439,48 @@ fn fused_silu_mul_matches_the_composite_in_value_and_gradient() -> Result<()> {
     assert!(e <= 1e-6, "numeric: {e}");
     Ok(())
 }
+
+/// The fast-path reductions equal candle's `sum_keepdim` / `mean_keepdim` for every subset of
+/// dimensions (leading, middle, trailing, mixed), and the BatchNorm op built on them still has
+/// the finite-difference gradient.
+#[test]
+fn fast_path_reductions_equal_candles_over_every_dimension_subset() -> Result<()> {
+    use prs::nn::fused::{batch_norm_train, mean_keepdims, sum_keepdims};
+    let x = randn(&[3, 4, 5, 6], 7)?.to_dtype(DType::F32)?;
+    for mask in 1u32..16 {
+        let dims: Vec<usize> = (0..4).filter(|d| mask & (1 << d) != 0).collect();
+        let fast = vec64(&sum_keepdims(&x, &dims)?)?;
+        let plain = vec64(&x.sum_keepdim(dims.clone())?)?;
+        assert_eq!(sum_keepdims(&x, &dims)?.dims(), x.sum_keepdim(dims.clone())?.dims(), "{dims:?}");
+        assert!(max_abs_diff(&fast, &plain) <= 1e-4 * max_abs(&plain).max(1.0), "sum over {dims:?}");
+        let m = vec64(&mean_keepdims(&x, &dims)?)?;
+        assert!(max_abs_diff(&m, &vec64(&x.mean_keepdim(dims.clone())?)?) <= 1e-5, "mean over {dims:?}");
+    }
+    // Differentiable: the gradient of a weighted sum is the weight broadcast back.
+    let v = Var::from_tensor(&x)?;
+    let w = randn(&[1, 4, 1, 6], 8)?.to_dtype(DType::F32)?;
+    let g = sum_keepdims(v.as_tensor(), &[0, 2])?.broadcast_mul(&w)?.sum_all()?.backward()?;
+    let dx = vec64(g.get(v.as_tensor()).unwrap())?;
+    assert!(max_abs_diff(&dx, &vec64(&w.broadcast_as(x.shape())?.contiguous()?)?) < 1e-6);
+    // BatchNorm (statistics over N, H, W; computed in f32) against candle's autograd of the
+    // plain formula in f64: the input, weight and bias gradients.
+    let (xb, wb, bb) = (randn(&[2, 3, 4, 5], 9)?, randn(&[1, 3, 1, 1], 10)?, randn(&[1, 3, 1, 1], 11)?);
+    let r = randn(&[2, 3, 4, 5], 12)?;
+    let grads = |fused: bool| -> Result<Vec<Vec<f64>>> {
+        let vars = [Var::from_tensor(&xb)?, Var::from_tensor(&wb)?, Var::from_tensor(&bb)?];
+        let [x, w, b] = [0, 1, 2].map(|i| vars[i].as_tensor().clone());
+        let y = if fused {
+            batch_norm_train(&x, &w, &b, 1e-5)?.to_dtype(DType::F64)?
+        } else {
+            let xc = x.broadcast_sub(&x.mean_keepdim((0, 2, 3))?)?;
+            let var = xc.sqr()?.mean_keepdim((0, 2, 3))?;
+            xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?.broadcast_mul(&w)?.broadcast_add(&b)?
+        };
+        let g = y.mul(&r)?.sum_all()?.backward()?;
+        vars.iter().map(|v| vec64(g.get(v.as_tensor()).expect("gradient"))).collect()
+    };
+    for (i, (a, b)) in grads(true)?.iter().zip(grads(false)?.iter()).enumerate() {
+        assert!(max_abs_diff(a, b) <= 1e-4 * max_abs(b).max(1.0), "BatchNorm gradient {i} off by {}", max_abs_diff(a, b));
+    }
+    Ok(())
+}

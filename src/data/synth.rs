@@ -184,6 +184,9 @@ fn random_blob(rng: &mut StdRng, max_reach: f32) -> Blob {
     Blob { cx: 0.0, cy: 0.0, rx, ry, angle: rng.gen_range(0.0..std::f32::consts::PI), wobble }
 }
 
+/// Gap between a quadrant lesion's box and the centre lines, as a fraction of the image size.
+const QUADRANT_GAP: f32 = 0.08;
+
 /// Blobs whose union box obeys the position rule for `target` (checked by the caller).
 fn place_blobs(rng: &mut StdRng, size: u32, target: Position) -> Vec<Blob> {
     let s = size as f32;
@@ -201,12 +204,15 @@ fn place_blobs(rng: &mut StdRng, size: u32, target: Position) -> Vec<Blob> {
             blobs.push(b);
             continue;
         }
-        // Quadrant boxes keep 2 px off the centre lines so the union never reaches the centre.
+        // Quadrant boxes keep a gap off the centre lines, so the union never reaches the centre
+        // and no label hinges on a few pixels: at CLIP's patch grid (8x8 in the tiny model, 24x24
+        // in the 7B) a box 2 px from the centre and one covering it look the same.
+        let gap = (QUADRANT_GAP * s).max(2.0);
         let (x_lo, x_hi, y_lo, y_hi) = match target {
-            Position::TopLeft => (1.0, half - 2.0, 1.0, half - 2.0),
-            Position::TopRight => (half + 2.0, s - 1.0, 1.0, half - 2.0),
-            Position::BottomLeft => (1.0, half - 2.0, half + 2.0, s - 1.0),
-            Position::BottomRight => (half + 2.0, s - 1.0, half + 2.0, s - 1.0),
+            Position::TopLeft => (1.0, half - gap, 1.0, half - gap),
+            Position::TopRight => (half + gap, s - 1.0, 1.0, half - gap),
+            Position::BottomLeft => (1.0, half - gap, half + gap, s - 1.0),
+            Position::BottomRight => (half + gap, s - 1.0, half + gap, s - 1.0),
             Position::Center => (1.0, s - 1.0, 1.0, s - 1.0),
         };
         let room = ((x_hi - x_lo).min(y_hi - y_lo) / 2.0).min(0.2 * s);

@@ -26,7 +26,7 @@ use candle_core::{DType, Tensor};
 
 use crate::nn::checkpoint::Checkpointer;
 use crate::nn::conv::{conv2d_const_input, depthwise_conv2d, pad_zeros};
-use crate::nn::fused::batch_norm_train;
+use crate::nn::fused::{batch_norm_train, mean_keepdims};
 use crate::nn::param::{Init, Param, ParamBuilder};
 use crate::nn::{add_any, mul_any, ops, Linear};
 
@@ -200,8 +200,8 @@ impl BatchNorm2d {
                 if !KEEP_RUNNING_STATS.with(|k| k.get()) && !crate::nn::checkpoint::is_recomputing() {
                     let n = (x.elem_count() / c) as f64;
                     let x32 = x.detach().to_dtype(DType::F32)?;
-                    let mean = x32.mean_keepdim((0, 2, 3))?;
-                    let var = x32.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
+                    let mean = mean_keepdims(&x32, &[0, 2, 3])?;
+                    let var = mean_keepdims(&x32.broadcast_sub(&mean)?.sqr()?, &[0, 2, 3])?;
                     let mean = mean.flatten_all()?;
                     let var_unbiased = (var.flatten_all()? * (n / (n - 1.0)))?;
                     rm.set(&((rm.as_tensor().detach() * (1.0 - BN_MOMENTUM))? + (mean * BN_MOMENTUM)?)?)?;

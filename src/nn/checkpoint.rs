@@ -285,18 +285,44 @@ where
     if !a.track_op() && !b.track_op() {
         return Ok(y);
     }
-    let op = Recomputed2 { f: Arc::new(f), out: HeldOutput::new(y.detach()) };
+    let op = Recomputed2 { f: Arc::new(f), backward: None, out: HeldOutput::new(y.detach()) };
+    drop(y);
+    Ok(a.apply_op2(b, op)?)
+}
+
+/// The gradients of a two-input op: `(a, b, dy, [a tracked, b tracked]) -> (da, db)`, `None`
+/// for an untracked input.
+pub type Backward2 = dyn Fn(&Tensor, &Tensor, &Tensor, [bool; 2]) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync;
+
+/// `f(a, b)` as one autograd node that keeps only its output, with a hand-written backward
+/// (`backward` gets detached inputs): for composites whose candle backward is much slower than
+/// their forward.
+pub fn with_backward2<F, B>(a: &Tensor, b: &Tensor, f: F, backward: B) -> Result<Tensor>
+where
+    F: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+    B: Fn(&Tensor, &Tensor, &Tensor, [bool; 2]) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync + 'static,
+{
+    let y = f(&a.detach(), &b.detach())?;
+    if !a.track_op() && !b.track_op() {
+        return Ok(y);
+    }
+    let op = Recomputed2 { f: Arc::new(f), backward: Some(Arc::new(backward)), out: HeldOutput::new(y.detach()) };
     drop(y);
     Ok(a.apply_op2(b, op)?)
 }
 
 struct Recomputed2 {
     f: Fn2,
+    /// Hand-written gradients; without, the backward differentiates a re-run of `f`.
+    backward: Option<Arc<Backward2>>,
     out: HeldOutput,
 }
 
 impl Recomputed2 {
     fn grads(&self, a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if let Some(backward) = &self.backward {
+            return backward(&a.detach(), &b.detach(), &grad.detach(), [a.track_op(), b.track_op()]);
+        }
         // Only tracked inputs become variables: an untracked one gets no gradient computed.
         let var = |t: &Tensor| t.track_op().then(|| Var::from_tensor(&t.detach())).transpose();
         let (av, bv) = (var(a)?, var(b)?);

@@ -69,7 +69,71 @@ impl Taps {
 /// output only and its backward recomputes them (`nn::checkpoint::recomputed2`).
 /// `x`: (B,C,H,W), `w`: (C,1,k,k).
 pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
-    super::checkpoint::recomputed2(x, w, move |x, w| depthwise_conv2d_composite(x, w, stride, pad))
+    super::checkpoint::with_backward2(
+        x,
+        w,
+        move |x, w| depthwise_conv2d_composite(x, w, stride, pad),
+        move |x, w, dy, [need_x, need_w]| depthwise_conv2d_backward(x, w, dy, stride, pad, need_x, need_w),
+    )
+}
+
+/// The gradients of [`depthwise_conv2d`], written out. candle's backward of the composite pads
+/// every tap's gradient to the full map and sums the kernel's gradient with its strided
+/// (unvectorised) reduction: 3x the forward's time. Here:
+/// - dx is the transposed convolution: `dy` dilated by the stride (zeros between its values),
+///   convolved with the flipped kernel, with padding k - 1 - pad;
+/// - dw[c, t] sums dy * tap t over the batch and the map, with dy in the taps' flat layout.
+fn depthwise_conv2d_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    stride: usize,
+    pad: usize,
+    need_x: bool,
+    need_w: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let (b, c, h, wd) = x.dims4()?;
+    let k = w.dim(2)?;
+    let s = stride;
+    let dy = dy.to_dtype(x.dtype())?;
+    let dx = if need_x {
+        ensure!(pad < k, "depthwise conv backward: padding {pad} >= kernel {k}");
+        let (ho, wo) = (dy.dim(2)?, dy.dim(3)?);
+        // Input rows/columns past the last window (when (h + 2 pad - k) is not a multiple of
+        // the stride) get zero gradient: extra zeros at the end of the dilated map.
+        let (rh, rw) = ((h + 2 * pad - k) % s, (wd + 2 * pad - k) % s);
+        let dilate = |t: Tensor, dim: usize, n: usize, extra: usize| -> Result<Tensor> {
+            let t = if s > 1 {
+                let mut dims = t.dims().to_vec();
+                let spread = pad_zeros(&t.unsqueeze(dim + 1)?, dim + 1, 0, s - 1)?;
+                dims[dim] = n * s;
+                spread.reshape(dims)?.narrow(dim, 0, s * (n - 1) + 1)?
+            } else {
+                t
+            };
+            pad_zeros(&t, dim, 0, extra)
+        };
+        let dyd = dilate(dilate(dy.contiguous()?, 2, ho, rh)?, 3, wo, rw)?;
+        let rev = Tensor::from_vec((0..k as u32).rev().collect::<Vec<_>>(), k, w.device())?;
+        let wf = w.index_select(&rev, 2)?.index_select(&rev, 3)?;
+        Some(depthwise_conv2d_composite(&dyd, &wf, 1, k - 1 - pad)?)
+    } else {
+        None
+    };
+    let dw = if need_w {
+        let taps = Taps::new(x, k, stride, pad)?;
+        let len = (taps.ho - 1) * taps.wq + taps.wo;
+        let dyq = pad_zeros(&dy, 3, 0, taps.wq - taps.wo)?.reshape((b, c, taps.ho * taps.wq))?.narrow(2, 0, len)?;
+        let per_tap = taps
+            .taps
+            .iter()
+            .map(|tap| Ok(super::fused::sum_keepdims(&(tap * &dyq)?, &[0, 2])?))
+            .collect::<Result<Vec<_>>>()?;
+        Some(Tensor::cat(&per_tap, 2)?.reshape((c, 1, k, k))?)
+    } else {
+        None
+    };
+    Ok((dx, dw))
 }
 
 /// The graph of [`depthwise_conv2d`]: every shifted product and partial sum is a node.

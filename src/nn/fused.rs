@@ -194,6 +194,65 @@ pub fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x.apply_op1(RmsNormalize { eps })?)
 }
 
+/// Where a reduction over `dims` (sorted) of a rank-`rank` tensor splits: the trailing run
+/// `dims[k..]` covers the last dimensions, `dims[..k]` the rest.
+fn trailing_run(dims: &[usize], rank: usize) -> usize {
+    let mut k = dims.len();
+    while k > 0 && dims[k - 1] == rank - (dims.len() - k) - 1 {
+        k -= 1;
+    }
+    k
+}
+
+/// Sum over `dims` of a contiguous `shape`, kept as size-1 dimensions. Candle's CPU reduction
+/// is vectorised only over trailing dimensions; over leading or middle ones it does index
+/// arithmetic per element, 10x slower (BatchNorm's (N, H, W) of an (N, C, H, W) map was a
+/// third of a tiny training step). So the trailing run is reduced first as one merged
+/// dimension, then the rest on the much smaller result.
+fn reduce_sum_keepdim<S: BackendStorage>(s: &S, shape: &Shape, dims: &[usize]) -> candle_core::Result<S> {
+    let d = shape.dims();
+    let k = trailing_run(dims, d.len());
+    if k == dims.len() {
+        return s.reduce_op(ReduceOp::Sum, &Layout::contiguous(shape), dims);
+    }
+    let lead = &d[..dims[k]];
+    let merged: Vec<usize> = lead.iter().copied().chain([d[dims[k]..].iter().product()]).collect();
+    let s = s.reduce_op(ReduceOp::Sum, &Layout::contiguous(merged), &[lead.len()])?;
+    if k == 0 {
+        return Ok(s);
+    }
+    let mut partial = d.to_vec();
+    dims[k..].iter().for_each(|&i| partial[i] = 1);
+    s.reduce_op(ReduceOp::Sum, &Layout::contiguous(partial), &dims[..k])
+}
+
+/// `t.sum_keepdim(dims)` on candle's fast path (see [`reduce_sum_keepdim`]); differentiable.
+pub fn sum_keepdims(t: &Tensor, dims: &[usize]) -> candle_core::Result<Tensor> {
+    let mut dims = dims.to_vec();
+    dims.sort_unstable();
+    dims.dedup();
+    let d = t.dims().to_vec();
+    let k = trailing_run(&dims, d.len());
+    if k == dims.len() {
+        return t.sum_keepdim(dims);
+    }
+    let lead = &d[..dims[k]];
+    let merged: Vec<usize> = lead.iter().copied().chain([d[dims[k]..].iter().product()]).collect();
+    let mut partial = d.clone();
+    dims[k..].iter().for_each(|&i| partial[i] = 1);
+    let s = t.reshape(merged)?.sum_keepdim(lead.len())?.reshape(partial)?;
+    if k == 0 {
+        return Ok(s);
+    }
+    s.sum_keepdim(&dims[..k])
+}
+
+/// `t.mean_keepdim(dims)` on candle's fast path.
+pub fn mean_keepdims(t: &Tensor, dims: &[usize]) -> candle_core::Result<Tensor> {
+    let n: usize = dims.iter().map(|&d| t.dims()[d]).product();
+    sum_keepdims(t, dims)? / n as f64
+}
+
 struct AffineNorm {
     eps: f64,
     /// Dimensions the statistics are taken over (BatchNorm: N, H, W; LayerNorm: the last).
@@ -217,9 +276,9 @@ fn affine_norm_forward<S: BackendStorage>(
     let stats = Layout::contiguous(stat_dims);
     let per_stat = stats.broadcast_as(&shape)?;
     let x = x.to_dtype(xl, DType::F32)?;
-    let mean = x.reduce_op(ReduceOp::Sum, &full, reduce)?.affine(&stats, 1.0 / count as f64, 0.0)?;
+    let mean = reduce_sum_keepdim(&x, &shape, reduce)?.affine(&stats, 1.0 / count as f64, 0.0)?;
     let xc = x.binary_impl::<Sub>(&mean, &full, &per_stat)?;
-    let var = xc.unary_impl::<Sqr>(&full)?.reduce_op(ReduceOp::Sum, &full, reduce)?;
+    let var = reduce_sum_keepdim(&xc.unary_impl::<Sqr>(&full)?, &shape, reduce)?;
     let std = var.affine(&stats, 1.0 / count as f64, eps)?.unary_impl::<Sqrt>(&stats)?;
     let xhat = xc.binary_impl::<Div>(&std, &full, &per_stat)?;
     let param = |(p, pl): (&S, &Layout)| -> candle_core::Result<(S, Layout)> {
@@ -273,20 +332,20 @@ impl CustomOp3 for AffineNorm {
         // dgamma / dbeta sum g * x_hat / g over the dimensions the parameters broadcast along.
         let red = self.reduce.clone();
         let x = x.detach().to_dtype(DType::F32)?;
-        let mean = x.mean_keepdim(red.clone())?;
+        let mean = mean_keepdims(&x, &red)?;
         let xc = x.broadcast_sub(&mean)?;
-        let rstd = (xc.sqr()?.mean_keepdim(red.clone())? + self.eps)?.sqrt()?.recip()?;
+        let rstd = (mean_keepdims(&xc.sqr()?, &red)? + self.eps)?.sqrt()?.recip()?;
         let xhat = xc.broadcast_mul(&rstd)?;
         let g = grad.to_dtype(DType::F32)?;
         let w32 = w.detach().to_dtype(DType::F32)?;
         let gw = g.broadcast_mul(&w32)?; // gradient with respect to x_hat
         let inner = gw
-            .broadcast_sub(&gw.mean_keepdim(red.clone())?)?
-            .broadcast_sub(&xhat.broadcast_mul(&(&gw * &xhat)?.mean_keepdim(red)?)?)?;
+            .broadcast_sub(&mean_keepdims(&gw, &red)?)?
+            .broadcast_sub(&xhat.broadcast_mul(&mean_keepdims(&(&gw * &xhat)?, &red)?)?)?;
         let dx = inner.broadcast_mul(&rstd)?.to_dtype(grad.dtype())?;
         let param_sum = |t: Tensor, p: &Tensor| -> candle_core::Result<Tensor> {
             let along: Vec<usize> = (0..t.rank()).filter(|&d| p.dims()[d] == 1 && t.dims()[d] != 1).collect();
-            t.sum_keepdim(along)?.to_dtype(p.dtype())
+            sum_keepdims(&t, &along)?.to_dtype(p.dtype())
         };
         // Frozen (untracked) affine parameters get no gradient entry.
         let dw = w.track_op().then(|| param_sum((&g * &xhat)?, w)).transpose()?;
