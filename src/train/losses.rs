@@ -18,16 +18,19 @@ pub enum LossCompat {
 }
 
 /// Box mean over a k x k window, stride 1, zero padding counted (avg_pool2d(k, 1, k/2) with
-/// count_include_pad): two 1-D passes instead of a k^2 window.
+/// count_include_pad), as two matmuls with a band matrix (ones where |i - j| <= k/2): one op per
+/// axis instead of a k-wide convolution (an im2col of k x the map). On a binary mask every window
+/// sum is a small integer, so only the final division rounds.
 pub fn box_mean(g: &Tensor, k: usize) -> Result<Tensor> {
     let (b, c, h, w) = g.dims4()?;
-    let x = g.reshape((b * c, 1, h, w))?;
-    let p = k / 2;
-    let row = Tensor::ones((1, 1, 1, k), g.dtype(), g.device())?;
-    let col = Tensor::ones((1, 1, k, 1), g.dtype(), g.device())?;
-    let x = x.pad_with_zeros(3, p, p)?.conv2d(&row, 0, 1, 1, 1)?;
-    let x = x.pad_with_zeros(2, p, p)?.conv2d(&col, 0, 1, 1, 1)?;
-    Ok((x / (k * k) as f64)?.reshape((b, c, h, w))?)
+    let band = |n: usize| -> Result<Tensor> {
+        let p = (k / 2) as i64;
+        let v: Vec<f32> = (0..n * n).map(|i| if ((i / n) as i64 - (i % n) as i64).abs() <= p { 1.0 } else { 0.0 }).collect();
+        Ok(Tensor::from_vec(v, (n, n), g.device())?.to_dtype(g.dtype())?)
+    };
+    let rows = g.reshape((b * c * h, w))?.matmul(&band(w)?)?.reshape((b * c, h, w))?;
+    let both = band(h)?.broadcast_left(b * c)?.matmul(&rows)?;
+    Ok((both / (k * k) as f64)?.reshape((b, c, h, w))?)
 }
 
 /// Structure loss of logits `p` (B,1,H,W) against a binary mask `g` (B,1,H,W): mean over the
