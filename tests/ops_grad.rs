@@ -484,3 +484,39 @@ fn fast_path_reductions_equal_candles_over_every_dimension_subset() -> Result<()
     }
     Ok(())
 }
+
+/// `add_any` / `mul_any` of two tracked operands where one broadcasts (a trained bias, a layer
+/// scale, a per-sample gate): the same values as candle's broadcast ops, bit for bit, and the
+/// same gradients for both operands, whichever side the smaller one is on.
+#[test]
+fn tracked_broadcast_ops_match_candles_values_and_gradients() -> Result<()> {
+    use prs::nn::{add_any, mul_any};
+    let x = randn(&[3, 5, 6], 20)?.to_dtype(DType::F32)?;
+    for (small, seed) in [(vec![6usize], 21u64), (vec![1, 5, 1], 22), (vec![3, 1, 6], 23), (vec![5, 6], 24)] {
+        let y = randn(&small, seed)?.to_dtype(DType::F32)?;
+        for mul in [false, true] {
+            for swap in [false, true] {
+                let run = |ours: bool| -> Result<(Vec<u32>, Vec<f64>, Vec<f64>)> {
+                    let (xv, yv) = (Var::from_tensor(&x)?, Var::from_tensor(&y)?);
+                    let (a, b) = if swap { (yv.as_tensor(), xv.as_tensor()) } else { (xv.as_tensor(), yv.as_tensor()) };
+                    let out = match (ours, mul) {
+                        (true, false) => add_any(a, b)?,
+                        (true, true) => mul_any(a, b)?,
+                        (false, false) => a.broadcast_add(b)?,
+                        (false, true) => a.broadcast_mul(b)?,
+                    };
+                    let bits = out.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect();
+                    let r = randn(&[3, 5, 6], 25)?.to_dtype(DType::F32)?;
+                    let g = (out * r)?.sum_all()?.backward()?;
+                    Ok((bits, vec64(g.get(xv.as_tensor()).unwrap())?, vec64(g.get(yv.as_tensor()).unwrap())?))
+                };
+                let ((vo, gxo, gyo), (vc, gxc, gyc)) = (run(true)?, run(false)?);
+                let what = format!("y {small:?} mul {mul} swap {swap}");
+                assert_eq!(vo, vc, "{what}: values");
+                assert!(max_abs_diff(&gxo, &gxc) < 1e-5, "{what}: dx");
+                assert!(max_abs_diff(&gyo, &gyc) < 1e-4, "{what}: dy {}", max_abs_diff(&gyo, &gyc));
+            }
+        }
+    }
+    Ok(())
+}

@@ -226,25 +226,40 @@ fn reduce_sum_keepdim<S: BackendStorage>(s: &S, shape: &Shape, dims: &[usize]) -
     s.reduce_op(ReduceOp::Sum, &Layout::contiguous(partial), &dims[..k])
 }
 
-/// `t.sum_keepdim(dims)` on candle's fast path (see [`reduce_sum_keepdim`]); differentiable.
+/// `t.sum_keepdim(dims)` on fast paths; differentiable. A trailing run of `dims` is one
+/// vectorised reduction of the merged dimensions (see [`reduce_sum_keepdim`]); a leading run
+/// (a bias gradient summed over batch and tokens) is a matmul with a row of ones; anything
+/// else falls back to candle.
 pub fn sum_keepdims(t: &Tensor, dims: &[usize]) -> candle_core::Result<Tensor> {
     let mut dims = dims.to_vec();
     dims.sort_unstable();
     dims.dedup();
     let d = t.dims().to_vec();
     let k = trailing_run(&dims, d.len());
-    if k == dims.len() {
-        return t.sum_keepdim(dims);
+    let t = if k < dims.len() {
+        let lead = &d[..dims[k]];
+        let merged: Vec<usize> = lead.iter().copied().chain([d[dims[k]..].iter().product()]).collect();
+        let mut partial = d.clone();
+        dims[k..].iter().for_each(|&i| partial[i] = 1);
+        t.reshape(merged)?.sum_keepdim(lead.len())?.reshape(partial)?
+    } else {
+        t.clone()
+    };
+    let rest = &dims[..k];
+    if rest.is_empty() {
+        return Ok(t);
     }
-    let lead = &d[..dims[k]];
-    let merged: Vec<usize> = lead.iter().copied().chain([d[dims[k]..].iter().product()]).collect();
-    let mut partial = d.clone();
-    dims[k..].iter().for_each(|&i| partial[i] = 1);
-    let s = t.reshape(merged)?.sum_keepdim(lead.len())?.reshape(partial)?;
-    if k == 0 {
-        return Ok(s);
+    if rest.iter().enumerate().all(|(i, &v)| i == v) {
+        let dt = t.dims().to_vec();
+        let (p, r): (usize, usize) = (dt[..k].iter().product(), dt[k..].iter().product());
+        // Half-precision inputs sum in f32 (a matmul would accumulate in their dtype on CPU).
+        let acc = if t.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+        let ones = Tensor::ones((1, p), acc, t.device())?;
+        let mut out = dt.clone();
+        out[..k].iter_mut().for_each(|v| *v = 1);
+        return ones.matmul(&t.reshape((p, r))?.to_dtype(acc)?)?.reshape(out)?.to_dtype(t.dtype());
     }
-    s.sum_keepdim(&dims[..k])
+    t.sum_keepdim(rest)
 }
 
 /// `t.mean_keepdim(dims)` on candle's fast path.
