@@ -150,7 +150,7 @@ struct CheckpointOp {
 }
 
 /// An op's output computed before the op was applied (by a block run on detached inputs); the
-/// op's forward hands a copy over once. Both recomputing ops below work this way.
+/// op's forward hands a copy over once (the checkpoint op and `with_backward2`).
 struct HeldOutput(Mutex<Option<Tensor>>);
 
 impl HeldOutput {
@@ -159,7 +159,7 @@ impl HeldOutput {
     }
 
     fn take(&self) -> candle_core::Result<Tensor> {
-        self.0.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("recomputed op: output already taken".into()))
+        self.0.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("output-only op: output already taken".into()))
     }
 
     fn copy<S>(ys: &S, yl: &Layout) -> candle_core::Result<(S, Shape)>
@@ -176,7 +176,7 @@ impl HeldOutput {
     fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
         let y = self.take()?;
         let (ys, yl) = y.storage_and_layout();
-        let Storage::Cpu(ys) = &*ys else { candle_core::bail!("recomputed op: output not on the cpu") };
+        let Storage::Cpu(ys) = &*ys else { candle_core::bail!("output-only op: output not on the cpu") };
         Self::copy(ys, yl)
     }
 
@@ -184,7 +184,7 @@ impl HeldOutput {
     fn cuda(&self) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let y = self.take()?;
         let (ys, yl) = y.storage_and_layout();
-        let Storage::Cuda(ys) = &*ys else { candle_core::bail!("recomputed op: output not on the gpu") };
+        let Storage::Cuda(ys) = &*ys else { candle_core::bail!("output-only op: output not on the gpu") };
         Self::copy(ys, yl)
     }
 }
@@ -270,79 +270,42 @@ impl CustomOp2 for CheckpointOp {
     }
 }
 
-type Fn2 = Arc<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
-
-/// `f(a, b)` as one autograd node that keeps only its output: the composite's intermediates
-/// are freed as soon as the forward ends, and the backward re-runs `f` on its inputs to
-/// differentiate it. For cheap composites with large intermediates (the depthwise convolution
-/// built from shifted views keeps about 20 map-sized tensors per call). `f` must be
-/// deterministic (no dropout).
-pub fn recomputed2<F>(a: &Tensor, b: &Tensor, f: F) -> Result<Tensor>
-where
-    F: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
-{
-    let y = f(&a.detach(), &b.detach())?;
-    if !a.track_op() && !b.track_op() {
-        return Ok(y);
-    }
-    let op = Recomputed2 { f: Arc::new(f), backward: None, out: HeldOutput::new(y.detach()) };
-    drop(y);
-    Ok(a.apply_op2(b, op)?)
-}
-
 /// The gradients of a two-input op: `(a, b, dy, [a tracked, b tracked]) -> (da, db)`, `None`
 /// for an untracked input.
 pub type Backward2 = dyn Fn(&Tensor, &Tensor, &Tensor, [bool; 2]) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync;
 
 /// `f(a, b)` as one autograd node that keeps only its output, with a hand-written backward
-/// (`backward` gets detached inputs): for composites whose candle backward is much slower than
-/// their forward.
+/// (`backward` gets detached inputs). For composites with large intermediates whose candle
+/// backward is also much slower than their forward (the depthwise convolution built from
+/// shifted views keeps about 20 map-sized tensors per call).
 pub fn with_backward2<F, B>(a: &Tensor, b: &Tensor, f: F, backward: B) -> Result<Tensor>
 where
-    F: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+    F: Fn(&Tensor, &Tensor) -> Result<Tensor>,
     B: Fn(&Tensor, &Tensor, &Tensor, [bool; 2]) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync + 'static,
 {
     let y = f(&a.detach(), &b.detach())?;
     if !a.track_op() && !b.track_op() {
         return Ok(y);
     }
-    let op = Recomputed2 { f: Arc::new(f), backward: Some(Arc::new(backward)), out: HeldOutput::new(y.detach()) };
+    let op = OutputOnly2 { backward: Box::new(backward), out: HeldOutput::new(y.detach()) };
     drop(y);
     Ok(a.apply_op2(b, op)?)
 }
 
-struct Recomputed2 {
-    f: Fn2,
-    /// Hand-written gradients; without, the backward differentiates a re-run of `f`.
-    backward: Option<Arc<Backward2>>,
+struct OutputOnly2 {
+    backward: Box<Backward2>,
     out: HeldOutput,
 }
 
-impl Recomputed2 {
-    fn grads(&self, a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if let Some(backward) = &self.backward {
-            return backward(&a.detach(), &b.detach(), &grad.detach(), [a.track_op(), b.track_op()]);
-        }
-        // Only tracked inputs become variables: an untracked one gets no gradient computed.
-        let var = |t: &Tensor| t.track_op().then(|| Var::from_tensor(&t.detach())).transpose();
-        let (av, bv) = (var(a)?, var(b)?);
-        let input = |v: &Option<Var>, t: &Tensor| v.as_ref().map(|v| v.as_tensor().clone()).unwrap_or_else(|| t.detach());
-        let y = (self.f)(&input(&av, a), &input(&bv, b))?;
-        let mut g = mul_const(&y, &grad.detach())?.sum_all()?.backward()?;
-        drop(y);
-        let mut take = |v: Option<Var>| v.and_then(|v| g.remove(v.as_tensor())).map(|t| t.detach());
-        Ok((take(av), take(bv)))
-    }
-}
-
-impl CustomOp2 for Recomputed2 {
+impl CustomOp2 for OutputOnly2 {
     fn name(&self) -> &'static str {
-        "recomputed"
+        "output-only"
     }
 
     forward_hands_over_held_output!();
 
     fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        self.grads(a, b, grad).map_err(|e| candle_core::Error::Msg(format!("recomputed op backward: {e:#}")))
+        (self.backward)(&a.detach(), &b.detach(), &grad.detach(), [a.track_op(), b.track_op()])
+            .map_err(|e| candle_core::Error::Msg(format!("{} backward: {e:#}", self.name())))
     }
 }

@@ -64,9 +64,10 @@ impl Taps {
 
 /// Depthwise k x k convolution (one filter per channel) as k*k shifted multiply-adds.
 /// candle runs a grouped conv as one convolution per channel plus a concat (hundreds of tiny
-/// kernels per layer and as many in backward); this is k*k broadcast ops on views, all with a
-/// backward. The composite's ~2k^2 map-sized intermediates are not kept: the op keeps its
-/// output only and its backward recomputes them (`nn::checkpoint::recomputed2`).
+/// kernels per layer and as many in backward); this is k*k broadcast ops on views. The
+/// composite's ~2k^2 map-sized intermediates are not kept: the op keeps its output only
+/// (`nn::checkpoint::with_backward2`) and its backward is written out
+/// ([`depthwise_conv2d_backward`]).
 /// `x`: (B,C,H,W), `w`: (C,1,k,k).
 pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
     super::checkpoint::with_backward2(
