@@ -100,6 +100,11 @@ fn batch_search_doubles_then_bisects_and_explicit_lists_continue_after_failures(
     assert_eq!(search_batches(Some(&[1, 4, 2, 8]), 8, fits_up_to(1)).unwrap(), vec![1, 4, 2, 8]);
     assert_eq!(parse_bytes("24GiB").unwrap(), 24 << 30);
     assert_eq!(parse_bytes("80GB").unwrap(), 80_000_000_000);
+    assert_eq!(parse_bytes("1.5e9").unwrap(), 1_500_000_000);
+    assert_eq!(parse_bytes("2.5e3MB").unwrap(), 2_500_000_000);
+    let bare = parse_bytes("80").unwrap_err().to_string();
+    assert!(bare.contains("no unit") && bare.contains("80GB"), "{bare}");
+    assert!(parse_bytes("12XB").is_err() && parse_bytes("GB").is_err() && parse_bytes("-3GB").is_err());
     assert!(parse_bytes("12 parsecs").is_err());
     let s = SeqShape::from_total(640, 576).unwrap();
     assert_eq!(s.total(576), 640);

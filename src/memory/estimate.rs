@@ -206,9 +206,10 @@ fn llm_layer_bytes_per_token(spec: &PrsMedSpec, s: u64, t: u64) -> f64 {
     (2 * rms + attn + mlp + 2 * s * h) as f64
 }
 
-/// A depthwise convolution's backward: its composite rebuilt (1.0) plus the working set of
-/// that composite's backward, measured at about 0.45x of it on the CPU.
-const DEPTHWISE_BACKWARD: f64 = 1.45;
+/// A depthwise convolution's backward working set against the count in `dw`: measured on the
+/// CPU with the 7B's TinySAM at 512 px (BENCHMARKS.md, session 4). The count leaves out the
+/// gradient store's zeros-plus-add for dx and the allocator's high-water slack.
+const DEPTHWISE_BACKWARD: f64 = 4.4;
 
 /// TinySAM's graph when it trains (f32), elements per sample.
 struct TinySamElems {
@@ -243,11 +244,14 @@ fn tinysam_graph_elems(spec: &PrsMedSpec) -> TinySamElems {
     add(9.0 * t.in_chans as f64 * p0 + c0 * p0 * (2.0 + bn + 1.0), c0 * p0);
     let mut p = (s / 4.0).powi(2);
     add(d[0] * p * (1.0 + bn), d[0] * p);
-    // Depthwise 3x3 from shifted views (two padded copies, 9 products, 8 sums, re-layout) as
-    // one op that keeps its output; its backward rebuilds the composite (largest: `rebuild`).
+    // Depthwise 3x3 from shifted views as one op that keeps its output. Its hand-written
+    // backward's working set (largest: `rebuild`): dx as a transposed convolution (a padded copy
+    // of dy, three products/partial sums live at a time, dx itself; a strided one also dilates
+    // dy), then dw from a padded copy of x and one product at a time.
     let rebuild = std::cell::Cell::new(0.0f64);
     let dw = |c: f64, pin: f64, pout: f64| {
-        rebuild.set(rebuild.get().max(2.0 * c * pin + c * (pin - pout).max(0.0) + 19.0 * c * pout));
+        let dilated = if pout < pin { 2.0 * c * pin } else { 0.0 };
+        rebuild.set(rebuild.get().max((5.0 * c * pin + dilated).max(2.0 * c * pin + 2.0 * c * pout)));
         c * pout
     };
     let mut side = s / 4.0;
@@ -427,13 +431,13 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
         ("cross-entropy backward", ce_bwd),
         ("backward temporaries", 3.0 * biggest),
         ("decoder attention backward", dec_transient * 4.0 * b as f64),
-        ("one depthwise convolution rebuilt in backward", per_sample_f32(DEPTHWISE_BACKWARD * ts.depthwise_rebuild)),
+        ("one depthwise convolution backward", per_sample_f32(DEPTHWISE_BACKWARD * ts.depthwise_rebuild)),
     ];
     if inp.checkpointing {
         transients.push(("one LLM layer recomputed + its backward", recompute + 3.0 * llm_scores));
         // The block is rebuilt, then its backward runs: about 0.9x the block for its own
-        // gradients, or a depthwise convolution rebuilt with its backward, whichever is larger
-        // (measured on the CPU with the 7B's TinySAM at 512 px, BENCHMARKS.md).
+        // gradients, or a depthwise convolution's backward, whichever is larger (measured on
+        // the CPU with the 7B's TinySAM at 512 px, BENCHMARKS.md).
         let working_set = (0.9 * ts.recomputed_block).max(DEPTHWISE_BACKWARD * ts.depthwise_rebuild);
         transients.push(("one TinySAM block recomputed + its backward", per_sample_f32(ts.recomputed_block + working_set)));
     }

@@ -91,10 +91,17 @@ pub fn gb(bytes: u64) -> f64 {
     bytes as f64 / 1e9
 }
 
-/// Parses "24GiB", "80GB", "512MiB", "1.5e9" (bytes).
+/// Parses "24GiB", "80GB", "512MiB", "1.5e9" (bytes). A bare number under 1 MiB is refused:
+/// `--gpu-memory 80` means 80 GB to a person, and 80 bytes would silently fit nothing.
 pub fn parse_bytes(s: &str) -> Result<u64> {
     let t = s.trim();
-    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    if let Ok(v) = t.parse::<f64>() {
+        if v.is_finite() && v > 0.0 && v < (1u64 << 20) as f64 {
+            bail!("memory size `{s}` has no unit and would be {v} bytes: write e.g. {s}GB or {s}GiB");
+        }
+    }
+    // The unit is the trailing run of letters (so an exponent like 1.5e9 stays in the number).
+    let split = t.trim_end_matches(|c: char| c.is_ascii_alphabetic()).len();
     let (num, unit) = t.split_at(split);
     let v: f64 = num.trim().parse().map_err(|_| anyhow::anyhow!("cannot parse memory size `{s}`"))?;
     let mul = match unit.trim().to_ascii_lowercase().as_str() {
