@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod model;
 pub mod nn;
 pub mod phases;
+pub mod process;
 pub mod report;
 pub mod tokenizer;
 pub mod train;

@@ -1,13 +1,7 @@
 use clap::Parser;
 
 fn main() {
-    // candle's CPU element-wise pool spin-waits at barriers; with all cores in it, the data
-    // loader's workers and gemm's threads starve it (measured on 2 cores: a tiny-model step
-    // took twice as long). Unless the user chose, leave half the cores to the rest.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        std::env::set_var("CANDLE_NUM_THREADS", (cores / 2).max(1).to_string());
-    }
+    prs::process::keep_freed_memory();
     let cli = prs::cli::Cli::parse();
     if let Err(e) = prs::cli::run(cli) {
         // One message, with its causes, and a non-zero exit.

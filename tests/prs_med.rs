@@ -275,3 +275,41 @@ fn init_draws_each_part_at_its_configured_scale() {
     let key = format!("{}.embeddings.position_embedding.weight", prs::model::load::CLIP_PREFIX);
     near(std_of(&key, &[n_pos, v.hidden_size]), pos_std, "CLIP position embedding");
 }
+
+#[test]
+fn decoder_grid_and_upsampling_follow_tinysam_stride() {
+    // Three stages (the tiny config) downsample 8x, four (the released TinySAM) 16x: the decoder's
+    // token grid and its logits' upsampling must follow, so the mask comes out at the input size.
+    let tiny = prs::config::Config::parse(prs::commands::demo::TINY_CONFIG, &[]).unwrap();
+    let spec = prs::model::random::spec_for_config(&tiny).unwrap();
+    assert_eq!(spec.tinysam.num_stages(), 3);
+    assert_eq!((spec.decoder.grid, spec.decoder.upsample), (16, 8));
+    let four = [
+        "model.tinysam_arch.embed_dims=[16, 24, 32, 48]",
+        "model.tinysam_arch.depths=[1, 1, 2, 1]",
+        "model.tinysam_arch.num_heads=[1, 2, 2, 3]",
+        "model.tinysam_arch.window_sizes=[7, 7, 7, 7]",
+    ];
+    let released = prs::config::Config::parse(prs::commands::demo::TINY_CONFIG, &four.map(String::from)).unwrap();
+    let spec = prs::model::random::spec_for_config(&released).unwrap();
+    assert_eq!((spec.decoder.grid, spec.decoder.upsample), (8, 16));
+    // A random three-stage model really produces masks at the input size.
+    let m = prs::model::random::random_prs_med(
+        &prs::model::random::spec_for_config(&tiny).unwrap(),
+        &prs::model::random::RandomOptions {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            mode: Mode::Infer,
+            seed: 3,
+            train_tinysam: false,
+            train_projector: false,
+        },
+    )
+    .unwrap();
+    let x = Tensor::zeros((1, 3, 128, 128), DType::F32, &Device::Cpu).unwrap();
+    let feats = m.tinysam.forward(&x).unwrap();
+    assert_eq!(feats.dims(), &[1, 32, 16, 16]);
+    let bad = prs::config::Config::parse(prs::commands::demo::TINY_CONFIG, &["model.sam_image_size=124".into()]).unwrap();
+    let err = format!("{:#}", prs::model::random::spec_for_config(&bad).err().expect("124 is not a multiple of 8"));
+    assert!(err.contains("sam_image_size 124") && err.contains("stride 8"), "{err}");
+}

@@ -51,8 +51,10 @@ pub fn spec_from(cfg: &Config, llava: &LlavaMedConfig, lora: &crate::nn::linear:
     let m = &cfg.model;
     let mut tinysam = m.tinysam_arch.clone();
     tinysam.img_size = m.sam_image_size;
-    if m.sam_image_size % 16 != 0 {
-        bail!("model.sam_image_size {} must be a multiple of 16", m.sam_image_size);
+    // Four stages (the released TinySAM) downsample 16x; three stages 8x (a finer mask grid).
+    let stride = tinysam.total_stride();
+    if m.sam_image_size % stride != 0 {
+        bail!("model.sam_image_size {} must be a multiple of TinySAM's total stride {stride}", m.sam_image_size);
     }
     let d = &m.decoder;
     let decoder = DecoderConfig {
@@ -63,8 +65,8 @@ pub fn spec_from(cfg: &Config, llava: &LlavaMedConfig, lora: &crate::nn::linear:
         self_heads: d.self_heads,
         ffn_dim: d.ffn_dim,
         dropout: d.dropout,
-        grid: m.sam_image_size / 16,
-        upsample: 16,
+        grid: m.sam_image_size / stride,
+        upsample: stride,
         num_classes: m.num_modalities,
     };
     Ok(PrsMedSpec { llava: llava.clone(), lora: lora.clone(), tinysam, decoder, num_modalities: m.num_modalities })

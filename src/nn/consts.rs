@@ -122,20 +122,7 @@ impl CustomOp2 for TrackedBinary {
         }
     }
 
-    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, y: &CpuStorage, yl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        tracked_fwd(self.kind, (x, xl), (y, yl))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        xl: &Layout,
-        y: &candle_core::CudaStorage,
-        yl: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        tracked_fwd(self.kind, (x, xl), (y, yl))
-    }
+    same_forward_on_every_backend!(two: |op: &Self, x, y| tracked_fwd(op.kind, x, y));
 
     fn bwd(&self, x: &Tensor, y: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // The dimensions `y` was broadcast along: the ones left of it, and its size-1 ones.

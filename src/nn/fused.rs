@@ -19,41 +19,6 @@ use candle_core::backend::BackendStorage;
 use candle_core::op::{Add, Div, Exp, Mul, ReduceOp, Silu, Sqr, Sqrt, Sub};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
-/// `cpu_fwd` and `cuda_fwd` of a `CustomOp1` (or, with `two:`, a `CustomOp2`) whose forward is one
-/// closure over the backend storage, expanded once per backend.
-macro_rules! same_forward_on_every_backend {
-    ($fwd:expr) => {
-        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-            $fwd(self, s, l)
-        }
-
-        #[cfg(feature = "cuda")]
-        fn cuda_fwd(
-            &self,
-            s: &candle_core::CudaStorage,
-            l: &Layout,
-        ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-            $fwd(self, s, l)
-        }
-    };
-    (two: $fwd:expr) => {
-        fn cpu_fwd(&self, a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-            $fwd(self, (a, al), (b, bl))
-        }
-
-        #[cfg(feature = "cuda")]
-        fn cuda_fwd(
-            &self,
-            a: &candle_core::CudaStorage,
-            al: &Layout,
-            b: &candle_core::CudaStorage,
-            bl: &Layout,
-        ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-            $fwd(self, (a, al), (b, bl))
-        }
-    };
-}
-
 struct MaskedSoftmax {
     scale: f64,
 }
@@ -194,14 +159,28 @@ pub fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x.apply_op1(RmsNormalize { eps })?)
 }
 
-/// Where a reduction over `dims` (sorted) of a rank-`rank` tensor splits: the trailing run
-/// `dims[k..]` covers the last dimensions, `dims[..k]` the rest.
-fn trailing_run(dims: &[usize], rank: usize) -> usize {
+/// Where a reduction over `dims` (sorted, deduplicated) of a tensor of dimensions `d` splits:
+/// the trailing run `dims[k..]` covers the last dimensions, `dims[..k]` the rest. For a
+/// non-empty run, also the shape with the run merged into one dimension (reduced at axis `k`'s
+/// position `dims[k]`) and the shape after reducing it (size 1 along the run).
+struct TrailingRun {
+    k: usize,
+    merged: Option<(Vec<usize>, usize, Vec<usize>)>,
+}
+
+fn trailing_run(d: &[usize], dims: &[usize]) -> TrailingRun {
     let mut k = dims.len();
-    while k > 0 && dims[k - 1] == rank - (dims.len() - k) - 1 {
+    while k > 0 && dims[k - 1] == d.len() - (dims.len() - k) - 1 {
         k -= 1;
     }
-    k
+    let merged = (k < dims.len()).then(|| {
+        let lead = &d[..dims[k]];
+        let merged: Vec<usize> = lead.iter().copied().chain([d[dims[k]..].iter().product()]).collect();
+        let mut partial = d.to_vec();
+        dims[k..].iter().for_each(|&i| partial[i] = 1);
+        (merged, lead.len(), partial)
+    });
+    TrailingRun { k, merged }
 }
 
 /// Sum over `dims` of a contiguous `shape`, kept as size-1 dimensions. Candle's CPU reduction
@@ -210,19 +189,14 @@ fn trailing_run(dims: &[usize], rank: usize) -> usize {
 /// third of a tiny training step). So the trailing run is reduced first as one merged
 /// dimension, then the rest on the much smaller result.
 fn reduce_sum_keepdim<S: BackendStorage>(s: &S, shape: &Shape, dims: &[usize]) -> candle_core::Result<S> {
-    let d = shape.dims();
-    let k = trailing_run(dims, d.len());
-    if k == dims.len() {
+    let TrailingRun { k, merged } = trailing_run(shape.dims(), dims);
+    let Some((merged, axis, partial)) = merged else {
         return s.reduce_op(ReduceOp::Sum, &Layout::contiguous(shape), dims);
-    }
-    let lead = &d[..dims[k]];
-    let merged: Vec<usize> = lead.iter().copied().chain([d[dims[k]..].iter().product()]).collect();
-    let s = s.reduce_op(ReduceOp::Sum, &Layout::contiguous(merged), &[lead.len()])?;
+    };
+    let s = s.reduce_op(ReduceOp::Sum, &Layout::contiguous(merged), &[axis])?;
     if k == 0 {
         return Ok(s);
     }
-    let mut partial = d.to_vec();
-    dims[k..].iter().for_each(|&i| partial[i] = 1);
     s.reduce_op(ReduceOp::Sum, &Layout::contiguous(partial), &dims[..k])
 }
 
@@ -234,16 +208,10 @@ pub fn sum_keepdims(t: &Tensor, dims: &[usize]) -> candle_core::Result<Tensor> {
     let mut dims = dims.to_vec();
     dims.sort_unstable();
     dims.dedup();
-    let d = t.dims().to_vec();
-    let k = trailing_run(&dims, d.len());
-    let t = if k < dims.len() {
-        let lead = &d[..dims[k]];
-        let merged: Vec<usize> = lead.iter().copied().chain([d[dims[k]..].iter().product()]).collect();
-        let mut partial = d.clone();
-        dims[k..].iter().for_each(|&i| partial[i] = 1);
-        t.reshape(merged)?.sum_keepdim(lead.len())?.reshape(partial)?
-    } else {
-        t.clone()
+    let TrailingRun { k, merged } = trailing_run(t.dims(), &dims);
+    let t = match merged {
+        Some((merged, axis, partial)) => t.reshape(merged)?.sum_keepdim(axis)?.reshape(partial)?,
+        None => t.clone(),
     };
     let rest = &dims[..k];
     if rest.is_empty() {

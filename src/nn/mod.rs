@@ -3,6 +3,52 @@
 //! candle's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and `rope` silently cut the autograd
 //! graph, so every model file uses the versions here instead.
 
+/// `cpu_fwd` and `cuda_fwd` of a `CustomOp1` (or, with `two:`, a `CustomOp2`) whose forward is one
+/// closure over the backend storage, expanded once per backend. Defined ahead of the modules so
+/// that every one of them can expand it.
+macro_rules! same_forward_on_every_backend {
+    ($fwd:expr) => {
+        fn cpu_fwd(
+            &self,
+            s: &candle_core::CpuStorage,
+            l: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            $fwd(self, s, l)
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            s: &candle_core::CudaStorage,
+            l: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            $fwd(self, s, l)
+        }
+    };
+    (two: $fwd:expr) => {
+        fn cpu_fwd(
+            &self,
+            a: &candle_core::CpuStorage,
+            al: &candle_core::Layout,
+            b: &candle_core::CpuStorage,
+            bl: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            $fwd(self, (a, al), (b, bl))
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            a: &candle_core::CudaStorage,
+            al: &candle_core::Layout,
+            b: &candle_core::CudaStorage,
+            bl: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            $fwd(self, (a, al), (b, bl))
+        }
+    };
+}
+
 pub mod checkpoint;
 pub mod consts;
 pub mod conv;
