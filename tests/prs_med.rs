@@ -281,9 +281,9 @@ fn decoder_grid_and_upsampling_follow_tinysam_stride() {
     // Three stages (the tiny config) downsample 8x, four (the released TinySAM) 16x: the decoder's
     // token grid and its logits' upsampling must follow, so the mask comes out at the input size.
     let tiny = prs::config::Config::parse(prs::commands::demo::TINY_CONFIG, &[]).unwrap();
-    let spec = prs::model::random::spec_for_config(&tiny).unwrap();
-    assert_eq!(spec.tinysam.num_stages(), 3);
-    assert_eq!((spec.decoder.grid, spec.decoder.upsample), (16, 8));
+    let tiny_spec = prs::model::random::spec_for_config(&tiny).unwrap();
+    assert_eq!(tiny_spec.tinysam.num_stages(), 3);
+    assert_eq!((tiny_spec.decoder.grid, tiny_spec.decoder.upsample), (16, 8));
     let four = [
         "model.tinysam_arch.embed_dims=[16, 24, 32, 48]",
         "model.tinysam_arch.depths=[1, 1, 2, 1]",
@@ -291,11 +291,11 @@ fn decoder_grid_and_upsampling_follow_tinysam_stride() {
         "model.tinysam_arch.window_sizes=[7, 7, 7, 7]",
     ];
     let released = prs::config::Config::parse(prs::commands::demo::TINY_CONFIG, &four.map(String::from)).unwrap();
-    let spec = prs::model::random::spec_for_config(&released).unwrap();
-    assert_eq!((spec.decoder.grid, spec.decoder.upsample), (8, 16));
-    // A random three-stage model really produces masks at the input size.
+    let released_spec = prs::model::random::spec_for_config(&released).unwrap();
+    assert_eq!((released_spec.decoder.grid, released_spec.decoder.upsample), (8, 16));
+    // A random three-stage encoder really yields the 16x16 grid the decoder is sized for.
     let m = prs::model::random::random_prs_med(
-        &prs::model::random::spec_for_config(&tiny).unwrap(),
+        &tiny_spec,
         &prs::model::random::RandomOptions {
             device: Device::Cpu,
             dtype: DType::F32,

@@ -3,7 +3,8 @@
 //! Stem (two Conv+BatchNorm, stride 4) -> stage 0: MBConv blocks -> stages 1..: windowed
 //! attention blocks (LeViT-style attention biases, depthwise "local conv" between attention and
 //! MLP) -> PatchMerging between stages (stride 2, except the last one: stride 1, so the output
-//! grid is S/16 with the released four stages, S/8 with three) -> neck (conv1x1, LayerNorm2d, conv3x3, LayerNorm2d).
+//! grid is S/16 with the released four stages, S/8 with three) -> neck (conv1x1, LayerNorm2d,
+//! conv3x3, LayerNorm2d).
 //!
 //! Every op is differentiable (exact erf GELU, f32 norms and softmax from `nn::ops`); the
 //! encoder is trained or frozen as a whole by the builder's train flag. Module prefixes mirror
