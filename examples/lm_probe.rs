@@ -26,7 +26,10 @@ fn main() -> anyhow::Result<()> {
     let steps: usize = args[3].parse()?;
     let cfg = prs::config::Config::parse(&text, &args[4..])?;
     let dev = Device::Cpu;
-    let oracle = std::env::var("PRS_PROBE_ORACLE").is_ok();
+    // PRS_PROBE_ORACLE=1 (or "class"): the true class on every image token; "lesion": a lesion
+    // indicator on the tokens the mask covers (no position); "lesion_col": the same plus the
+    // column's side (+-1) on those tokens; "lesion_row": plus the row's side.
+    let oracle = std::env::var("PRS_PROBE_ORACLE").ok();
     let m = load_prs_med(&cfg, &LoadOptions { device: dev.clone(), dtype: DType::F32, mode: Mode::Train, checkpoint: None, seed: 1 })?;
     let prep = prepare(args[2].as_ref(), &PrepareOptions::default())?;
     let tok = prs::tokenizer::load(cfg.model.base.as_ref())?;
@@ -46,7 +49,29 @@ fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let lm_loss = |mb: &prs::model::prs_med::ModelBatch| -> anyhow::Result<Tensor> {
         let mut img = m.encode_image(&mb.clip_pixels)?;
-        if oracle {
+        if let Some(kind) = oracle.as_deref().filter(|k| k.starts_with("lesion")) {
+            // Token grid coverage of the mask: (B,1,S,S) -> (B,g*g) with g the CLIP grid side.
+            let (bb, n, hd) = img.dims3()?;
+            let g = (n as f64).sqrt() as usize;
+            let masks = mb.masks.as_ref().expect("training batch has masks");
+            let s = masks.dim(2)?;
+            let cover = masks.avg_pool2d(s / g)?.flatten_from(1)?.to_vec2::<f32>()?;
+            let mut v = vec![0f32; bb * n * hd];
+            for (i, row) in cover.iter().enumerate() {
+                for (k, &c) in row.iter().enumerate() {
+                    if c > 0.25 {
+                        v[(i * n + k) * hd] = 3.0;
+                        let side = |x: usize| if x < g / 2 { -3.0 } else { 3.0 };
+                        match kind {
+                            "lesion_col" => v[(i * n + k) * hd + 1] = side(k % g),
+                            "lesion_row" => v[(i * n + k) * hd + 1] = side(k / g),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            img = (img + Tensor::from_vec(v, (bb, n, hd), &dev)?)?;
+        } else if oracle.is_some() {
             let (bb, n, hd) = img.dims3()?;
             let mut v = vec![0f32; bb * n * hd];
             for (i, p) in mb.prompts.iter().enumerate() {

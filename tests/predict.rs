@@ -406,6 +406,7 @@ fn input_errors_are_single_clear_messages_and_leave_nothing() {
 
     // A base with another hidden size: named as such, before any weight is read.
     let mut init = st.cfg.init.clone().unwrap();
+    let hidden = init.llm.hidden_size;
     init.llm.hidden_size = 32;
     init.llm.intermediate_size = 64;
     let other = st.dir.path().join("llava32");
@@ -414,13 +415,13 @@ fn input_errors_are_single_clear_messages_and_leave_nothing() {
         predict(&["--checkpoint", &ck, "--base", &s(&other), "--image", &s(&good), "--question", Q, "--out", &s(&out)])
             .unwrap_err();
     let e = format!("{e:#}");
-    assert!(e.contains("hidden size 64") && e.contains("has 32") && e.contains("--base"), "{e}");
+    assert!(e.contains(&format!("hidden size {hidden}")) && e.contains("has 32") && e.contains("--base"), "{e}");
     // A checkpoint that records another vocabulary.
     let ck2 = st.dir.path().join("ckpt_vocab");
     project_checkpoint(
         &st.cfg,
         &ck2,
-        Some(serde_json::json!({"base_config": {"vocab_size": 32064, "hidden_size": 64}})),
+        Some(serde_json::json!({"base_config": {"vocab_size": 32064, "hidden_size": hidden}})),
     );
     let e = predict(&["--checkpoint", &s(&ck2), "--image", &s(&good), "--question", Q, "--out", &s(&out)]).unwrap_err();
     let e = format!("{e:#}");
