@@ -4,7 +4,10 @@
 //! (the gap is how much the answers use the image) and greedy position accuracy.
 //! `PRS_PROBE_ORACLE=1` adds the true position class as a constant to every image token:
 //! if the loss then drops but not without it, the LLM can route image information and the
-//! vision features are what lacks position.
+//! vision features are what lacks position. `=lesion` marks the image tokens the mask covers
+//! (no position); `=lesion_col` / `=lesion_row` also give those tokens their column's / row's
+//! side. The oracles enter the losses only: greedy accuracy is measured without them, so with
+//! an oracle compare the validation loss, not the accuracy.
 //! `PRS_PROBE_TF=1` also prints the teacher-forced accuracy on the position words.
 //! `PRS_PROBE_POSW=W` weighs the position words W times in the training loss.
 //! `PRS_PROBE_LINEAR=1` instead fits a linear classifier of the position on the frozen CLIP
@@ -26,9 +29,6 @@ fn main() -> anyhow::Result<()> {
     let steps: usize = args[3].parse()?;
     let cfg = prs::config::Config::parse(&text, &args[4..])?;
     let dev = Device::Cpu;
-    // PRS_PROBE_ORACLE=1 (or "class"): the true class on every image token; "lesion": a lesion
-    // indicator on the tokens the mask covers (no position); "lesion_col": the same plus the
-    // column's side (+-1) on those tokens; "lesion_row": plus the row's side.
     let oracle = std::env::var("PRS_PROBE_ORACLE").ok();
     let m = load_prs_med(&cfg, &LoadOptions { device: dev.clone(), dtype: DType::F32, mode: Mode::Train, checkpoint: None, seed: 1 })?;
     let prep = prepare(args[2].as_ref(), &PrepareOptions::default())?;
@@ -49,36 +49,9 @@ fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let lm_loss = |mb: &prs::model::prs_med::ModelBatch| -> anyhow::Result<Tensor> {
         let mut img = m.encode_image(&mb.clip_pixels)?;
-        if let Some(kind) = oracle.as_deref().filter(|k| k.starts_with("lesion")) {
-            // Token grid coverage of the mask: (B,1,S,S) -> (B,g*g) with g the CLIP grid side.
+        if let Some(kind) = oracle.as_deref() {
             let (bb, n, hd) = img.dims3()?;
-            let g = (n as f64).sqrt() as usize;
-            let masks = mb.masks.as_ref().expect("training batch has masks");
-            let s = masks.dim(2)?;
-            let cover = masks.avg_pool2d(s / g)?.flatten_from(1)?.to_vec2::<f32>()?;
-            let mut v = vec![0f32; bb * n * hd];
-            for (i, row) in cover.iter().enumerate() {
-                for (k, &c) in row.iter().enumerate() {
-                    if c > 0.25 {
-                        v[(i * n + k) * hd] = 3.0;
-                        let side = |x: usize| if x < g / 2 { -3.0 } else { 3.0 };
-                        match kind {
-                            "lesion_col" => v[(i * n + k) * hd + 1] = side(k % g),
-                            "lesion_row" => v[(i * n + k) * hd + 1] = side(k / g),
-                            _ => {}
-                        }
-                    }
-                }
-            }
-            img = (img + Tensor::from_vec(v, (bb, n, hd), &dev)?)?;
-        } else if oracle.is_some() {
-            let (bb, n, hd) = img.dims3()?;
-            let mut v = vec![0f32; bb * n * hd];
-            for (i, p) in mb.prompts.iter().enumerate() {
-                let text = b.tokenizer.decode(&p.answer, true).map_err(anyhow::Error::msg)?;
-                let c = parse_position(&text) as usize;
-                for k in 0..n { v[(i * n + k) * hd + c] = 3.0; }
-            }
+            let v = oracle_offsets(kind, mb, &b, (bb, n, hd))?;
             img = (img + Tensor::from_vec(v, (bb, n, hd), &dev)?)?;
         }
         let inp = m.llm_inputs(&mb.prompts, &img, true)?;
@@ -174,6 +147,45 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What `PRS_PROBE_ORACLE=kind` adds to the (B, N, H) image embeddings, flattened. Every
+/// kind sets at most two channels per token to +-3.
+fn oracle_offsets(
+    kind: &str,
+    mb: &prs::model::prs_med::ModelBatch,
+    b: &SampleBuilder,
+    (bb, n, hd): (usize, usize, usize),
+) -> anyhow::Result<Vec<f32>> {
+    let mut v = vec![0f32; bb * n * hd];
+    if !kind.starts_with("lesion") {
+        // The true class, read from the answer, on every token.
+        for (i, p) in mb.prompts.iter().enumerate() {
+            let text = b.tokenizer.decode(&p.answer, true).map_err(anyhow::Error::msg)?;
+            let c = parse_position(&text) as usize;
+            for k in 0..n {
+                v[(i * n + k) * hd + c] = 3.0;
+            }
+        }
+        return Ok(v);
+    }
+    // Mask coverage per token of the g x g CLIP grid: (B,1,S,S) -> (B, g*g).
+    let g = (n as f64).sqrt() as usize;
+    let masks = mb.masks.as_ref().expect("training batch has masks");
+    let cover = masks.avg_pool2d(masks.dim(2)? / g)?.flatten_from(1)?.to_vec2::<f32>()?;
+    let side = |x: usize| if x < g / 2 { -3.0 } else { 3.0 };
+    for (i, row) in cover.iter().enumerate() {
+        for (k, _) in row.iter().enumerate().filter(|(_, &c)| c > 0.25) {
+            let t = (i * n + k) * hd;
+            v[t] = 3.0;
+            match kind {
+                "lesion_col" => v[t + 1] = side(k % g),
+                "lesion_row" => v[t + 1] = side(k / g),
+                _ => {}
+            }
+        }
+    }
+    Ok(v)
 }
 
 /// Softmax regression of the position class on the standardised, flattened CLIP features.
