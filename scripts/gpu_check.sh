@@ -99,7 +99,7 @@ run() {
           --checkpointing both --seq-len 640 --measure --json --emit-config "$out/recommended.toml" >"$out/profile-memory.json"
         head -c 4000 "$out/profile-memory.json"; echo ;;
       demo)
-        if step demo 150 prs demo --out "$work/demo" --tokenizer "$DIST/tokenizer.model.v1"; then
+        if step demo 150 prs demo --device cuda --out "$work/demo" --tokenizer "$DIST/tokenizer.model.v1"; then
           cp "$work/demo/run/curves.png" "$out/demo-curves.png" 2>/dev/null
           cp "$work/demo/run/metrics.jsonl" "$out/demo-metrics.jsonl" 2>/dev/null
           cp "$(find "$work/demo/predict" -name overlay.png | head -1)" "$out/demo-overlay.png" 2>/dev/null

@@ -326,3 +326,45 @@ fn the_tiny_model_learns() {
     assert!(last < 0.75 * first, "loss did not fall: {first} -> {last}");
     assert!(d1 > d0 + 0.1 && d1 > 1.5 * d0, "Dice did not rise: {d0} -> {d1}");
 }
+
+#[test]
+fn the_demo_runs_every_stage_on_the_cpu_and_refuses_an_existing_folder() {
+    // `prs demo` end to end, shortened through its `--set` overrides: init, synth-data,
+    // finetune, evaluate and predict, each leaving its files.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let sets = ["train.max_steps=2", "train.warmup_steps=0", "train.eval_every=2", "train.max_eval_samples=4"];
+    let mut cmd = prs();
+    cmd.args(["demo", "--out", out.to_str().unwrap(), "--train-images", "2"]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let res = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(res.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&res.stderr));
+    assert!(stdout.contains("compute F32 on Cpu"), "the demo's default device is the CPU:\n{stdout}");
+    let last = stdout.lines().rev().find(|l| l.starts_with("demo finished")).expect("a final line");
+    assert!(last.contains("held-out test Dice") && last.contains("position accuracy"), "{last}");
+    for f in ["tiny.toml", "run/curves.png", "run/metrics.jsonl", "run/best", "eval/summary.json", "eval/summary.md"] {
+        assert!(out.join(f).exists(), "missing {f}");
+    }
+    let overlays = walk(&out.join("predict")).into_iter().filter(|p| p.ends_with("overlay.png")).count();
+    assert_eq!(overlays, 1, "one predicted image");
+    // A second run into the same folder stops before touching it.
+    let again = prs().args(["demo", "--out", out.to_str().unwrap()]).output().unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains(&format!("{} exists", out.display())));
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

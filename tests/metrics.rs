@@ -659,6 +659,32 @@ fn position_confusion_and_mask_rule() {
 }
 
 #[test]
+fn dataset_positions_map_onto_answer_labels() {
+    use prs::data::position::{position_and_nearness, Position};
+    // Every dataset position is the answer label its words parse to, under the same name.
+    for p in Position::ALL {
+        let label = L::from(p);
+        assert_eq!(label.as_str(), p.label());
+        assert_eq!(parse_position(&format!("The lesion is at the {p} of the image.")), label);
+    }
+    // The boolean-mask and image forms of the position rule agree on random boxes,
+    // nearness flag included (one implementation behind both).
+    let mut rng = StdRng::seed_from_u64(7);
+    let (h, w) = (23, 31);
+    for _ in 0..200 {
+        let (r0, c0) = (rng.gen_range(0..h), rng.gen_range(0..w));
+        let (r1, c1) = (rng.gen_range(r0..h), rng.gen_range(c0..w));
+        let mask: Vec<bool> =
+            (0..h * w).map(|i| (r0..=r1).contains(&(i / w)) && (c0..=c1).contains(&(i % w))).collect();
+        let img = image::GrayImage::from_fn(w as u32, h as u32, |x, y| {
+            image::Luma([if mask[y as usize * w + x as usize] { 255 } else { 0 }])
+        });
+        let (p, near) = position_and_nearness(&img).unwrap();
+        assert_eq!(position_from_mask(&mask, h, w), (L::from(p), near));
+    }
+}
+
+#[test]
 fn prsmed_load_gray_u8() {
     let dir = tempfile::tempdir().unwrap();
     let grey: Vec<u8> = (0..12).map(|i| (i * 20) as u8).collect();

@@ -26,7 +26,7 @@ use serde::Serialize;
 use super::predict::{
     finished, predict_items, progress, unique_ids, write_predictions_csv, GenArgs, Item, PredictOptions,
 };
-use crate::data::dataset::{check_rows, load_mask, read_rows, DatasetOptions, Position, Row, Split};
+use crate::data::dataset::{check_rows, load_mask, read_rows, DatasetOptions, Row, Split};
 use crate::data::preprocess::load_image;
 use crate::infer::{load_model, ModelArgs};
 use crate::metrics::hd95::hd95;
@@ -188,16 +188,6 @@ fn prediction_candidates(root: &Path, id: &str, row: &Row, data_root: &Path) -> 
     c
 }
 
-fn position_label(p: Position) -> PositionLabel {
-    match p {
-        Position::Center => PositionLabel::Center,
-        Position::TopLeft => PositionLabel::TopLeft,
-        Position::TopRight => PositionLabel::TopRight,
-        Position::BottomLeft => PositionLabel::BottomLeft,
-        Position::BottomRight => PositionLabel::BottomRight,
-    }
-}
-
 /// Rows of the split, checked (files decode, sizes agree).
 fn split_rows(args: &EvaluateArgs) -> Result<Vec<Row>> {
     let split =
@@ -319,7 +309,7 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (i, ((row, s), answer)) in rows.iter().zip(&scored).zip(&answers).enumerate() {
         let sc = crate::metrics::ImageScores::from_confusion(&s.conf, policy);
-        let truth = row.position.map(position_label);
+        let truth = row.position.map(PositionLabel::from);
         let pred = answer.as_deref().map(parse_position);
         cases.push(CaseRow {
             id: ids[i].clone(),
@@ -349,7 +339,7 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         for &i in idx {
             acc.push_confusion(&scored[i].conf);
             if let (Some(t), Some(a)) = (rows[i].position, &answers[i]) {
-                conf.add(position_label(t), parse_position(a));
+                conf.add(t.into(), parse_position(a));
             }
         }
         let hd: Option<Vec<f64>> = idx.iter().map(|&i| scored[i].hd95).collect();

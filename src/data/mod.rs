@@ -3,5 +3,6 @@
 pub mod preprocess;
 pub mod sample;
 pub mod dataset;
+pub mod position;
 pub mod loader;
 pub mod synth;

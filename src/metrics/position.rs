@@ -17,6 +17,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::position::{position_of_rows, Position};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PositionLabel {
@@ -54,6 +56,19 @@ impl PositionLabel {
             Self::BottomLeft => "bottom left",
             Self::BottomRight => "bottom right",
             Self::None => "none",
+        }
+    }
+}
+
+/// A dataset position is one of the first five labels.
+impl From<Position> for PositionLabel {
+    fn from(p: Position) -> Self {
+        match p {
+            Position::Center => Self::Center,
+            Position::TopLeft => Self::TopLeft,
+            Position::TopRight => Self::TopRight,
+            Position::BottomLeft => Self::BottomLeft,
+            Position::BottomRight => Self::BottomRight,
         }
     }
 }
@@ -195,37 +210,14 @@ pub fn parse_position(text: &str) -> PositionLabel {
     }
 }
 
-/// The dataset's position rule (section 5): "center" when the mask's bounding box contains the
-/// pixel (w // 2, h // 2), else the quadrant of the box centre ((min + max) // 2, halves split
-/// with `<` / `>=` at the image centre). Returns `None` for an empty mask, plus the dataset's
-/// "near the center" flag (box centre closer than 0.2 * w to the image centre).
+/// The dataset's position rule (section 5, [`crate::data::position::position_and_nearness`]) on a row-major `h` x `w`
+/// boolean mask: the label (`None` for an empty mask) and the "near the center" flag.
 pub fn position_from_mask(mask: &[bool], h: usize, w: usize) -> (PositionLabel, bool) {
     assert_eq!(mask.len(), h * w, "position_from_mask: mask length != h*w");
-    let (mut r0, mut r1, mut c0, mut c1) = (usize::MAX, 0, usize::MAX, 0);
-    for (i, _) in mask.iter().enumerate().filter(|(_, &m)| m) {
-        let (r, c) = (i / w, i % w);
-        r0 = r0.min(r);
-        r1 = r1.max(r);
-        c0 = c0.min(c);
-        c1 = c1.max(c);
+    match position_of_rows(mask, w, h, |&m| m) {
+        Some((p, near)) => (p.into(), near),
+        None => (PositionLabel::None, false),
     }
-    if r0 == usize::MAX {
-        return (PositionLabel::None, false);
-    }
-    let (cx, cy) = (w / 2, h / 2);
-    if (c0..=c1).contains(&cx) && (r0..=r1).contains(&cy) {
-        return (PositionLabel::Center, true);
-    }
-    let (bx, by) = ((c0 + c1) / 2, (r0 + r1) / 2);
-    let (dx, dy) = (bx as f64 - cx as f64, by as f64 - cy as f64);
-    let near = (dx * dx + dy * dy).sqrt() < 0.2 * w as f64;
-    let label = match (by < cy, bx < cx) {
-        (true, true) => PositionLabel::TopLeft,
-        (true, false) => PositionLabel::TopRight,
-        (false, true) => PositionLabel::BottomLeft,
-        (false, false) => PositionLabel::BottomRight,
-    };
-    (label, near)
 }
 
 /// Confusion matrix over the six labels: `counts[truth][predicted]` in [`PositionLabel::ALL`] order.

@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::data::dataset::{prepare, PrepareOptions, Row};
 use crate::data::loader::{BatchPlan, Loader, LoaderOptions, PlanConfig};
 use crate::data::sample::{collate, PreparedSample, SampleBuilder};
-use crate::metrics::position::parse_position;
+use crate::metrics::position::{parse_position, PositionLabel};
 use crate::metrics::seg::{Confusion, EmptyPolicy, ImageScores};
 use crate::model::load::{load_prs_med, LoadOptions, Mode};
 use crate::model::prs_med::{LossNorm, LossWeights, PrsMed};
@@ -502,7 +502,7 @@ pub fn evaluate(model: &PrsMed, builder: &SampleBuilder, rows: &[Row], cfg: &Con
             one.prompts[0].answer.clear();
             let (_, ids) = model.predict_greedy(&one, 32)?;
             let text = builder.tokenizer.decode(&ids, true).map_err(|e| anyhow::anyhow!("decoding an answer: {e}"))?;
-            let truth = r.position.map(|p| parse_position(&p.to_string()));
+            let truth = r.position.map(PositionLabel::from);
             if truth.is_some_and(|t| t == parse_position(&text)) {
                 correct += 1;
             }
