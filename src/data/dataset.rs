@@ -1,4 +1,4 @@
-//! Dataset rows: reading the authors' PosMed layout or a plain CSV, the position rule, the
+//! Dataset rows: reading the authors' PosMed layout or a plain CSV (positions: [`super::position`]), the
 //! train/val split and the up-front validation of every row (all problems reported at once,
 //! before any GPU time is spent).
 //!
