@@ -160,13 +160,9 @@ fn states_absence(words: &[&str]) -> bool {
     })
 }
 
+/// `v` is a vertical word, `h` a horizontal one.
 fn quadrant(v: Word, h: Word) -> PositionLabel {
-    match (v, h) {
-        (Word::Top, Word::Left) => PositionLabel::TopLeft,
-        (Word::Top, Word::Right) => PositionLabel::TopRight,
-        (Word::Bottom, Word::Left) => PositionLabel::BottomLeft,
-        _ => PositionLabel::BottomRight,
-    }
+    Position::quadrant(v == Word::Top, h == Word::Left).into()
 }
 
 /// Parses an answer (or the dataset's `position` sentence) into a label; rules in module docs.
@@ -210,8 +206,9 @@ pub fn parse_position(text: &str) -> PositionLabel {
     }
 }
 
-/// The dataset's position rule (section 5, [`crate::data::position::position_and_nearness`]) on a row-major `h` x `w`
-/// boolean mask: the label (`None` for an empty mask) and the "near the center" flag.
+/// The dataset's position rule (section 5, [`crate::data::position::position_and_nearness`])
+/// on a row-major `h` x `w` boolean mask: the label (`None` for an empty mask) and the "near
+/// the center" flag.
 pub fn position_from_mask(mask: &[bool], h: usize, w: usize) -> (PositionLabel, bool) {
     assert_eq!(mask.len(), h * w, "position_from_mask: mask length != h*w");
     match position_of_rows(mask, w, h, |&m| m) {
