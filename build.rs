@@ -17,11 +17,6 @@ mod cuda {
         println!("cargo::rerun-if-changed=kernels");
         // One PTX file per kernel source, OUT_DIR/<stem>.ptx. No fast-math: the kernels match
         // the CPU reference operation for operation.
-        cudaforge::KernelBuilder::new()
-            .source_dir("kernels")
-            .arg("-std=c++17")
-            .arg("-O3")
-            .build_ptx()
-            .map(|_| ())
+        cudaforge::KernelBuilder::new().source_dir("kernels").arg("-std=c++17").arg("-O3").build_ptx().map(|_| ())
     }
 }

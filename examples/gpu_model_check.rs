@@ -71,7 +71,14 @@ fn step(m: &PrsMed, batch: &ModelBatch, seed: u64) -> Result<([Tensor; 4], GradS
 
 /// Compares the loss parts and each trained tensor's gradient (GPU against CPU).
 /// Returns the keys whose gradient is near zero (rounding noise on both devices).
-fn compare_step(rep: &mut Report, tag: &str, cpu: &PrsMed, gpu: &PrsMed, bc: &ModelBatch, bg: &ModelBatch) -> Result<Vec<String>> {
+fn compare_step(
+    rep: &mut Report,
+    tag: &str,
+    cpu: &PrsMed,
+    gpu: &PrsMed,
+    bc: &ModelBatch,
+    bg: &ModelBatch,
+) -> Result<Vec<String>> {
     let (lc, gc) = step(cpu, bc, 7)?;
     let (lg, gg) = step(gpu, bg, 7)?;
     for (name, (a, b)) in ["total", "seg", "lm", "cls"].iter().zip(lg.iter().zip(&lc)) {
@@ -93,7 +100,10 @@ fn compare_step(rep: &mut Report, tag: &str, cpu: &PrsMed, gpu: &PrsMed, bc: &Mo
     for (key, g, c, top) in &pairs {
         if *top < 1e-6 * largest && rel(g, c)?.is_finite() {
             tiny.push(key.clone());
-            let d = (g.to_device(&Device::Cpu)?.to_dtype(DType::F64)? - c.to_dtype(DType::F64)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            let d = (g.to_device(&Device::Cpu)?.to_dtype(DType::F64)? - c.to_dtype(DType::F64)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f64>()?;
             worst_abs = worst_abs.max(d / largest);
         } else {
             let e = rel(g, c)?;
@@ -147,7 +157,8 @@ fn main() -> Result<()> {
     // Three optimizer steps on each device, then what they changed: the update, not the
     // weights (an update of lr-size would hide inside a tolerance on the weights). Tensors
     // whose gradient is rounding noise are left out: Adam normalises noise to a full step.
-    let before: Vec<Tensor> = cpu.trained.weights().iter().map(|p| p.var.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
+    let before: Vec<Tensor> =
+        cpu.trained.weights().iter().map(|p| p.var.as_tensor().copy()).collect::<candle_core::Result<_>>()?;
     let adam = AdamWConfig { lr: 1e-3, ..AdamWConfig::default() };
     let mut oc = AdamW::new(cpu.trained.weights(), adam.clone())?;
     let mut og = AdamW::new(gpu.trained.weights(), adam)?;
@@ -167,7 +178,11 @@ fn main() -> Result<()> {
             worst = (e, format!("{}/{}", pg.group, pg.key));
         }
     }
-    rep.check(&format!("updates of 3 AdamW steps, {} tensors (worst {})", before.len() - near_zero.len(), worst.1), worst.0, 2e-2);
+    rep.check(
+        &format!("updates of 3 AdamW steps, {} tensors (worst {})", before.len() - near_zero.len(), worst.1),
+        worst.0,
+        2e-2,
+    );
 
     // Greedy prediction of one sample.
     let one = |b: &ModelBatch| -> Result<ModelBatch> {

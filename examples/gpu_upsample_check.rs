@@ -58,21 +58,33 @@ impl Report {
         if !ok {
             self.failures += 1;
         }
-        println!("{:<58} max rel {:>9.2e} (tol {:.1e}), {:>8} differ  {}", what, rel, tol, differ, if ok { "ok" } else { "FAIL" });
+        println!(
+            "{:<58} max rel {:>9.2e} (tol {:.1e}), {:>8} differ  {}",
+            what,
+            rel,
+            tol,
+            differ,
+            if ok { "ok" } else { "FAIL" }
+        );
     }
 }
 
 fn correctness(gpu: &Device, rep: &mut Report) -> Result<()> {
     // (b, c, h, w, factor): the mask head's case, odd sizes, batch/channels > 1, widths whose
     // output is not a whole number of 16-byte vectors (scalar kernels), a single pixel.
-    let cases = [(2, 1, 64, 64, 16), (3, 2, 7, 5, 16), (1, 1, 9, 13, 3), (2, 3, 5, 11, 5), (1, 1, 1, 1, 16), (4, 1, 33, 17, 2)];
+    let cases =
+        [(2, 1, 64, 64, 16), (3, 2, 7, 5, 16), (1, 1, 9, 13, 3), (2, 3, 5, 11, 5), (1, 1, 1, 1, 16), (4, 1, 33, 17, 2)];
     for (i, &(b, c, h, w, f)) in cases.iter().enumerate() {
         for dt in [DType::F16, DType::BF16, DType::F32, DType::F64] {
             let tag = format!("{b}x{c}x{h}x{w} f{f} {dt:?}");
             let xc = random((b, c, h, w), dt, 7 + i as u64, &Device::Cpu)?;
             let xg = xc.to_device(gpu)?;
             let tol = eps(dt);
-            rep.check(&format!("forward {tag}"), compare(&upsample_bilinear_ac(&xg, f)?, &upsample_bilinear_ac(&xc, f)?)?, tol);
+            rep.check(
+                &format!("forward {tag}"),
+                compare(&upsample_bilinear_ac(&xg, f)?, &upsample_bilinear_ac(&xc, f)?)?,
+                tol,
+            );
             let gc = random((b, c, h * f, w * f), dt, 100 + i as u64, &Device::Cpu)?;
             let gg = gc.to_device(gpu)?;
             rep.check(
@@ -162,7 +174,10 @@ fn fused_ops(gpu: &Device, rep: &mut Report) -> Result<()> {
             let (g, u) = (Var::from_tensor(&gate.to_device(dev)?)?, Var::from_tensor(&up.to_device(dev)?)?);
             let y = prs::nn::fused::silu_mul(g.as_tensor(), u.as_tensor())?;
             let grads = (y.to_dtype(DType::F32)? * r.to_device(dev)?)?.sum_all()?.backward()?;
-            let (dg, du) = (grads.get(g.as_tensor()).expect("gradient").clone(), grads.get(u.as_tensor()).expect("gradient").clone());
+            let (dg, du) = (
+                grads.get(g.as_tensor()).expect("gradient").clone(),
+                grads.get(u.as_tensor()).expect("gradient").clone(),
+            );
             runs.push((y, dg, du));
         }
         // silu's backward goes through exp, whose CUDA and CPU versions differ by an ulp or two.
@@ -222,11 +237,14 @@ fn time(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<Tensor>) -> Re
 fn bench(gpu: &Device) -> Result<()> {
     println!("\n{:<44} {:>10} {:>10} {:>9}", "timing (median of 20)", "ms", "GB/s", "% copy");
     // The mask head (B x 1 x 64 x 64 -> 1024 x 1024, f16) and gpu.md's earlier naive-kernel case.
-    for &(b, h, w, f, dt) in &[(64, 64, 64, 16, DType::F16), (64, 512, 512, 2, DType::F16), (16, 64, 64, 16, DType::F32)] {
+    for &(b, h, w, f, dt) in
+        &[(64, 64, 64, 16, DType::F16), (64, 512, 512, 2, DType::F16), (16, 64, 64, 16, DType::F32)]
+    {
         let x = random((b, 1, h, w), dt, 1, gpu)?;
         let y = upsample_bilinear_ac(&x, f)?;
         let g = random((b, 1, h * f, w * f), dt, 2, gpu)?;
-        let (in_b, out_b) = ((x.elem_count() * dt.size_in_bytes()) as f64, (y.elem_count() * dt.size_in_bytes()) as f64);
+        let (in_b, out_b) =
+            ((x.elem_count() * dt.size_in_bytes()) as f64, (y.elem_count() * dt.size_in_bytes()) as f64);
         let copy = time(gpu, 20, || Ok(y.copy()?))?;
         let copy_bw = 2.0 * out_b / copy;
         let row = |name: &str, secs: f64, bytes: f64| {
@@ -240,7 +258,11 @@ fn bench(gpu: &Device) -> Result<()> {
         let wide_b = in_b + (y.elem_count() * 4) as f64;
         row(&format!("kernel fwd -> f32 {tag}"), time(gpu, 20, || upsample_bilinear_ac_wide(&x, f))?, wide_b);
         row(&format!("kernel fwd + sigmoid {tag}"), time(gpu, 20, || upsample_sigmoid(&x, f))?, in_b + out_b);
-        row(&format!("kernel fwd + mask u8 {tag}"), time(gpu, 20, || upsample_mask(&x, f, 0.5))?, in_b + y.elem_count() as f64);
+        row(
+            &format!("kernel fwd + mask u8 {tag}"),
+            time(gpu, 20, || upsample_mask(&x, f, 0.5))?,
+            in_b + y.elem_count() as f64,
+        );
         row(&format!("kernel bwd {tag}"), time(gpu, 20, || upsample_bilinear_ac_backward(&g, f))?, in_b + out_b);
     }
     // Dropout of a LoRA input at batch 8 (8 x 640 x 4096 bf16): one read, one write.

@@ -30,19 +30,37 @@ fn main() -> anyhow::Result<()> {
     let cfg = prs::config::Config::parse(&text, &args[4..])?;
     let dev = Device::Cpu;
     let oracle = std::env::var("PRS_PROBE_ORACLE").ok();
-    let m = load_prs_med(&cfg, &LoadOptions { device: dev.clone(), dtype: DType::F32, mode: Mode::Train, checkpoint: None, seed: 1 })?;
+    let m = load_prs_med(
+        &cfg,
+        &LoadOptions { device: dev.clone(), dtype: DType::F32, mode: Mode::Train, checkpoint: None, seed: 1 },
+    )?;
     let prep = prepare(args[2].as_ref(), &PrepareOptions::default())?;
     let tok = prs::tokenizer::load(cfg.model.base.as_ref())?;
     let clip = m.spec.llava.vision_config()?.image_size;
-    let b = SampleBuilder { tokenizer: tok.into(), template: cfg.prompt.template.clone(), clip_size: clip, sam_size: cfg.model.sam_image_size };
+    let b = SampleBuilder {
+        tokenizer: tok.into(),
+        template: cfg.prompt.template.clone(),
+        clip_size: clip,
+        sam_size: cfg.model.sam_image_size,
+    };
     let train: Vec<PreparedSample> = prep.train.iter().map(|r| b.prepare(r, true)).collect::<anyhow::Result<_>>()?;
     let val_rows = &prep.val;
-    let val: Vec<PreparedSample> = val_rows.iter().take(40).map(|r| b.prepare(r, true)).collect::<anyhow::Result<_>>()?;
-    let params: Vec<_> = m.trained.weights().into_iter().filter(|p| p.group == "lora" || p.group == "mm_projector").collect();
+    let val: Vec<PreparedSample> =
+        val_rows.iter().take(40).map(|r| b.prepare(r, true)).collect::<anyhow::Result<_>>()?;
+    let params: Vec<_> =
+        m.trained.weights().into_iter().filter(|p| p.group == "lora" || p.group == "mm_projector").collect();
     let n: usize = params.iter().map(|p| p.var.elem_count()).sum();
     println!("trained tensors {} ({n} values), train {} val {}", params.len(), train.len(), val.len());
     let tc = &cfg.train;
-    let mut opt = AdamW::new(params, AdamWConfig { lr: tc.learning_rate, max_grad_norm: Some(tc.max_grad_norm), weight_decay: 0.0, ..Default::default() })?;
+    let mut opt = AdamW::new(
+        params,
+        AdamWConfig {
+            lr: tc.learning_rate,
+            max_grad_norm: Some(tc.max_grad_norm),
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
     let bs = tc.batch_size;
     // Cosine without warm-up; `lr_at(step)` for the 1-based step ends at the minimum.
     let schedule = prs::train::schedule::LrSchedule::cosine(tc.learning_rate, tc.min_learning_rate, 0, steps as u64);
@@ -83,7 +101,11 @@ fn main() -> anyhow::Result<()> {
             .iter()
             .map(|t| {
                 let w = b.tokenizer.decode(&[*t], true).unwrap_or_default();
-                if ["top", "bottom", "left", "right", "center"].contains(&w.trim()) { posw } else { 1.0 }
+                if ["top", "bottom", "left", "right", "center"].contains(&w.trim()) {
+                    posw
+                } else {
+                    1.0
+                }
             })
             .collect();
         let wsum: f32 = w.iter().sum();
@@ -130,7 +152,8 @@ fn main() -> anyhow::Result<()> {
                     one.prompts[0].answer.clear();
                     let (_, ids) = m.predict_greedy(&one, 24)?;
                     let text = b.tokenizer.decode(&ids, true).map_err(anyhow::Error::msg)?;
-                    let truth = parse_position(&b.tokenizer.decode(&s.prompt.answer, true).map_err(anyhow::Error::msg)?);
+                    let truth =
+                        parse_position(&b.tokenizer.decode(&s.prompt.answer, true).map_err(anyhow::Error::msg)?);
                     if parse_position(&text) == truth {
                         correct += 1;
                     }
@@ -233,7 +256,12 @@ fn linear_probe(
         let loss = candle_nn::loss::cross_entropy(&logits, &yt)?;
         candle_nn::Optimizer::backward_step(&mut opt, &loss)?;
         if step % 100 == 0 || step == steps {
-            println!("step {step} loss {:.3} train acc {:.3} val acc {:.3}", loss.to_scalar::<f32>()?, acc(&xt, &yt)?, acc(&xv, &yv)?);
+            println!(
+                "step {step} loss {:.3} train acc {:.3} val acc {:.3}",
+                loss.to_scalar::<f32>()?,
+                acc(&xt, &yt)?,
+                acc(&xv, &yv)?
+            );
         }
     }
     Ok(())

@@ -13,12 +13,21 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let mut cfg = prs::config::Config::load("configs/tiny.toml".as_ref())?;
     cfg.model.base = args[1].clone();
-    let m = load_prs_med(&cfg, &LoadOptions { device: Device::Cpu, dtype: DType::F32, mode: Mode::Train, checkpoint: None, seed: 1 })?;
+    let m = load_prs_med(
+        &cfg,
+        &LoadOptions { device: Device::Cpu, dtype: DType::F32, mode: Mode::Train, checkpoint: None, seed: 1 },
+    )?;
     let prep = prepare(args[2].as_ref(), &PrepareOptions::default())?;
     let tok = prs::tokenizer::load(cfg.model.base.as_ref())?;
-    let b = SampleBuilder { tokenizer: tok.into(), template: cfg.prompt.template.clone(), clip_size: 112, sam_size: cfg.model.sam_image_size };
+    let b = SampleBuilder {
+        tokenizer: tok.into(),
+        template: cfg.prompt.template.clone(),
+        clip_size: 112,
+        sam_size: cfg.model.sam_image_size,
+    };
     let t = Instant::now();
-    let s: Vec<PreparedSample> = prep.train.iter().take(16).map(|r| b.prepare(r, true)).collect::<anyhow::Result<_>>()?;
+    let s: Vec<PreparedSample> =
+        prep.train.iter().take(16).map(|r| b.prepare(r, true)).collect::<anyhow::Result<_>>()?;
     println!("prepare 16 samples: {:.3}s", t.elapsed().as_secs_f64());
     let items: Vec<&PreparedSample> = s.iter().collect();
     let mb = collate(&items, &Device::Cpu)?;

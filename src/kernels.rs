@@ -123,7 +123,11 @@ pub fn upsample_fwd(s: &CudaStorage, l: &Layout, d: UpsampleDims, ep: Epilogue) 
     let (name, per_thread) = if (d.w * d.factor) % vec == 0 { (root + "_v", vec) } else { (root + "_s", 1) };
     let blocks = (n_out / per_thread).div_ceil(THREADS as usize);
     let cfg = LaunchConfig {
-        grid_dim: (u32::try_from(blocks).map_err(|_| candle_core::Error::Msg("mask upsample: output too large".into()))?, 1, 1),
+        grid_dim: (
+            u32::try_from(blocks).map_err(|_| candle_core::Error::Msg("mask upsample: output too large".into()))?,
+            1,
+            1,
+        ),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -162,7 +166,11 @@ pub fn upsample_bwd(s: &CudaStorage, l: &Layout, d: UpsampleDims, span: usize) -
     }
     let blocks = d.planes * d.h * d.w.div_ceil(BWD_TILE);
     let cfg = LaunchConfig {
-        grid_dim: (u32::try_from(blocks).map_err(|_| candle_core::Error::Msg("mask upsample grad: input too large".into()))?, 1, 1),
+        grid_dim: (
+            u32::try_from(blocks).map_err(|_| candle_core::Error::Msg("mask upsample grad: input too large".into()))?,
+            1,
+            1,
+        ),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem as u32,
     };

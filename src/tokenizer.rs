@@ -36,8 +36,7 @@ pub const PAD_ID: u32 = UNK_ID;
 /// The image placeholder in the prompt; its tokens are replaced by the projected image vectors.
 pub const IMAGE_MARKER: &str = "<image>";
 /// The PRS-Med authors' training prompt. The inference prompt is the text before `{answer}`.
-pub const DEFAULT_PROMPT_TEMPLATE: &str =
-    "<image>\n### User: {question} \n### Assistant: \n{answer}";
+pub const DEFAULT_PROMPT_TEMPLATE: &str = "<image>\n### User: {question} \n### Assistant: \n{answer}";
 
 const SPIECE_UNDERLINE: &str = "▁";
 /// A private-use character: absent from the vocabulary, so byte fallback turns it into byte tokens
@@ -51,47 +50,25 @@ fn tk<T>(r: tokenizers::Result<T>) -> Result<T> {
 /// Converts a SentencePiece BPE model file (e.g. LLaVA-Med's `tokenizer.model`) into a `tokenizers`
 /// tokenizer, following the verified recipe of reference section 7.
 pub fn from_sentencepiece(path: &Path) -> Result<Tokenizer> {
-    let bytes = std::fs::read(path).with_context(|| {
-        format!(
-            "cannot read SentencePiece tokenizer model {}",
-            path.display()
-        )
-    })?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read SentencePiece tokenizer model {}", path.display()))?;
     let spm = SentencePieceModel::from_slice(&bytes).map_err(|e| {
-        anyhow!(
-            "{} is not a valid SentencePiece model (protobuf decode failed: {e}); re-download it",
-            path.display()
-        )
+        anyhow!("{} is not a valid SentencePiece model (protobuf decode failed: {e}); re-download it", path.display())
     })?;
-    let bad = |why: String| {
-        anyhow!(
-            "{} is not a usable SentencePiece BPE model: {why}",
-            path.display()
-        )
-    };
+    let bad = |why: String| anyhow!("{} is not a usable SentencePiece BPE model: {why}", path.display());
     let pieces = spm.pieces();
     if pieces.is_empty() {
-        return Err(bad(
-            "it has no pieces (corrupt or not a tokenizer.model)".into()
-        ));
+        return Err(bad("it has no pieces (corrupt or not a tokenizer.model)".into()));
     }
     let trainer = spm.trainer().ok_or_else(|| bad("no trainer_spec".into()))?;
     if trainer.model_type() != sentencepiece_model::ModelType::Bpe {
-        return Err(bad(format!(
-            "model type {:?}, only BPE is supported",
-            trainer.model_type()
-        )));
+        return Err(bad(format!("model type {:?}, only BPE is supported", trainer.model_type())));
     }
-    let (add_dummy_prefix, byte_fallback) = (
-        spm.normalizer().is_none_or(|n| n.add_dummy_prefix()),
-        trainer.byte_fallback(),
-    );
+    let (add_dummy_prefix, byte_fallback) =
+        (spm.normalizer().is_none_or(|n| n.add_dummy_prefix()), trainer.byte_fallback());
     if let Some(n) = spm.normalizer() {
         // Only the identity normalizer is reproduced; NFKC & co would need the precompiled charsmap.
-        if n.name() != "identity"
-            || !n.precompiled_charsmap().is_empty()
-            || n.remove_extra_whitespaces()
-        {
+        if n.name() != "identity" || !n.precompiled_charsmap().is_empty() || n.remove_extra_whitespaces() {
             return Err(bad(format!(
                 "normalizer '{}' (remove_extra_whitespaces {}) is not supported, only 'identity'",
                 n.name(),
@@ -132,10 +109,7 @@ pub fn from_sentencepiece(path: &Path) -> Result<Tokenizer> {
         .map(|p| p.piece().to_string())
         .ok_or_else(|| bad("no <unk> piece".into()))?;
     let bpe_vocab: Vocab = vocab.iter().map(|(k, &v)| (k.to_string(), v)).collect();
-    let bpe_merges = merges
-        .iter()
-        .map(|&(l, r, _)| (l.to_string(), r.to_string()))
-        .collect();
+    let bpe_merges = merges.iter().map(|&(l, r, _)| (l.to_string(), r.to_string())).collect();
     let bpe = tk(BPE::builder()
         .vocab_and_merges(bpe_vocab, bpe_merges)
         .unk_token(unk)
@@ -176,9 +150,7 @@ pub fn from_sentencepiece(path: &Path) -> Result<Tokenizer> {
         .collect();
     tk(tok.add_tokens(user))?;
 
-    let bos = usize::try_from(trainer.bos_id())
-        .ok()
-        .and_then(|i| pieces.get(i));
+    let bos = usize::try_from(trainer.bos_id()).ok().and_then(|i| pieces.get(i));
     if let Some(bos) = bos {
         let b = bos.piece();
         let post = TemplateProcessing::builder()
@@ -206,10 +178,7 @@ pub fn load(model_dir: &Path) -> Result<Tokenizer> {
     } else if !model_dir.is_dir() {
         bail!("model directory {} does not exist", model_dir.display())
     } else {
-        bail!(
-            "{} has neither tokenizer.json nor tokenizer.model",
-            model_dir.display()
-        )
+        bail!("{} has neither tokenizer.json nor tokenizer.model", model_dir.display())
     };
     check_special_ids(&tok).with_context(|| format!("tokenizer of {}", model_dir.display()))?;
     Ok(tok)
@@ -220,18 +189,13 @@ pub fn load_path(path: &Path) -> Result<Tokenizer> {
     if path.is_dir() {
         return load(path);
     }
-    let tok = if path.extension().is_some_and(|e| e == "json") {
-        load_json(path)?
-    } else {
-        from_sentencepiece(path)?
-    };
+    let tok = if path.extension().is_some_and(|e| e == "json") { load_json(path)? } else { from_sentencepiece(path)? };
     check_special_ids(&tok).with_context(|| format!("tokenizer {}", path.display()))?;
     Ok(tok)
 }
 
 fn load_json(path: &Path) -> Result<Tokenizer> {
-    let mut tok = Tokenizer::from_file(path)
-        .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
+    let mut tok = Tokenizer::from_file(path).map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
     // Not stored in tokenizer.json: re-apply the "special-token text is plain text" rule.
     tok.set_encode_special_tokens(true);
     Ok(tok)
@@ -241,10 +205,7 @@ fn load_json(path: &Path) -> Result<Tokenizer> {
 pub fn check_special_ids(tok: &Tokenizer) -> Result<()> {
     for (piece, want) in [("<unk>", UNK_ID), ("<s>", BOS_ID), ("</s>", EOS_ID)] {
         let got = tok.token_to_id(piece);
-        ensure!(
-            got == Some(want),
-            "{piece} has id {got:?}, expected {want} (not a Mistral/Llama tokenizer?)"
-        );
+        ensure!(got == Some(want), "{piece} has id {got:?}, expected {want} (not a Mistral/Llama tokenizer?)");
     }
     Ok(())
 }
@@ -306,24 +267,14 @@ struct Template<'a> {
 fn parse_template(template: &str) -> Result<Template<'_>> {
     let once = |ph: &str| -> Result<usize> {
         let n = template.matches(ph).count();
-        ensure!(
-            n == 1,
-            "prompt template must contain {ph} exactly once (found {n}): {template:?}"
-        );
+        ensure!(n == 1, "prompt template must contain {ph} exactly once (found {n}): {template:?}");
         Ok(template.find(ph).unwrap_or_default())
     };
     let (q, a) = (once("{question}")?, once("{answer}")?);
-    ensure!(
-        q < a,
-        "prompt template must put {{question}} before {{answer}}: {template:?}"
-    );
+    ensure!(q < a, "prompt template must put {{question}} before {{answer}}: {template:?}");
     let (head, rest) = template.split_at(q);
     let (mid, tail) = rest["{question}".len()..].split_at(a - q - "{question}".len());
-    Ok(Template {
-        head,
-        mid,
-        tail: &tail["{answer}".len()..],
-    })
+    Ok(Template { head, mid, tail: &tail["{answer}".len()..] })
 }
 
 /// The prompt text: the template with the question filled in, cut before `{answer}` when `answer` is
@@ -351,12 +302,7 @@ pub fn render_prompt(template: &str, question: &str, answer: Option<&str>) -> Re
 /// that is what the model sees when it generates, and `answer` is the answer text encoded as a
 /// continuation ([`encode_continuation`]: no BOS, no added "▁"). Either way the prompt ids never
 /// depend on the answer, and decoding prompt + answer gives back the training text.
-pub fn encode_prompt(
-    tok: &Tokenizer,
-    template: &str,
-    question: &str,
-    answer: Option<&str>,
-) -> Result<PromptIds> {
+pub fn encode_prompt(tok: &Tokenizer, template: &str, question: &str, answer: Option<&str>) -> Result<PromptIds> {
     ensure!(!question.trim().is_empty(), "empty question");
     let t = parse_template(template)?;
     let prompt = render_prompt(template, question, None)?;
@@ -373,10 +319,7 @@ pub fn encode_prompt(
         None => Vec::new(),
         Some(a) => {
             let rest = format!("{a}{}", t.tail);
-            ensure!(
-                !rest.contains(IMAGE_MARKER),
-                "the answer part must not contain {IMAGE_MARKER}: {rest:?}"
-            );
+            ensure!(!rest.contains(IMAGE_MARKER), "the answer part must not contain {IMAGE_MARKER}: {rest:?}");
             let full = encode(tok, &format!("{chunk1}{rest}"), false)?;
             match full.strip_prefix(after_image.as_slice()) {
                 Some(tail) => tail.to_vec(),
@@ -384,9 +327,5 @@ pub fn encode_prompt(
             }
         }
     };
-    Ok(PromptIds {
-        before_image,
-        after_image,
-        answer,
-    })
+    Ok(PromptIds { before_image, after_image, answer })
 }

@@ -11,9 +11,7 @@ use prs::model::llava::{image_token_count, Projector, ProjectorKind};
 use prs::nn::{ParamBuilder, TrainedParams};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/clip")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip").join(name)
 }
 
 fn load(name: &str) -> HashMap<String, Tensor> {
@@ -35,35 +33,15 @@ fn small_cfg() -> ClipVisionConfig {
 
 fn builder(tensors: HashMap<String, Tensor>, dtype: DType) -> ParamBuilder<'static> {
     let vb = VarBuilder::from_tensors(tensors, dtype, &Device::Cpu);
-    ParamBuilder::from_checkpoint(
-        vb,
-        "clip fixture",
-        "clip",
-        false,
-        dtype,
-        &TrainedParams::new(),
-    )
+    ParamBuilder::from_checkpoint(vb, "clip fixture", "clip", false, dtype, &TrainedParams::new())
 }
 
 /// max |a - b| / max |b|.
 fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
     let a = a.to_dtype(DType::F32).unwrap();
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     diff / scale
 }
 
@@ -84,12 +62,7 @@ fn clip_parity_select_minus_two() {
 fn clip_select_layer_indexing_matches_hf() {
     let io = load("clip_io.safetensors");
     let pb = builder(load("clip_weights.safetensors"), DType::F32).pp("vision_model");
-    for (sel, key, n) in [
-        (-1i64, "hs_m1", 3usize),
-        (1, "hs_1", 1),
-        (3, "hs_m1", 3),
-        (-3, "hs_1", 1),
-    ] {
+    for (sel, key, n) in [(-1i64, "hs_m1", 3usize), (1, "hs_1", 1), (3, "hs_m1", 3), (-3, "hs_1", 1)] {
         let tower = ClipVisionTower::new(&pb, &small_cfg(), sel).unwrap();
         assert_eq!(tower.num_layers_run(), n, "select {sel}");
         let e = rel_err(&tower.forward(&io["pixels"]).unwrap(), &io[key]);
@@ -116,10 +89,7 @@ fn clip_layers_after_the_selected_one_are_not_read() {
     // The same checkpoint cannot serve the last layer: the error names the tensor.
     let err = ClipVisionTower::new(&pb, &small_cfg(), -1).unwrap_err();
     let msg = format!("{err:#}");
-    assert!(
-        msg.contains("vision_model.encoder.layers.2.self_attn.q_proj.weight"),
-        "{msg}"
-    );
+    assert!(msg.contains("vision_model.encoder.layers.2.self_attn.q_proj.weight"), "{msg}");
 }
 
 #[test]
@@ -129,10 +99,7 @@ fn clip_missing_class_embedding_is_an_error() {
     let pb = builder(w, DType::F32).pp("vision_model");
     let err = ClipVisionTower::new(&pb, &small_cfg(), -2).unwrap_err();
     let msg = format!("{err:#}");
-    assert!(
-        msg.contains("missing tensor `vision_model.embeddings.class_embedding`"),
-        "{msg}"
-    );
+    assert!(msg.contains("missing tensor `vision_model.embeddings.class_embedding`"), "{msg}");
 }
 
 #[test]
@@ -141,10 +108,7 @@ fn clip_mis_shaped_position_embedding_is_an_error() {
     cfg.image_size = 70; // 25 patches + CLS, but the checkpoint has 17 positions
     let pb = builder(load("clip_weights.safetensors"), DType::F32).pp("vision_model");
     let err = ClipVisionTower::new(&pb, &cfg, -2).unwrap_err();
-    assert!(
-        format!("{err:#}").contains("position_embedding.weight"),
-        "{err:#}"
-    );
+    assert!(format!("{err:#}").contains("position_embedding.weight"), "{err:#}");
 }
 
 #[test]
@@ -191,16 +155,8 @@ fn clip_medium_config_shapes_and_gradients() {
         "pre_layrnorm.weight",
     ] {
         let v = reg.get("clip", key).unwrap();
-        let g = grads
-            .get(v.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {key}"));
-        let n = g
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {key}"));
+        let n = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(n > 0.0, "zero gradient for {key}");
     }
 }
@@ -209,14 +165,7 @@ fn clip_medium_config_shapes_and_gradients() {
 fn clip_config_defaults_and_hf_json() {
     let d = ClipVisionConfig::default();
     assert_eq!(
-        (
-            d.hidden_size,
-            d.intermediate_size,
-            d.num_hidden_layers,
-            d.num_attention_heads,
-            d.image_size,
-            d.patch_size
-        ),
+        (d.hidden_size, d.intermediate_size, d.num_hidden_layers, d.num_attention_heads, d.image_size, d.patch_size),
         (1024, 4096, 24, 16, 336, 14)
     );
     assert_eq!(d.hidden_act, "quick_gelu");
@@ -225,24 +174,17 @@ fn clip_config_defaults_and_hf_json() {
     let json = r#"{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "image_size": 28, "patch_size": 14, "projection_dim": 768, "model_type": "clip_vision_model"}"#;
     let c: ClipVisionConfig = serde_json::from_str(json).unwrap();
-    assert_eq!(
-        (c.hidden_size, c.num_patches(), c.layer_norm_eps),
-        (64, 4, 1e-5)
-    );
+    assert_eq!((c.hidden_size, c.num_patches(), c.layer_norm_eps), (64, 4, 1e-5));
     let mut bad = small_cfg();
     bad.hidden_act = "relu".into();
     let pb = builder(load("clip_weights.safetensors"), DType::F32).pp("vision_model");
-    assert!(
-        format!("{:#}", ClipVisionTower::new(&pb, &bad, -2).unwrap_err()).contains("hidden_act")
-    );
+    assert!(format!("{:#}", ClipVisionTower::new(&pb, &bad, -2).unwrap_err()).contains("hidden_act"));
 }
 
 #[test]
 fn projector_mlp2x_gelu_parity() {
     let io = load("clip_io.safetensors");
-    let pb = builder(load("clip_weights.safetensors"), DType::F32)
-        .pp("model")
-        .pp("mm_projector");
+    let pb = builder(load("clip_weights.safetensors"), DType::F32).pp("model").pp("mm_projector");
     let proj = Projector::new(&pb, 32, 40, "mlp2x_gelu").unwrap();
     assert_eq!(proj.kind(), ProjectorKind::MlpGelu { depth: 2 });
     let out = proj.forward(&io["hs_m2"]).unwrap();
@@ -256,38 +198,19 @@ fn projector_mlp2x_gelu_parity() {
 
 #[test]
 fn projector_kinds() {
-    assert_eq!(
-        ProjectorKind::parse("linear").unwrap(),
-        ProjectorKind::Linear
-    );
-    assert_eq!(
-        ProjectorKind::parse("mlp3x_gelu").unwrap(),
-        ProjectorKind::MlpGelu { depth: 3 }
-    );
+    assert_eq!(ProjectorKind::parse("linear").unwrap(), ProjectorKind::Linear);
+    assert_eq!(ProjectorKind::parse("mlp3x_gelu").unwrap(), ProjectorKind::MlpGelu { depth: 3 });
     for bad in ["qformer", "mlp2x_relu", "mlpx_gelu", "mlp0x_gelu"] {
         let err = ProjectorKind::parse(bad).unwrap_err();
-        assert!(
-            err.to_string().contains("unsupported mm_projector_type"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("unsupported mm_projector_type"), "{err}");
     }
     // "linear": one Linear whose keys sit directly under the projector prefix.
     let w = Tensor::randn(0f32, 1.0, (6, 4), &Device::Cpu).unwrap();
     let b = Tensor::randn(0f32, 1.0, 6, &Device::Cpu).unwrap();
-    let pb = builder(
-        HashMap::from([
-            ("weight".to_string(), w.clone()),
-            ("bias".to_string(), b.clone()),
-        ]),
-        DType::F32,
-    );
+    let pb = builder(HashMap::from([("weight".to_string(), w.clone()), ("bias".to_string(), b.clone())]), DType::F32);
     let proj = Projector::new(&pb, 4, 6, "linear").unwrap();
     let x = Tensor::randn(0f32, 1.0, (3, 4), &Device::Cpu).unwrap();
-    let want = x
-        .matmul(&w.t().unwrap())
-        .unwrap()
-        .broadcast_add(&b)
-        .unwrap();
+    let want = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
     assert!(rel_err(&proj.forward(&x).unwrap(), &want) < 1e-6);
     assert!(Projector::new(&pb, 4, 6, "identity").is_err());
 }

@@ -23,7 +23,11 @@ fn keeps_the_requested_fraction_and_scales_kept_values_exactly() {
         let k = mask.iter().filter(|m| **m).count() as f64;
         let keep = 1.0 - p as f64;
         let sd = (n as f64 * keep * (1.0 - keep)).sqrt();
-        assert!((k - n as f64 * keep).abs() < 6.0 * sd, "p {p}: kept {k} of {n}, expected {} +- {sd:.0}", n as f64 * keep);
+        assert!(
+            (k - n as f64 * keep).abs() < 6.0 * sd,
+            "p {p}: kept {k} of {n}, expected {} +- {sd:.0}",
+            n as f64 * keep
+        );
         let (xv, yv) = (x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap());
         let scale = (1.0 / keep) as f32;
         for i in (0..n).filter(|&i| mask[i]).take(1000) {
@@ -32,7 +36,10 @@ fn keeps_the_requested_fraction_and_scales_kept_values_exactly() {
         // Neighbouring elements are not correlated: runs of drops look geometric.
         let both = (1..n).filter(|&i| !mask[i] && !mask[i - 1]).count() as f64;
         let expect = (n - 1) as f64 * (p as f64).powi(2);
-        assert!((both - expect).abs() < 6.0 * expect.sqrt() + 10.0, "p {p}: {both} adjacent drop pairs, expected ~{expect:.0}");
+        assert!(
+            (both - expect).abs() < 6.0 * expect.sqrt() + 10.0,
+            "p {p}: {both} adjacent drop pairs, expected ~{expect:.0}"
+        );
     }
 }
 
@@ -66,7 +73,10 @@ fn backward_applies_the_same_mask_and_scale() {
     let dx = g.get(x.as_tensor()).expect("gradient for x");
     // d/dx sum(r * m * x / keep) = r * m / keep = the op applied to r.
     let expect = dropout_seeded(&r, 0.25, 99).unwrap();
-    assert_eq!(dx.flatten_all().unwrap().to_vec1::<f32>().unwrap(), expect.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    assert_eq!(
+        dx.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        expect.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
     assert_eq!(kept(dx), kept(&y), "the gradient flows exactly where x was kept");
 }
 

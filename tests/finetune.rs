@@ -27,13 +27,22 @@ fn synth(dir: &Path, n_train: usize) -> PathBuf {
 }
 
 fn model(cfg: &Config) -> PrsMed {
-    load_prs_med(cfg, &LoadOptions { device: Device::Cpu, dtype: DType::F32, mode: Mode::Train, checkpoint: None, seed: 9 }).unwrap()
+    load_prs_med(
+        cfg,
+        &LoadOptions { device: Device::Cpu, dtype: DType::F32, mode: Mode::Train, checkpoint: None, seed: 9 },
+    )
+    .unwrap()
 }
 
 fn samples(cfg: &Config, data: &Path, n: usize) -> Vec<PreparedSample> {
     let prep = prepare(data, &PrepareOptions::default()).unwrap();
     let tok = prs::tokenizer::load(Path::new(&cfg.model.base)).unwrap();
-    let b = SampleBuilder { tokenizer: tok.into(), template: cfg.prompt.template.clone(), clip_size: 112, sam_size: cfg.model.sam_image_size };
+    let b = SampleBuilder {
+        tokenizer: tok.into(),
+        template: cfg.prompt.template.clone(),
+        clip_size: 112,
+        sam_size: cfg.model.sam_image_size,
+    };
     prep.train.iter().take(n).map(|r| b.prepare(r, true).unwrap()).collect()
 }
 
@@ -43,7 +52,11 @@ fn params(m: &PrsMed) -> Vec<(String, Tensor)> {
 
 /// The accumulated gradient of one optimizer step over `groups` (micro-batches of sample
 /// indices), from the same start, and the parameters after the AdamW step.
-fn one_step(cfg: &Config, s: &[PreparedSample], groups: &[Vec<usize>]) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
+fn one_step(
+    cfg: &Config,
+    s: &[PreparedSample],
+    groups: &[Vec<usize>],
+) -> (Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
     let m = model(cfg);
     let w = LossWeights::default();
     let all: Vec<usize> = groups.iter().flatten().copied().collect();
@@ -60,7 +73,12 @@ fn one_step(cfg: &Config, s: &[PreparedSample], groups: &[Vec<usize>]) -> (Vec<(
         }
     }
     let acc = acc.unwrap();
-    let grads = m.trained.weights().iter().map(|p| (format!("{}/{}", p.group, p.key), acc.get(p.var.as_tensor()).unwrap().copy().unwrap())).collect();
+    let grads = m
+        .trained
+        .weights()
+        .iter()
+        .map(|p| (format!("{}/{}", p.group, p.key), acc.get(p.var.as_tensor()).unwrap().copy().unwrap()))
+        .collect();
     let mut opt = AdamW::new(m.trained.weights(), AdamWConfig { lr: 1e-3, ..Default::default() }).unwrap();
     opt.step(&acc).unwrap();
     (grads, params(&m))
@@ -158,7 +176,13 @@ fn write_config(dir: &Path, cfg: &Config, data: &Path, extra: &str) -> PathBuf {
 
 fn checkpoint_tensors(dir: &Path) -> Vec<(String, Tensor)> {
     let mut out = vec![];
-    for f in ["adapter_model.safetensors", "image_encoder.safetensors", "mask_decoder.safetensors", "classifier.safetensors", "mm_projector.safetensors"] {
+    for f in [
+        "adapter_model.safetensors",
+        "image_encoder.safetensors",
+        "mask_decoder.safetensors",
+        "classifier.safetensors",
+        "mm_projector.safetensors",
+    ] {
         let mut t: Vec<_> = candle_core::safetensors::load(dir.join(f), &Device::Cpu).unwrap().into_iter().collect();
         t.sort_by(|a, b| a.0.cmp(&b.0));
         out.extend(t.into_iter().map(|(k, v)| (format!("{f}/{k}"), v)));
@@ -178,8 +202,14 @@ fn sigkill_and_resume_equal_the_uninterrupted_run_bit_for_bit() {
 
     // Same run, killed once its step-4 checkpoint exists (mid-epoch: 3 steps per epoch).
     let cut = dir.path().join("cut");
-    let mut child = prs().args(["finetune", "--quiet", "--config"]).arg(&conf).arg("--out").arg(&cut)
-        .stdout(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = prs()
+        .args(["finetune", "--quiet", "--config"])
+        .arg(&conf)
+        .arg("--out")
+        .arg(&cut)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let t0 = Instant::now();
     loop {
         let last = std::fs::read_to_string(cut.join("last")).unwrap_or_default();
@@ -212,17 +242,32 @@ fn sigkill_and_resume_equal_the_uninterrupted_run_bit_for_bit() {
     assert!(full.join("curves.png").exists() && full.join("best").join("prs_checkpoint.json").exists());
 
     // A finetune checkpoint feeds `prs predict` and `prs evaluate` directly.
-    let image = std::fs::read_dir(data.join("brain_tumors_ct_scan/test_images")).unwrap().next().unwrap().unwrap().path();
+    let image =
+        std::fs::read_dir(data.join("brain_tumors_ct_scan/test_images")).unwrap().next().unwrap().unwrap().path();
     let pred = dir.path().join("pred");
-    let st = prs().args(["predict", "--checkpoint"]).arg(full.join("best")).arg("--image").arg(&image)
-        .args(["--question", "Where is the tumor?", "--out"]).arg(&pred).status().unwrap();
+    let st = prs()
+        .args(["predict", "--checkpoint"])
+        .arg(full.join("best"))
+        .arg("--image")
+        .arg(&image)
+        .args(["--question", "Where is the tumor?", "--out"])
+        .arg(&pred)
+        .status()
+        .unwrap();
     assert!(st.success());
     for f in ["mask.png", "prob.png", "overlay.png", "result.json"] {
         assert!(pred.join(f).exists(), "predict wrote no {f}");
     }
     let eval = dir.path().join("eval");
-    let st = prs().args(["evaluate", "--checkpoint"]).arg(full.join("best")).arg("--data-root").arg(&data)
-        .args(["--split", "test", "--out"]).arg(&eval).status().unwrap();
+    let st = prs()
+        .args(["evaluate", "--checkpoint"])
+        .arg(full.join("best"))
+        .arg("--data-root")
+        .arg(&data)
+        .args(["--split", "test", "--out"])
+        .arg(&eval)
+        .status()
+        .unwrap();
     assert!(st.success());
     assert!(eval.join("summary.json").exists() && eval.join("per_image.csv").exists());
 }
@@ -233,8 +278,19 @@ fn non_finite_steps_are_skipped_and_three_stop_the_run() {
     let cfg = tiny_model(dir.path());
     let data = synth(dir.path(), 4);
     // An absurd learning rate blows the weights up to inf after the first update.
-    let conf = write_config(dir.path(), &cfg, &data, "train.learning_rate=1e30 train.warmup_steps=0 train.max_grad_norm=0.0 train.save_every=1");
-    let out = prs().args(["finetune", "--quiet", "--config"]).arg(&conf).arg("--out").arg(dir.path().join("run")).output().unwrap();
+    let conf = write_config(
+        dir.path(),
+        &cfg,
+        &data,
+        "train.learning_rate=1e30 train.warmup_steps=0 train.max_grad_norm=0.0 train.save_every=1",
+    );
+    let out = prs()
+        .args(["finetune", "--quiet", "--config"])
+        .arg(&conf)
+        .arg("--out")
+        .arg(dir.path().join("run"))
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("consecutive steps had non-finite"), "{err}");
@@ -262,15 +318,30 @@ fn bad_rows_are_all_reported_with_file_and_line() {
     let mut lines: Vec<String> = text.lines().map(String::from).collect();
     let first_mask = lines[1].split(',').next().unwrap().to_string();
     std::fs::remove_file(data.join(first_mask.replace("_masks", "_images")).with_extension("png")).ok();
-    std::fs::remove_file(data.join(first_mask.replace("_masks", "_images").replace("_Segmentation", "")).with_extension("jpg")).ok();
+    std::fs::remove_file(
+        data.join(first_mask.replace("_masks", "_images").replace("_Segmentation", "")).with_extension("jpg"),
+    )
+    .ok();
     let conf = write_config(dir.path(), &cfg, &data, "");
-    let out = prs().args(["finetune", "--dry-run", "--quiet", "--config"]).arg(&conf).arg("--out").arg(dir.path().join("r")).output().unwrap();
+    let out = prs()
+        .args(["finetune", "--dry-run", "--quiet", "--config"])
+        .arg(&conf)
+        .arg("--out")
+        .arg(dir.path().join("r"))
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     let name = csv.file_name().unwrap().to_string_lossy().to_string();
     assert!(err.contains(&format!("{name}:2")), "error does not name {name}:2: {err}");
     // --skip-bad-rows goes on and says how many were dropped.
-    let out = prs().args(["finetune", "--dry-run", "--quiet", "--skip-bad-rows", "--config"]).arg(&conf).arg("--out").arg(dir.path().join("r2")).output().unwrap();
+    let out = prs()
+        .args(["finetune", "--dry-run", "--quiet", "--skip-bad-rows", "--config"])
+        .arg(&conf)
+        .arg("--out")
+        .arg(dir.path().join("r2"))
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("skipped 1 bad rows"));
     lines.truncate(1);
@@ -280,13 +351,34 @@ fn bad_rows_are_all_reported_with_file_and_line() {
 #[test]
 fn the_memory_guides_flag_spellings_parse() {
     let cli = prs::cli::Cli::try_parse_from([
-        "prs", "finetune", "--config", "c.toml", "--data_root", "d", "--batch_size", "4", "--gradient_accumulation_steps", "2",
-        "--gradient_checkpointing", "--use_amp", "--learning_rate", "1e-4", "--num_epochs", "3", "--image_size", "1024",
-        "--num_workers", "4", "--compile_model",
+        "prs",
+        "finetune",
+        "--config",
+        "c.toml",
+        "--data_root",
+        "d",
+        "--batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+        "--gradient_checkpointing",
+        "--use_amp",
+        "--learning_rate",
+        "1e-4",
+        "--num_epochs",
+        "3",
+        "--image_size",
+        "1024",
+        "--num_workers",
+        "4",
+        "--compile_model",
     ])
     .unwrap();
     let prs::cli::Command::Finetune(a) = cli.command else { panic!("not finetune") };
-    assert_eq!((a.batch_size, a.gradient_accumulation_steps, a.num_epochs, a.image_size), (Some(4), Some(2), Some(3), Some(1024)));
+    assert_eq!(
+        (a.batch_size, a.gradient_accumulation_steps, a.num_epochs, a.image_size),
+        (Some(4), Some(2), Some(3), Some(1024))
+    );
     assert!(a.gradient_checkpointing && a.use_amp && a.compile_model);
     let cli = prs::cli::Cli::try_parse_from(["prs", "finetune", "--config", "c.toml", "--no-use_amp"]).unwrap();
     let prs::cli::Command::Finetune(a) = cli.command else { panic!() };
@@ -299,7 +391,12 @@ fn the_tiny_model_learns() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_model(dir.path());
     let data = dir.path().join("data");
-    prs::data::synth::generate(&data, &prs::data::synth::SynthConfig { train: 24, val: 4, test: 1, size: 96, seed: 2 }, false).unwrap();
+    prs::data::synth::generate(
+        &data,
+        &prs::data::synth::SynthConfig { train: 24, val: 4, test: 1, size: 96, seed: 2 },
+        false,
+    )
+    .unwrap();
     let mut c = cfg.clone();
     c.data.root = Some(data.display().to_string());
     c.train.batch_size = 8;

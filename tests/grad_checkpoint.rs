@@ -327,7 +327,9 @@ fn mask_decoder_self_attention_checkpoint_matches_plain_graph() {
         num_classes: 3,
     };
     let reg = TrainedParams::new();
-    let dec = PromptedMaskDecoder::new(&ParamBuilder::fresh(5, "mask_decoder", true, DType::F32, &Device::Cpu, &reg), &cfg).unwrap();
+    let dec =
+        PromptedMaskDecoder::new(&ParamBuilder::fresh(5, "mask_decoder", true, DType::F32, &Device::Cpu, &reg), &cfg)
+            .unwrap();
     let feats = randn(&[2, 16, 64, 64], 1);
     let prompt = randn(&[2, 5, 16], 2);
     let keys = Tensor::new(&[[1f32, 1., 1., 0., 0.], [1., 1., 1., 1., 1.]], &Device::Cpu).unwrap();
@@ -365,9 +367,12 @@ fn model_backward_returns_detached_gradients() {
     use prs::model::load::Mode;
     use prs::model::prs_med::LossWeights;
     use prs::model::random::{random_prs_med, spec_for_config, RandomOptions};
-    let cfg = prs::config::Config::load(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml")).unwrap();
+    let cfg =
+        prs::config::Config::load(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml"))
+            .unwrap();
     let spec = spec_for_config(&cfg).unwrap();
-    let mut m = random_prs_med(&spec, &RandomOptions::from_config(&cfg, Device::Cpu, DType::F32, Mode::Train, 0)).unwrap();
+    let mut m =
+        random_prs_med(&spec, &RandomOptions::from_config(&cfg, Device::Cpu, DType::F32, Mode::Train, 0)).unwrap();
     for ckpt in [false, true] {
         m.set_gradient_checkpointing(ckpt);
         let batch = synthetic_batch(&m, 2, &SeqShape { before: 3, after: 8, answer: 5 }, 1).unwrap();
@@ -379,7 +384,8 @@ fn model_backward_returns_detached_gradients() {
         // The problem this guards against: candle's raw store keeps graphs.
         let mut raw = loss(&m).backward().unwrap();
         m.merge_checkpoint_grads(&mut raw).unwrap();
-        let attached = m.trained.weights().iter().filter(|p| raw.get(p.var.as_tensor()).is_some_and(|g| g.track_op())).count();
+        let attached =
+            m.trained.weights().iter().filter(|p| raw.get(p.var.as_tensor()).is_some_and(|g| g.track_op())).count();
         assert!(attached > 0, "ckpt {ckpt}: expected candle's raw gradients to carry graphs");
         drop(raw);
         let g = m.backward(&loss(&m)).unwrap();
@@ -399,7 +405,15 @@ fn model_backward_returns_detached_gradients() {
 #[test]
 fn depthwise_conv_with_hand_written_backward_equals_the_composite() {
     use prs::nn::conv::{depthwise_conv2d, depthwise_conv2d_composite};
-    let cases = [(9, 11, 3, 1, 1), (9, 11, 3, 2, 1), (10, 12, 3, 2, 1), (9, 11, 3, 1, 0), (8, 7, 5, 1, 2), (11, 8, 5, 2, 2), (7, 9, 3, 3, 1)];
+    let cases = [
+        (9, 11, 3, 1, 1),
+        (9, 11, 3, 2, 1),
+        (10, 12, 3, 2, 1),
+        (9, 11, 3, 1, 0),
+        (8, 7, 5, 1, 2),
+        (11, 8, 5, 2, 2),
+        (7, 9, 3, 3, 1),
+    ];
     for (h, wd, k, stride, pad) in cases {
         let what = format!("{h}x{wd} k{k} stride {stride} pad {pad}");
         let (ho, wo) = ((h + 2 * pad - k) / stride + 1, (wd + 2 * pad - k) / stride + 1);
@@ -423,7 +437,11 @@ fn depthwise_conv_with_hand_written_backward_equals_the_composite() {
                     assert_eq!(a.dims(), b.dims());
                     let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                     let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                    assert!(diff <= 1e-5 * scale.max(1.0), "{what}: gradient of {:?} off by {diff} (scale {scale})", v.dims());
+                    assert!(
+                        diff <= 1e-5 * scale.max(1.0),
+                        "{what}: gradient of {:?} off by {diff} (scale {scale})",
+                        v.dims()
+                    );
                 }
             }
         }

@@ -42,7 +42,9 @@ fn structure_loss_ref(p: &[f64], g: &[f64], h: usize, w: usize, compat: LossComp
 fn box_mean_equals_zero_padded_average_pooling() {
     let mut rng = StdRng::seed_from_u64(1);
     for (h, w, k, binary) in [(40, 37, 31, true), (9, 12, 5, false), (64, 64, 31, true)] {
-        let v: Vec<f32> = (0..2 * h * w).map(|_| if binary { rng.gen_bool(0.3) as u8 as f32 } else { rng.gen_range(-1.0..1.0) }).collect();
+        let v: Vec<f32> = (0..2 * h * w)
+            .map(|_| if binary { rng.gen_bool(0.3) as u8 as f32 } else { rng.gen_range(-1.0..1.0) })
+            .collect();
         let t = Tensor::from_vec(v.clone(), (2, 1, h, w), &Device::Cpu).unwrap();
         let got: Vec<f32> = box_mean(&t, k).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         for i in 0..2 {
@@ -76,7 +78,8 @@ fn structure_loss_matches_pranet_formula_in_both_variants() {
     let pt = Tensor::from_vec(p.clone(), (b, 1, h, w), &Device::Cpu).unwrap();
     let gt = Tensor::from_vec(g.clone(), (b, 1, h, w), &Device::Cpu).unwrap();
     for compat in [LossCompat::Intended, LossCompat::Authors] {
-        let got: Vec<f32> = structure_loss_per_image(&pt, &gt, compat).unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+        let got: Vec<f32> =
+            structure_loss_per_image(&pt, &gt, compat).unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap();
         for n in 0..b {
             let r = n * h * w..(n + 1) * h * w;
             let pf: Vec<f64> = p[r.clone()].iter().map(|&x| x as f64).collect();

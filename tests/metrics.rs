@@ -4,16 +4,10 @@
 
 use std::path::PathBuf;
 
-use prs::metrics::hd95::{
-    boundary, feature_transform, hausdorff_percentile, hd95, hd95_batch, Hd95Summary, MaskPair,
-};
-use prs::metrics::position::{
-    parse_position, position_from_mask, PositionConfusion, PositionLabel as L,
-};
+use prs::metrics::hd95::{boundary, feature_transform, hausdorff_percentile, hd95, hd95_batch, Hd95Summary, MaskPair};
+use prs::metrics::position::{parse_position, position_from_mask, PositionConfusion, PositionLabel as L};
 use prs::metrics::prsmed::{self, PrsmedImage, U8Pair, CSV_HEADER};
-use prs::metrics::seg::{
-    evaluate_batch, Confusion, EmptyPolicy, ImageScores, SegAccumulator, SegPair, Stats,
-};
+use prs::metrics::seg::{evaluate_batch, Confusion, EmptyPolicy, ImageScores, SegAccumulator, SegPair, Stats};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::Value;
 
@@ -28,10 +22,7 @@ fn mask(bits: &[u8]) -> Vec<bool> {
 // ------------------------------------------------------------------------------------ seg
 
 fn scores(pred: &[u8], gt: &[u8], policy: EmptyPolicy) -> ImageScores {
-    ImageScores::from_confusion(
-        &Confusion::from_masks(&mask(pred), &mask(gt)).unwrap(),
-        policy,
-    )
+    ImageScores::from_confusion(&Confusion::from_masks(&mask(pred), &mask(gt)).unwrap(), policy)
 }
 
 #[test]
@@ -40,23 +31,12 @@ fn seg_hand_computed_at_threshold() {
     let prob = [0.9, 0.2, 0.6, 0.4, 0.7, 0.1, 0.5, 0.3, 0.8];
     let gt = mask(&[1, 1, 0, 0, 1, 0, 0, 0, 1]);
     let c = Confusion::from_prob(&prob, &gt, 0.5).unwrap();
-    assert_eq!(
-        c,
-        Confusion {
-            tp: 3,
-            fp: 2,
-            fn_: 1,
-            tn: 3
-        }
-    );
+    assert_eq!(c, Confusion { tp: 3, fp: 2, fn_: 1, tn: 3 });
     let s = ImageScores::from_confusion(&c, EmptyPolicy::Ignore);
     assert!(close(s.dice, 2.0 / 3.0, 1e-15) && close(s.iou, 0.5, 1e-15));
     assert!(close(s.precision, 0.6, 1e-15) && close(s.recall, 0.75, 1e-15));
     // A higher threshold drops 0.5 and 0.6: TP 3, FP 0, FN 1.
-    let s = ImageScores::from_confusion(
-        &Confusion::from_prob(&prob, &gt, 0.65).unwrap(),
-        EmptyPolicy::One,
-    );
+    let s = ImageScores::from_confusion(&Confusion::from_prob(&prob, &gt, 0.65).unwrap(), EmptyPolicy::One);
     assert!(close(s.dice, 6.0 / 7.0, 1e-15) && close(s.iou, 0.75, 1e-15) && s.precision == 1.0);
     assert!(Confusion::from_prob(&prob, &gt[..8], 0.5).is_err());
 }
@@ -66,11 +46,9 @@ fn seg_empty_mask_policies() {
     let z = [0u8; 4];
     let some = [0u8, 1, 1, 0];
     let full = [1u8; 4];
-    for (policy, both_empty, fp_on_empty) in [
-        (EmptyPolicy::Ignore, f64::NAN, f64::NAN),
-        (EmptyPolicy::One, 1.0, 0.0),
-        (EmptyPolicy::Zero, 0.0, 0.0),
-    ] {
+    for (policy, both_empty, fp_on_empty) in
+        [(EmptyPolicy::Ignore, f64::NAN, f64::NAN), (EmptyPolicy::One, 1.0, 0.0), (EmptyPolicy::Zero, 0.0, 0.0)]
+    {
         let s = scores(&z, &z, policy);
         assert!(s.empty_gt && s.empty_pred);
         for v in [s.dice, s.iou, s.precision, s.recall] {
@@ -78,10 +56,7 @@ fn seg_empty_mask_policies() {
         }
         let s = scores(&some, &z, policy);
         for v in [s.dice, s.iou, s.precision, s.recall] {
-            assert!(
-                close(v, fp_on_empty, 0.0),
-                "{policy} prediction on empty GT: {v}"
-            );
+            assert!(close(v, fp_on_empty, 0.0), "{policy} prediction on empty GT: {v}");
         }
         // Empty prediction, non-empty GT: 0 whatever the policy (precision 0/0 taken as 0).
         let s = scores(&z, &some, policy);
@@ -92,23 +67,12 @@ fn seg_empty_mask_policies() {
         assert_eq!([s.dice, s.iou, s.precision, s.recall], [1.0; 4]);
         // Full prediction, half GT: Dice 2*2/(4+2), IoU 2/4.
         let s = scores(&full, &some, policy);
-        assert!(
-            close(s.dice, 2.0 / 3.0, 1e-15)
-                && s.iou == 0.5
-                && s.precision == 0.5
-                && s.recall == 1.0
-        );
+        assert!(close(s.dice, 2.0 / 3.0, 1e-15) && s.iou == 0.5 && s.precision == 0.5 && s.recall == 1.0);
     }
     assert_eq!("one".parse::<EmptyPolicy>().unwrap(), EmptyPolicy::One);
-    assert_eq!(
-        "Ignore".parse::<EmptyPolicy>().unwrap(),
-        EmptyPolicy::Ignore
-    );
+    assert_eq!("Ignore".parse::<EmptyPolicy>().unwrap(), EmptyPolicy::Ignore);
     assert!("maybe".parse::<EmptyPolicy>().is_err());
-    assert_eq!(
-        serde_json::to_string(&EmptyPolicy::Zero).unwrap(),
-        "\"zero\""
-    );
+    assert_eq!(serde_json::to_string(&EmptyPolicy::Zero).unwrap(), "\"zero\"");
     assert_eq!(EmptyPolicy::Zero.to_string(), "zero");
 }
 
@@ -124,18 +88,9 @@ fn seg_summary_policy_and_pooled_vs_per_image() {
     let c_gt = vec![false; 400];
     let c_prob = vec![0.0f32; 400];
     let pairs = [
-        SegPair {
-            prob: &a_prob,
-            gt: &a_gt,
-        },
-        SegPair {
-            prob: &b_prob,
-            gt: &b_gt,
-        },
-        SegPair {
-            prob: &c_prob,
-            gt: &c_gt,
-        },
+        SegPair { prob: &a_prob, gt: &a_gt },
+        SegPair { prob: &b_prob, gt: &b_gt },
+        SegPair { prob: &c_prob, gt: &c_gt },
     ];
 
     let (per, sum) = evaluate_batch(&pairs, 0.5, EmptyPolicy::Ignore).unwrap();
@@ -147,25 +102,14 @@ fn seg_summary_policy_and_pooled_vs_per_image() {
     // Pooled: 2*100 / (100 + 104), IoU 100 / 104: far above the per-image mean.
     assert!(close(sum.pooled_dice, 200.0 / 204.0, 1e-15));
     assert!(close(sum.pooled_iou, 100.0 / 104.0, 1e-15));
-    assert_eq!(
-        sum.pooled,
-        Confusion {
-            tp: 100,
-            fp: 0,
-            fn_: 4,
-            tn: 1096
-        }
-    );
+    assert_eq!(sum.pooled, Confusion { tp: 100, fp: 0, fn_: 4, tn: 1096 });
 
     let (_, one) = evaluate_batch(&pairs, 0.5, EmptyPolicy::One).unwrap();
     assert_eq!((one.n_excluded, one.dice.n), (0, 3));
     assert!(close(one.dice.mean, 2.0 / 3.0, 1e-15) && one.dice.median == 1.0);
     let (_, zero) = evaluate_batch(&pairs, 0.5, EmptyPolicy::Zero).unwrap();
     assert!(close(zero.dice.mean, 1.0 / 3.0, 1e-15) && zero.dice.median == 0.0);
-    assert_eq!(
-        zero.pooled_iou, sum.pooled_iou,
-        "pooled values do not depend on the policy"
-    );
+    assert_eq!(zero.pooled_iou, sum.pooled_iou, "pooled values do not depend on the policy");
 
     // The streaming accumulator gives the same summary.
     let mut acc = SegAccumulator::new(EmptyPolicy::One, 0.5);
@@ -197,9 +141,7 @@ fn stats_mean_std_median() {
 // ------------------------------------------------------------------------------------ prsmed
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/metrics")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/metrics").join(name)
 }
 
 fn num(v: &Value) -> f64 {
@@ -211,11 +153,7 @@ fn nums(v: &Value) -> Vec<f64> {
 }
 
 fn bytes(v: &Value) -> Vec<u8> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u8)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u8).collect()
 }
 
 /// Relative-or-absolute tolerance: the Rust side sums by histogram / separable filter, numpy
@@ -224,52 +162,25 @@ const PRSMED_TOL: f64 = 1e-10;
 
 #[test]
 fn prsmed_matches_python_reference() {
-    let doc: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("prsmed.json")).unwrap()).unwrap();
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(fixture("prsmed.json")).unwrap()).unwrap();
     let imgs = doc["images"].as_array().unwrap();
     let data: Vec<(Vec<u8>, (usize, usize), Vec<u8>, (usize, usize))> = imgs
         .iter()
         .map(|im| {
-            let hw = |h: &str, w: &str| {
-                (
-                    im[h].as_u64().unwrap() as usize,
-                    im[w].as_u64().unwrap() as usize,
-                )
-            };
-            (
-                bytes(&im["pred"]),
-                hw("pred_h", "pred_w"),
-                bytes(&im["gt"]),
-                hw("gt_h", "gt_w"),
-            )
+            let hw = |h: &str, w: &str| (im[h].as_u64().unwrap() as usize, im[w].as_u64().unwrap() as usize);
+            (bytes(&im["pred"]), hw("pred_h", "pred_w"), bytes(&im["gt"]), hw("gt_h", "gt_w"))
         })
         .collect();
-    let pairs: Vec<U8Pair> = data
-        .iter()
-        .map(|(p, phw, g, ghw)| U8Pair {
-            pred: p,
-            pred_hw: *phw,
-            gt: g,
-            gt_hw: *ghw,
-        })
-        .collect();
+    let pairs: Vec<U8Pair> =
+        data.iter().map(|(p, phw, g, ghw)| U8Pair { pred: p, pred_hw: *phw, gt: g, gt_hw: *ghw }).collect();
     let got = prsmed::evaluate_dataset(&pairs).unwrap();
 
     let mut worst = 0.0f64;
     for ((im, g), (p, (ph, pw), _, (gh, gw))) in imgs.iter().zip(&got).zip(&data) {
         let name = im["name"].as_str().unwrap();
-        assert_eq!(
-            prsmed::resize_nearest_u8(p, *ph, *pw, *gh, *gw),
-            bytes(&im["resized"]),
-            "{name}: resize"
-        );
-        let curves: [(&str, &Vec<f64>); 5] = [
-            ("dice", &g.dice),
-            ("iou", &g.iou),
-            ("sen", &g.sen),
-            ("spe", &g.spe),
-            ("em", &g.em),
-        ];
+        assert_eq!(prsmed::resize_nearest_u8(p, *ph, *pw, *gh, *gw), bytes(&im["resized"]), "{name}: resize");
+        let curves: [(&str, &Vec<f64>); 5] =
+            [("dice", &g.dice), ("iou", &g.iou), ("sen", &g.sen), ("spe", &g.spe), ("em", &g.em)];
         for (key, ours) in curves {
             let want = nums(&im[key]);
             assert_eq!(ours.len(), 256);
@@ -294,29 +205,18 @@ fn prsmed_matches_python_reference() {
     assert_eq!(CSV_HEADER, doc["csv_header"].as_str().unwrap());
     let check = |summary: &prsmed::PrsmedSummary, want: &Value| {
         for (k, v) in header.iter().zip(summary.values()) {
-            assert!(
-                close(v, num(&want[*k]), PRSMED_TOL),
-                "{k}: {v} vs {}",
-                want[*k]
-            );
+            assert!(close(v, num(&want[*k]), PRSMED_TOL), "{k}: {v} vs {}", want[*k]);
         }
     };
     // All images: NaN where the authors' code gives NaN (empty GT wFm, full GT Spe, row-0 Sm).
     let all = prsmed::summarize(&got);
     check(&all, &doc["aggregate_all"]);
     assert!(all.wFm.is_nan() && all.Sm.is_nan() && all.meanSpe.is_nan() && all.maxSpe.is_nan());
-    let regular: Vec<PrsmedImage> = doc["regular"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| got[i.as_u64().unwrap() as usize].clone())
-        .collect();
+    let regular: Vec<PrsmedImage> =
+        doc["regular"].as_array().unwrap().iter().map(|i| got[i.as_u64().unwrap() as usize].clone()).collect();
     let reg = prsmed::summarize(&regular);
     check(&reg, &doc["aggregate_regular"]);
-    assert_eq!(
-        reg.csv_row("fixture"),
-        doc["csv_row_regular"].as_str().unwrap()
-    );
+    assert_eq!(reg.csv_row("fixture"), doc["csv_row_regular"].as_str().unwrap());
     assert!(all.csv_row("x").contains(",nan,"));
 }
 
@@ -330,26 +230,14 @@ fn prsmed_thresholds_resize_and_hand_cases() {
     assert!(cut.windows(2).all(|w| w[0] >= w[1]));
 
     // cv2 nearest: 2 -> 4 repeats, 3 -> 2 picks floor(x * 1.5) = 0, 1.
-    assert_eq!(
-        prsmed::resize_nearest_u8(&[1, 2, 3, 4], 2, 2, 4, 4)[..4],
-        [1, 1, 2, 2]
-    );
+    assert_eq!(prsmed::resize_nearest_u8(&[1, 2, 3, 4], 2, 2, 4, 4)[..4], [1, 1, 2, 2]);
     assert_eq!(prsmed::resize_nearest_u8(&[1, 2, 3], 1, 3, 1, 2), [1, 2]);
-    assert_eq!(
-        prsmed::binarize_gt_u8(&[0, 127, 128, 255]),
-        [false, false, true, true]
-    );
+    assert_eq!(prsmed::binarize_gt_u8(&[0, 127, 128, 255]), [false, false, true, true]);
 
     // Both empty: Dice/IoU/Sen/Spe 0 at every threshold (their I = 0 rule), Sm = 1, wFm NaN,
     // E-measure N/(N-1) while nothing is predicted and 0 at t = 0 (everything predicted).
     let g = prsmed::evaluate_image(&[0; 6], &[false; 6], 2, 3).unwrap();
-    assert!(g
-        .dice
-        .iter()
-        .chain(&g.iou)
-        .chain(&g.sen)
-        .chain(&g.spe)
-        .all(|&v| v == 0.0));
+    assert!(g.dice.iter().chain(&g.iou).chain(&g.sen).chain(&g.spe).all(|&v| v == 0.0));
     assert_eq!((g.sm, g.mae), (1.0, 0.0));
     assert!(g.wfm.is_nan());
     assert!(close(g.em[0], 6.0 / 5.0, 1e-15) && g.em[255] == 0.0);
@@ -373,9 +261,8 @@ fn random_mask(rng: &mut StdRng, h: usize, w: usize) -> Vec<bool> {
 
 /// Independent boundary: a foreground pixel with any 4-neighbour off-image or background.
 fn brute_boundary(m: &[bool], h: usize, w: usize) -> Vec<(usize, usize)> {
-    let at = |r: isize, c: isize| {
-        r >= 0 && c >= 0 && (r as usize) < h && (c as usize) < w && m[r as usize * w + c as usize]
-    };
+    let at =
+        |r: isize, c: isize| r >= 0 && c >= 0 && (r as usize) < h && (c as usize) < w && m[r as usize * w + c as usize];
     let mut out = Vec::new();
     for r in 0..h as isize {
         for c in 0..w as isize {
@@ -401,10 +288,7 @@ fn brute_hd(pred: &[bool], gt: &[bool], h: usize, w: usize, sp: [f64; 2], q: f64
             .map(|&(r, c)| {
                 to.iter()
                     .map(|&(r2, c2)| {
-                        let (dy, dx) = (
-                            (r as f64 - r2 as f64) * sp[0],
-                            (c as f64 - c2 as f64) * sp[1],
-                        );
+                        let (dy, dx) = ((r as f64 - r2 as f64) * sp[0], (c as f64 - c2 as f64) * sp[1]);
                         (dy * dy + dx * dx).sqrt()
                     })
                     .fold(f64::INFINITY, f64::min)
@@ -452,10 +336,7 @@ fn feature_transform_matches_brute_force_with_scipy_ties() {
         let (h, w) = (rng.gen_range(1..18), rng.gen_range(1..18));
         let sites = random_mask(&mut rng, h, w);
         let ft = feature_transform(&sites, h, w, [1.0, 1.0]);
-        let list: Vec<(usize, usize)> = (0..h * w)
-            .filter(|&i| sites[i])
-            .map(|i| (i / w, i % w))
-            .collect();
+        let list: Vec<(usize, usize)> = (0..h * w).filter(|&i| sites[i]).map(|i| (i / w, i % w)).collect();
         for i in 0..h * w {
             let (r, c) = (i / w, i % w);
             // min over (d², column, row): scipy's tie rule
@@ -470,11 +351,7 @@ fn feature_transform_matches_brute_force_with_scipy_ties() {
                 None => assert!(ft.dist_sq[i].is_infinite() && ft.nearest[i] == u32::MAX),
                 Some((d2, c2, r2)) => {
                     assert_eq!(ft.dist_sq[i], d2 as f64, "{h}x{w} pixel {r},{c}");
-                    assert_eq!(
-                        ft.nearest[i] as usize,
-                        r2 * w + c2,
-                        "{h}x{w} pixel {r},{c}: tie rule"
-                    );
+                    assert_eq!(ft.nearest[i] as usize, r2 * w + c2, "{h}x{w} pixel {r},{c}: tie rule");
                 }
             }
         }
@@ -489,53 +366,23 @@ fn hd95_conventions_and_batch() {
     a[0] = true; // (0,0)
     let mut b = vec![false; 64];
     b[3 * 8 + 4] = true; // (3,4): distance 5
-    assert!(
-        hd95(&empty, &empty, h, w, None).is_nan(),
-        "both empty -> NaN (MONAI)"
-    );
+    assert!(hd95(&empty, &empty, h, w, None).is_nan(), "both empty -> NaN (MONAI)");
     assert_eq!(hd95(&a, &empty, h, w, None), f64::INFINITY);
     assert_eq!(hd95(&empty, &a, h, w, None), f64::INFINITY);
     assert_eq!(hd95(&a, &a, h, w, None), 0.0);
     assert_eq!(hd95(&a, &b, h, w, None), 5.0);
     assert_eq!(hd95(&a, &b, h, w, Some([2.0, 0.5])), (36.0f64 + 4.0).sqrt());
     // Filled square vs the same square shifted right by 2: every boundary distance is <= 2.
-    let sq = |c0: usize| {
-        (0..64)
-            .map(|i| (2..6).contains(&(i / 8)) && (c0..c0 + 4).contains(&(i % 8)))
-            .collect::<Vec<_>>()
-    };
+    let sq =
+        |c0: usize| (0..64).map(|i| (2..6).contains(&(i / 8)) && (c0..c0 + 4).contains(&(i % 8))).collect::<Vec<_>>();
     let (s0, s2) = (sq(1), sq(3));
     assert_eq!(hd95(&s0, &s2, h, w, None), 2.0);
 
     let pairs = [
-        MaskPair {
-            pred: &a,
-            gt: &b,
-            h,
-            w,
-            spacing: None,
-        },
-        MaskPair {
-            pred: &s0,
-            gt: &s2,
-            h,
-            w,
-            spacing: None,
-        },
-        MaskPair {
-            pred: &empty,
-            gt: &empty,
-            h,
-            w,
-            spacing: None,
-        },
-        MaskPair {
-            pred: &a,
-            gt: &empty,
-            h,
-            w,
-            spacing: None,
-        },
+        MaskPair { pred: &a, gt: &b, h, w, spacing: None },
+        MaskPair { pred: &s0, gt: &s2, h, w, spacing: None },
+        MaskPair { pred: &empty, gt: &empty, h, w, spacing: None },
+        MaskPair { pred: &a, gt: &empty, h, w, spacing: None },
     ];
     let v = hd95_batch(&pairs);
     assert_eq!(v[..2], [5.0, 2.0]);
@@ -549,10 +396,7 @@ fn hd95_conventions_and_batch() {
 #[test]
 fn position_parser_variants() {
     let cases: &[(&str, L)] = &[
-        (
-            "The tumor is located at the top left of the image.",
-            L::TopLeft,
-        ),
+        ("The tumor is located at the top left of the image.", L::TopLeft),
         ("top-left", L::TopLeft),
         ("Upper left.", L::TopLeft),
         ("It lies in the LEFT UPPER region", L::TopLeft),
@@ -571,14 +415,8 @@ fn position_parser_variants() {
         ("central", L::Center),
         ("in the centre", L::Center),
         ("It is in the middle.", L::Center),
-        (
-            "The mass is located at the top left, near the center.",
-            L::TopLeft,
-        ),
-        (
-            "The lesion is in the upper part of the image, on the left side.",
-            L::TopLeft,
-        ),
+        ("The mass is located at the top left, near the center.", L::TopLeft),
+        ("The lesion is in the upper part of the image, on the left side.", L::TopLeft),
         ("No lesion.", L::None),
         ("There is no visible tumor.", L::None),
         ("none", L::None),
@@ -616,10 +454,7 @@ fn position_confusion_and_mask_rule() {
     assert_eq!((tl.support, tl.predicted, tl.correct), (2, 1, 1));
     assert_eq!((tl.recall, tl.precision), (0.5, 1.0));
     let c = &per[L::Center.index()];
-    assert_eq!(
-        (c.support, c.predicted, c.correct, c.precision),
-        (1, 2, 1, 0.5)
-    );
+    assert_eq!((c.support, c.predicted, c.correct, c.precision), (1, 2, 1, 0.5));
     let br = &per[L::BottomRight.index()];
     assert!(close(br.recall, 2.0 / 3.0, 1e-15) && br.precision == 1.0);
     assert!(per[L::TopRight.index()].recall.is_nan());
@@ -630,31 +465,19 @@ fn position_confusion_and_mask_rule() {
     let json = serde_json::to_value(cm.report()).unwrap();
     assert_eq!(json["total"], 6);
     assert_eq!(json["labels"][1]["label"], "top_left");
-    let back: PositionConfusion =
-        serde_json::from_str(&serde_json::to_string(&cm).unwrap()).unwrap();
+    let back: PositionConfusion = serde_json::from_str(&serde_json::to_string(&cm).unwrap()).unwrap();
     assert_eq!(back, cm);
 
     // Dataset mask rule: box containing (w/2, h/2) -> center, else quadrant of the box centre.
     let (h, w) = (10, 10);
     let boxed = |r0: usize, r1: usize, c0: usize, c1: usize| {
-        (0..h * w)
-            .map(|i| (r0..=r1).contains(&(i / w)) && (c0..=c1).contains(&(i % w)))
-            .collect::<Vec<_>>()
+        (0..h * w).map(|i| (r0..=r1).contains(&(i / w)) && (c0..=c1).contains(&(i % w))).collect::<Vec<_>>()
     };
     assert_eq!(position_from_mask(&boxed(4, 6, 3, 5), h, w).0, L::Center);
-    assert_eq!(
-        position_from_mask(&boxed(0, 1, 0, 1), h, w),
-        (L::TopLeft, false)
-    );
+    assert_eq!(position_from_mask(&boxed(0, 1, 0, 1), h, w), (L::TopLeft, false));
     assert_eq!(position_from_mask(&boxed(0, 2, 7, 9), h, w).0, L::TopRight);
-    assert_eq!(
-        position_from_mask(&boxed(6, 7, 0, 3), h, w).0,
-        L::BottomLeft
-    );
-    assert_eq!(
-        position_from_mask(&boxed(6, 7, 6, 7), h, w),
-        (L::BottomRight, true)
-    );
+    assert_eq!(position_from_mask(&boxed(6, 7, 0, 3), h, w).0, L::BottomLeft);
+    assert_eq!(position_from_mask(&boxed(6, 7, 6, 7), h, w), (L::BottomRight, true));
     assert_eq!(position_from_mask(&vec![false; 100], h, w).0, L::None);
 }
 

@@ -43,7 +43,14 @@ fn load() -> Fx {
 fn build(fx: &Fx, reg: &TrainedParams, with_adapter: bool) -> Mistral {
     let pb = ParamBuilder::from_checkpoint(fx.base.clone(), "fixture model", "llm", false, DType::F32, reg);
     let lpb = if with_adapter {
-        ParamBuilder::from_checkpoint(fx.adapter.pp("base_model.model"), "fixture adapter", "lora", true, DType::F32, reg)
+        ParamBuilder::from_checkpoint(
+            fx.adapter.pp("base_model.model"),
+            "fixture adapter",
+            "lora",
+            true,
+            DType::F32,
+            reg,
+        )
     } else {
         ParamBuilder::fresh(7, "lora", true, DType::F32, &Device::Cpu, reg)
     };
@@ -102,7 +109,8 @@ fn kv_cache_decoding_equals_full_forward() {
     let pos = Tensor::arange(0u32, 7, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     let full = m.forward_embeds(&x, None, &pos, None).unwrap();
     let mut cache = KvCache::new(fx.cfg.num_hidden_layers);
-    let first = m.forward_embeds(&x.narrow(1, 0, 4).unwrap(), None, &pos.narrow(1, 0, 4).unwrap(), Some(&mut cache)).unwrap();
+    let first =
+        m.forward_embeds(&x.narrow(1, 0, 4).unwrap(), None, &pos.narrow(1, 0, 4).unwrap(), Some(&mut cache)).unwrap();
     assert_eq!(cache.len(), 4);
     let mut outs = vec![first];
     for t in 4..7 {
@@ -126,7 +134,8 @@ fn padding_does_not_change_valid_positions() {
     let pos = e["position_ids"].to_dtype(DType::U32).unwrap();
     let batch = m.forward_embeds(&e["inputs_embeds"], Some(&e["attention_mask"]), &pos, None).unwrap();
     let alone_in = e["inputs_embeds"].narrow(0, 1, 1).unwrap().narrow(1, 0, 5).unwrap();
-    let alone = m.forward_embeds(&alone_in, None, &pos.narrow(0, 1, 1).unwrap().narrow(1, 0, 5).unwrap(), None).unwrap();
+    let alone =
+        m.forward_embeds(&alone_in, None, &pos.narrow(0, 1, 1).unwrap().narrow(1, 0, 5).unwrap(), None).unwrap();
     let err = rel_err(&batch.narrow(0, 1, 1).unwrap().narrow(1, 0, 5).unwrap(), &alone);
     assert!(err < 1e-5, "{err}");
 }

@@ -8,9 +8,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
+use prs::nn::fused::{rms_normalize, scaled_masked_softmax};
 use prs::nn::linear::{frozen_matmul, masked_add};
 use prs::nn::ops::{mask_min, softmax_last_dim};
-use prs::nn::fused::{rms_normalize, scaled_masked_softmax};
 use prs::nn::upsample::{upsample_bilinear_ac, upsample_bilinear_ac_backward, upsample_bilinear_ac_composite};
 
 const CPU: Device = Device::Cpu;
@@ -264,7 +264,8 @@ fn fused_attention_softmax_matches_the_composite_in_value_and_gradient() -> Resu
     let (b, h, q, k, scale) = (2, 3, 4, 5, 0.37);
     let neg = mask_min(DType::F32);
     // (B,1,Q,K) causal-style mask broadcast over heads, as the LLM builds it.
-    let m: Vec<f32> = (0..b * q * k).map(|i| if (i % k) > (i / k) % q + (i / (q * k)) { neg as f32 } else { 0.0 }).collect();
+    let m: Vec<f32> =
+        (0..b * q * k).map(|i| if (i % k) > (i / k) % q + (i / (q * k)) { neg as f32 } else { 0.0 }).collect();
     let mask = Tensor::from_vec(m, (b, 1, q, k), &CPU)?;
     let r = randn(&[b, h, q, k], 21)?.to_dtype(DType::F32)?;
     for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 2e-2)] {
@@ -287,7 +288,8 @@ fn fused_attention_softmax_matches_the_composite_in_value_and_gradient() -> Resu
             assert!(e <= tol, "{dtype:?} mask {with_mask}: values differ by {e}");
             let g_fused = dot(&fused.to_dtype(DType::F32)?, &r)?.backward()?;
             let g_comp = dot(&want, &r)?.backward()?;
-            let (gf, gc) = (g_fused.get(sv.as_tensor()).expect("gradient"), g_comp.get(sv.as_tensor()).expect("gradient"));
+            let (gf, gc) =
+                (g_fused.get(sv.as_tensor()).expect("gradient"), g_comp.get(sv.as_tensor()).expect("gradient"));
             assert_eq!(gf.dtype(), dtype);
             let e = max_abs_diff(&vec64(gf)?, &vec64(gc)?) / max_abs(&vec64(gc)?).max(1e-12);
             assert!(e <= tol * 5.0, "{dtype:?} mask {with_mask}: gradients differ by {e} (relative)");
@@ -378,7 +380,10 @@ fn fused_batch_norm_matches_the_composite_and_frozen_affine_gets_no_gradient() -
     // Against central differences in x (f64 input; the op computes in f32).
     let x64 = randn(&[2, 2, 2, 3], 44)?;
     let r64 = randn(&[2, 2, 2, 3], 45)?;
-    let (w2, b2) = (Tensor::new(&[1.5f32, -0.5], &CPU)?.reshape((1, 2, 1, 1))?, Tensor::new(&[0.1f32, 0.2], &CPU)?.reshape((1, 2, 1, 1))?);
+    let (w2, b2) = (
+        Tensor::new(&[1.5f32, -0.5], &CPU)?.reshape((1, 2, 1, 1))?,
+        Tensor::new(&[0.1f32, 0.2], &CPU)?.reshape((1, 2, 1, 1))?,
+    );
     let loss = |t: &Tensor| -> Result<Tensor> { dot(&batch_norm_train(t, &w2, &b2, eps)?.to_dtype(DType::F64)?, &r64) };
     let g = loss(Var::from_tensor(&x64)?.as_tensor())?.backward()?;
     assert_eq!(g.get(&w2).map(|_| ()), None, "a frozen weight got a gradient");
@@ -480,7 +485,11 @@ fn fast_path_reductions_equal_candles_over_every_dimension_subset() -> Result<()
         vars.iter().map(|v| vec64(g.get(v.as_tensor()).expect("gradient"))).collect()
     };
     for (i, (a, b)) in grads(true)?.iter().zip(grads(false)?.iter()).enumerate() {
-        assert!(max_abs_diff(a, b) <= 1e-4 * max_abs(b).max(1.0), "BatchNorm gradient {i} off by {}", max_abs_diff(a, b));
+        assert!(
+            max_abs_diff(a, b) <= 1e-4 * max_abs(b).max(1.0),
+            "BatchNorm gradient {i} off by {}",
+            max_abs_diff(a, b)
+        );
     }
     Ok(())
 }

@@ -282,13 +282,33 @@ fn emitted_config_runs_in_finetune() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("emitted.toml");
     profile(
-        &["--config", tiny_config().to_str().unwrap(), "--device", "cpu", "--batch-sizes", "1,2", "--precision", "f32",
-          "--checkpointing", "off", "--effective-batch", "2", "--predict-only", "--emit-config", out.to_str().unwrap()],
+        &[
+            "--config",
+            tiny_config().to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--batch-sizes",
+            "1,2",
+            "--precision",
+            "f32",
+            "--checkpointing",
+            "off",
+            "--effective-batch",
+            "2",
+            "--predict-only",
+            "--emit-config",
+            out.to_str().unwrap(),
+        ],
         &[],
     );
     let base = common::tiny_model(dir.path());
     let data = dir.path().join("data");
-    prs::data::synth::generate(&data, &prs::data::synth::SynthConfig { train: 4, val: 2, test: 1, size: 64, seed: 1 }, false).unwrap();
+    prs::data::synth::generate(
+        &data,
+        &prs::data::synth::SynthConfig { train: 4, val: 2, test: 1, size: 64, seed: 1 },
+        false,
+    )
+    .unwrap();
     let args = prs::commands::finetune::FinetuneArgs {
         config: Some(out.clone()),
         data_root: Some(data.display().to_string()),
@@ -312,7 +332,8 @@ fn phase_timer_attributes_a_training_step_to_its_parts() {
     use prs::train::optim::{AdamW, AdamWConfig};
     let cfg = Config::load(&tiny_config()).unwrap();
     let spec = spec_for_config(&cfg).unwrap();
-    let mut m = random_prs_med(&spec, &RandomOptions::from_config(&cfg, Device::Cpu, DType::F32, Mode::Train, 0)).unwrap();
+    let mut m =
+        random_prs_med(&spec, &RandomOptions::from_config(&cfg, Device::Cpu, DType::F32, Mode::Train, 0)).unwrap();
     m.set_gradient_checkpointing(true);
     let batch = synthetic_batch(&m, 2, &SeqShape { before: 3, after: 10, answer: 6 }, 1).unwrap();
     let mut opt = AdamW::new(m.trained.weights(), AdamWConfig::default()).unwrap();

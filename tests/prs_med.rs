@@ -73,7 +73,8 @@ fn forward_shapes_and_gradients_reach_exactly_the_trained_tensors() {
     let grads = losses.total.backward().unwrap();
     // The decoder's conv biases right before an InstanceNorm are cancelled by its mean
     // subtraction: zero gradient in exact arithmetic (the authors' layers, kept for their keys).
-    let before_instance_norm = |k: &str| k.starts_with("mask_generation.") && (k.ends_with("conv1.bias") || k.ends_with("conv2.bias"));
+    let before_instance_norm =
+        |k: &str| k.starts_with("mask_generation.") && (k.ends_with("conv1.bias") || k.ends_with("conv2.bias"));
     assert_grads_exactly_trained_except(&grads, &m.trained, before_instance_norm);
     // What trains: LoRA A/B on the config's modules of every layer, TinySAM, decoder, classifier, projector.
     let groups: std::collections::BTreeSet<_> = m.trained.weights().iter().map(|p| p.group.clone()).collect();
@@ -122,8 +123,15 @@ fn project_checkpoint_round_trips_exactly() {
     let ck = dir.path().join("ckpt");
     let meta = CheckpointMeta::new(&cfg.model.base, &cfg.model.tinysam, toml::to_string(&cfg.model).unwrap());
     save_checkpoint(&ck, &m.trained, &m.spec.lora, meta).unwrap();
-    for f in ["adapter_model.safetensors", "adapter_config.json", "image_encoder.safetensors", "mask_decoder.safetensors",
-        "classifier.safetensors", "mm_projector.safetensors", "prs_checkpoint.json"] {
+    for f in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "image_encoder.safetensors",
+        "mask_decoder.safetensors",
+        "classifier.safetensors",
+        "mm_projector.safetensors",
+        "prs_checkpoint.json",
+    ] {
         assert!(ck.join(f).exists(), "{f} missing");
     }
     // PEFT key names
@@ -136,7 +144,14 @@ fn project_checkpoint_round_trips_exactly() {
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(b.iter()) {
         assert_eq!((&x.group, &x.key), (&y.group, &y.key));
-        let d = (x.var.as_tensor() - y.var.as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (x.var.as_tensor() - y.var.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(d, 0.0, "{}/{} differs after reload", x.group, x.key);
     }
     // Inference from the checkpoint gives the trained model's outputs.
@@ -166,7 +181,8 @@ fn authors_release_layout_loads_and_applies_the_adapter() {
     let mut lora: Vec<_> = group("lora").into_iter().map(|(k, t)| (format!("base_model.model.{k}"), t)).collect();
     // inert CLIP LoRA keys, as in their adapters
     lora.push((
-        "base_model.model.model.vision_tower.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.lora_A.weight".into(),
+        "base_model.model.model.vision_tower.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"
+            .into(),
         Tensor::zeros((8, 32), DType::F32, &Device::Cpu).unwrap(),
     ));
     write_safetensors_atomic(&rel.join("lora_adapter/adapter_model.safetensors"), &lora, None).unwrap();
@@ -264,7 +280,8 @@ fn init_draws_each_part_at_its_configured_scale() {
         (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
     };
     let (h, vocab) = (init.llm.hidden_size, init.llm.vocab_size);
-    let near = |got: f64, want: f64, what: &str| assert!((got / want - 1.0).abs() < 0.05, "{what}: std {got}, want {want}");
+    let near =
+        |got: f64, want: f64, what: &str| assert!((got / want - 1.0).abs() < 0.05, "{what}: std {got}, want {want}");
     near(std_of("lm_head.weight", &[vocab, h]), init.weight_std, "lm_head");
     near(std_of("model.embed_tokens.weight", &[vocab, h]), init.weight_std, "embed_tokens");
     let inter = init.llm.intermediate_size;
@@ -309,7 +326,8 @@ fn decoder_grid_and_upsampling_follow_tinysam_stride() {
     let x = Tensor::zeros((1, 3, 128, 128), DType::F32, &Device::Cpu).unwrap();
     let feats = m.tinysam.forward(&x).unwrap();
     assert_eq!(feats.dims(), &[1, 32, 16, 16]);
-    let bad = prs::config::Config::parse(prs::commands::demo::TINY_CONFIG, &["model.sam_image_size=124".into()]).unwrap();
+    let bad =
+        prs::config::Config::parse(prs::commands::demo::TINY_CONFIG, &["model.sam_image_size=124".into()]).unwrap();
     let err = format!("{:#}", prs::model::random::spec_for_config(&bad).err().expect("124 is not a multiple of 8"));
     assert!(err.contains("sam_image_size 124") && err.contains("stride 8"), "{err}");
 }

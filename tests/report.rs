@@ -6,9 +6,8 @@ use std::path::Path;
 
 use image::{Rgb, RgbImage};
 use prs::report::{
-    self, draw_text, draw_text_vertical, font, read_metrics, read_metrics_file, save_png_atomic,
-    text_height, text_width, Axis, Kind, LineChart, MetricsLog, Record, Series, METRICS_FILE,
-    PALETTE,
+    self, draw_text, draw_text_vertical, font, read_metrics, read_metrics_file, save_png_atomic, text_height,
+    text_width, Axis, Kind, LineChart, MetricsLog, Record, Series, METRICS_FILE, PALETTE,
 };
 
 const WHITE: Rgb<u8> = Rgb([255, 255, 255]);
@@ -52,24 +51,15 @@ fn log_appends_and_reads_back() {
     let mut log = MetricsLog::create(&run).unwrap();
     assert_eq!(log.path(), run.join(METRICS_FILE));
     let mut recs = run_records(1, 6);
-    recs[0]
-        .extra
-        .insert("custom".into(), serde_json::json!({"a": 1}));
+    recs[0].extra.insert("custom".into(), serde_json::json!({"a": 1}));
     for r in &recs {
         log.append(r).unwrap();
     }
     // Written lines are visible to another reader at once (no buffering).
     let text = std::fs::read_to_string(run.join(METRICS_FILE)).unwrap();
     assert_eq!(text.lines().count(), recs.len());
-    assert!(text
-        .lines()
-        .next()
-        .unwrap()
-        .contains("\"custom\":{\"a\":1}"));
-    assert!(
-        !text.contains("dice\":null"),
-        "absent fields must not be written"
-    );
+    assert!(text.lines().next().unwrap().contains("\"custom\":{\"a\":1}"));
+    assert!(!text.contains("dice\":null"), "absent fields must not be written");
     assert_eq!(read_metrics(log.path()).unwrap(), recs);
 
     // NaN has no JSON form: it is written as null and read back as None.
@@ -81,11 +71,8 @@ fn log_appends_and_reads_back() {
     assert_eq!(back.last().unwrap().kind, Kind::Train);
 
     // Arbitrary objects need a step.
-    assert!(log
-        .append_value(&serde_json::json!({"kind": "train"}))
-        .is_err());
-    log.append_value(&serde_json::json!({"kind": "note", "step": 8, "msg": "x"}))
-        .unwrap();
+    assert!(log.append_value(&serde_json::json!({"kind": "train"})).is_err());
+    log.append_value(&serde_json::json!({"kind": "note", "step": 8, "msg": "x"})).unwrap();
     let back = read_metrics(log.path()).unwrap();
     assert_eq!(back.last().unwrap().kind, Kind::Other);
     assert_eq!(back.last().unwrap().extra["msg"], "x");
@@ -114,10 +101,7 @@ fn resume_truncates_to_the_checkpoint_step() {
         log.append(&r).unwrap();
     }
     drop(log);
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(b.join(METRICS_FILE))
-        .unwrap();
+    let mut f = std::fs::OpenOptions::new().append(true).open(b.join(METRICS_FILE)).unwrap();
     f.write_all(b"{\"kind\":\"train\",\"step\":9,\"lo").unwrap();
     drop(f);
     let mut log = MetricsLog::resume(&b, 6).unwrap();
@@ -146,12 +130,8 @@ fn reader_skips_a_partial_last_line() {
     }
     let path = log.path().to_path_buf();
     drop(log);
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&path)
-        .unwrap();
-    f.write_all(b"{\"kind\":\"eval\",\"step\":6,\"dice\":0.")
-        .unwrap();
+    let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+    f.write_all(b"{\"kind\":\"eval\",\"step\":6,\"dice\":0.").unwrap();
     drop(f);
     let got = read_metrics_file(&path).unwrap();
     assert_eq!(got.skipped, 1);
@@ -182,10 +162,7 @@ fn text_draws_inside_its_box() {
         let (x0, y0, x1, y1, n) = ink_box(&img).expect("text drew nothing");
         assert!(n > 10);
         assert!(x0 >= 10 && y0 >= 20, "{text}: ink starts at ({x0}, {y0})");
-        assert!(
-            x1 < 10 + text_width(text, scale),
-            "{text}: ink ends at x {x1}"
-        );
+        assert!(x1 < 10 + text_width(text, scale), "{text}: ink ends at x {x1}");
         assert!(y1 < 20 + text_height(scale), "{text}: ink ends at y {y1}");
         // The first and last characters both reach the box edges (no clipped glyphs).
         assert_eq!(x0, 10 + if text.starts_with('1') { scale } else { 0 });
@@ -196,10 +173,7 @@ fn text_draws_inside_its_box() {
     let (x0, y0, x1, y1, _) = ink_box(&img).unwrap();
     assert!(x0 >= 20 && x1 < 20 + text_height(2));
     assert!(y0 >= 10 && y1 < 10 + text_width("loss", 2));
-    assert!(
-        y1 - y0 > x1 - x0,
-        "vertical text should be taller than wide"
-    );
+    assert!(y1 - y0 > x1 - x0, "vertical text should be taller than wide");
     // Drawing off the image edges is clipped, not a panic.
     draw_text(&mut img, -7, 295, "clipped", black, 2);
     draw_text(&mut img, 75, -3, "x", black, 1);
@@ -211,11 +185,7 @@ fn glyphs_are_distinct_and_inked() {
     for (i, a) in printable.iter().enumerate() {
         assert!(font::glyph(*a).iter().any(|r| *r != 0), "{a:?} has no ink");
         for b in &printable[i + 1..] {
-            assert_ne!(
-                font::glyph(*a),
-                font::glyph(*b),
-                "{a:?} and {b:?} look the same"
-            );
+            assert_ne!(font::glyph(*a), font::glyph(*b), "{a:?} and {b:?} look the same");
         }
     }
     assert!(font::glyph(' ').iter().all(|r| *r == 0));
@@ -241,24 +211,17 @@ fn colour_near(img: &RgbImage, (x, y): (f64, f64), r: i64, colour: Rgb<u8>) -> b
 fn chart_line_passes_through_its_data() {
     // 200 points (no markers) on a parabola; the line must hit the pixel of intermediate x
     // values too, since it joins consecutive points.
-    let pts: Vec<(f64, f64)> = (0..200)
-        .map(|i| (i as f64 * 5.0, (i as f64 / 20.0).powi(2)))
-        .collect();
+    let pts: Vec<(f64, f64)> = (0..200).map(|i| (i as f64 * 5.0, (i as f64 / 20.0).powi(2))).collect();
     let mut chart = LineChart::new("parabola", "step");
     chart.y_label = "loss".into();
-    chart
-        .series
-        .push(Series::new("y = x^2", PALETTE[0], pts.clone()));
+    chart.series.push(Series::new("y = x^2", PALETTE[0], pts.clone()));
     let (img, frame) = chart.render_with_frame(800, 500);
     assert_eq!(img.dimensions(), (800, 500));
     assert!(frame.x.lo <= 0.0 && frame.x.hi >= 995.0);
     assert!(frame.y.lo <= 0.0 && frame.y.hi >= pts[199].1);
     for &(x, y) in pts.iter().step_by(7) {
         let p = frame.to_pixel(x, y).unwrap();
-        assert!(
-            colour_near(&img, p, 1, PALETTE[0]),
-            "no line at data ({x}, {y}) = pixel {p:?}"
-        );
+        assert!(colour_near(&img, p, 1, PALETTE[0]), "no line at data ({x}, {y}) = pixel {p:?}");
     }
     // Far from the curve (top-left of the plot, y high while x small) stays clear.
     let p = frame.to_pixel(100.0, 80.0).unwrap();
@@ -278,11 +241,7 @@ fn chart_line_passes_through_its_data() {
 fn nice_ticks_and_number_labels() {
     let ax = Axis::linear(0.13, 0.87, false);
     assert!(ax.lo <= 0.13 && ax.hi >= 0.87 && ax.hi - ax.lo <= 1.0);
-    assert!(
-        ax.labels.iter().any(|l| l == "0.2" || l == "0.4"),
-        "{:?}",
-        ax.labels
-    );
+    assert!(ax.labels.iter().any(|l| l == "0.2" || l == "0.4"), "{:?}", ax.labels);
     let ax = Axis::linear(0.0, 1.0, true);
     assert_eq!((ax.lo, ax.hi), (0.0, 1.0));
     assert_eq!(ax.labels.first().unwrap(), "0.0");
@@ -302,14 +261,7 @@ fn nice_ticks_and_number_labels() {
 #[test]
 fn nan_points_leave_gaps_and_odd_data_renders() {
     let c = PALETTE[3];
-    let pts = vec![
-        (0.0, 0.0),
-        (1.0, 1.0),
-        (2.0, f64::NAN),
-        (3.0, 3.0),
-        (4.0, 4.0),
-        (f64::INFINITY, 2.0),
-    ];
+    let pts = vec![(0.0, 0.0), (1.0, 1.0), (2.0, f64::NAN), (3.0, 3.0), (4.0, 4.0), (f64::INFINITY, 2.0)];
     let mut chart = LineChart::new("gaps", "x");
     chart.series.push(Series::new("s", c, pts));
     let (img, frame) = chart.render_with_frame(800, 500);
@@ -317,10 +269,7 @@ fn nan_points_leave_gaps_and_odd_data_renders() {
     let on = frame.to_pixel(0.5, 0.5).unwrap();
     assert!(colour_near(&img, on, 1, c));
     let gap = frame.to_pixel(2.0, 2.0).unwrap();
-    assert!(
-        !colour_near(&img, gap, 2, c),
-        "the NaN point must break the line"
-    );
+    assert!(!colour_near(&img, gap, 2, c), "the NaN point must break the line");
     // Sparse series get markers: a disc around each point, wider than the line.
     let p = frame.to_pixel(4.0, 4.0).unwrap();
     assert!(colour_near(&img, (p.0 - 3.0, p.1 + 3.0), 0, c));
@@ -331,49 +280,23 @@ fn nan_points_leave_gaps_and_odd_data_renders() {
     assert_eq!(blank.dimensions(), (400, 300));
     let mut chart = LineChart::new("odd", "step");
     chart.series.push(Series::new("none", PALETTE[0], vec![]));
-    chart.series.push(Series::new(
-        "nan",
-        PALETTE[1],
-        vec![(f64::NAN, 1.0), (1.0, f64::NAN)],
-    ));
-    chart
-        .series
-        .push(Series::new("one", PALETTE[2], vec![(5.0, 0.5)]));
+    chart.series.push(Series::new("nan", PALETTE[1], vec![(f64::NAN, 1.0), (1.0, f64::NAN)]));
+    chart.series.push(Series::new("one", PALETTE[2], vec![(5.0, 0.5)]));
     let (img, frame) = chart.render_with_frame(640, 400);
     assert!(frame.y.lo < 0.5 && frame.y.hi > 0.5);
-    assert!(colour_near(
-        &img,
-        frame.to_pixel(5.0, 0.5).unwrap(),
-        0,
-        PALETTE[2]
-    ));
+    assert!(colour_near(&img, frame.to_pixel(5.0, 0.5).unwrap(), 0, PALETTE[2]));
 
     let mut chart = LineChart::new("constant", "step");
-    chart.series.push(Series::new(
-        "c",
-        PALETTE[4],
-        (0..50).map(|i| (i as f64, 0.7)).collect(),
-    ));
+    chart.series.push(Series::new("c", PALETTE[4], (0..50).map(|i| (i as f64, 0.7)).collect()));
     let (img, frame) = chart.render_with_frame(640, 400);
     assert!(frame.y.lo < 0.7 && frame.y.hi > 0.7);
-    assert!(colour_near(
-        &img,
-        frame.to_pixel(25.0, 0.7).unwrap(),
-        0,
-        PALETTE[4]
-    ));
+    assert!(colour_near(&img, frame.to_pixel(25.0, 0.7).unwrap(), 0, PALETTE[4]));
 
     let mut chart = LineChart::new("log", "step");
     chart.y_log = true;
-    let pts: Vec<(f64, f64)> = (0..60)
-        .map(|i| (i as f64, 10f64.powf(-(i as f64) / 15.0)))
-        .collect();
+    let pts: Vec<(f64, f64)> = (0..60).map(|i| (i as f64, 10f64.powf(-(i as f64) / 15.0))).collect();
     chart.series.push(Series::new("decay", PALETTE[5], pts));
-    chart.series.push(Series::new(
-        "zero",
-        PALETTE[6],
-        vec![(0.0, 0.0), (10.0, -1.0)],
-    ));
+    chart.series.push(Series::new("zero", PALETTE[6], vec![(0.0, 0.0), (10.0, -1.0)]));
     let (img, frame) = chart.render_with_frame(800, 500);
     assert!(frame.y.log && frame.y.lo <= 1e-4 * 1.0001 && frame.y.hi >= 1.0);
     let p = frame.to_pixel(30.0, 0.01).unwrap();
@@ -386,16 +309,11 @@ fn png_save_is_atomic_and_decodes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("chart.png");
     let mut chart = LineChart::new("t", "x");
-    chart
-        .series
-        .push(Series::new("a", PALETTE[0], vec![(0.0, 1.0), (1.0, 2.0)]));
+    chart.series.push(Series::new("a", PALETTE[0], vec![(0.0, 1.0), (1.0, 2.0)]));
     chart.save_png(&path, 800, 500).unwrap();
     // Overwriting an existing picture also goes through a temp file.
     chart.save_png(&path, 800, 500).unwrap();
-    let names: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names, vec![std::ffi::OsString::from("chart.png")]);
     let img = image::open(&path).unwrap().to_rgb8();
     assert_eq!(img.dimensions(), (800, 500));
@@ -415,21 +333,14 @@ fn training_curves_has_both_panels() {
     let recs = run_records(1, 40);
     let (loss, val) = report::training_charts(&recs);
     let names: Vec<&str> = loss.series.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(
-        names,
-        ["train total", "train seg", "val total"],
-        "absent parts are left out"
-    );
+    assert_eq!(names, ["train total", "train seg", "val total"], "absent parts are left out");
     assert_eq!(val.series.len(), 3);
     assert_eq!(val.series[0].points.len(), 8);
 
     let path = dir.path().join("curves.png");
     report::training_curves(&recs, &path).unwrap();
     let img = image::open(&path).unwrap().to_rgb8();
-    assert_eq!(
-        img.dimensions(),
-        (report::CURVES_WIDTH, report::CURVES_HEIGHT)
-    );
+    assert_eq!(img.dimensions(), (report::CURVES_WIDTH, report::CURVES_HEIGHT));
     let mid = img.height() / 2;
     assert!(has_colour(&img, 0, mid, loss.series[0].colour));
     assert!(has_colour(&img, 0, mid, loss.series[2].colour));
@@ -441,22 +352,9 @@ fn training_curves_has_both_panels() {
     assert_eq!((top.x.lo, top.x.hi), (0.0, 40.0));
     assert_eq!((bottom.x.lo, bottom.x.hi), (0.0, 40.0));
     assert!(top.plot.y + top.plot.h as i32 <= 500 && bottom.plot.y >= 500);
-    let r = &recs
-        .iter()
-        .find(|r| r.step == 20 && r.kind == Kind::Train)
-        .unwrap();
-    assert!(colour_near(
-        &img,
-        top.to_pixel(20.0, r.loss.unwrap()).unwrap(),
-        1,
-        loss.series[0].colour
-    ));
-    assert!(colour_near(
-        &img,
-        bottom.to_pixel(20.0, 1.0).unwrap(),
-        2,
-        val.series[0].colour
-    ));
+    let r = &recs.iter().find(|r| r.step == 20 && r.kind == Kind::Train).unwrap();
+    assert!(colour_near(&img, top.to_pixel(20.0, r.loss.unwrap()).unwrap(), 1, loss.series[0].colour));
+    assert!(colour_near(&img, bottom.to_pixel(20.0, 1.0).unwrap(), 2, val.series[0].colour));
     assert_eq!((bottom.y.lo, bottom.y.hi), (0.0, 1.0));
 
     // No records: still a picture, two "no data" panels.
@@ -474,9 +372,7 @@ fn preview(out: &Path) {
     let mut recs = Vec::new();
     let mut state = 12345u64;
     let mut noise = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((state >> 33) as f64 / (1u64 << 31) as f64) - 0.5
     };
     for s in 1..=3000u64 {
@@ -503,36 +399,15 @@ fn preview(out: &Path) {
         let s = std::str::from_utf8(chunk).unwrap();
         draw_text(&mut img, 8, 8 + 24 * i as i32, s, Rgb([0, 0, 0]), 2);
     }
-    draw_text(
-        &mut img,
-        8,
-        60,
-        "loss 1e-4 0.85 val dice step lr=3.2e-5",
-        Rgb([0, 0, 0]),
-        2,
-    );
-    draw_text(
-        &mut img,
-        8,
-        90,
-        "scale 1: val_loss 0.0123 position acc (%) [0,1]",
-        Rgb([0, 0, 0]),
-        1,
-    );
-    image::DynamicImage::ImageRgb8(img)
-        .save(out.join("font.png"))
-        .unwrap();
+    draw_text(&mut img, 8, 60, "loss 1e-4 0.85 val dice step lr=3.2e-5", Rgb([0, 0, 0]), 2);
+    draw_text(&mut img, 8, 90, "scale 1: val_loss 0.0123 position acc (%) [0,1]", Rgb([0, 0, 0]), 1);
+    image::DynamicImage::ImageRgb8(img).save(out.join("font.png")).unwrap();
     let mut chart = LineChart::new("lr schedule (log y)", "step");
     chart.y_log = true;
     chart.y_label = "learning rate".into();
     let pts = (0..=100)
         .map(|i| {
-            (
-                i as f64 * 30.0,
-                1e-6 + (1e-4 - 1e-6)
-                    * 0.5
-                    * (1.0 + (i as f64 / 100.0 * std::f64::consts::PI).cos()),
-            )
+            (i as f64 * 30.0, 1e-6 + (1e-4 - 1e-6) * 0.5 * (1.0 + (i as f64 / 100.0 * std::f64::consts::PI).cos()))
         })
         .collect();
     chart.series.push(Series::new("lr", PALETTE[3], pts));

@@ -136,7 +136,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 let out = predict_batch(&m, &batch, &gen)?;
                 device.synchronize()?;
                 if i >= a.warmup {
-                    times.push((t.elapsed().as_secs_f64(), out.encode_secs, out.decode_secs / out.decode_steps.max(1) as f64));
+                    times.push((
+                        t.elapsed().as_secs_f64(),
+                        out.encode_secs,
+                        out.decode_secs / out.decode_steps.max(1) as f64,
+                    ));
                 }
             }
             let total = median(times.iter().map(|t| t.0).collect());

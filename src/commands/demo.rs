@@ -67,24 +67,58 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     std::fs::write(&config, cfg.to_toml()?)?;
 
     step(&["init".into(), "--config".into(), s(&config), "--tokenizer".into(), s(&a.tokenizer)])?;
-    step(&["synth-data".into(), "--out".into(), s(&data), "--train".into(), a.train_images.to_string(), "--val".into(), "10".into(), "--test".into(), "20".into()])?;
+    step(&[
+        "synth-data".into(),
+        "--out".into(),
+        s(&data),
+        "--train".into(),
+        a.train_images.to_string(),
+        "--val".into(),
+        "10".into(),
+        "--test".into(),
+        "20".into(),
+    ])?;
     let dev = ["--device".to_string(), a.device.clone()];
-    let mut ft = vec!["finetune".into(), "--config".into(), s(&config), "--data-root".into(), s(&data), "--out".into(), s(&run)];
+    let mut ft =
+        vec!["finetune".into(), "--config".into(), s(&config), "--data-root".into(), s(&data), "--out".into(), s(&run)];
     ft.extend(dev.clone());
     for x in &a.set {
         ft.extend(["--set".to_string(), x.clone()]);
     }
     step(&ft)?;
     let best = run.join("best");
-    step(&["evaluate".into(), "--checkpoint".into(), s(&best), "--data-root".into(), s(&data), "--split".into(), "test".into(), "--out".into(), s(&eval), dev[0].clone(), dev[1].clone()])?;
+    step(&[
+        "evaluate".into(),
+        "--checkpoint".into(),
+        s(&best),
+        "--data-root".into(),
+        s(&data),
+        "--split".into(),
+        "test".into(),
+        "--out".into(),
+        s(&eval),
+        dev[0].clone(),
+        dev[1].clone(),
+    ])?;
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(eval.join("summary.json"))?)?;
     let dice = summary["overall"]["dice"]["mean"].as_f64().context("summary.json: no overall Dice")?;
     let pos = summary["overall"]["position"]["accuracy"].as_f64().context("summary.json: no position accuracy")?;
     // One test image through `prs predict`.
     let case = summary["per_case"][0].clone();
     let image = case["image"].as_str().context("summary.json: no case")?.to_string();
-    step(&["predict".into(), "--checkpoint".into(), s(&best), "--image".into(), image, "--question".into(),
-        "Where is the lesion in this image?".into(), "--out".into(), s(&pred), dev[0].clone(), dev[1].clone()])?;
+    step(&[
+        "predict".into(),
+        "--checkpoint".into(),
+        s(&best),
+        "--image".into(),
+        image,
+        "--question".into(),
+        "Where is the lesion in this image?".into(),
+        "--out".into(),
+        s(&pred),
+        dev[0].clone(),
+        dev[1].clone(),
+    ])?;
     println!(
         "\ndemo finished in {:.0} s: held-out test Dice {dice:.3} (target >= 0.85), position accuracy {pos:.3} (target >= 0.9)",
         t0.elapsed().as_secs_f64()

@@ -143,10 +143,8 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
     let run_dir = match (&args.resume, &args.out) {
         (Some(r), _) => r.clone(),
         (None, Some(o)) => o.clone(),
-        (None, None) => PathBuf::from("runs").join(format!(
-            "{}",
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs()
-        )),
+        (None, None) => PathBuf::from("runs")
+            .join(format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs())),
     };
     if args.resume.is_none() && run_dir.join(crate::train::state::LAST_FILE).exists() {
         bail!("{} already holds a run; use --resume {} or another --out", run_dir.display(), run_dir.display());

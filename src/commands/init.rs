@@ -55,7 +55,9 @@ fn collect(reg: &TrainedParams, prefix: &str, std: Option<f64>, seed: u64) -> Re
         let key = if prefix.is_empty() { p.key.clone() } else { format!("{prefix}.{}", p.key) };
         let t = p.var.as_tensor().clone();
         let t = match std {
-            Some(s) if t.rank() >= 2 => init_tensor(t.shape(), Init::Normal(s), seed_for(seed, &key), DType::F32, &Device::Cpu)?,
+            Some(s) if t.rank() >= 2 => {
+                init_tensor(t.shape(), Init::Normal(s), seed_for(seed, &key), DType::F32, &Device::Cpu)?
+            }
             _ => t,
         };
         out.push((key, t));

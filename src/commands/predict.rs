@@ -478,7 +478,12 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         load_image(image)?;
         let item = Item { id: "prediction".into(), image: image.clone(), question };
         let loaded = load_model(&args.checkpoint, &args.model)?;
-        let r = predict_items(&loaded, &[item], std::slice::from_ref(&args.out), &PredictOptions { resume: false, ..opts })?;
+        let r = predict_items(
+            &loaded,
+            &[item],
+            std::slice::from_ref(&args.out),
+            &PredictOptions { resume: false, ..opts },
+        )?;
         println!("{}", serde_json::to_string_pretty(&r[0])?);
         println!("wrote {}", args.out.display());
         return Ok(());

@@ -34,9 +34,7 @@ pub fn run(args: &TokenizeArgs) -> Result<()> {
 pub fn run_to(args: &TokenizeArgs, out: &mut dyn Write) -> Result<()> {
     let tok = tokenizer::load_path(&args.model)?;
     for text in &args.text {
-        let enc = tok
-            .encode(text.as_str(), !args.no_bos)
-            .map_err(|e| anyhow!("encoding {text:?}: {e}"))?;
+        let enc = tok.encode(text.as_str(), !args.no_bos).map_err(|e| anyhow!("encoding {text:?}: {e}"))?;
         let (ids, tokens) = (enc.get_ids(), enc.get_tokens());
         if args.json {
             let obj = serde_json::json!({ "text": text, "ids": ids, "tokens": tokens });

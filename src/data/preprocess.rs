@@ -84,31 +84,18 @@ pub fn expand_to_square(img: &RgbImage, colour: [u8; 3]) -> RgbImage {
     }
     let side = w.max(h);
     let mut canvas = RgbImage::from_pixel(side, side, image::Rgb(colour));
-    let (x, y) = if w > h {
-        (0, (w - h) / 2)
-    } else {
-        ((h - w) / 2, 0)
-    };
+    let (x, y) = if w > h { (0, (w - h) / 2) } else { ((h - w) / 2, 0) };
     image::imageops::replace(&mut canvas, img, x as i64, y as i64);
     canvas
 }
 
 /// One resampling pass with fast_image_resize (only one axis changes when called from
 /// [`resize_pillow`]).
-fn resize_pass(
-    src: &[u8],
-    (sw, sh): (u32, u32),
-    (dw, dh): (u32, u32),
-    filter: Resample,
-) -> Result<Vec<u8>> {
+fn resize_pass(src: &[u8], (sw, sh): (u32, u32), (dw, dh): (u32, u32), filter: Resample) -> Result<Vec<u8>> {
     let src = ImageRef::new(sw, sh, src, PixelType::U8x3).context("resize: source buffer")?;
     let mut dst = Image::new(dw, dh, PixelType::U8x3);
     Resizer::new()
-        .resize(
-            &src,
-            &mut dst,
-            &ResizeOptions::new().resize_alg(filter.alg()),
-        )
+        .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(filter.alg()))
         .with_context(|| format!("resizing {sw}x{sh} to {dw}x{dh}"))?;
     Ok(dst.into_vec())
 }
@@ -196,11 +183,7 @@ pub fn clip_preprocess(img: &DynamicImage, size: usize) -> Result<Tensor> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (short, long) = (w.min(h), w.max(h));
     let new_long = (size as f64 * long as f64 / short as f64) as usize;
-    let (nw, nh) = if w <= h {
-        (size, new_long)
-    } else {
-        (new_long, size)
-    };
+    let (nw, nh) = if w <= h { (size, new_long) } else { (new_long, size) };
     let img = resize_pillow(&img, nw as u32, nh as u32, Resample::Bicubic)?;
     // HF centre crop offsets.
     let (top, left) = ((nh - size) / 2, (nw - size) / 2);
@@ -213,11 +196,5 @@ pub fn sam_preprocess(img: &DynamicImage, size: usize) -> Result<Tensor> {
         bail!("sam_preprocess: size must be positive");
     }
     let img = resize_pillow(&as_rgb8(img), size as u32, size as u32, Resample::Bilinear)?;
-    to_chw(
-        &img,
-        0,
-        0,
-        size,
-        &torchvision_lut(IMAGENET_MEAN, IMAGENET_STD),
-    )
+    to_chw(&img, 0, 0, size, &torchvision_lut(IMAGENET_MEAN, IMAGENET_STD))
 }

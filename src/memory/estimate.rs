@@ -439,7 +439,8 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
         // gradients, or a depthwise convolution's backward, whichever is larger (measured on
         // the CPU with the 7B's TinySAM at 512 px, BENCHMARKS.md).
         let working_set = (0.9 * ts.recomputed_block).max(DEPTHWISE_BACKWARD * ts.depthwise_rebuild);
-        transients.push(("one TinySAM block recomputed + its backward", per_sample_f32(ts.recomputed_block + working_set)));
+        transients
+            .push(("one TinySAM block recomputed + its backward", per_sample_f32(ts.recomputed_block + working_set)));
     }
     let (what, bytes) = transients.into_iter().fold(("", 0.0), |a, t| if t.1 > a.1 { t } else { a });
     push(&format!("backward transient (largest: {what})"), bytes);

@@ -163,7 +163,13 @@ pub fn synthetic_batch(m: &PrsMed, batch: usize, seq: &SeqShape, seed: u64) -> R
 
 /// One full training step (forward, losses, backward, optimizer) on `batch`; returns the loss.
 /// Gradient checkpointing is whatever `m` was set to (`PrsMed::set_gradient_checkpointing`).
-pub fn train_step(m: &PrsMed, batch: &ModelBatch, opt: &mut AdamW, scaler: Option<&mut LossScaler>, seed: u64) -> Result<f64> {
+pub fn train_step(
+    m: &PrsMed,
+    batch: &ModelBatch,
+    opt: &mut AdamW,
+    scaler: Option<&mut LossScaler>,
+    seed: u64,
+) -> Result<f64> {
     let _train = TrainingMode::enter(seed);
     let mark = |name| crate::phases::mark(m.device(), name);
     let out = m.forward(batch, true)?;

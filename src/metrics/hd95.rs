@@ -34,12 +34,7 @@ pub struct FeatureTransform {
 }
 
 /// Exact Euclidean feature transform of `sites` (row-major `h` x `w`), `spacing` = (row, col).
-pub fn feature_transform(
-    sites: &[bool],
-    h: usize,
-    w: usize,
-    spacing: [f64; 2],
-) -> FeatureTransform {
+pub fn feature_transform(sites: &[bool], h: usize, w: usize, spacing: [f64; 2]) -> FeatureTransform {
     assert_eq!(sites.len(), h * w, "feature_transform: mask length != h*w");
     let n = h * w;
     let (sy, sx) = (spacing[0], spacing[1]);
@@ -80,52 +75,48 @@ pub fn feature_transform(
     // Pass 2, along columns within each row: lower envelope of parabolas.
     let mut dist_sq = vec![f64::INFINITY; n];
     let mut nearest = vec![NO_SITE; n];
-    dist_sq
-        .par_chunks_mut(w.max(1))
-        .zip(nearest.par_chunks_mut(w.max(1)))
-        .enumerate()
-        .for_each(|(r, (drow, nrow))| {
-            let g = &col_d2[r * w..(r + 1) * w];
-            let mut env: Vec<usize> = Vec::with_capacity(w);
-            for q in 0..w {
-                if !g[q].is_finite() {
-                    continue;
-                }
-                while env.len() >= 2 {
-                    let (u, v) = (env[env.len() - 2], env[env.len() - 1]);
-                    // Drop v when its region is at most one point: s(v,q) <= s(u,v), cross-multiplied
-                    // (denominators positive) so unit spacing compares exact integers.
-                    let s_num = |i: usize, j: usize| {
-                        let (xi, xj) = (i as f64 * sx, j as f64 * sx);
-                        (g[j] + xj * xj) - (g[i] + xi * xi)
-                    };
-                    let s_den = |i: usize, j: usize| (j as f64 - i as f64) * sx;
-                    if s_num(v, q) * s_den(u, v) <= s_num(u, v) * s_den(v, q) {
-                        env.pop();
-                    } else {
-                        break;
-                    }
-                }
-                env.push(q);
+    dist_sq.par_chunks_mut(w.max(1)).zip(nearest.par_chunks_mut(w.max(1))).enumerate().for_each(|(r, (drow, nrow))| {
+        let g = &col_d2[r * w..(r + 1) * w];
+        let mut env: Vec<usize> = Vec::with_capacity(w);
+        for q in 0..w {
+            if !g[q].is_finite() {
+                continue;
             }
-            if env.is_empty() {
-                return;
-            }
-            let f = |site: usize, x: usize| {
-                let dx = (x as f64 - site as f64) * sx;
-                dx * dx + g[site]
-            };
-            let mut k = 0;
-            for x in 0..w {
-                // Advance only when strictly closer: ties keep the smaller column.
-                while k + 1 < env.len() && f(env[k + 1], x) < f(env[k], x) {
-                    k += 1;
+            while env.len() >= 2 {
+                let (u, v) = (env[env.len() - 2], env[env.len() - 1]);
+                // Drop v when its region is at most one point: s(v,q) <= s(u,v), cross-multiplied
+                // (denominators positive) so unit spacing compares exact integers.
+                let s_num = |i: usize, j: usize| {
+                    let (xi, xj) = (i as f64 * sx, j as f64 * sx);
+                    (g[j] + xj * xj) - (g[i] + xi * xi)
+                };
+                let s_den = |i: usize, j: usize| (j as f64 - i as f64) * sx;
+                if s_num(v, q) * s_den(u, v) <= s_num(u, v) * s_den(v, q) {
+                    env.pop();
+                } else {
+                    break;
                 }
-                let c = env[k];
-                drow[x] = f(c, x);
-                nrow[x] = col_row[r * w + c] * w as u32 + c as u32;
             }
-        });
+            env.push(q);
+        }
+        if env.is_empty() {
+            return;
+        }
+        let f = |site: usize, x: usize| {
+            let dx = (x as f64 - site as f64) * sx;
+            dx * dx + g[site]
+        };
+        let mut k = 0;
+        for x in 0..w {
+            // Advance only when strictly closer: ties keep the smaller column.
+            while k + 1 < env.len() && f(env[k + 1], x) < f(env[k], x) {
+                k += 1;
+            }
+            let c = env[k];
+            drow[x] = f(c, x);
+            nrow[x] = col_row[r * w + c] * w as u32 + c as u32;
+        }
+    });
     FeatureTransform { dist_sq, nearest }
 }
 
@@ -143,14 +134,8 @@ pub fn boundary(mask: &[bool], h: usize, w: usize) -> Vec<bool> {
             if !mask[i] {
                 continue;
             }
-            let interior = r > 0
-                && r + 1 < h
-                && c > 0
-                && c + 1 < w
-                && mask[i - w]
-                && mask[i + w]
-                && mask[i - 1]
-                && mask[i + 1];
+            let interior =
+                r > 0 && r + 1 < h && c > 0 && c + 1 < w && mask[i - w] && mask[i + w] && mask[i - 1] && mask[i + 1];
             out[i] = !interior;
         }
     }
@@ -253,10 +238,7 @@ pub struct MaskPair<'a> {
 
 /// HD95 for many images, in parallel (one image per task).
 pub fn hd95_batch(pairs: &[MaskPair<'_>]) -> Vec<f64> {
-    pairs
-        .par_iter()
-        .map(|p| hd95(p.pred, p.gt, p.h, p.w, p.spacing))
-        .collect()
+    pairs.par_iter().map(|p| hd95(p.pred, p.gt, p.h, p.w, p.spacing)).collect()
 }
 
 /// Dataset summary of HD95 values: stats over finite values, the rest counted by kind.

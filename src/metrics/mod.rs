@@ -15,9 +15,5 @@ pub mod seg;
 
 pub use hd95::{hd95, hd95_batch, Hd95Summary, MaskPair};
 pub use position::{parse_position, position_from_mask, PositionConfusion, PositionLabel};
-pub use prsmed::{
-    evaluate_dataset as prsmed_dataset, summarize as prsmed_summarize, PrsmedImage, PrsmedSummary,
-};
-pub use seg::{
-    evaluate_batch, Confusion, EmptyPolicy, ImageScores, SegAccumulator, SegPair, SegSummary, Stats,
-};
+pub use prsmed::{evaluate_dataset as prsmed_dataset, summarize as prsmed_summarize, PrsmedImage, PrsmedSummary};
+pub use seg::{evaluate_batch, Confusion, EmptyPolicy, ImageScores, SegAccumulator, SegPair, SegSummary, Stats};

@@ -42,10 +42,7 @@ impl PositionLabel {
 
     /// Row/column index in [`PositionConfusion::counts`].
     pub fn index(self) -> usize {
-        Self::ALL
-            .iter()
-            .position(|&l| l == self)
-            .expect("label in ALL")
+        Self::ALL.iter().position(|&l| l == self).expect("label in ALL")
     }
 
     pub fn as_str(self) -> &'static str {
@@ -95,8 +92,7 @@ fn classify(w: &str) -> Word {
         "bottom" | "lower" | "inferior" | "lowermost" | "bottommost" => Word::Bottom,
         "left" | "leftmost" | "lefthand" => Word::Left,
         "right" | "rightmost" | "righthand" => Word::Right,
-        "center" | "centre" | "central" | "centrally" | "middle" | "centered" | "centred"
-        | "midline" => Word::Center,
+        "center" | "centre" | "central" | "centrally" | "middle" | "centered" | "centred" | "midline" => Word::Center,
         _ => Word::Other,
     }
 }
@@ -133,29 +129,14 @@ const LESION_WORDS: &[&str] = &[
     "abnormal",
     "suspicious",
 ];
-const FOUND_WORDS: &[&str] = &[
-    "detected",
-    "found",
-    "present",
-    "visible",
-    "seen",
-    "identified",
-    "observed",
-    "detectable",
-    "shown",
-];
+const FOUND_WORDS: &[&str] =
+    &["detected", "found", "present", "visible", "seen", "identified", "observed", "detectable", "shown"];
 
 fn states_absence(words: &[&str]) -> bool {
     words.iter().enumerate().any(|(i, &w)| match w {
         "none" | "absent" | "absence" | "nothing" => true,
-        "no" => words[i + 1..]
-            .iter()
-            .take(3)
-            .any(|n| LESION_WORDS.contains(n)),
-        "not" => words[i + 1..]
-            .iter()
-            .take(2)
-            .any(|n| FOUND_WORDS.contains(n)),
+        "no" => words[i + 1..].iter().take(3).any(|n| LESION_WORDS.contains(n)),
+        "not" => words[i + 1..].iter().take(2).any(|n| FOUND_WORDS.contains(n)),
         _ => false,
     })
 }
@@ -168,10 +149,7 @@ fn quadrant(v: Word, h: Word) -> PositionLabel {
 /// Parses an answer (or the dataset's `position` sentence) into a label; rules in module docs.
 pub fn parse_position(text: &str) -> PositionLabel {
     let lower = text.to_lowercase();
-    let words: Vec<&str> = lower
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .collect();
+    let words: Vec<&str> = lower.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).collect();
     if states_absence(&words) {
         return PositionLabel::None;
     }
@@ -185,11 +163,8 @@ pub fn parse_position(text: &str) -> PositionLabel {
         let lo = i.saturating_sub(2);
         let hi = (i + 3).min(kinds.len());
         // Nearest horizontal word within two words, preferring the one after on equal distance.
-        let near = (1..=2).find_map(|d| {
-            [i + d, i.wrapping_sub(d)]
-                .into_iter()
-                .find(|&j| j >= lo && j < hi && is_h(kinds[j]))
-        });
+        let near =
+            (1..=2).find_map(|d| [i + d, i.wrapping_sub(d)].into_iter().find(|&j| j >= lo && j < hi && is_h(kinds[j])));
         if let Some(j) = near {
             return quadrant(k, kinds[j]);
         }
@@ -197,10 +172,7 @@ pub fn parse_position(text: &str) -> PositionLabel {
     if kinds.contains(&Word::Center) {
         return PositionLabel::Center;
     }
-    match (
-        kinds.iter().find(|&&k| is_v(k)),
-        kinds.iter().find(|&&k| is_h(k)),
-    ) {
+    match (kinds.iter().find(|&&k| is_v(k)), kinds.iter().find(|&&k| is_h(k))) {
         (Some(&v), Some(&h)) => quadrant(v, h),
         _ => PositionLabel::None,
     }

@@ -73,9 +73,7 @@ pub fn resize_nearest_u8(src: &[u8], sh: usize, sw: usize, dh: usize, dw: usize)
     }
     let ifx = 1.0 / (dw as f64 / sw as f64);
     let ify = 1.0 / (dh as f64 / sh as f64);
-    let xs: Vec<usize> = (0..dw)
-        .map(|x| ((x as f64 * ifx).floor() as usize).min(sw - 1))
-        .collect();
+    let xs: Vec<usize> = (0..dw).map(|x| ((x as f64 * ifx).floor() as usize).min(sw - 1)).collect();
     let mut out = Vec::with_capacity(dh * dw);
     for y in 0..dh {
         let sy = ((y as f64 * ify).floor() as usize).min(sh - 1);
@@ -100,18 +98,14 @@ pub fn load_gray_u8(path: &Path) -> Result<(Vec<u8>, usize, usize)> {
     let data = match img {
         image::DynamicImage::ImageLuma8(b) => b.into_raw(),
         image::DynamicImage::ImageLumaA8(b) => b.into_raw().chunks_exact(2).map(|p| p[0]).collect(),
-        image::DynamicImage::ImageLuma16(b) => b
-            .into_raw()
-            .iter()
-            .map(|&v| ((v as u32 + 128) >> 8).min(255) as u8)
-            .collect(),
+        image::DynamicImage::ImageLuma16(b) => {
+            b.into_raw().iter().map(|&v| ((v as u32 + 128) >> 8).min(255) as u8).collect()
+        }
         other => other
             .to_rgb8()
             .into_raw()
             .chunks_exact(3)
-            .map(|p| {
-                ((4899 * p[0] as u32 + 9617 * p[1] as u32 + 1868 * p[2] as u32 + 8192) >> 14) as u8
-            })
+            .map(|p| ((4899 * p[0] as u32 + 9617 * p[1] as u32 + 1868 * p[2] as u32 + 8192) >> 14) as u8)
             .collect(),
     };
     Ok((data, h, w))
@@ -139,16 +133,8 @@ struct Hists {
 
 /// Evaluates one image whose prediction already has the GT size (`h` x `w`).
 pub fn evaluate_image(pred: &[u8], gt: &[bool], h: usize, w: usize) -> Result<PrsmedImage> {
-    ensure!(
-        pred.len() == h * w,
-        "prediction has {} pixels, expected {h}x{w}",
-        pred.len()
-    );
-    ensure!(
-        gt.len() == h * w,
-        "ground truth has {} pixels, expected {h}x{w}",
-        gt.len()
-    );
+    ensure!(pred.len() == h * w, "prediction has {} pixels, expected {h}x{w}", pred.len());
+    ensure!(gt.len() == h * w, "ground truth has {} pixels, expected {h}x{w}", gt.len());
     ensure!(h * w > 0, "empty image");
     let n = h * w;
     let n_fg: u64 = gt.iter().map(|&g| g as u64).sum();
@@ -171,9 +157,7 @@ pub fn evaluate_image(pred: &[u8], gt: &[bool], h: usize, w: usize) -> Result<Pr
         sm: structure_measure(&hists, n, n_fg),
         wfm: weighted_f(pred, gt, h, w, n_fg),
         mae: {
-            let s: f64 = (0..256)
-                .map(|k| hist_fg[k] as f64 * (1.0 - level(k)) + hist_bg[k] as f64 * level(k))
-                .sum();
+            let s: f64 = (0..256).map(|k| hist_fg[k] as f64 * (1.0 - level(k)) + hist_bg[k] as f64 * level(k)).sum();
             s / n as f64
         },
     };
@@ -243,16 +227,8 @@ fn histograms(pred: &[u8], gt: &[bool], h: usize, w: usize, cx: usize, cy: usize
 /// Mean and population std of `f(level)` over a histogram (NaN mean when empty).
 fn hist_mean_std(hist: &[u64; 256], f: impl Fn(usize) -> f64) -> (f64, f64) {
     let n: u64 = hist.iter().sum();
-    let mean = (0..256)
-        .filter(|&k| hist[k] > 0)
-        .map(|k| hist[k] as f64 * f(k))
-        .sum::<f64>()
-        / n as f64;
-    let var = (0..256)
-        .filter(|&k| hist[k] > 0)
-        .map(|k| hist[k] as f64 * (f(k) - mean).powi(2))
-        .sum::<f64>()
-        / n as f64;
+    let mean = (0..256).filter(|&k| hist[k] > 0).map(|k| hist[k] as f64 * f(k)).sum::<f64>() / n as f64;
+    let var = (0..256).filter(|&k| hist[k] > 0).map(|k| hist[k] as f64 * (f(k) - mean).powi(2)).sum::<f64>() / n as f64;
     (mean, var.sqrt())
 }
 
@@ -263,11 +239,7 @@ fn structure_measure(hs: &Hists, n: usize, n_fg: u64) -> f64 {
     if n_fg == 0 || n_fg == n as u64 {
         let total: [u64; 256] = std::array::from_fn(|k| fg[k] + bg[k]);
         let (mean_pred, _) = hist_mean_std(&total, level);
-        return if n_fg == 0 {
-            1.0 - mean_pred
-        } else {
-            mean_pred
-        };
+        return if n_fg == 0 { 1.0 - mean_pred } else { mean_pred };
     }
     let object = |hist: &[u64; 256], f: &dyn Fn(usize) -> f64| {
         let (x, sigma) = hist_mean_std(hist, f);
@@ -296,10 +268,7 @@ fn structure_measure(hs: &Hists, n: usize, n_fg: u64) -> f64 {
 /// Their `ssim` of one block from its per-class histograms (NaN for an empty block, as theirs).
 fn ssim_block(bg: &[u64; 256], fg: &[u64; 256], nb: u64, nf: u64) -> f64 {
     let nbf = nb as f64;
-    let x: f64 = (0..256)
-        .map(|k| (fg[k] + bg[k]) as f64 * level(k))
-        .sum::<f64>()
-        / nbf;
+    let x: f64 = (0..256).map(|k| (fg[k] + bg[k]) as f64 * level(k)).sum::<f64>() / nbf;
     let y = nf as f64 / nbf;
     let den = nbf - 1.0 + EPS;
     let (mut sxx, mut sxy) = (0.0, 0.0);
@@ -354,21 +323,9 @@ fn weighted_f(pred: &[u8], gt: &[bool], h: usize, w: usize, n_fg: u64) -> f64 {
         return f64::NAN; // 1 - mean(Ew[gt == 1]) over no pixels
     }
     let n = h * w;
-    let e: Vec<f64> = pred
-        .iter()
-        .zip(gt)
-        .map(|(&p, &g)| (level(p as usize) - g as u8 as f64).abs())
-        .collect();
+    let e: Vec<f64> = pred.iter().zip(gt).map(|(&p, &g)| (level(p as usize) - g as u8 as f64).abs()).collect();
     let ft = feature_transform(gt, h, w, [1.0, 1.0]);
-    let et: Vec<f64> = (0..n)
-        .map(|i| {
-            if gt[i] {
-                e[i]
-            } else {
-                e[ft.nearest[i] as usize]
-            }
-        })
-        .collect();
+    let et: Vec<f64> = (0..n).map(|i| if gt[i] { e[i] } else { e[ft.nearest[i] as usize] }).collect();
     let ea = gaussian7_nearest(&et, h, w);
     let decay = (1.0f64 - 0.5).ln() / 5.0;
     let (mut sum_fg, mut sum_bg) = (0.0, 0.0);
@@ -401,17 +358,13 @@ fn gaussian7_nearest(x: &[f64], h: usize, w: usize) -> Vec<f64> {
     let mut tmp = vec![0.0; h * w];
     for r in 0..h {
         for c in 0..w {
-            tmp[r * w + c] = (0..7)
-                .map(|j| k1[j] * x[r * w + clamp(c as isize + j as isize - 3, w)])
-                .sum();
+            tmp[r * w + c] = (0..7).map(|j| k1[j] * x[r * w + clamp(c as isize + j as isize - 3, w)]).sum();
         }
     }
     let mut out = vec![0.0; h * w];
     for r in 0..h {
         for c in 0..w {
-            out[r * w + c] = (0..7)
-                .map(|i| k1[i] * tmp[clamp(r as isize + i as isize - 3, h) * w + c])
-                .sum();
+            out[r * w + c] = (0..7).map(|i| k1[i] * tmp[clamp(r as isize + i as isize - 3, h) * w + c]).sum();
         }
     }
     out
@@ -429,16 +382,8 @@ pub struct U8Pair<'a> {
 /// Full per-image protocol: nearest resize to the GT size, binarise the GT, evaluate.
 pub fn evaluate_u8_pair(p: &U8Pair<'_>) -> Result<PrsmedImage> {
     let ((ph, pw), (gh, gw)) = (p.pred_hw, p.gt_hw);
-    ensure!(
-        p.pred.len() == ph * pw,
-        "prediction has {} pixels, expected {ph}x{pw}",
-        p.pred.len()
-    );
-    ensure!(
-        p.gt.len() == gh * gw,
-        "ground truth has {} pixels, expected {gh}x{gw}",
-        p.gt.len()
-    );
+    ensure!(p.pred.len() == ph * pw, "prediction has {} pixels, expected {ph}x{pw}", p.pred.len());
+    ensure!(p.gt.len() == gh * gw, "ground truth has {} pixels, expected {gh}x{gw}", p.gt.len());
     let pred = resize_nearest_u8(p.pred, ph, pw, gh, gw);
     evaluate_image(&pred, &binarize_gt_u8(p.gt), gh, gw)
 }
@@ -464,9 +409,7 @@ pub struct PrsmedCurves {
 
 pub fn mean_curves(images: &[PrsmedImage]) -> PrsmedCurves {
     let col = |f: fn(&PrsmedImage) -> &Vec<f64>| -> Vec<f64> {
-        (0..N_THRESHOLDS)
-            .map(|j| mean(images.iter().map(|im| f(im)[j])))
-            .collect()
+        (0..N_THRESHOLDS).map(|j| mean(images.iter().map(|im| f(im)[j]))).collect()
     };
     PrsmedCurves {
         dice: col(|i| &i.dice),
@@ -484,13 +427,7 @@ fn mean(it: impl Iterator<Item = f64>) -> f64 {
 
 /// `np.max`: NaN if any element is NaN.
 fn nan_max(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::NEG_INFINITY, |m, x| {
-        if m.is_nan() || x.is_nan() {
-            f64::NAN
-        } else {
-            m.max(x)
-        }
-    })
+    v.iter().copied().fold(f64::NEG_INFINITY, |m, x| if m.is_nan() || x.is_nan() { f64::NAN } else { m.max(x) })
 }
 
 /// One row of their CSV.

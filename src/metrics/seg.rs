@@ -63,25 +63,13 @@ pub struct Confusion {
 impl Confusion {
     /// Counts for `prob >= threshold` against `gt`.
     pub fn from_prob(prob: &[f32], gt: &[bool], threshold: f32) -> Result<Self> {
-        ensure!(
-            prob.len() == gt.len(),
-            "prediction has {} pixels, ground truth {}",
-            prob.len(),
-            gt.len()
-        );
-        Ok(Self::count(
-            prob.iter().zip(gt).map(|(&p, &g)| (p >= threshold, g)),
-        ))
+        ensure!(prob.len() == gt.len(), "prediction has {} pixels, ground truth {}", prob.len(), gt.len());
+        Ok(Self::count(prob.iter().zip(gt).map(|(&p, &g)| (p >= threshold, g))))
     }
 
     /// Counts for a binary prediction.
     pub fn from_masks(pred: &[bool], gt: &[bool]) -> Result<Self> {
-        ensure!(
-            pred.len() == gt.len(),
-            "prediction has {} pixels, ground truth {}",
-            pred.len(),
-            gt.len()
-        );
+        ensure!(pred.len() == gt.len(), "prediction has {} pixels, ground truth {}", pred.len(), gt.len());
         Ok(Self::count(pred.iter().copied().zip(gt.iter().copied())))
     }
 
@@ -90,12 +78,7 @@ impl Confusion {
         for (p, g) in pairs {
             c[(p as usize) << 1 | g as usize] += 1;
         }
-        Self {
-            tn: c[0],
-            fn_: c[1],
-            fp: c[2],
-            tp: c[3],
-        }
+        Self { tn: c[0], fn_: c[1], fp: c[2], tp: c[3] }
     }
 
     pub fn pred_count(&self) -> u64 {
@@ -146,21 +129,9 @@ impl ImageScores {
             };
             (v, v, v, v)
         } else {
-            (
-                ratio(2 * tp, p + g),
-                ratio(tp, c.union()),
-                ratio(tp, p),
-                ratio(tp, g),
-            )
+            (ratio(2 * tp, p + g), ratio(tp, c.union()), ratio(tp, p), ratio(tp, g))
         };
-        Self {
-            dice,
-            iou,
-            precision,
-            recall,
-            empty_gt,
-            empty_pred,
-        }
+        Self { dice, iou, precision, recall, empty_gt, empty_pred }
     }
 }
 
@@ -187,12 +158,7 @@ impl Stats {
         let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
         let n = v.len();
         if n == 0 {
-            return Self {
-                mean: f64::NAN,
-                std: f64::NAN,
-                median: f64::NAN,
-                n: 0,
-            };
+            return Self { mean: f64::NAN, std: f64::NAN, median: f64::NAN, n: 0 };
         }
         let mean = v.iter().sum::<f64>() / n as f64;
         let std = (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n as f64).sqrt();
@@ -205,12 +171,7 @@ impl Stats {
             let lo = v[..mid].iter().copied().fold(f64::NEG_INFINITY, f64::max);
             0.5 * (lo + hi)
         };
-        Self {
-            mean,
-            std,
-            median,
-            n,
-        }
+        Self { mean, std, median, n }
     }
 }
 
@@ -246,12 +207,7 @@ pub struct SegAccumulator {
 
 impl SegAccumulator {
     pub fn new(policy: EmptyPolicy, threshold: f32) -> Self {
-        Self {
-            policy,
-            threshold,
-            scores: Vec::new(),
-            pooled: Confusion::default(),
-        }
+        Self { policy, threshold, scores: Vec::new(), pooled: Confusion::default() }
     }
 
     /// Scores one image, stores it, and returns its scores.
@@ -277,8 +233,7 @@ impl SegAccumulator {
     }
 
     pub fn summary(&self) -> SegSummary {
-        let col =
-            |f: fn(&ImageScores) -> f64| Stats::of(&self.scores.iter().map(f).collect::<Vec<_>>());
+        let col = |f: fn(&ImageScores) -> f64| Stats::of(&self.scores.iter().map(f).collect::<Vec<_>>());
         let n_empty_gt = self.scores.iter().filter(|s| s.empty_gt).count();
         let p = &self.pooled;
         let pooled_dice = pooled_ratio(2 * p.tp, p.pred_count() + p.gt_count(), self.policy);
@@ -321,10 +276,7 @@ pub fn evaluate_batch(
     let confs: Vec<Confusion> = pairs
         .par_iter()
         .enumerate()
-        .map(|(i, p)| {
-            Confusion::from_prob(p.prob, p.gt, threshold)
-                .map_err(|e| e.context(format!("image {i}")))
-        })
+        .map(|(i, p)| Confusion::from_prob(p.prob, p.gt, threshold).map_err(|e| e.context(format!("image {i}"))))
         .collect::<Result<_>>()?;
     let mut acc = SegAccumulator::new(policy, threshold);
     for c in &confs {

@@ -78,11 +78,7 @@ impl ClipVisionConfig {
     /// (`hidden_states[0]` is the embedding output after `pre_layrnorm`).
     pub fn layers_for_select(&self, select_layer: i64) -> Result<usize> {
         let n = self.num_hidden_layers as i64;
-        let idx = if select_layer < 0 {
-            n + 1 + select_layer
-        } else {
-            select_layer
-        };
+        let idx = if select_layer < 0 { n + 1 + select_layer } else { select_layer };
         ensure!(
             (0..=n).contains(&idx),
             "clip: select_layer {select_layer} is out of range for {n} layers (valid: {} ..= {n})",
@@ -125,11 +121,7 @@ struct LayerNorm {
 
 impl LayerNorm {
     fn new(pb: &ParamBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: pb.get(dim, "weight", Init::Ones)?,
-            bias: pb.get(dim, "bias", Init::Zeros)?,
-            eps,
-        })
+        Ok(Self { weight: pb.get(dim, "weight", Init::Ones)?, bias: pb.get(dim, "bias", Init::Zeros)?, eps })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -152,11 +144,7 @@ impl Embeddings {
         let (c, p) = (cfg.hidden_size, cfg.patch_size);
         Ok(Self {
             class_embedding: pb.get(c, "class_embedding", Init::Normal(0.02))?,
-            patch_embedding: pb.pp("patch_embedding").get(
-                (c, 3, p, p),
-                "weight",
-                Init::Normal(0.02),
-            )?,
+            patch_embedding: pb.pp("patch_embedding").get((c, 3, p, p), "weight", Init::Normal(0.02))?,
             position_embedding: pb.pp("position_embedding").get(
                 (cfg.num_patches() + 1, c),
                 "weight",
@@ -178,10 +166,8 @@ impl Embeddings {
         // Non-overlapping patches: the stride-p conv is one GEMM over unfolded patches (candle's
         // CPU conv2d has no bf16 kernel); patch vectors are ordered (channel, y, x) as the weight.
         let (g, p) = (h / self.patch_size, self.patch_size);
-        let cols = pixels
-            .reshape((b, 3, g, p, g, p))?
-            .permute(vec![0, 2, 4, 1, 3, 5])?
-            .reshape((b, g * g, 3 * p * p))?;
+        let cols =
+            pixels.reshape((b, 3, g, p, g, p))?.permute(vec![0, 2, 4, 1, 3, 5])?.reshape((b, g * g, 3 * p * p))?;
         let w = self.patch_embedding.cast(dt)?;
         let w = w.reshape((w.dim(0)?, 3 * p * p))?;
         let patches = match &self.patch_embedding {
@@ -189,11 +175,7 @@ impl Embeddings {
             Param::Trained(_) => cols.broadcast_matmul(&w.t()?)?,
         }; // (B,N,C)
         let c = patches.dim(2)?;
-        let cls = self
-            .class_embedding
-            .cast(dt)?
-            .reshape((1, 1, c))?
-            .broadcast_as((b, 1, c))?;
+        let cls = self.class_embedding.cast(dt)?.reshape((1, 1, c))?.broadcast_as((b, 1, c))?;
         let x = Tensor::cat(&[&cls, &patches], 1)?;
         Ok(x.broadcast_add(&self.position_embedding.cast(dt)?.unsqueeze(0)?)?)
     }
@@ -226,9 +208,7 @@ impl Attention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, c) = x.dims3()?;
         let heads = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, n, self.num_heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
+            Ok(t.reshape((b, n, self.num_heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
         };
         // HF scales q before the product; same numbers in low precision.
         let q = heads((self.q_proj.forward(x)? * (self.head_dim as f64).powf(-0.5))?)?;
@@ -307,22 +287,12 @@ impl ClipVisionTower {
         cfg.validate()?;
         let n_layers = cfg.layers_for_select(select_layer)?;
         let embeddings = Embeddings::new(&pb.pp("embeddings"), cfg).context("clip embeddings")?;
-        let pre_layrnorm =
-            LayerNorm::new(&pb.pp("pre_layrnorm"), cfg.hidden_size, cfg.layer_norm_eps)?;
+        let pre_layrnorm = LayerNorm::new(&pb.pp("pre_layrnorm"), cfg.hidden_size, cfg.layer_norm_eps)?;
         let lpb = pb.pp("encoder").pp("layers");
         let layers = (0..n_layers)
-            .map(|i| {
-                EncoderLayer::new(&lpb.pp(i), cfg)
-                    .with_context(|| format!("clip encoder layer {i}"))
-            })
+            .map(|i| EncoderLayer::new(&lpb.pp(i), cfg).with_context(|| format!("clip encoder layer {i}")))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            embeddings,
-            pre_layrnorm,
-            layers,
-            cfg: cfg.clone(),
-            dtype: pb.dtype(),
-        })
+        Ok(Self { embeddings, pre_layrnorm, layers, cfg: cfg.clone(), dtype: pb.dtype() })
     }
 
     pub fn config(&self) -> &ClipVisionConfig {

@@ -14,11 +14,11 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::linear::{frozen_matmul, Linear};
 use crate::nn::checkpoint::Checkpointer;
+use crate::nn::linear::{frozen_matmul, Linear};
 use crate::nn::ops;
-use crate::nn::scaled_masked_softmax;
 use crate::nn::param::{Init, Param, ParamBuilder};
+use crate::nn::scaled_masked_softmax;
 use crate::nn::upsample::upsample_bilinear_ac;
 
 /// Sizes of the decoder; `Default` is the released model.

@@ -51,18 +51,14 @@ impl Projector {
         let layers = match kind {
             ProjectorKind::Linear => vec![Linear::new(pb, mm_hidden, hidden, true)?],
             ProjectorKind::Identity => {
-                ensure!(mm_hidden == hidden, "identity projector needs mm_hidden_size == hidden_size ({mm_hidden} != {hidden})");
+                ensure!(
+                    mm_hidden == hidden,
+                    "identity projector needs mm_hidden_size == hidden_size ({mm_hidden} != {hidden})"
+                );
                 vec![]
             }
             ProjectorKind::MlpGelu { depth } => (0..depth)
-                .map(|i| {
-                    Linear::new(
-                        &pb.pp(2 * i),
-                        if i == 0 { mm_hidden } else { hidden },
-                        hidden,
-                        true,
-                    )
-                })
+                .map(|i| Linear::new(&pb.pp(2 * i), if i == 0 { mm_hidden } else { hidden }, hidden, true))
                 .collect::<Result<Vec<_>>>()?,
         };
         Ok(Self { kind, layers })

@@ -147,23 +147,24 @@ pub fn load_prs_med(cfg: &Config, opts: &LoadOptions) -> Result<PrsMed> {
     let spec = spec_from(cfg, &llava_cfg, &lora_cfg)?;
 
     // A trainable component: the checkpoint's copy when it has one, else `fallback`.
-    let component = |c: Component, trains: bool, fallback: Option<(VarBuilder<'static>, String)>| -> Result<ParamBuilder> {
-        let from_ckpt = match &ckpt {
-            Some(k) => k.component(c, dtype, dev)?,
-            None => None,
-        };
-        let t = train && trains;
-        Ok(match (from_ckpt, fallback) {
-            (Some(s), _) => ParamBuilder::from_checkpoint(s.vb, s.what, c.group(), t, dtype, &reg),
-            (None, Some((vb, what))) => ParamBuilder::from_checkpoint(vb, what, c.group(), t, dtype, &reg),
-            (None, None) => {
-                if !train && ckpt.is_some() {
-                    bail!("checkpoint {} has no {:?} weights", opts.checkpoint.unwrap().display(), c);
+    let component =
+        |c: Component, trains: bool, fallback: Option<(VarBuilder<'static>, String)>| -> Result<ParamBuilder> {
+            let from_ckpt = match &ckpt {
+                Some(k) => k.component(c, dtype, dev)?,
+                None => None,
+            };
+            let t = train && trains;
+            Ok(match (from_ckpt, fallback) {
+                (Some(s), _) => ParamBuilder::from_checkpoint(s.vb, s.what, c.group(), t, dtype, &reg),
+                (None, Some((vb, what))) => ParamBuilder::from_checkpoint(vb, what, c.group(), t, dtype, &reg),
+                (None, None) => {
+                    if !train && ckpt.is_some() {
+                        bail!("checkpoint {} has no {:?} weights", opts.checkpoint.unwrap().display(), c);
+                    }
+                    ParamBuilder::fresh(opts.seed, c.group(), t, dtype, dev, &reg)
                 }
-                ParamBuilder::fresh(opts.seed, c.group(), t, dtype, dev, &reg)
-            }
-        })
-    };
+            })
+        };
 
     let tinysam_path = tinysam_file(&cfg.model.tinysam)?;
     let tinysam_vb = open_tinysam(&tinysam_path, dtype, dev)?;
@@ -173,7 +174,11 @@ pub fn load_prs_med(cfg: &Config, opts: &LoadOptions) -> Result<PrsMed> {
         clip: frozen(clip_vb, &clip_what, "clip"),
         lora,
         projector: component(Component::MmProjector, tp.projector, Some((base.vb.pp(PROJECTOR_PREFIX), what.clone())))?,
-        tinysam: component(Component::ImageEncoder, tp.tinysam, Some((tinysam_vb, tinysam_path.display().to_string())))?,
+        tinysam: component(
+            Component::ImageEncoder,
+            tp.tinysam,
+            Some((tinysam_vb, tinysam_path.display().to_string())),
+        )?,
         decoder: component(Component::MaskDecoder, true, None)?,
         classifier: component(Component::Classifier, true, None)?,
     };

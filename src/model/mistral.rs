@@ -11,10 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::nn::checkpoint::Checkpointer;
 use crate::nn::consts::add_any;
-use crate::nn::scaled_masked_softmax;
 use crate::nn::linear::{frozen_matmul, Linear, LoraConfig};
 use crate::nn::ops;
 use crate::nn::param::{Init, Param, ParamBuilder};
+use crate::nn::scaled_masked_softmax;
 
 /// The fields of HF's `MistralConfig` (LLaVA-Med's `config.json`) that the decoder needs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -199,11 +199,7 @@ impl PrsMed {
         let projector = Projector::new(&b.projector, spec.llava.mm_hidden_size, h, &spec.llava.mm_projector_type)?;
         let llm = Mistral::new(&b.llava, &spec.llava.llm, Some((&b.lora, &spec.lora)))?;
         let tinysam = TinySam::new(&b.tinysam, &spec.tinysam)?;
-        ensure!(
-            spec.decoder.llm_hidden == h,
-            "decoder llm_hidden {} != LLM hidden size {h}",
-            spec.decoder.llm_hidden
-        );
+        ensure!(spec.decoder.llm_hidden == h, "decoder llm_hidden {} != LLM hidden size {h}", spec.decoder.llm_hidden);
         let decoder = PromptedMaskDecoder::new(&b.decoder, &spec.decoder)?;
         let classifier = ModalityClassifier::new(&b.classifier, spec.decoder.dim, spec.num_modalities)?;
         Ok(Self {
@@ -361,7 +357,13 @@ impl PrsMed {
         self.losses_normed(batch, out, w, None)
     }
 
-    pub fn losses_normed(&self, batch: &ModelBatch, out: &Outputs, w: &LossWeights, norm: Option<LossNorm>) -> Result<Losses> {
+    pub fn losses_normed(
+        &self,
+        batch: &ModelBatch,
+        out: &Outputs,
+        w: &LossWeights,
+        norm: Option<LossNorm>,
+    ) -> Result<Losses> {
         let masks = batch.masks.as_ref().ok_or_else(|| anyhow::anyhow!("training batch without masks"))?;
         let (logits, targets) = match (&out.answer_logits, &out.answer_targets) {
             (Some(l), Some(t)) => (l, t),

@@ -159,7 +159,11 @@ impl HeldOutput {
     }
 
     fn take(&self) -> candle_core::Result<Tensor> {
-        self.0.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("output-only op: output already taken".into()))
+        self.0
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("output-only op: output already taken".into()))
     }
 
     fn copy<S>(ys: &S, yl: &Layout) -> candle_core::Result<(S, Shape)>
@@ -192,7 +196,13 @@ impl HeldOutput {
 /// `cpu_fwd` / `cuda_fwd` of a `CustomOp2` whose forward hands over its [`HeldOutput`] `out`.
 macro_rules! forward_hands_over_held_output {
     () => {
-        fn cpu_fwd(&self, _a: &CpuStorage, _al: &Layout, _b: &CpuStorage, _bl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _a: &CpuStorage,
+            _al: &Layout,
+            _b: &CpuStorage,
+            _bl: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
             self.out.cpu()
         }
 
@@ -272,7 +282,8 @@ impl CustomOp2 for CheckpointOp {
 
 /// The gradients of a two-input op: `(a, b, dy, [a tracked, b tracked]) -> (da, db)`, `None`
 /// for an untracked input.
-pub type Backward2 = dyn Fn(&Tensor, &Tensor, &Tensor, [bool; 2]) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync;
+pub type Backward2 =
+    dyn Fn(&Tensor, &Tensor, &Tensor, [bool; 2]) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync;
 
 /// `f(a, b)` as one autograd node that keeps only its output, with a hand-written backward
 /// (`backward` gets detached inputs). For composites with large intermediates whose candle
@@ -304,7 +315,13 @@ impl CustomOp2 for OutputOnly2 {
 
     forward_hands_over_held_output!();
 
-    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         (self.backward)(&a.detach(), &b.detach(), &grad.detach(), [a.track_op(), b.track_op()])
             .map_err(|e| candle_core::Error::Msg(format!("{} backward: {e:#}", self.name())))
     }

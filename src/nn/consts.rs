@@ -34,9 +34,7 @@ macro_rules! const_fwd {
     ($self:ident, $s:ident, $l:ident, $variant:ident) => {{
         let cl = $self.c_layout($l)?;
         let (cs, _) = $self.c.storage_and_layout();
-        let Storage::$variant(cs) = &*cs else {
-            candle_core::bail!("constant operand is on another device")
-        };
+        let Storage::$variant(cs) = &*cs else { candle_core::bail!("constant operand is on another device") };
         let out = match $self.kind {
             Kind::Add => $s.binary_impl::<candle_core::op::Add>(cs, $l, &cl)?,
             Kind::Mul => $s.binary_impl::<candle_core::op::Mul>(cs, $l, &cl)?,
@@ -77,7 +75,10 @@ impl CustomOp1 for ConstBinary {
 fn apply(x: &Tensor, c: &Tensor, kind: Kind) -> Result<Tensor> {
     if c.track_op() {
         // Its gradient would be dropped silently: callers must use `add_any`/`mul_any`.
-        anyhow::bail!("internal error: constant operand of {} is tracked by autograd", ConstBinary { c: c.clone(), kind }.name());
+        anyhow::bail!(
+            "internal error: constant operand of {} is tracked by autograd",
+            ConstBinary { c: c.clone(), kind }.name()
+        );
     }
     let c = c.to_dtype(x.dtype())?;
     if x.track_op() {
@@ -105,7 +106,11 @@ struct TrackedBinary {
     kind: Kind,
 }
 
-fn tracked_fwd<S: BackendStorage>(kind: Kind, (x, xl): (&S, &Layout), (y, yl): (&S, &Layout)) -> candle_core::Result<(S, Shape)> {
+fn tracked_fwd<S: BackendStorage>(
+    kind: Kind,
+    (x, xl): (&S, &Layout),
+    (y, yl): (&S, &Layout),
+) -> candle_core::Result<(S, Shape)> {
     let yl = yl.broadcast_as(xl.shape())?;
     let out = match kind {
         Kind::Add => x.binary_impl::<candle_core::op::Add>(y, xl, &yl)?,
@@ -124,10 +129,17 @@ impl CustomOp2 for TrackedBinary {
 
     same_forward_on_every_backend!(two: |op: &Self, x, y| tracked_fwd(op.kind, x, y));
 
-    fn bwd(&self, x: &Tensor, y: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // The dimensions `y` was broadcast along: the ones left of it, and its size-1 ones.
         let left = x.rank() - y.rank();
-        let along: Vec<usize> = (0..x.rank()).filter(|&d| d < left || (y.dims()[d - left] == 1 && x.dims()[d] != 1)).collect();
+        let along: Vec<usize> =
+            (0..x.rank()).filter(|&d| d < left || (y.dims()[d - left] == 1 && x.dims()[d] != 1)).collect();
         let (dx, dy_full) = match self.kind {
             Kind::Add => (grad.clone(), grad.clone()),
             Kind::Mul => (grad.broadcast_mul(y)?, (grad * x)?),
@@ -170,7 +182,8 @@ fn any(x: &Tensor, y: &Tensor, kind: Kind) -> Result<Tensor> {
             Kind::Mul => a.broadcast_mul(b)?,
         })
     };
-    let broadcasts_to = |small: &Tensor, big: &Tensor| small.elem_count() < big.elem_count() && small.broadcast_as(big.shape()).is_ok();
+    let broadcasts_to =
+        |small: &Tensor, big: &Tensor| small.elem_count() < big.elem_count() && small.broadcast_as(big.shape()).is_ok();
     match (x.track_op(), y.track_op()) {
         (true, true) if broadcasts_to(y, x) => tracked(x, y, kind),
         (true, true) if broadcasts_to(x, y) => tracked(y, x, kind),

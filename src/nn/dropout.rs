@@ -65,15 +65,23 @@ impl CustomOp1 for Dropout {
                 let sc = self.scale();
                 CpuStorage::F64(self.apply(&v[o0..o1], 0.0, |x| x * sc))
             }
-            CpuStorage::BF16(v) => CpuStorage::BF16(self.apply(&v[o0..o1], bf16::ZERO, |x| bf16::from_f32(x.to_f32() * sc))),
-            CpuStorage::F16(v) => CpuStorage::F16(self.apply(&v[o0..o1], f16::ZERO, |x| f16::from_f32(x.to_f32() * sc))),
+            CpuStorage::BF16(v) => {
+                CpuStorage::BF16(self.apply(&v[o0..o1], bf16::ZERO, |x| bf16::from_f32(x.to_f32() * sc)))
+            }
+            CpuStorage::F16(v) => {
+                CpuStorage::F16(self.apply(&v[o0..o1], f16::ZERO, |x| f16::from_f32(x.to_f32() * sc)))
+            }
             other => candle_core::bail!("dropout: unsupported dtype {:?}", other.dtype()),
         };
         Ok((out, l.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let out = crate::kernels::dropout(s, l, self.seed, self.threshold(), self.scale())?;
         Ok((out, l.shape().clone()))
     }

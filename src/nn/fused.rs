@@ -102,7 +102,12 @@ pub fn scaled_masked_softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>)
     Ok(match mask {
         None => scores.apply_op1(op)?,
         Some(m) => {
-            ensure!(m.rank() <= scores.rank(), "mask {:?} has more dimensions than scores {:?}", m.dims(), scores.dims());
+            ensure!(
+                m.rank() <= scores.rank(),
+                "mask {:?} has more dimensions than scores {:?}",
+                m.dims(),
+                scores.dims()
+            );
             // Leading size-1 dimensions so the mask has the scores' rank; `forward` checks
             // that it broadcasts.
             let mut dims = vec![1; scores.rank() - m.rank()];
@@ -341,7 +346,12 @@ impl CustomOp3 for AffineNorm {
 /// (1, C, 1, 1). Keeps only its output for backward (the input is kept by its producer).
 pub fn batch_norm_train(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let c = x.dim(1)?;
-    ensure!(w.dims() == [1, c, 1, 1] && b.dims() == [1, c, 1, 1], "batchnorm: weight {:?} / bias {:?} for {c} channels", w.dims(), b.dims());
+    ensure!(
+        w.dims() == [1, c, 1, 1] && b.dims() == [1, c, 1, 1],
+        "batchnorm: weight {:?} / bias {:?} for {c} channels",
+        w.dims(),
+        b.dims()
+    );
     ensure!(x.elem_count() > c, "batchnorm: training needs more than one value per channel");
     let op = AffineNorm { eps, reduce: vec![0, 2, 3] };
     Ok(x.to_dtype(DType::F32)?.apply_op3(&w.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?, op)?)
@@ -351,7 +361,12 @@ pub fn batch_norm_train(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<
 /// Keeps only its output for backward.
 pub fn layer_norm_f32(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let h = x.dim(D::Minus1)?;
-    ensure!(w.elem_count() == h && b.elem_count() == h, "layernorm: weight {:?} / bias {:?} for width {h}", w.dims(), b.dims());
+    ensure!(
+        w.elem_count() == h && b.elem_count() == h,
+        "layernorm: weight {:?} / bias {:?} for width {h}",
+        w.dims(),
+        b.dims()
+    );
     let mut dims = vec![1; x.rank()];
     dims[x.rank() - 1] = h;
     let op = AffineNorm { eps, reduce: vec![x.rank() - 1] };
@@ -368,7 +383,13 @@ impl CustomOp2 for SiluMul {
 
     same_forward_on_every_backend!(two: |_: &Self, gate, up| silu_mul_forward(gate, up));
 
-    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // silu(a) = a * s(a); silu'(a) = s(a) * (1 + a * (1 - s(a))), computed in f32.
         let a = gate.detach().to_dtype(DType::F32)?;
         let sig = candle_nn::ops::sigmoid(&a)?;
@@ -382,7 +403,10 @@ impl CustomOp2 for SiluMul {
     }
 }
 
-fn silu_mul_forward<S: BackendStorage>((g, gl): (&S, &Layout), (u, ul): (&S, &Layout)) -> candle_core::Result<(S, Shape)> {
+fn silu_mul_forward<S: BackendStorage>(
+    (g, gl): (&S, &Layout),
+    (u, ul): (&S, &Layout),
+) -> candle_core::Result<(S, Shape)> {
     let shape = gl.shape().clone();
     let full = Layout::contiguous(&shape);
     let out = g.unary_impl::<Silu>(gl)?.binary_impl::<Mul>(u, &full, ul)?;
@@ -392,6 +416,13 @@ fn silu_mul_forward<S: BackendStorage>((g, gl): (&S, &Layout), (u, ul): (&S, &La
 /// `silu(gate) * up` (Mistral's gated MLP) as one node: keeps the product only, its backward
 /// recomputes the activation from `gate`.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    ensure!(gate.dims() == up.dims() && gate.dtype() == up.dtype(), "silu_mul: gate {:?} {:?} vs up {:?} {:?}", gate.dims(), gate.dtype(), up.dims(), up.dtype());
+    ensure!(
+        gate.dims() == up.dims() && gate.dtype() == up.dtype(),
+        "silu_mul: gate {:?} {:?} vs up {:?} {:?}",
+        gate.dims(),
+        gate.dtype(),
+        up.dims(),
+        up.dtype()
+    );
     Ok(gate.apply_op2(up, SiluMul)?)
 }

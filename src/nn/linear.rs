@@ -8,8 +8,8 @@ use anyhow::Result;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, D};
 
-pub use super::consts::masked_add;
 use super::consts::add_any;
+pub use super::consts::masked_add;
 use super::ops;
 use super::param::{Init, Param, ParamBuilder};
 

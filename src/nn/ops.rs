@@ -111,8 +111,7 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
 /// (B, 1, T, head_dim) in `dtype`, in HF's non-interleaved (rotate_half) layout.
 pub fn rope_tables(position_ids: &Tensor, head_dim: usize, theta: f64, dtype: DType) -> Result<(Tensor, Tensor)> {
     let dev = position_ids.device();
-    let inv: Vec<f32> =
-        (0..head_dim).step_by(2).map(|i| 1.0 / theta.powf(i as f64 / head_dim as f64) as f32).collect();
+    let inv: Vec<f32> = (0..head_dim).step_by(2).map(|i| 1.0 / theta.powf(i as f64 / head_dim as f64) as f32).collect();
     let inv = Tensor::from_vec(inv, (1, 1, head_dim / 2), dev)?;
     let pos = position_ids.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?; // (B,T,1)
     let freqs = pos.broadcast_mul(&inv)?; // (B,T,D/2)

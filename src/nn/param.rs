@@ -281,7 +281,12 @@ impl<'a> ParamBuilder<'a> {
             return Ok(Param::Frozen(t));
         }
         let var = Var::from_tensor(&t)?;
-        self.registry.push(TrainedParam { group: self.group.to_string(), key: self.key(name), kind, var: var.clone() })?;
+        self.registry.push(TrainedParam {
+            group: self.group.to_string(),
+            key: self.key(name),
+            kind,
+            var: var.clone(),
+        })?;
         Ok(Param::Trained(var))
     }
 }

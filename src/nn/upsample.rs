@@ -479,7 +479,9 @@ impl CustomOp1 for MaskUpsampleEpilogue {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = MaskUpsample { factor: self.factor }.geom(l)?;
         let (b, c, _, _) = l.shape().dims4()?;
-        let Some((o0, o1)) = l.contiguous_offsets() else { candle_core::bail!("mask upsample: input must be contiguous") };
+        let Some((o0, o1)) = l.contiguous_offsets() else {
+            candle_core::bail!("mask upsample: input must be contiguous")
+        };
         let dt = s.dtype();
         // Interpolate exactly as `MaskUpsample` does (f32, f64 for f64), then apply the epilogue
         // to the unrounded value.
@@ -504,7 +506,9 @@ impl CustomOp1 for MaskUpsampleEpilogue {
                 Epilogue::Logits => store_f32(y, dt)?,
                 Epilogue::LogitsWide => CpuStorage::F32(y),
                 Epilogue::Sigmoid => store_f32(y.into_par_iter().map(sigmoid32).collect(), dt)?,
-                Epilogue::Threshold(t) => CpuStorage::U8(y.into_par_iter().map(|v| u8::from(sigmoid32(v) >= t)).collect()),
+                Epilogue::Threshold(t) => {
+                    CpuStorage::U8(y.into_par_iter().map(|v| u8::from(sigmoid32(v) >= t)).collect())
+                }
             }
         };
         Ok((out, Shape::from((b, c, g.ho(), g.wo()))))

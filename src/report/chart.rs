@@ -41,11 +41,7 @@ pub struct Series {
 
 impl Series {
     pub fn new(name: impl Into<String>, colour: Rgb<u8>, points: Vec<(f64, f64)>) -> Self {
-        Self {
-            name: name.into(),
-            colour,
-            points,
-        }
+        Self { name: name.into(), colour, points }
     }
 }
 
@@ -109,58 +105,32 @@ impl Axis {
 
     /// Linear axis covering [min, max], widened to multiples of a 1/2/5 x 10^k step.
     pub fn linear(min: f64, max: f64, fixed: bool) -> Self {
-        let (mut min, mut max) = if min.is_finite() && max.is_finite() && min <= max {
-            (min, max)
-        } else {
-            (0.0, 1.0)
-        };
+        let (mut min, mut max) = if min.is_finite() && max.is_finite() && min <= max { (min, max) } else { (0.0, 1.0) };
         if max - min <= 1e-12 * min.abs().max(max.abs()) {
             // Constant data: give it some room so the line sits mid-plot.
             let pad = if min == 0.0 { 1.0 } else { min.abs() * 0.1 };
             (min, max) = (min - pad, max + pad);
         }
         let step = nice_step(max - min, 5.0);
-        let (lo, hi) = if fixed {
-            (min, max)
-        } else {
-            ((min / step).floor() * step, (max / step).ceil() * step)
-        };
+        let (lo, hi) = if fixed { (min, max) } else { ((min / step).floor() * step, (max / step).ceil() * step) };
         let first = (lo / step - 1e-9).ceil() as i64;
         let last = (hi / step + 1e-9).floor() as i64;
         let ticks: Vec<f64> = (first..=last).take(100).map(|i| i as f64 * step).collect();
         let labels = linear_labels(&ticks, step);
-        Self {
-            lo,
-            hi,
-            log: false,
-            ticks,
-            labels,
-        }
+        Self { lo, hi, log: false, ticks, labels }
     }
 
     /// Log10 axis covering [min, max] (both > 0), widened to whole decades unless fixed.
     pub fn log(min: f64, max: f64, fixed: bool) -> Self {
-        let (min, max) = if min > 0.0 && max.is_finite() && min <= max {
-            (min, max)
-        } else {
-            (1.0, 10.0)
-        };
+        let (min, max) = if min > 0.0 && max.is_finite() && min <= max { (min, max) } else { (1.0, 10.0) };
         let (mut e0, mut e1) = (min.log10().floor() as i32, max.log10().ceil() as i32);
         if e1 <= e0 {
             e1 = e0 + 1;
         }
-        let (lo, hi) = if fixed && min < max {
-            (min, max)
-        } else {
-            (10f64.powi(e0), 10f64.powi(e1))
-        };
+        let (lo, hi) = if fixed && min < max { (min, max) } else { (10f64.powi(e0), 10f64.powi(e1)) };
         let decades = e1 - e0;
         // Few decades: label 1, 2, 5 within each; many: thin out whole decades.
-        let mults: &[f64] = if decades <= 2 {
-            &[1.0, 2.0, 5.0]
-        } else {
-            &[1.0]
-        };
+        let mults: &[f64] = if decades <= 2 { &[1.0, 2.0, 5.0] } else { &[1.0] };
         let every = (decades + 5) / 6;
         e0 -= e0.rem_euclid(every.max(1));
         let mut ticks = Vec::new();
@@ -175,13 +145,7 @@ impl Axis {
             e += every.max(1);
         }
         let labels = ticks.iter().map(|&v| fmt_log(v)).collect();
-        Self {
-            lo,
-            hi,
-            log: true,
-            ticks,
-            labels,
-        }
+        Self { lo, hi, log: true, ticks, labels }
     }
 }
 
@@ -216,10 +180,7 @@ fn linear_labels(ticks: &[f64], step: f64) -> Vec<String> {
             .map(|&v| {
                 let s = format!("{v:.decimals$}");
                 // "-0.0" reads badly at the origin.
-                if s.trim_start_matches('-')
-                    .chars()
-                    .all(|c| c == '0' || c == '.')
-                {
+                if s.trim_start_matches('-').chars().all(|c| c == '0' || c == '.') {
                     s.trim_start_matches('-').to_string()
                 } else {
                     s
@@ -236,11 +197,7 @@ pub fn fmt_sci(v: f64, sig: usize) -> String {
     }
     let s = format!("{:.*e}", sig.saturating_sub(1), v);
     let (mant, exp) = s.split_once('e').unwrap_or((&s, "0"));
-    let mant = if mant.contains('.') {
-        mant.trim_end_matches('0').trim_end_matches('.')
-    } else {
-        mant
-    };
+    let mant = if mant.contains('.') { mant.trim_end_matches('0').trim_end_matches('.') } else { mant };
     format!("{mant}e{exp}")
 }
 
@@ -268,20 +225,13 @@ impl Frame {
     pub fn to_pixel(&self, x: f64, y: f64) -> Option<(f64, f64)> {
         let (fx, fy) = (self.x.frac(x)?, self.y.frac(y)?);
         let p = self.plot;
-        Some((
-            p.x as f64 + fx * (p.w as f64 - 1.0),
-            p.y as f64 + (1.0 - fy) * (p.h as f64 - 1.0),
-        ))
+        Some((p.x as f64 + fx * (p.w as f64 - 1.0), p.y as f64 + (1.0 - fy) * (p.h as f64 - 1.0)))
     }
 }
 
 impl LineChart {
     pub fn new(title: impl Into<String>, x_label: impl Into<String>) -> Self {
-        Self {
-            title: title.into(),
-            x_label: x_label.into(),
-            ..Self::default()
-        }
+        Self { title: title.into(), x_label: x_label.into(), ..Self::default() }
     }
 
     /// Renders the chart into a fresh `width` x `height` image.
@@ -291,15 +241,7 @@ impl LineChart {
 
     pub fn render_with_frame(&self, width: u32, height: u32) -> (RgbImage, Frame) {
         let mut img = RgbImage::from_pixel(width, height, WHITE);
-        let frame = self.draw(
-            &mut img,
-            Rect {
-                x: 0,
-                y: 0,
-                w: width,
-                h: height,
-            },
-        );
+        let frame = self.draw(&mut img, Rect { x: 0, y: 0, w: width, h: height });
         (img, frame)
     }
 
@@ -330,8 +272,7 @@ impl LineChart {
 
     fn axes(&self) -> (Axis, Axis) {
         let data = self.bounds();
-        let fixed =
-            |r: Option<(f64, f64)>| r.filter(|(a, b)| a.is_finite() && b.is_finite() && a < b);
+        let fixed = |r: Option<(f64, f64)>| r.filter(|(a, b)| a.is_finite() && b.is_finite() && a < b);
         let x = match (fixed(self.x_range), data) {
             (Some((a, b)), _) => Axis::linear(a, b, true),
             (None, Some((x0, x1, _, _))) => Axis::linear(x0, x1, false),
@@ -349,11 +290,7 @@ impl LineChart {
                 }
             }
         };
-        let y = if self.y_log {
-            Axis::log(y0, y1, is_fixed)
-        } else {
-            Axis::linear(y0, y1, is_fixed)
-        };
+        let y = if self.y_log { Axis::log(y0, y1, is_fixed) } else { Axis::linear(y0, y1, is_fixed) };
         (x, y)
     }
 
@@ -366,23 +303,12 @@ impl LineChart {
         let tick = 4 * ts as i32;
         let (xa, ya) = self.axes();
 
-        let y_lab_w = ya
-            .labels
-            .iter()
-            .map(|l| text_width(l, ts))
-            .max()
-            .unwrap_or(0) as i32;
+        let y_lab_w = ya.labels.iter().map(|l| text_width(l, ts)).max().unwrap_or(0) as i32;
         let x_last_w = xa.labels.last().map(|l| text_width(l, ts)).unwrap_or(0) as i32;
-        let left = self.left_margin.map_or(
-            pad + if self.y_label.is_empty() { 0 } else { th + pad } + y_lab_w + tick + pad / 2,
-            |m| m as i32,
-        );
-        let top = pad
-            + if self.title.is_empty() {
-                0
-            } else {
-                text_height(ts + 1) as i32 + pad
-            };
+        let left = self
+            .left_margin
+            .map_or(pad + if self.y_label.is_empty() { 0 } else { th + pad } + y_lab_w + tick + pad / 2, |m| m as i32);
+        let top = pad + if self.title.is_empty() { 0 } else { text_height(ts + 1) as i32 + pad };
         let bottom = tick + pad / 2 + th + if self.x_label.is_empty() { 0 } else { pad + th } + pad;
         let right = (x_last_w / 2 + pad).max(3 * pad);
         let outer = Rect {
@@ -399,12 +325,7 @@ impl LineChart {
             w: (outer.w as i32 - 2 * gap).max(2) as u32,
             h: (outer.h as i32 - 2 * gap).max(2) as u32,
         };
-        let frame = Frame {
-            outer,
-            plot,
-            x: xa,
-            y: ya,
-        };
+        let frame = Frame { outer, plot, x: xa, y: ya };
         let (px0, py0) = (outer.x, outer.y);
         let (px1, py1) = (outer.x + outer.w as i32 - 1, outer.y + outer.h as i32 - 1);
 
@@ -441,14 +362,7 @@ impl LineChart {
         if !self.x_label.is_empty() {
             let w = text_width(&self.x_label, ts) as i32;
             let y = py1 + tick + pad / 2 + th + pad;
-            draw_text(
-                img,
-                plot.x + plot.w as i32 / 2 - w / 2,
-                y,
-                &self.x_label,
-                TEXT,
-                ts,
-            );
+            draw_text(img, plot.x + plot.w as i32 / 2 - w / 2, y, &self.x_label, TEXT, ts);
         }
         if !self.y_label.is_empty() {
             let h = text_width(&self.y_label, ts) as i32;
@@ -457,20 +371,11 @@ impl LineChart {
         }
 
         // Series, clipped to the inside of the plot frame.
-        let clip = Rect {
-            x: px0 + 1,
-            y: py0 + 1,
-            w: outer.w - 2,
-            h: outer.h - 2,
-        };
+        let clip = Rect { x: px0 + 1, y: py0 + 1, w: outer.w - 2, h: outer.h - 2 };
         let lw = ts as i32;
         let mut any = false;
         for s in &self.series {
-            let pix: Vec<Option<(f64, f64)>> = s
-                .points
-                .iter()
-                .map(|&(x, y)| frame.to_pixel(x, y))
-                .collect();
+            let pix: Vec<Option<(f64, f64)>> = s.points.iter().map(|&(x, y)| frame.to_pixel(x, y)).collect();
             let n_ok = pix.iter().flatten().count();
             any |= n_ok > 0;
             for w in pix.windows(2) {
@@ -480,8 +385,7 @@ impl LineChart {
             }
             for (i, p) in pix.iter().enumerate() {
                 let Some(p) = p else { continue };
-                let isolated = (i == 0 || pix[i - 1].is_none())
-                    && pix.get(i + 1).map_or(true, |q| q.is_none());
+                let isolated = (i == 0 || pix[i - 1].is_none()) && pix.get(i + 1).map_or(true, |q| q.is_none());
                 if n_ok <= MARKER_MAX_POINTS || isolated {
                     draw_disc(img, *p, 2 + lw, s.colour, clip);
                 }
@@ -508,19 +412,12 @@ impl LineChart {
         let pad = 5 * ts as i32;
         let swatch = 18 * ts as i32;
         let row_h = th + 3 * ts as i32;
-        let name_w = named
-            .iter()
-            .map(|s| text_width(&s.name, ts))
-            .max()
-            .unwrap_or(0) as i32;
+        let name_w = named.iter().map(|s| text_width(&s.name, ts)).max().unwrap_or(0) as i32;
         let w = pad + swatch + pad + name_w + pad;
         let h = pad + named.len() as i32 * row_h - 3 * ts as i32 + pad;
         let inset = 6 * ts as i32;
         let (l, t) = (clip.x + inset, clip.y + inset);
-        let (r, b) = (
-            clip.x + clip.w as i32 - inset - w,
-            clip.y + clip.h as i32 - inset - h,
-        );
+        let (r, b) = (clip.x + clip.w as i32 - inset - w, clip.y + clip.h as i32 - inset - h);
         let corners = [(r, t), (l, t), (r, b), (l, b)];
         let busy = |img: &RgbImage, x: i32, y: i32| {
             let mut n = 0usize;
@@ -532,16 +429,8 @@ impl LineChart {
             }
             n
         };
-        let &(x, y) = corners
-            .iter()
-            .min_by_key(|(x, y)| busy(img, *x, *y))
-            .unwrap_or(&corners[0]);
-        let bx = Rect {
-            x,
-            y,
-            w: w.max(1) as u32,
-            h: h.max(1) as u32,
-        };
+        let &(x, y) = corners.iter().min_by_key(|(x, y)| busy(img, *x, *y)).unwrap_or(&corners[0]);
+        let bx = Rect { x, y, w: w.max(1) as u32, h: h.max(1) as u32 };
         fill_rect(img, bx, WHITE, clip);
         hline(img, x, x + w - 1, y, AXIS, clip);
         hline(img, x, x + w - 1, y + h - 1, AXIS, clip);
@@ -559,8 +448,7 @@ impl LineChart {
 }
 
 fn put(img: &mut RgbImage, x: i64, y: i64, c: Rgb<u8>, clip: Rect) {
-    if clip.contains(x, y) && x >= 0 && y >= 0 && x < img.width() as i64 && y < img.height() as i64
-    {
+    if clip.contains(x, y) && x >= 0 && y >= 0 && x < img.width() as i64 && y < img.height() as i64 {
         img.put_pixel(x as u32, y as u32, c);
     }
 }
@@ -592,12 +480,7 @@ fn clip_segment(a: (f64, f64), b: (f64, f64), r: Rect) -> Option<((f64, f64), (f
     let (x1, y1) = (x0 + r.w as f64 + 2.0, y0 + r.h as f64 + 2.0);
     let (dx, dy) = (b.0 - a.0, b.1 - a.1);
     let (mut t0, mut t1) = (0f64, 1f64);
-    for (p, q) in [
-        (-dx, a.0 - x0),
-        (dx, x1 - a.0),
-        (-dy, a.1 - y0),
-        (dy, y1 - a.1),
-    ] {
+    for (p, q) in [(-dx, a.0 - x0), (dx, x1 - a.0), (-dy, a.1 - y0), (dy, y1 - a.1)] {
         if p == 0.0 {
             if q < 0.0 {
                 return None;
@@ -611,12 +494,7 @@ fn clip_segment(a: (f64, f64), b: (f64, f64), r: Rect) -> Option<((f64, f64), (f
             }
         }
     }
-    (t0 <= t1).then(|| {
-        (
-            (a.0 + t0 * dx, a.1 + t0 * dy),
-            (a.0 + t1 * dx, a.1 + t1 * dy),
-        )
-    })
+    (t0 <= t1).then(|| ((a.0 + t0 * dx, a.1 + t0 * dy), (a.0 + t1 * dx, a.1 + t1 * dy)))
 }
 
 /// Bresenham line with a square brush `width` pixels wide, centred on the ideal line.
@@ -670,15 +548,13 @@ pub fn save_png_atomic(img: &RgbImage, path: &Path) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
+    let mut tmp =
+        tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temp file in {}", dir.display()))?;
     {
         let mut w = BufWriter::new(tmp.as_file_mut());
-        img.write_with_encoder(PngEncoder::new(&mut w))
-            .with_context(|| format!("encoding {}", path.display()))?;
+        img.write_with_encoder(PngEncoder::new(&mut w)).with_context(|| format!("encoding {}", path.display()))?;
         w.flush()?;
     }
-    tmp.persist(path)
-        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

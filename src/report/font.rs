@@ -31,10 +31,7 @@ const fn g(pic: &str) -> [u8; GLYPH_H as usize] {
             b'.' => c += 1,
             _ => panic!("glyph pictures use only '#', '.' and ' '"),
         }
-        assert!(
-            c <= GLYPH_W as usize && r < GLYPH_H as usize,
-            "glyph picture too large"
-        );
+        assert!(c <= GLYPH_W as usize && r < GLYPH_H as usize, "glyph picture too large");
         i += 1;
     }
     rows
@@ -144,11 +141,7 @@ const GLYPHS: [[u8; GLYPH_H as usize]; (LAST - FIRST + 1) as usize] = [
 
 /// Rows of the glyph for `c`; characters outside ASCII 32..=126 draw as '?'.
 pub fn glyph(c: char) -> &'static [u8; GLYPH_H as usize] {
-    let b = if (FIRST as u32..=LAST as u32).contains(&(c as u32)) {
-        c as u8
-    } else {
-        b'?'
-    };
+    let b = if (FIRST as u32..=LAST as u32).contains(&(c as u32)) { c as u8 } else { b'?' };
     &GLYPHS[(b - FIRST) as usize]
 }
 
@@ -184,14 +177,7 @@ pub fn draw_text(img: &mut RgbImage, x: i32, y: i32, text: &str, colour: Rgb<u8>
 
 /// Draws `text` rotated a quarter turn anticlockwise (reading bottom to top), the top-left
 /// corner of its bounding box at (x, y); the box is `text_height` wide, `text_width` tall.
-pub fn draw_text_vertical(
-    img: &mut RgbImage,
-    x: i32,
-    y: i32,
-    text: &str,
-    colour: Rgb<u8>,
-    scale: u32,
-) {
+pub fn draw_text_vertical(img: &mut RgbImage, x: i32, y: i32, text: &str, colour: Rgb<u8>, scale: u32) {
     let len = text_width(text, scale) as i64;
     draw_glyphs(text, scale, |fx, fy| {
         // Horizontal text pixel (fx, fy) -> column fy, row counted up from the box bottom.

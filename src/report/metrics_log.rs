@@ -82,19 +82,11 @@ pub struct Record {
 
 impl Record {
     pub fn train(step: u64) -> Self {
-        Self {
-            kind: Kind::Train,
-            step,
-            ..Self::default()
-        }
+        Self { kind: Kind::Train, step, ..Self::default() }
     }
 
     pub fn eval(step: u64) -> Self {
-        Self {
-            kind: Kind::Eval,
-            step,
-            ..Self::default()
-        }
+        Self { kind: Kind::Eval, step, ..Self::default() }
     }
 }
 
@@ -108,8 +100,7 @@ pub struct MetricsLog {
 impl MetricsLog {
     /// Starts the log of a fresh run, discarding any log already in `run_dir`.
     pub fn create(run_dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(run_dir)
-            .with_context(|| format!("creating run directory {}", run_dir.display()))?;
+        std::fs::create_dir_all(run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
         let path = run_dir.join(METRICS_FILE);
         File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         Self::append_to(path)
@@ -150,8 +141,7 @@ impl MetricsLog {
             .with_context(|| format!("creating a temp file in {}", run_dir.display()))?;
         tmp.write_all(&kept)?;
         tmp.as_file().sync_all()?;
-        tmp.persist(&path)
-            .with_context(|| format!("replacing {}", path.display()))?;
+        tmp.persist(&path).with_context(|| format!("replacing {}", path.display()))?;
         Self::append_to(path)
     }
 
@@ -190,18 +180,14 @@ impl MetricsLog {
         let mut line = serde_json::to_vec(value)?;
         line.push(b'\n');
         // One write of the whole line (File is unbuffered; O_APPEND keeps it in one piece).
-        self.file
-            .write_all(&line)
-            .with_context(|| format!("appending to {}", self.path.display()))?;
+        self.file.write_all(&line).with_context(|| format!("appending to {}", self.path.display()))?;
         self.file.flush()?;
         Ok(())
     }
 
     /// Forces written lines to disk (they already survive a killed process without this).
     pub fn sync(&self) -> Result<()> {
-        self.file
-            .sync_data()
-            .with_context(|| format!("syncing {}", self.path.display()))
+        self.file.sync_data().with_context(|| format!("syncing {}", self.path.display()))
     }
 }
 
@@ -240,11 +226,7 @@ pub fn read_metrics_file(path: &Path) -> Result<MetricsFile> {
 pub fn read_metrics(path: &Path) -> Result<Vec<Record>> {
     let f = read_metrics_file(path)?;
     if f.skipped > 0 {
-        eprintln!(
-            "warning: {}: skipped {} unreadable line(s)",
-            path.display(),
-            f.skipped
-        );
+        eprintln!("warning: {}: skipped {} unreadable line(s)", path.display(), f.skipped);
     }
     Ok(f.records)
 }

@@ -17,25 +17,15 @@ use image::RgbImage;
 
 pub use chart::{save_png_atomic, Axis, Frame, LineChart, Rect, Series, PALETTE};
 pub use font::{draw_text, draw_text_vertical, text_height, text_width};
-pub use metrics_log::{
-    read_metrics, read_metrics_file, Kind, MetricsFile, MetricsLog, Record, METRICS_FILE,
-};
+pub use metrics_log::{read_metrics, read_metrics_file, Kind, MetricsFile, MetricsLog, Record, METRICS_FILE};
 
 /// Default size of the training-curves picture (two panels stacked).
 pub const CURVES_WIDTH: u32 = 900;
 pub const CURVES_HEIGHT: u32 = 1000;
 
 /// (step, value) of every record of `kind` that has the field.
-fn points(
-    records: &[Record],
-    kind: Kind,
-    field: impl Fn(&Record) -> Option<f64>,
-) -> Vec<(f64, f64)> {
-    records
-        .iter()
-        .filter(|r| r.kind == kind)
-        .filter_map(|r| field(r).map(|v| (r.step as f64, v)))
-        .collect()
+fn points(records: &[Record], kind: Kind, field: impl Fn(&Record) -> Option<f64>) -> Vec<(f64, f64)> {
+    records.iter().filter(|r| r.kind == kind).filter_map(|r| field(r).map(|v| (r.step as f64, v))).collect()
 }
 
 /// The two panels of the training-curves picture: losses (train total, its parts, validation
@@ -46,9 +36,7 @@ pub fn training_charts(records: &[Record]) -> (LineChart, LineChart) {
     let x_range = records
         .iter()
         .map(|r| r.step as f64)
-        .fold(None, |acc: Option<(f64, f64)>, s| {
-            Some(acc.map_or((s, s), |(a, b)| (a.min(s), b.max(s))))
-        })
+        .fold(None, |acc: Option<(f64, f64)>, s| Some(acc.map_or((s, s), |(a, b)| (a.min(s), b.max(s)))))
         .map(|(a, b)| {
             let ax = Axis::linear(a, b, false);
             (ax.lo, ax.hi)
@@ -64,54 +52,18 @@ pub fn training_charts(records: &[Record]) -> (LineChart, LineChart) {
 
     let mut loss = LineChart::new("Loss", "step");
     loss.x_range = x_range;
-    add(
-        &mut loss,
-        "train total",
-        Kind::Train,
-        |r| r.loss,
-        PALETTE[0],
-    );
-    add(
-        &mut loss,
-        "train seg",
-        Kind::Train,
-        |r| r.loss_seg,
-        PALETTE[5],
-    );
-    add(
-        &mut loss,
-        "train lm",
-        Kind::Train,
-        |r| r.loss_lm,
-        PALETTE[4],
-    );
-    add(
-        &mut loss,
-        "train cls",
-        Kind::Train,
-        |r| r.loss_cls,
-        PALETTE[6],
-    );
-    add(
-        &mut loss,
-        "val total",
-        Kind::Eval,
-        |r| r.val_loss,
-        PALETTE[3],
-    );
+    add(&mut loss, "train total", Kind::Train, |r| r.loss, PALETTE[0]);
+    add(&mut loss, "train seg", Kind::Train, |r| r.loss_seg, PALETTE[5]);
+    add(&mut loss, "train lm", Kind::Train, |r| r.loss_lm, PALETTE[4]);
+    add(&mut loss, "train cls", Kind::Train, |r| r.loss_cls, PALETTE[6]);
+    add(&mut loss, "val total", Kind::Eval, |r| r.val_loss, PALETTE[3]);
 
     let mut val = LineChart::new("Validation", "step");
     val.x_range = x_range;
     val.y_range = Some((0.0, 1.0));
     add(&mut val, "val Dice", Kind::Eval, |r| r.dice, PALETTE[0]);
     add(&mut val, "val IoU", Kind::Eval, |r| r.iou, PALETTE[1]);
-    add(
-        &mut val,
-        "position acc",
-        Kind::Eval,
-        |r| r.position_acc,
-        PALETTE[2],
-    );
+    add(&mut val, "position acc", Kind::Eval, |r| r.position_acc, PALETTE[2]);
     (loss, val)
 }
 
@@ -121,32 +73,14 @@ pub fn training_curves_image(records: &[Record], width: u32, height: u32) -> Rgb
 }
 
 /// `training_curves_image` plus the frames of the loss (top) and validation (bottom) panels.
-pub fn training_curves_render(
-    records: &[Record],
-    width: u32,
-    height: u32,
-) -> (RgbImage, Frame, Frame) {
+pub fn training_curves_render(records: &[Record], width: u32, height: u32) -> (RgbImage, Frame, Frame) {
     let (mut loss, mut val) = training_charts(records);
     let mut img = RgbImage::new(width, height);
-    let top = Rect {
-        x: 0,
-        y: 0,
-        w: width,
-        h: height / 2,
-    };
-    let bottom = Rect {
-        x: 0,
-        y: top.h as i32,
-        w: width,
-        h: height - top.h,
-    };
+    let top = Rect { x: 0, y: 0, w: width, h: height / 2 };
+    let bottom = Rect { x: 0, y: top.h as i32, w: width, h: height - top.h };
     // Draw once to learn each panel's label width, then again with a shared left margin so
     // the two step axes line up.
-    let left = loss
-        .draw(&mut img, top)
-        .outer
-        .x
-        .max(val.draw(&mut img, bottom).outer.x);
+    let left = loss.draw(&mut img, top).outer.x.max(val.draw(&mut img, bottom).outer.x);
     loss.left_margin = Some(left as u32);
     val.left_margin = Some(left as u32);
     let (ft, fb) = (loss.draw(&mut img, top), val.draw(&mut img, bottom));
@@ -155,8 +89,5 @@ pub fn training_curves_render(
 
 /// Writes the training-curves PNG (see [`training_charts`]) atomically to `path`.
 pub fn training_curves(records: &[Record], path: &Path) -> Result<()> {
-    save_png_atomic(
-        &training_curves_image(records, CURVES_WIDTH, CURVES_HEIGHT),
-        path,
-    )
+    save_png_atomic(&training_curves_image(records, CURVES_WIDTH, CURVES_HEIGHT), path)
 }

@@ -25,7 +25,8 @@ pub fn box_mean(g: &Tensor, k: usize) -> Result<Tensor> {
     let (b, c, h, w) = g.dims4()?;
     let band = |n: usize| -> Result<Tensor> {
         let p = (k / 2) as i64;
-        let v: Vec<f32> = (0..n * n).map(|i| if ((i / n) as i64 - (i % n) as i64).abs() <= p { 1.0 } else { 0.0 }).collect();
+        let v: Vec<f32> =
+            (0..n * n).map(|i| if ((i / n) as i64 - (i % n) as i64).abs() <= p { 1.0 } else { 0.0 }).collect();
         Ok(Tensor::from_vec(v, (n, n), g.device())?.to_dtype(g.dtype())?)
     };
     let rows = g.reshape((b * c * h, w))?.matmul(&band(w)?)?.reshape((b * c, h, w))?;

@@ -77,7 +77,12 @@ impl RunDir {
         let rel = std::fs::read_to_string(&p)
             .with_context(|| format!("{} has no `last` checkpoint pointer: nothing to resume", self.0.display()))?;
         let ckpt = self.0.join(rel.trim());
-        anyhow::ensure!(ckpt.is_dir(), "`last` in {} points at {}, which does not exist", self.0.display(), ckpt.display());
+        anyhow::ensure!(
+            ckpt.is_dir(),
+            "`last` in {} points at {}, which does not exist",
+            self.0.display(),
+            ckpt.display()
+        );
         Ok(ckpt)
     }
 
@@ -85,8 +90,10 @@ impl RunDir {
     pub fn prune(&self, keep: usize) -> Result<()> {
         let dir = self.0.join("checkpoints");
         let Ok(rd) = std::fs::read_dir(&dir) else { return Ok(()) };
-        let mut steps: Vec<PathBuf> =
-            rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-"))).collect();
+        let mut steps: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")))
+            .collect();
         steps.sort();
         let last = self.last().ok();
         let n = steps.len();

@@ -174,7 +174,13 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
         opts.device
     );
     if opts.dry_run {
-        return Ok(TrainSummary { state, last_eval: None, first_eval: None, last_checkpoint: None, trained_parameters: n_trained });
+        return Ok(TrainSummary {
+            state,
+            last_eval: None,
+            first_eval: None,
+            last_checkpoint: None,
+            trained_parameters: n_trained,
+        });
     }
 
     // ---- optimizer ----
@@ -198,25 +204,38 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
         if let Some(s) = scaler.as_mut() {
             s.load_state_tensors(&st, &c.display().to_string())?;
         }
-        println!("resumed from {} at step {} (epoch {}, batch {})", c.display(), state.step, state.epoch, state.batch_in_epoch);
+        println!(
+            "resumed from {} at step {} (epoch {}, batch {})",
+            c.display(),
+            state.step,
+            state.epoch,
+            state.batch_in_epoch
+        );
     }
     let schedule = LrSchedule::cosine(tc.learning_rate, tc.min_learning_rate, tc.warmup_steps, total_steps);
     schedule.validate()?;
 
     std::fs::create_dir_all(&run.0).with_context(|| format!("creating {}", run.0.display()))?;
     if !opts.resume {
-        crate::weights::shards::write_atomic(&run.config(), |f| Ok(std::io::Write::write_all(f, cfg.to_toml()?.as_bytes())?))?;
+        crate::weights::shards::write_atomic(&run.config(), |f| {
+            Ok(std::io::Write::write_all(f, cfg.to_toml()?.as_bytes())?)
+        })?;
     }
     let mut log = MetricsLog::open(&run.0, opts.resume.then_some(state.step))?;
 
     let bar = if opts.progress { ProgressBar::new(total_steps) } else { ProgressBar::hidden() };
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")?);
+    bar.set_style(ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+    )?);
     bar.set_position(state.step);
 
     let first_eval = if state.step == 0 && !val_rows.is_empty() {
         let e = evaluate(&model, &builder, &val_rows, &cfg, &opts.device)?;
         log_eval(&mut log, 0, 0, &e)?;
-        say(&bar, format!("step 0: val loss {:.4}  dice {:.3}  position acc {:.3}", e.loss, e.dice, e.position_accuracy));
+        say(
+            &bar,
+            format!("step 0: val loss {:.4}  dice {:.3}  position acc {:.3}", e.loss, e.dice, e.position_accuracy),
+        );
         Some(e)
     } else {
         None
@@ -266,7 +285,11 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
                 let batch = loader.next().context("data loader ended early")??;
                 let items: Vec<&PreparedSample> = batch.items.iter().collect();
                 let mb = collate(&items, &opts.device)?;
-                n_tokens += mb.prompts.iter().map(|p| p.before_image.len() + p.after_image.len() + p.answer.len() + 1).sum::<usize>();
+                n_tokens += mb
+                    .prompts
+                    .iter()
+                    .map(|p| p.before_image.len() + p.after_image.len() + p.answer.len() + 1)
+                    .sum::<usize>();
                 let step_seed = seed_for(tc.seed, &format!("{epoch}/{}", batch.index));
                 let micro = micro_backward(&model, &mb, &weights, norm, scaler.as_ref(), step_seed, bn_frozen)?;
                 for (p, v) in parts.iter_mut().zip(micro.parts) {
@@ -274,7 +297,10 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
                 }
                 match (micro.grads, grads.as_mut()) {
                     (None, _) => {
-                        nonfinite = Some(format!("seg {:.4} lm {:.4} cls {:.4}", micro.parts[1], micro.parts[2], micro.parts[3]));
+                        nonfinite = Some(format!(
+                            "seg {:.4} lm {:.4} cls {:.4}",
+                            micro.parts[1], micro.parts[2], micro.parts[3]
+                        ));
                     }
                     (Some(g), Some(acc)) => acc.extend(g)?,
                     (Some(g), None) => grads = Some(g),
@@ -342,10 +368,13 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
                 let e = evaluate(&model, &builder, &val_rows, &cfg, &opts.device)?;
                 log_eval(&mut log, state.step, epoch, &e)?;
                 training_curves(&read_metrics(&run.metrics())?, &run.curves())?;
-                say(&bar, format!(
-                    "step {}: val loss {:.4}  dice {:.3}  iou {:.3}  position acc {:.3}",
-                    state.step, e.loss, e.dice, e.iou, e.position_accuracy
-                ));
+                say(
+                    &bar,
+                    format!(
+                        "step {}: val loss {:.4}  dice {:.3}  iou {:.3}  position acc {:.3}",
+                        state.step, e.loss, e.dice, e.iou, e.position_accuracy
+                    ),
+                );
                 if state.best_dice.is_none_or(|b| e.dice > b) {
                     state.best_dice = Some(e.dice);
                     state.best_step = Some(state.step);
@@ -371,7 +400,10 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
                 break 'epochs;
             }
             if tc.early_stopping_patience > 0 && state.evals_since_best >= tc.early_stopping_patience {
-                say(&bar, format!("early stopping: no better validation Dice in {} evaluations", state.evals_since_best));
+                say(
+                    &bar,
+                    format!("early stopping: no better validation Dice in {} evaluations", state.evals_since_best),
+                );
                 break 'epochs;
             }
         }
@@ -473,7 +505,13 @@ fn save_training_checkpoint(
 
 /// Validation: loss, Dice/IoU at the model resolution (threshold 0.5), and position accuracy
 /// of greedily generated answers.
-pub fn evaluate(model: &PrsMed, builder: &SampleBuilder, rows: &[Row], cfg: &Config, device: &Device) -> Result<EvalResult> {
+pub fn evaluate(
+    model: &PrsMed,
+    builder: &SampleBuilder,
+    rows: &[Row],
+    cfg: &Config,
+    device: &Device,
+) -> Result<EvalResult> {
     let _eval = EvalMode::enter();
     let n = if cfg.train.max_eval_samples > 0 { rows.len().min(cfg.train.max_eval_samples) } else { rows.len() };
     let rows = &rows[..n];
@@ -528,4 +566,3 @@ fn log_eval(log: &mut MetricsLog, step: u64, epoch: u64, e: &EvalResult) -> Resu
         ..Record::eval(step)
     })
 }
-

@@ -33,8 +33,13 @@ pub enum Component {
 }
 
 impl Component {
-    pub const ALL: [Component; 5] =
-        [Component::Lora, Component::ImageEncoder, Component::MaskDecoder, Component::Classifier, Component::MmProjector];
+    pub const ALL: [Component; 5] = [
+        Component::Lora,
+        Component::ImageEncoder,
+        Component::MaskDecoder,
+        Component::Classifier,
+        Component::MmProjector,
+    ];
 
     /// The registry group of its trained tensors.
     pub fn group(self) -> &'static str {
@@ -153,9 +158,11 @@ impl AdapterConfig {
         }
         const MISTRAL: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
         let targets: Vec<String> = match &self.target_modules {
-            TargetModules::List(v) => {
-                MISTRAL.iter().filter(|m| v.iter().any(|t| t == *m || t.ends_with(&format!(".{m}")))).map(|s| s.to_string()).collect()
-            }
+            TargetModules::List(v) => MISTRAL
+                .iter()
+                .filter(|m| v.iter().any(|t| t == *m || t.ends_with(&format!(".{m}"))))
+                .map(|s| s.to_string())
+                .collect(),
             TargetModules::Pattern(p) => MISTRAL.iter().filter(|m| p.contains(*m)).map(|s| s.to_string()).collect(),
         };
         if targets.is_empty() {
@@ -193,7 +200,8 @@ impl TrainedCheckpoint {
         }
         let meta_path = dir.join(META_FILE);
         if meta_path.exists() {
-            let text = std::fs::read_to_string(&meta_path).with_context(|| format!("reading {}", meta_path.display()))?;
+            let text =
+                std::fs::read_to_string(&meta_path).with_context(|| format!("reading {}", meta_path.display()))?;
             let meta: CheckpointMeta =
                 serde_json::from_str(&text).with_context(|| format!("parsing {}", meta_path.display()))?;
             if meta.format != "prs-checkpoint" {

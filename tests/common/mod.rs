@@ -29,7 +29,11 @@ pub fn assert_grads_exactly_trained(grads: &GradStore, trained: &TrainedParams) 
 
 /// As above; `zero_by_design(key)` names tensors whose gradient is mathematically zero (they
 /// must still have a store entry, finite).
-pub fn assert_grads_exactly_trained_except(grads: &GradStore, trained: &TrainedParams, zero_by_design: impl Fn(&str) -> bool) {
+pub fn assert_grads_exactly_trained_except(
+    grads: &GradStore,
+    trained: &TrainedParams,
+    zero_by_design: impl Fn(&str) -> bool,
+) {
     let weights = trained.weights();
     let ids: HashSet<_> = weights.iter().map(|p| p.var.as_tensor().id()).collect();
     for p in &weights {
@@ -60,7 +64,8 @@ pub fn tokenizer_model() -> PathBuf {
 
 /// The tiny configuration with its base weights written by `prs init` into `dir`.
 pub fn tiny_model(dir: &std::path::Path) -> prs::config::Config {
-    let mut cfg = prs::config::Config::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml")).unwrap();
+    let mut cfg =
+        prs::config::Config::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml")).unwrap();
     cfg.model.base = dir.join("llava").display().to_string();
     cfg.model.tinysam = dir.join("tinysam.pth").display().to_string();
     let init = cfg.init.clone().unwrap();
