@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
 use crate::model::clip::ClipVisionConfig;
@@ -36,8 +37,8 @@ pub struct TrainSection {
     pub batch_size: usize,
     pub gradient_accumulation_steps: usize,
     pub gradient_checkpointing: bool,
-    /// Compute precision on the accelerator: "bf16" | "f16" | "f32" (CPU runs in f32).
-    pub precision: String,
+    /// Compute precision on the accelerator (CPU runs in f32).
+    pub precision: Precision,
     pub learning_rate: f64,
     pub min_learning_rate: f64,
     pub warmup_steps: u64,
@@ -65,11 +66,14 @@ pub struct TrainSection {
     pub cls_loss_epochs: u64,
     /// "intended" (weighted BCE + weighted IoU) or "authors" (their unweighted BCE).
     pub loss_compat: crate::train::losses::LossCompat,
-    /// TinySAM BatchNorm while training: "batch" (batch statistics, PyTorch's train mode) or
-    /// "frozen" (running statistics; makes gradient accumulation exactly a large batch).
-    pub batchnorm: String,
-    /// Stop the run after this many consecutive non-finite steps.
+    /// TinySAM BatchNorm while training.
+    pub batchnorm: BatchNormMode,
+    /// Stop the run after this many consecutive skipped steps (non-finite, or a spike).
     pub max_consecutive_nonfinite: u32,
+    /// Divergence guard (`train::guard`): a step whose loss or gradient norm is this many times
+    /// its running level is skipped, and a running loss this many times its lowest stops the
+    /// run. 0 turns the guard off.
+    pub divergence_factor: f64,
 }
 
 impl Default for TrainSection {
@@ -78,7 +82,7 @@ impl Default for TrainSection {
             batch_size: 4,
             gradient_accumulation_steps: 1,
             gradient_checkpointing: false,
-            precision: "bf16".into(),
+            precision: Precision::Bf16,
             learning_rate: 1e-4,
             min_learning_rate: 1e-6,
             warmup_steps: 0,
@@ -98,10 +102,83 @@ impl Default for TrainSection {
             cls_loss_weight: 0.5,
             cls_loss_epochs: 5,
             loss_compat: Default::default(),
-            batchnorm: "batch".into(),
+            batchnorm: BatchNormMode::Batch,
             max_consecutive_nonfinite: 3,
+            divergence_factor: 10.0,
         }
     }
+}
+
+/// Compute precision of frozen weights and matmuls (trained tensors keep f32 masters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[serde(alias = "bfloat16")]
+    #[value(alias = "bfloat16")]
+    Bf16,
+    #[serde(alias = "fp16", alias = "float16")]
+    #[value(alias = "fp16", alias = "float16")]
+    F16,
+    #[serde(alias = "fp32", alias = "float32")]
+    #[value(alias = "fp32", alias = "float32")]
+    F32,
+}
+
+impl Precision {
+    pub fn parse(s: &str) -> Result<Self> {
+        <Self as clap::ValueEnum>::from_str(s.trim(), true)
+            .map_err(|_| anyhow::anyhow!("unknown precision `{s}` (bf16, f16 or f32)"))
+    }
+
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+            Self::F32 => DType::F32,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+            Self::F32 => "f32",
+        }
+    }
+
+    /// Bytes per element of activations and frozen weights.
+    pub fn bytes(self) -> u64 {
+        match self {
+            Self::F32 => 4,
+            _ => 2,
+        }
+    }
+
+    /// The dtype frozen weights compute in on `device`: this precision on an accelerator, f32 on
+    /// the CPU (candle's CPU convolutions have no bf16).
+    pub fn compute_dtype_on(self, device: &candle_core::Device) -> DType {
+        if device.is_cpu() {
+            DType::F32
+        } else {
+            self.dtype()
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// TinySAM's BatchNorm while training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchNormMode {
+    /// Batch statistics, PyTorch's train mode.
+    Batch,
+    /// Running statistics: makes gradient accumulation exactly a large batch.
+    Frozen,
 }
 
 /// Dataset settings.
@@ -140,9 +217,9 @@ pub struct ModelSection {
     /// SAM input size (the mask is predicted at this resolution).
     #[serde(default = "default_sam_size")]
     pub sam_image_size: usize,
-    /// Frozen weights and matmuls: "bf16" | "f16" | "f32". CPU runs use f32.
+    /// Frozen weights and matmuls. CPU runs use f32.
     #[serde(default = "default_dtype")]
-    pub compute_dtype: String,
+    pub compute_dtype: Precision,
     pub lora: LoraConfig,
     #[serde(default)]
     pub trainable: TrainableSection,
@@ -157,8 +234,8 @@ pub struct ModelSection {
 fn default_sam_size() -> usize {
     1024
 }
-fn default_dtype() -> String {
-    "bf16".into()
+fn default_dtype() -> Precision {
+    Precision::Bf16
 }
 fn default_num_classes() -> usize {
     6
@@ -263,6 +340,67 @@ impl Config {
 
     pub fn to_toml(&self) -> Result<String> {
         Ok(toml::to_string_pretty(self)?)
+    }
+
+    /// Range checks of every number, so a zero, negative or NaN value is one message naming
+    /// the key before anything loads (and never a panic deep inside a step).
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.train;
+        let finite = |key: &str, v: f64, ok: bool, want: &str| -> Result<()> {
+            ensure!(v.is_finite() && ok, "train.{key} = {v}: must be {want}");
+            Ok(())
+        };
+        let at_least_one = |key: &str, v: u64| -> Result<()> {
+            ensure!(v >= 1, "{key} = {v}: must be at least 1");
+            Ok(())
+        };
+        at_least_one("train.batch_size", t.batch_size as u64)?;
+        at_least_one("train.gradient_accumulation_steps", t.gradient_accumulation_steps as u64)?;
+        at_least_one("train.num_epochs", t.num_epochs)?;
+        at_least_one("train.max_consecutive_nonfinite", t.max_consecutive_nonfinite as u64)?;
+        finite("learning_rate", t.learning_rate, t.learning_rate > 0.0, "a positive number")?;
+        finite("min_learning_rate", t.min_learning_rate, t.min_learning_rate >= 0.0, ">= 0")?;
+        finite("weight_decay", t.weight_decay, t.weight_decay >= 0.0, ">= 0")?;
+        finite("adam_eps", t.adam_eps, t.adam_eps > 0.0, "a positive number")?;
+        for (i, b) in t.adam_betas.iter().enumerate() {
+            finite(&format!("adam_betas[{i}]"), *b, (0.0..1.0).contains(b), "in [0, 1)")?;
+        }
+        finite("max_grad_norm", t.max_grad_norm, t.max_grad_norm >= 0.0, ">= 0 (0 = no clipping)")?;
+        for (key, w) in [
+            ("seg_loss_weight", t.seg_loss_weight),
+            ("lm_loss_weight", t.lm_loss_weight),
+            ("cls_loss_weight", t.cls_loss_weight),
+        ] {
+            finite(key, w, w >= 0.0, ">= 0")?;
+        }
+        let f = t.divergence_factor;
+        finite("divergence_factor", f, f == 0.0 || f > 1.0, "0 (off) or above 1")?;
+        let d = &self.data;
+        ensure!(
+            d.val_fraction.is_finite() && (0.0..1.0).contains(&d.val_fraction),
+            "data.val_fraction = {}: must be in [0, 1)",
+            d.val_fraction
+        );
+        let m = &self.model;
+        at_least_one("model.sam_image_size", m.sam_image_size as u64)?;
+        at_least_one("model.num_modalities", m.num_modalities as u64)?;
+        at_least_one("model.lora.r", m.lora.r as u64)?;
+        ensure!(m.lora.alpha.is_finite(), "model.lora.alpha = {}: must be a finite number", m.lora.alpha);
+        ensure!((0.0..1.0).contains(&m.lora.dropout), "model.lora.dropout = {}: must be in [0, 1)", m.lora.dropout);
+        ensure!(
+            (0.0..1.0).contains(&m.decoder.dropout),
+            "model.decoder.dropout = {}: must be in [0, 1)",
+            m.decoder.dropout
+        );
+        for (key, v) in [
+            ("model.decoder.prompt_hidden", m.decoder.prompt_hidden),
+            ("model.decoder.cross_heads", m.decoder.cross_heads),
+            ("model.decoder.self_heads", m.decoder.self_heads),
+            ("model.decoder.ffn_dim", m.decoder.ffn_dim),
+        ] {
+            at_least_one(key, v as u64)?;
+        }
+        Ok(())
     }
 }
 

@@ -404,12 +404,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
 }
 
 pub fn parse_dtype(s: &str) -> Result<DType> {
-    Ok(match s {
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        "f32" => DType::F32,
-        other => bail!("dtype `{other}`: expected bf16, f16 or f32"),
-    })
+    Ok(crate::config::Precision::parse(s)?.dtype())
 }
 
 /// The configuration a checkpoint runs with (see [`ModelArgs`]).
@@ -540,7 +535,7 @@ pub fn load_model(checkpoint: &Path, args: &ModelArgs) -> Result<Loaded> {
     let dtype = match &args.dtype {
         Some(d) => parse_dtype(d)?,
         None if device.is_cpu() => DType::F32,
-        None => parse_dtype(&cfg.model.compute_dtype)?,
+        None => cfg.model.compute_dtype.dtype(),
     };
     let opts = LoadOptions { device: device.clone(), dtype, mode: Mode::Infer, checkpoint: Some(checkpoint), seed: 0 };
     let model = load_prs_med(&cfg, &opts)

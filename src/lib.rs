@@ -7,6 +7,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod data;
+pub mod files;
 pub mod infer;
 #[cfg(feature = "cuda")]
 pub mod kernels;

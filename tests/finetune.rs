@@ -293,9 +293,14 @@ fn non_finite_steps_are_skipped_and_three_stop_the_run() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("consecutive steps had non-finite"), "{err}");
+    assert!(err.contains("consecutive steps were skipped") && err.contains("non-finite"), "{err}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("skipped"), "{stdout}");
+    // A skipped step saves and prunes nothing: only step 1 (applied) was written.
+    if let Ok(rd) = std::fs::read_dir(dir.path().join("run/checkpoints")) {
+        let names: Vec<String> = rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert!(names.iter().all(|n| n == "step-0000001"), "{names:?}");
+    }
     // No checkpoint holds a non-finite value.
     if let Ok(rd) = std::fs::read_dir(dir.path().join("run/checkpoints")) {
         for e in rd {
@@ -464,4 +469,167 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// The step checkpoint a pointer names, checked to be complete: metadata, trainer state,
+/// optimizer state and every tensor file load.
+fn assert_loadable(run: &Path, pointer: &str) -> u64 {
+    let dir = match pointer {
+        "last" => run.join(std::fs::read_to_string(run.join("last")).unwrap().trim()),
+        _ => run.join(pointer),
+    };
+    prs::weights::checkpoint::TrainedCheckpoint::open(&dir).unwrap_or_else(|e| panic!("{pointer}: {e:#}"));
+    let state = prs::train::state::TrainerState::read(&dir).unwrap();
+    candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu).unwrap();
+    assert!(!checkpoint_tensors(&dir).is_empty());
+    state.step
+}
+
+fn temporaries(run: &Path) -> Vec<String> {
+    [run.to_path_buf(), run.join("checkpoints")]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten())
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.') && (n.contains(".tmp") || n.contains(".old-")))
+        .collect()
+}
+
+#[test]
+fn a_kill_between_any_two_filesystem_operations_leaves_loadable_best_and_last() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_model(dir.path());
+    let data = synth(dir.path(), 4);
+    let conf = write_config(dir.path(), &cfg, &data, "train.max_steps=7 train.save_every=1 train.eval_every=2");
+    let full = dir.path().join("full");
+    assert!(prs()
+        .args(["finetune", "--quiet", "--config"])
+        .arg(&conf)
+        .arg("--out")
+        .arg(&full)
+        .status()
+        .unwrap()
+        .success());
+    let final_tensors = checkpoint_tensors(&full.join(std::fs::read_to_string(full.join("last")).unwrap().trim()));
+    for point in [
+        "checkpoint:partial@12",
+        "checkpoint:written@3",
+        "last:written@3",
+        "best:linked@2",
+        "best:switched@2",
+        "prune:moved@1",
+    ] {
+        let run = dir.path().join(point.replace([':', '@'], "_"));
+        let st = prs()
+            .args(["finetune", "--quiet", "--config"])
+            .arg(&conf)
+            .arg("--out")
+            .arg(&run)
+            .env("PRS_CRASH_AT", point)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(st.signal(), Some(9), "{point}: the run was not killed there ({st:?})");
+        let step = assert_loadable(&run, "last");
+        assert!(step >= 1, "{point}");
+        if run.join("best").is_symlink() {
+            assert_loadable(&run, "best");
+        }
+        // Resuming removes what the kill left half-written and ends where the full run ends.
+        let st = prs().args(["finetune", "--quiet", "--resume"]).arg(&run).stdout(std::process::Stdio::null()).status();
+        assert!(st.unwrap().success(), "{point}: resume failed");
+        assert!(temporaries(&run).is_empty(), "{point}: {:?}", temporaries(&run));
+        assert_loadable(&run, "best");
+        let resumed = checkpoint_tensors(&run.join(std::fs::read_to_string(run.join("last")).unwrap().trim()));
+        for ((ka, ta), (_, tb)) in final_tensors.iter().zip(&resumed) {
+            let d =
+                (ta - tb).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(d, 0.0, "{point}: {ka} differs from the uninterrupted run");
+        }
+    }
+    // A changed batch plan is refused on resume, with the reason (never a panic).
+    let out = prs().args(["finetune", "--quiet", "--resume"]).arg(&full).args(["--batch-size", "2"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("different batch plan") && err.contains("batch size 4 -> 2"), "{err}");
+}
+
+#[test]
+fn one_process_per_run_folder_and_never_into_a_foreign_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_model(dir.path());
+    let data = synth(dir.path(), 4);
+    let conf = write_config(dir.path(), &cfg, &data, "train.max_steps=1 train.warmup_steps=0");
+    let run = dir.path().join("run");
+    let lock = prs::files::DirLock::acquire(&run, "run folder").unwrap();
+    let out = prs().args(["finetune", "--quiet", "--config"]).arg(&conf).arg("--out").arg(&run).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("in use by another prs process") && err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    drop(lock);
+    assert!(prs()
+        .args(["finetune", "--quiet", "--config"])
+        .arg(&conf)
+        .arg("--out")
+        .arg(&run)
+        .status()
+        .unwrap()
+        .success());
+    // A second new run into the same folder is refused (it holds a run).
+    let out = prs().args(["finetune", "--quiet", "--config"]).arg(&conf).arg("--out").arg(&run).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a run"));
+    // A folder of the user's files is never a run folder.
+    let docs = dir.path().join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    std::fs::write(docs.join("config.toml"), "mine").unwrap();
+    let out = prs().args(["finetune", "--quiet", "--config"]).arg(&conf).arg("--out").arg(&docs).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not a prs run folder"), "{err}");
+    assert_eq!(std::fs::read_to_string(docs.join("config.toml")).unwrap(), "mine");
+    assert_eq!(std::fs::read_dir(&docs).unwrap().count(), 1);
+}
+
+#[test]
+fn the_divergence_guard_skips_spikes_without_saving_and_keeps_the_good_checkpoints() {
+    // A healthy run, then a resume with a learning rate 300x too high: the first update wrecks
+    // the weights with finite values, and the guard must skip what follows, save nothing for
+    // it, and stop with the good checkpoints still on disk.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_model(dir.path());
+    let data = synth(dir.path(), 4);
+    let conf = write_config(dir.path(), &cfg, &data, "train.max_steps=12 train.num_epochs=8 train.save_every=1");
+    let run = dir.path().join("run");
+    assert!(prs()
+        .args(["finetune", "--quiet", "--config"])
+        .arg(&conf)
+        .arg("--out")
+        .arg(&run)
+        .status()
+        .unwrap()
+        .success());
+    let best_before = assert_loadable(&run, "best");
+    let out = prs()
+        .args(["finetune", "--quiet", "--learning-rate", "1", "--max-steps", "24", "--resume"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stderr.contains("consecutive steps were skipped") && stderr.contains("its running level"), "{stderr}");
+    assert!(stderr.contains("The newest checkpoint is") && stderr.contains("and the best"), "{stderr}");
+    let skipped: Vec<u64> = stdout
+        .lines()
+        .filter(|l| l.contains(": skipped ("))
+        .map(|l| l.trim_start_matches("step ").split(':').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(skipped.len(), 3, "{stdout}");
+    for s in &skipped {
+        assert!(!run.join(format!("checkpoints/step-{s:07}")).exists(), "skipped step {s} was saved");
+    }
+    let last = assert_loadable(&run, "last");
+    assert!(last < skipped[0], "last {last} is not before the skipped steps {skipped:?}");
+    assert_eq!(assert_loadable(&run, "best"), best_before, "the best checkpoint moved or went");
 }

@@ -450,3 +450,109 @@ fn input_errors_are_single_clear_messages_and_leave_nothing() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn outputs_never_replace_what_prs_did_not_write() {
+    let st = setup();
+    let ck = s(&st.project);
+    let img = st.dir.path().join("scan.png");
+    make_image(&img, 40, 40);
+    let img_arg = s(&img);
+    let single = |out: &Path, extra: &[&str]| {
+        let mut a = vec!["--checkpoint", &ck, "--image", &img_arg, "--question", Q, "--max-new-tokens", "2"];
+        let o = s(out);
+        a.extend(["--out", &o]);
+        a.extend(extra);
+        predict(&a).map_err(|e| format!("{e:#}"))
+    };
+    // A folder of the user's documents: refused, untouched.
+    let docs = st.dir.path().join("docs");
+    std::fs::create_dir_all(docs.join("sub")).unwrap();
+    std::fs::write(docs.join("thesis.txt"), "years of work").unwrap();
+    for extra in [&[][..], &["--overwrite"][..]] {
+        let e = single(&docs, extra).unwrap_err();
+        assert!(e.contains("did not write") && e.contains("thesis.txt"), "{e}");
+    }
+    assert_eq!(entries(&docs), ["sub", "thesis.txt"]);
+    assert_eq!(std::fs::read_to_string(docs.join("thesis.txt")).unwrap(), "years of work");
+    // A file given as --out is refused too.
+    let e = single(&docs.join("thesis.txt"), &["--overwrite"]).unwrap_err();
+    assert!(e.contains("is a file"), "{e}");
+
+    // Its own earlier prediction: replaced only with --overwrite.
+    let out = st.dir.path().join("pred");
+    single(&out, &[]).unwrap();
+    let first = json(&out.join("result.json"));
+    let e = single(&out, &[]).unwrap_err();
+    assert!(e.contains("earlier prediction") && e.contains("--overwrite"), "{e}");
+    single(&out, &["--overwrite"]).unwrap();
+    assert_eq!(json(&out.join("result.json"))["answer_ids"], first["answer_ids"]);
+    // ... unless the user has put something of theirs into it.
+    std::fs::write(out.join("my-notes.md"), "keep me").unwrap();
+    let e = single(&out, &["--overwrite"]).unwrap_err();
+    assert!(e.contains("my-notes.md"), "{e}");
+    assert!(out.join("my-notes.md").exists() && out.join("result.json").exists());
+
+    // Batch mode: an existing folder that prs did not make is refused as a whole.
+    let dir = st.dir.path().join("imgs");
+    std::fs::create_dir_all(&dir).unwrap();
+    make_image(&dir.join("a.png"), 32, 32);
+    let e = predict(&["--checkpoint", &ck, "--images", &s(&dir), "--question", Q, "--out", &s(&docs)]).unwrap_err();
+    assert!(format!("{e:#}").contains("not written by prs"), "{e:#}");
+    assert_eq!(entries(&docs), ["sub", "thesis.txt"]);
+}
+
+#[test]
+fn csv_ids_stay_inside_out_are_unique_and_bad_inputs_are_counted() {
+    let st = setup();
+    let ck = s(&st.project);
+    let root = st.dir.path().join("in");
+    std::fs::create_dir_all(&root).unwrap();
+    for n in ["a", "b", "c", "d"] {
+        make_image(&root.join(format!("{n}.png")), 36, 36);
+    }
+    // A file that exists with an image's name but does not decode.
+    std::fs::write(root.join("broken.png"), "not a png at all").unwrap();
+    let csv = root.join("list.csv");
+    std::fs::write(
+        &csv,
+        "image,question,id\n\
+         a.png,Where?,../escape\n\
+         b.png,Where?,/tmp/absolute\n\
+         c.png,Where?,same\n\
+         d.png,Where?,SAME\n\
+         broken.png,Where?,broken\n",
+    )
+    .unwrap();
+    let out = st.dir.path().join("out");
+    let args = ["--checkpoint", &ck, "--input", &s(&csv), "--out", &s(&out), "--max-new-tokens", "2"];
+    let e = predict(&args).unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("1 input(s) could not be predicted") && e.contains("broken"), "{e}");
+    // Every folder is a direct child of --out; nothing escaped to the parent or elsewhere.
+    assert!(!st.dir.path().join("escape").exists());
+    let folders: Vec<String> = entries(&out).into_iter().filter(|n| out.join(n).is_dir()).collect();
+    assert_eq!(folders, ["SAME-2", "_._escape", "_tmp_absolute", "same"]);
+    let rows = std::fs::read_to_string(out.join("predictions.csv")).unwrap();
+    assert_eq!(rows.lines().count(), 5, "4 predictions + header: {rows}");
+    let failures = std::fs::read_to_string(out.join("failures.csv")).unwrap();
+    assert!(failures.lines().count() == 2 && failures.contains("broken"), "{failures}");
+    // --fail-fast stops at the bad input; --resume keeps the four good ones.
+    let mut ff = args.to_vec();
+    ff.extend(["--resume", "--fail-fast"]);
+    let e = format!("{:#}", predict(&ff).unwrap_err());
+    assert!(e.contains("broken"), "{e}");
+    // Without the bad row, a resumed run succeeds and removes the stale failures.csv.
+    std::fs::write(&csv, std::fs::read_to_string(&csv).unwrap().replace("broken.png,Where?,broken\n", "")).unwrap();
+    let mut ok = args.to_vec();
+    ok.push("--resume");
+    predict(&ok).unwrap();
+    assert!(!out.join("failures.csv").exists());
+}

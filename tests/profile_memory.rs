@@ -176,8 +176,8 @@ fn tiny_sweep_predictions_within_15_percent_and_emitted_config_round_trips() {
     assert_eq!(t.batch_size as u64, b as u64);
     assert_eq!(t.gradient_accumulation_steps as u64, acc as u64);
     assert_eq!(Some(t.gradient_checkpointing), rec["checkpointing"].as_bool());
-    assert_eq!(t.precision, "f32");
-    assert_eq!(emitted.model.compute_dtype, "f32");
+    assert_eq!(t.precision, prs::config::Precision::F32);
+    assert_eq!(emitted.model.compute_dtype, prs::config::Precision::F32);
     let orig = Config::load(&cfg_path).unwrap();
     assert_eq!(emitted.model.lora, orig.model.lora);
     assert_eq!(emitted.model.base, orig.model.base);

@@ -165,8 +165,9 @@ fn project_checkpoint_round_trips_exactly() {
 
 #[test]
 fn authors_release_layout_loads_and_applies_the_adapter() {
+    use prs::files::write_atomic;
     use prs::weights::pth::write_pth_atomic;
-    use prs::weights::shards::{write_atomic, write_safetensors_atomic};
+    use prs::weights::shards::write_safetensors_atomic;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = tiny_model(dir.path());
     // The authors' release has no projector: train it frozen for this comparison.

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use image::{Rgb, RgbImage};
 use prs::report::{
-    self, draw_text, draw_text_vertical, font, read_metrics, read_metrics_file, save_png_atomic, text_height,
-    text_width, Axis, Kind, LineChart, MetricsLog, Record, Series, METRICS_FILE, PALETTE,
+    self, draw_text, draw_text_vertical, font, read_metrics, read_metrics_file, text_height, text_width, Axis, Kind,
+    LineChart, MetricsLog, Record, Series, METRICS_FILE, PALETTE,
 };
 
 const WHITE: Rgb<u8> = Rgb([255, 255, 255]);
@@ -319,7 +319,7 @@ fn png_save_is_atomic_and_decodes() {
     assert_eq!(img.dimensions(), (800, 500));
     assert_eq!(img, chart.render(800, 500));
     // A missing directory is an error naming it, and leaves nothing behind.
-    let err = save_png_atomic(&img, &dir.path().join("no/such/x.png")).unwrap_err();
+    let err = prs::files::write_png_atomic(&img, &dir.path().join("no/such/x.png")).unwrap_err();
     assert!(format!("{err:#}").contains("no/such"), "{err:#}");
 }
 
@@ -413,5 +413,5 @@ fn preview(out: &Path) {
     chart.series.push(Series::new("lr", PALETTE[3], pts));
     chart.save_png(&out.join("lr.png"), 800, 500).unwrap();
     let small = report::training_curves_image(&recs[..40], 420, 520);
-    save_png_atomic(&small, &out.join("small.png")).unwrap();
+    prs::files::write_png_atomic(&small, &out.join("small.png")).unwrap();
 }

@@ -3,11 +3,12 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
+use prs::files::write_atomic;
 use prs::nn::param::{Init, ParamBuilder, TrainedParams};
 use prs::weights::hub::{HubOptions, ModelSource};
 use prs::weights::pth::{open_pth, pth_tensor_names, write_pth_atomic};
 use prs::weights::shards::{
-    open_safetensors, open_safetensors_paths, read_index, read_safetensors_header, shard_file_name, write_atomic,
+    open_safetensors, open_safetensors_paths, read_index, read_safetensors_header, shard_file_name,
     write_safetensors_atomic, write_sharded,
 };
 use std::collections::HashMap;

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 
+use super::args::{at_least_one, positive};
 use crate::config::Config;
 use crate::infer::{predict_batch, GenerateOptions};
 use crate::memory::measure::{synthetic_batch, train_step};
@@ -17,30 +18,31 @@ use crate::train::trainer::compute_dtype;
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// `train` (forward + backward + AdamW step) or `predict` (mask + answer).
-    pub what: String,
+    #[arg(value_enum)]
+    pub what: BenchWhat,
     #[arg(long)]
     pub config: std::path::PathBuf,
     /// Random weights built on the device (the only mode: no checkpoint is read).
     #[arg(long, default_value_t = true)]
     pub random_weights: bool,
-    #[arg(long, alias = "batch_size", default_value_t = 1)]
+    #[arg(long, alias = "batch_size", default_value_t = 1, value_parser = at_least_one)]
     pub batch_size: usize,
     #[arg(long, alias = "gradient_checkpointing")]
     pub gradient_checkpointing: bool,
     /// LLM sequence length (BOS + image tokens + prompt + answer + EOS).
-    #[arg(long, default_value_t = 640)]
+    #[arg(long, default_value_t = 640, value_parser = at_least_one)]
     pub seq_len: usize,
-    #[arg(long, default_value = "bf16")]
-    pub precision: String,
+    #[arg(long, value_enum, default_value_t = Precision::Bf16)]
+    pub precision: Precision,
     /// auto (CUDA when built with it and a GPU is present), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = at_least_one)]
     pub steps: usize,
     /// New tokens for `predict`.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
     pub max_new_tokens: usize,
     /// `train`: also time each phase of the step (the device is synchronised between phases,
     /// so the total is a little slower than without).
@@ -48,8 +50,14 @@ pub struct BenchArgs {
     pub phases: bool,
     /// The card's dense bf16 matmul rate in TFLOP/s, for the utilisation column
     /// (764 = measured on an H100 SXM in the GPU notes).
-    #[arg(long, default_value_t = 764.0)]
+    #[arg(long, default_value_t = 764.0, value_parser = positive)]
     pub peak_tflops: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchWhat {
+    Train,
+    Predict,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -68,16 +76,16 @@ fn llm_matmul_weights(c: &crate::model::mistral::MistralConfig) -> f64 {
 pub fn run(a: &BenchArgs) -> Result<()> {
     let cfg = Config::load(&a.config)?;
     let device = crate::commands::finetune::parse_device(&a.device)?;
-    let dtype = compute_dtype(&a.precision, &device)?;
+    let dtype = compute_dtype(a.precision, &device);
     let spec = spec_for_config(&cfg)?;
     let t0 = Instant::now();
-    let mode = if a.what == "train" { Mode::Train } else { Mode::Infer };
+    let mode = if a.what == BenchWhat::Train { Mode::Train } else { Mode::Infer };
     let mut m = random_prs_med(&spec, &RandomOptions::from_config(&cfg, device.clone(), dtype, mode, 0))?;
     println!("built {} with random weights on {:?} in {:.1} s", a.config.display(), device, t0.elapsed().as_secs_f64());
     let n_img = m.image_tokens()?;
     let seq = SeqShape::from_total(a.seq_len, n_img)?;
-    match a.what.as_str() {
-        "train" => {
+    match a.what {
+        BenchWhat::Train => {
             m.set_gradient_checkpointing(a.gradient_checkpointing);
             let batch = synthetic_batch(&m, a.batch_size, &seq, 1)?;
             let mut opt = AdamW::new(m.trained.weights(), AdamWConfig::default())?;
@@ -126,7 +134,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 if device.is_cuda() { "CUDA pool high-water mark + context" } else { "peak RSS" }
             );
         }
-        "predict" => {
+        BenchWhat::Predict => {
             let mut batch = synthetic_batch(&m, 1, &seq, 1)?;
             batch.prompts[0].answer.clear();
             let gen = GenerateOptions { max_new_tokens: a.max_new_tokens, stop_at_eos: false, ..Default::default() };
@@ -155,7 +163,6 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 per_tok * 1e3
             );
         }
-        w => anyhow::bail!("prs bench {w}: expected `train` or `predict`"),
     }
     Ok(())
 }

@@ -19,15 +19,16 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use image::DynamicImage;
 use rayon::prelude::*;
 use serde::Serialize;
 
 use super::predict::{
     finished, predict_items, progress, unique_ids, write_predictions_csv, GenArgs, Item, PredictOptions,
+    PREDICTIONS_KIND,
 };
 use crate::data::dataset::{check_rows, load_mask, read_rows, DatasetOptions, Row, Split};
 use crate::data::preprocess::load_image;
+use crate::files::{self, write_atomic, write_png_atomic};
 use crate::infer::{load_model, ModelArgs};
 use crate::metrics::hd95::hd95;
 use crate::metrics::position::PositionReport;
@@ -39,8 +40,7 @@ use crate::metrics::seg::SegSummary;
 use crate::metrics::{
     parse_position, Confusion, EmptyPolicy, Hd95Summary, PositionConfusion, PositionLabel, SegAccumulator,
 };
-use crate::report::overlay::{overlay_compare, save_png_atomic};
-use crate::weights::shards::write_atomic;
+use crate::report::overlay::overlay_compare;
 
 #[derive(clap::Args, Debug)]
 pub struct EvaluateArgs {
@@ -60,7 +60,7 @@ pub struct EvaluateArgs {
     /// DIR[/<modality>]/<mask file name | image stem>.png.
     #[arg(long)]
     pub pred_dir: Option<PathBuf>,
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = super::args::unit_interval_f32)]
     pub threshold: f32,
     /// Score of an image with an empty ground truth: ignore (excluded), one, zero.
     #[arg(long, default_value = "ignore")]
@@ -77,7 +77,7 @@ pub struct EvaluateArgs {
     /// Overlays of this many worst cases by Dice.
     #[arg(long, default_value_t = 8)]
     pub worst: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = super::args::at_least_one)]
     pub batch_size: usize,
     #[command(flatten)]
     pub gen: GenArgs,
@@ -85,7 +85,7 @@ pub struct EvaluateArgs {
     #[arg(long)]
     pub resume: bool,
     /// Only the first N rows of the split.
-    #[arg(long)]
+    #[arg(long, value_parser = super::args::at_least_one)]
     pub limit: Option<usize>,
     /// Drop rows whose files are missing or unreadable (counted) instead of failing.
     #[arg(long)]
@@ -210,6 +210,9 @@ fn split_rows(args: &EvaluateArgs) -> Result<Vec<Row>> {
     Ok(checked.rows)
 }
 
+/// The ownership marker of an evaluation folder (`files::OWNER_MARKER`).
+pub const EVALUATION_KIND: &str = "evaluation";
+
 pub fn run(args: &EvaluateArgs) -> Result<()> {
     let policy: EmptyPolicy = args.empty.parse()?;
     let prsmed = match args.protocol.as_str() {
@@ -227,7 +230,8 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     let rels: Vec<PathBuf> =
         rows.iter().map(|r| r.mask.strip_prefix(&args.data_root).unwrap_or(&r.mask).to_path_buf()).collect();
     let ids = unique_ids(&rels);
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    files::claim_output_root(&args.out, EVALUATION_KIND, "--out")?;
+    let _lock = files::DirLock::acquire(&args.out, "output folder")?;
 
     // 1. Predictions (unless given).
     let mut timing = BTreeMap::new();
@@ -239,8 +243,8 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         None => {
             let ckpt = args.checkpoint.as_ref().context("--checkpoint is needed unless --pred-dir is given")?;
             let root = args.out.join("predictions");
-            std::fs::create_dir_all(&root)?;
-            super::predict::clean_temporaries(&root);
+            files::claim_output_root(&root, PREDICTIONS_KIND, "--out")?;
+            files::remove_stale_temporaries(&root)?;
             let loaded = load_model(ckpt, &args.model)?;
             timing.insert("load_s", loaded.load_secs);
             let items: Vec<Item> = rows
@@ -255,11 +259,21 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
                 save_logits: false,
                 batch_size: args.batch_size,
                 resume: args.resume,
+                // Its own predictions folder, inside an evaluation folder it owns.
+                overwrite: true,
+                fail_fast: false,
             };
             let t0 = Instant::now();
-            let results = predict_items(&loaded, &items, &dirs, &opts)?;
+            let report = predict_items(&loaded, &items, &dirs, &opts)?;
             let secs = t0.elapsed().as_secs_f64();
-            write_predictions_csv(&root.join("predictions.csv"), &results)?;
+            write_predictions_csv(&root.join("predictions.csv"), report.results.iter().flatten())?;
+            if let Some((i, e)) = report.failures.first() {
+                bail!(
+                    "{} test case(s) could not be predicted, so the split cannot be scored; the first, {}: {e}",
+                    report.failures.len(),
+                    items[*i].image.display()
+                );
+            }
             timing.insert("predict_s", secs);
             timing.insert("predict_images_per_s", items.len() as f64 / secs.max(1e-9));
             root
@@ -562,6 +576,6 @@ fn write_worst(dir: &Path, rows: &[Row], preds: &[PathBuf], cases: &[CaseRow], n
         ensure!((w as u32, h as u32) == img.dimensions(), "{}: image and mask sizes differ", rows[i].image.display());
         let pm: Vec<bool> = p.iter().map(|&v| v as f32 / 255.0 >= threshold).collect();
         let ov = overlay_compare(&img, &pm, &gt)?;
-        save_png_atomic(&DynamicImage::ImageRgb8(ov), &dir.join(format!("{:02}_{}.png", rank + 1, cases[i].id)))
+        write_png_atomic(&ov, &dir.join(format!("{:02}_{}.png", rank + 1, cases[i].id)))
     })
 }

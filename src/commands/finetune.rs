@@ -3,9 +3,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
-use crate::config::Config;
+use super::args::{at_least_one, positive};
+use crate::config::{Config, Precision};
+use crate::train::losses::LossCompat;
 use crate::train::state::RunDir;
 use crate::train::trainer::{train, TrainOptions};
 
@@ -17,7 +19,7 @@ pub struct FinetuneArgs {
     /// Dataset: the authors' layout (folder with annotations/) or a plain CSV.
     #[arg(long, alias = "data_root")]
     pub data_root: Option<String>,
-    /// Run folder (config, metrics, checkpoints). Default: runs/<timestamp>.
+    /// Run folder (config, metrics, checkpoints): new or empty. Default: runs/<timestamp>.
     #[arg(long, alias = "output_dir")]
     pub out: Option<PathBuf>,
     /// Continue the run in this folder from its last checkpoint.
@@ -26,27 +28,27 @@ pub struct FinetuneArgs {
     /// `section.key=value` overrides (repeatable), e.g. --set train.learning_rate=3e-4.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    #[arg(long, alias = "batch_size")]
+    #[arg(long, alias = "batch_size", value_parser = at_least_one)]
     pub batch_size: Option<usize>,
-    #[arg(long, alias = "gradient_accumulation_steps")]
+    #[arg(long, alias = "gradient_accumulation_steps", value_parser = at_least_one)]
     pub gradient_accumulation_steps: Option<usize>,
     #[arg(long, alias = "gradient_checkpointing")]
     pub gradient_checkpointing: bool,
-    /// bf16 | f16 | f32 (mixed precision is on by default on a GPU).
-    #[arg(long)]
-    pub precision: Option<String>,
+    /// Compute precision on a GPU (mixed precision is on by default there; the CPU uses f32).
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
     /// Same as --precision f32.
     #[arg(long = "no-amp", alias = "no-use_amp", alias = "no_use_amp")]
     pub no_amp: bool,
     /// Mixed precision (the default on a GPU; accepted for the guide's command lines).
     #[arg(long = "use_amp", alias = "use-amp")]
     pub use_amp: bool,
-    #[arg(long, alias = "learning_rate", alias = "lr")]
+    #[arg(long, alias = "learning_rate", alias = "lr", value_parser = positive)]
     pub learning_rate: Option<f64>,
-    #[arg(long, alias = "num_epochs")]
+    #[arg(long, alias = "num_epochs", value_parser = clap::value_parser!(u64).range(1..))]
     pub num_epochs: Option<u64>,
     /// SAM input (and mask) resolution.
-    #[arg(long, alias = "image_size")]
+    #[arg(long, alias = "image_size", value_parser = at_least_one)]
     pub image_size: Option<usize>,
     #[arg(long, alias = "num_workers")]
     pub num_workers: Option<usize>,
@@ -55,14 +57,15 @@ pub struct FinetuneArgs {
     pub device: String,
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Stop after this many optimizer steps (0 = all epochs).
     #[arg(long, alias = "max_steps")]
     pub max_steps: Option<u64>,
     /// Drop rows that fail validation (reporting how many) instead of stopping.
     #[arg(long, alias = "skip_bad_rows")]
     pub skip_bad_rows: bool,
-    /// `intended` (weighted BCE, default) or `authors` (their unweighted BCE).
-    #[arg(long, alias = "loss_compat")]
-    pub loss_compat: Option<String>,
+    /// Segmentation BCE: `intended` (weighted, default) or `authors` (their unweighted one).
+    #[arg(long, alias = "loss_compat", value_enum)]
+    pub loss_compat: Option<LossCompat>,
     /// Validate configuration, weights and the whole dataset, print the plan, and exit.
     #[arg(long, alias = "dry_run")]
     pub dry_run: bool,
@@ -76,59 +79,61 @@ pub struct FinetuneArgs {
 
 pub use crate::infer::parse_device;
 
-/// The configuration a run uses: file (or the resumed run's saved config) + --set + flags.
+/// The configuration a run uses: file (or the resumed run's saved config), then `--set`, then
+/// the flags, applied to the typed configuration; checked before anything loads.
 pub fn resolve_config(args: &FinetuneArgs) -> Result<Config> {
-    let (path, mut sets) = match (&args.resume, &args.config) {
-        (Some(run), _) => (RunDir(run.clone()).config(), vec![]),
-        (None, Some(c)) => (c.clone(), vec![]),
+    let path = match (&args.resume, &args.config) {
+        (Some(run), _) => RunDir(run.clone()).config(),
+        (None, Some(c)) => c.clone(),
         (None, None) => bail!("give --config FILE (or --resume RUN_DIR)"),
     };
     let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
-    sets.extend(args.set.iter().cloned());
-    let mut flag = |k: &str, v: String| sets.push(format!("{k}={v}"));
+    let mut cfg = Config::parse(&text, &args.set).map_err(|e| e.context(format!("in config {}", path.display())))?;
+    let (t, d) = (&mut cfg.train, &mut cfg.data);
     if let Some(v) = &args.data_root {
-        flag("data.root", format!("{v:?}"));
+        d.root = Some(v.clone());
     }
     if let Some(v) = args.batch_size {
-        flag("train.batch_size", v.to_string());
+        t.batch_size = v;
     }
     if let Some(v) = args.gradient_accumulation_steps {
-        flag("train.gradient_accumulation_steps", v.to_string());
+        t.gradient_accumulation_steps = v;
     }
     if args.gradient_checkpointing {
-        flag("train.gradient_checkpointing", "true".into());
+        t.gradient_checkpointing = true;
     }
-    if let Some(v) = &args.precision {
-        flag("train.precision", format!("{v:?}"));
+    if let Some(v) = args.precision {
+        t.precision = v;
     }
     if args.no_amp {
-        flag("train.precision", "\"f32\"".into());
+        t.precision = Precision::F32;
     }
     if let Some(v) = args.learning_rate {
-        flag("train.learning_rate", format!("{v:e}"));
+        t.learning_rate = v;
     }
     if let Some(v) = args.num_epochs {
-        flag("train.num_epochs", v.to_string());
-    }
-    if let Some(v) = args.image_size {
-        flag("model.sam_image_size", v.to_string());
+        t.num_epochs = v;
     }
     if let Some(v) = args.num_workers {
-        flag("data.num_workers", v.to_string());
+        d.num_workers = v;
     }
     if let Some(v) = args.seed {
-        flag("train.seed", v.to_string());
+        t.seed = v;
     }
     if let Some(v) = args.max_steps {
-        flag("train.max_steps", v.to_string());
+        t.max_steps = v;
     }
     if args.skip_bad_rows {
-        flag("data.skip_bad_rows", "true".into());
+        d.skip_bad_rows = true;
     }
-    if let Some(v) = &args.loss_compat {
-        flag("train.loss_compat", format!("{v:?}"));
+    if let Some(v) = args.loss_compat {
+        t.loss_compat = v;
     }
-    Config::parse(&text, &sets).map_err(|e| e.context(format!("in config {}", path.display())))
+    if let Some(v) = args.image_size {
+        cfg.model.sam_image_size = v;
+    }
+    cfg.validate().with_context(|| format!("in config {} with the command-line flags", path.display()))?;
+    Ok(cfg)
 }
 
 pub fn run(args: &FinetuneArgs) -> Result<()> {
@@ -146,9 +151,6 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         (None, None) => PathBuf::from("runs")
             .join(format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs())),
     };
-    if args.resume.is_none() && run_dir.join(crate::train::state::LAST_FILE).exists() {
-        bail!("{} already holds a run; use --resume {} or another --out", run_dir.display(), run_dir.display());
-    }
     let summary = train(TrainOptions {
         cfg,
         run_dir: run_dir.clone(),

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Config, InitSection};
+use crate::files::{self, write_atomic};
 use crate::model::clip::ClipVisionTower;
 use crate::model::llava::Projector;
 use crate::model::load::{CLIP_PREFIX, PROJECTOR_PREFIX};
@@ -16,7 +17,7 @@ use crate::model::random::llava_config_from_init;
 use crate::model::tinysam::TinySam;
 use crate::nn::param::{init_tensor, seed_for, Init, ParamBuilder, TrainedParams};
 use crate::weights::pth::write_pth_atomic;
-use crate::weights::shards::{write_atomic, write_sharded};
+use crate::weights::shards::write_sharded;
 
 #[derive(clap::Args, Debug)]
 pub struct InitArgs {
@@ -34,6 +35,9 @@ pub struct InitArgs {
     pub max_shard_bytes: u64,
 }
 
+/// The ownership marker of a folder of random base weights (`files::OWNER_MARKER`).
+pub const RANDOM_BASE_KIND: &str = "random-base";
+
 pub fn run(args: &InitArgs) -> Result<()> {
     let cfg = Config::load(&args.config)?;
     let init = cfg.init.as_ref().with_context(|| format!("{} has no [init] section", args.config.display()))?;
@@ -42,6 +46,17 @@ pub fn run(args: &InitArgs) -> Result<()> {
         Some(o) => o.join("tinysam.pth"),
         None => PathBuf::from(&cfg.model.tinysam),
     };
+    // Random weights must never land on a real model: the folder is new, empty or an earlier
+    // `prs init` output, and a TinySAM file outside it is replaced only on such a re-run.
+    let rerun = files::inspect_output(&llava_dir, RANDOM_BASE_KIND, None)? == files::Existing::Ours;
+    if tinysam_path.exists() && !rerun {
+        bail!(
+            "{} exists and prs init did not write it: init writes random weights, so it refuses to replace \
+             it; pass --out NEW_FOLDER",
+            tinysam_path.display()
+        );
+    }
+    files::claim_output_root(&llava_dir, RANDOM_BASE_KIND, "the base model folder")?;
     write_llava(&llava_dir, init, &args.tokenizer, args.max_shard_bytes)?;
     write_tinysam(&tinysam_path, &cfg, init.seed)?;
     println!("wrote base model {} and TinySAM weights {}", llava_dir.display(), tinysam_path.display());

@@ -1,5 +1,6 @@
 //! One file per subcommand; each reads top to bottom.
 
+pub mod args;
 pub mod bench;
 pub mod demo;
 pub mod evaluate;

@@ -4,39 +4,47 @@
 //! Per input a folder with `mask.png` (0/255), `prob.png` (8-bit probability), `overlay.png`,
 //! `result.json` and, with `--save-logits`, `mask_logits.safetensors` ((1,1,S,S) f32). Each
 //! folder is written under a temporary name and renamed when complete, so an interrupted run
-//! leaves no partial item; `--resume` skips items whose folder exists. Batch mode adds
-//! `predictions.csv`.
+//! leaves no partial item; `--resume` skips items whose folder is complete. Batch mode adds
+//! `predictions.csv` (and `failures.csv` when some inputs could not be predicted).
+//!
+//! Outputs never destroy what prs did not write: a prediction folder is replaced only when it
+//! holds nothing but an earlier prediction and `--overwrite` is given; a batch `--out` must be
+//! new, empty, or an earlier `prs predict` output (see `files`). Ids from a CSV become single
+//! safe folder names, unique within the run.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
-use image::{DynamicImage, GrayImage, RgbImage};
+use image::{GrayImage, RgbImage};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::args::{at_least_one, non_negative, positive, unit_interval_f32};
 use crate::data::dataset::image_candidates;
 use crate::data::preprocess::{clip_preprocess, load_image, sam_preprocess};
+use crate::files::{self, write_atomic, write_png_atomic, Existing};
 use crate::infer::{
     load_model, mask_stats, predict_batch, prob_map, prob_to_u8, threshold_mask, GenerateOptions, Loaded, MaskStats,
     ModelArgs, ModelInfo,
 };
 use crate::metrics::{parse_position, position_from_mask};
 use crate::model::prs_med::ModelBatch;
-use crate::report::overlay::{overlay_mask, save_png_atomic, PRED_COLOUR};
+use crate::report::overlay::{overlay_mask, PRED_COLOUR};
 use crate::tokenizer::{encode_prompt, PromptIds};
-use crate::weights::shards::{write_atomic, write_safetensors_atomic};
+use crate::weights::shards::write_safetensors_atomic;
 
 /// Answer generation flags.
 #[derive(clap::Args, Debug, Clone)]
 pub struct GenArgs {
     /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
     pub temperature: f64,
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling mass in (0, 1].
+    #[arg(long, default_value_t = 1.0, value_parser = positive)]
     pub top_p: f64,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub max_new_tokens: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -77,13 +85,14 @@ pub struct PredictArgs {
     /// With --input: only rows of this split.
     #[arg(long)]
     pub split: Option<String>,
-    /// Output folder (single image: the prediction folder itself).
+    /// Output folder (single image: the prediction folder itself): new, empty, or an earlier
+    /// prs predict output.
     #[arg(long, default_value = "prs-predict")]
     pub out: PathBuf,
     #[command(flatten)]
     pub gen: GenArgs,
     /// Mask threshold on the probability.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = unit_interval_f32)]
     pub threshold: f32,
     /// Also write the model-resolution logits (mask_logits.safetensors, f32 (1,1,S,S)).
     #[arg(long)]
@@ -91,8 +100,15 @@ pub struct PredictArgs {
     /// Skip inputs whose prediction folder is complete.
     #[arg(long)]
     pub resume: bool,
+    /// Replace earlier predictions of prs in the output (never anything else).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Stop at the first input that cannot be predicted (default: report it, go on, and exit
+    /// non-zero at the end).
+    #[arg(long)]
+    pub fail_fast: bool,
     /// Images per forward in batch mode.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     pub batch_size: usize,
 }
 
@@ -143,7 +159,24 @@ pub struct PredictOptions {
     pub threshold: f32,
     pub save_logits: bool,
     pub batch_size: usize,
+    /// Keep complete earlier predictions.
     pub resume: bool,
+    /// Replace earlier predictions (of prs: anything else is always refused).
+    pub overwrite: bool,
+    /// Stop at the first input that fails instead of reporting it and going on.
+    pub fail_fast: bool,
+}
+
+/// What `predict_items` did, in input order.
+pub struct PredictReport {
+    /// None for the inputs that failed.
+    pub results: Vec<Option<ItemResult>>,
+    /// (input index, what went wrong).
+    pub failures: Vec<(usize, String)>,
+    /// Predictions written by this run.
+    pub written: usize,
+    /// Complete earlier predictions kept (`resume`).
+    pub kept: usize,
 }
 
 struct Prepared {
@@ -163,49 +196,67 @@ fn prepare(loaded: &Loaded, item: &Item) -> Result<Prepared> {
     Ok(Prepared { clip, sam, prompt, image: img.into_rgb8() })
 }
 
+/// The files a prediction folder may hold (besides the ownership marker).
+pub const PREDICTION_FILES: [&str; 5] =
+    ["mask.png", "prob.png", "overlay.png", "result.json", "mask_logits.safetensors"];
+/// Ownership markers (`files::OWNER_MARKER`) of a prediction folder and of a folder of them.
+pub const PREDICTION_KIND: &str = "prediction";
+pub const PREDICTIONS_KIND: &str = "predictions";
+
 /// The folder `out/id` is complete (its result.json parses).
 pub fn finished(dir: &Path) -> Option<ItemResult> {
     let text = std::fs::read_to_string(dir.join("result.json")).ok()?;
     serde_json::from_str(&text).ok()
 }
 
+/// Checks every target folder before the model loads: which are complete earlier predictions
+/// to keep (`resume`), and refuses (all at once) any that would replace what must not be.
+fn check_targets(dirs: &[PathBuf], opts: &PredictOptions) -> Result<Vec<bool>> {
+    let mut keep = vec![false; dirs.len()];
+    let mut refused = vec![];
+    for (i, dir) in dirs.iter().enumerate() {
+        match files::inspect_output(dir, PREDICTION_KIND, Some(&PREDICTION_FILES))? {
+            Existing::Absent | Existing::Empty => {}
+            Existing::Ours if opts.resume && finished(dir).is_some() => keep[i] = true,
+            Existing::Ours if opts.overwrite || opts.resume => {}
+            Existing::Ours => refused.push(format!(
+                "{} holds an earlier prediction: pass --overwrite to replace it, or --resume to keep it",
+                dir.display()
+            )),
+            Existing::Foreign(found) => refused.push(format!(
+                "{} exists and holds files prs predict did not write ({}): choose another --out",
+                dir.display(),
+                found.join(", ")
+            )),
+        }
+    }
+    if !refused.is_empty() {
+        bail!(
+            "{} output folder(s) refused, nothing was written:\n  {}{}",
+            refused.len(),
+            refused.iter().take(5).cloned().collect::<Vec<_>>().join("\n  "),
+            if refused.len() > 5 { format!("\n  ... and {} more", refused.len() - 5) } else { String::new() }
+        );
+    }
+    Ok(keep)
+}
+
 /// Writes an item's files into a temporary sibling folder and renames it to `dir`.
 fn write_item(dir: &Path, p: &Prepared, prob: &[f32], logits: Option<&Tensor>, res: &ItemResult) -> Result<()> {
-    let parent = dir.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = dir.file_name().with_context(|| format!("bad output folder {}", dir.display()))?.to_string_lossy();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let written = (|| -> Result<()> {
+    files::write_dir_atomic(dir, |tmp| {
         let (w, h) = p.image.dimensions();
         let mask = threshold_mask(prob, res.mask.threshold);
         let mask_u8: Vec<u8> = mask.iter().map(|&m| if m { 255 } else { 0 }).collect();
-        let grey = |v: Vec<u8>| DynamicImage::ImageLuma8(GrayImage::from_raw(w, h, v).expect("size checked"));
-        save_png_atomic(&grey(mask_u8), &tmp.join("mask.png"))?;
-        save_png_atomic(&grey(prob_to_u8(prob)), &tmp.join("prob.png"))?;
-        let ov = overlay_mask(&p.image, &mask, PRED_COLOUR, 0.4)?;
-        save_png_atomic(&DynamicImage::ImageRgb8(ov), &tmp.join("overlay.png"))?;
+        let grey = |v: Vec<u8>| GrayImage::from_raw(w, h, v).context("probability map and image sizes differ");
+        write_png_atomic(&grey(mask_u8)?, &tmp.join("mask.png"))?;
+        write_png_atomic(&grey(prob_to_u8(prob))?, &tmp.join("prob.png"))?;
+        write_png_atomic(&overlay_mask(&p.image, &mask, PRED_COLOUR, 0.4)?, &tmp.join("overlay.png"))?;
         if let Some(l) = logits {
             write_safetensors_atomic(&tmp.join("mask_logits.safetensors"), &[("mask_logits".into(), l.clone())], None)?;
         }
-        write_atomic(&tmp.join("result.json"), |f| Ok(serde_json::to_writer_pretty(f, res)?))
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e.context(format!("writing {}", dir.display())));
-    }
-    if dir.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(dir, &old).with_context(|| format!("moving the old {} aside", dir.display()))?;
-        std::fs::rename(&tmp, dir).with_context(|| format!("renaming into {}", dir.display()))?;
-        std::fs::remove_dir_all(&old).ok();
-    } else {
-        std::fs::rename(&tmp, dir).with_context(|| format!("renaming into {}", dir.display()))?;
-    }
-    Ok(())
+        write_atomic(&tmp.join("result.json"), |f| Ok(serde_json::to_writer_pretty(f, res)?))?;
+        files::mark_output(tmp, PREDICTION_KIND)
+    })
 }
 
 /// A progress bar on stderr (hidden when stderr is not a terminal).
@@ -220,43 +271,61 @@ pub fn progress(len: usize, msg: &str) -> ProgressBar {
     pb
 }
 
-/// Predicts every item into `dirs[i]` (batched, model loaded once); returns the results in
-/// input order, finished folders included when `resume`.
+/// Predicts every item into `dirs[i]` (batched, model loaded once). An input that cannot be
+/// prepared (unreadable image, over-long question) is reported in the returned failures and
+/// the rest go on, unless `fail_fast`.
 pub fn predict_items(
     loaded: &Loaded,
     items: &[Item],
     dirs: &[PathBuf],
     opts: &PredictOptions,
-) -> Result<Vec<ItemResult>> {
+) -> Result<PredictReport> {
     ensure!(items.len() == dirs.len(), "{} items for {} folders", items.len(), dirs.len());
     ensure!(opts.batch_size > 0, "--batch-size must be at least 1");
     ensure!((0.0..=1.0).contains(&opts.threshold), "--threshold must be in [0, 1], got {}", opts.threshold);
     opts.gen.validate()?;
-    let mut results: Vec<Option<ItemResult>> =
-        dirs.iter().map(|d| if opts.resume { finished(d) } else { None }).collect();
-    let todo: Vec<usize> = (0..items.len()).filter(|&i| results[i].is_none()).collect();
+    let keep = check_targets(dirs, opts)?;
+    let mut report = PredictReport {
+        results: dirs.iter().zip(&keep).map(|(d, &k)| if k { finished(d) } else { None }).collect(),
+        failures: vec![],
+        written: 0,
+        kept: keep.iter().filter(|&&k| k).count(),
+    };
+    let todo: Vec<usize> = (0..items.len()).filter(|&i| !keep[i]).collect();
     let pb = progress(items.len(), "predict");
-    pb.inc((items.len() - todo.len()) as u64);
+    pb.inc(report.kept as u64);
     let dev = loaded.model.device().clone();
     for chunk in todo.chunks(opts.batch_size) {
-        let prepared: Vec<Prepared> = chunk
-            .par_iter()
-            .map(|&i| prepare(loaded, &items[i]).with_context(|| format!("input `{}`", items[i].id)))
-            .collect::<Result<_>>()?;
+        let mut ready = Vec::with_capacity(chunk.len());
+        for (&i, p) in chunk.iter().zip(chunk.par_iter().map(|&i| prepare(loaded, &items[i])).collect::<Vec<_>>()) {
+            match p {
+                Ok(p) => ready.push((i, p)),
+                Err(e) if opts.fail_fast => return Err(e.context(format!("input `{}`", items[i].id))),
+                Err(e) => {
+                    pb.println(format!("skipped input `{}`: {e:#}", items[i].id));
+                    report.failures.push((i, format!("{e:#}")));
+                    pb.inc(1);
+                }
+            }
+        }
+        if ready.is_empty() {
+            continue;
+        }
         let stack = |f: fn(&Prepared) -> &Tensor| -> Result<Tensor> {
-            let ts: Vec<&Tensor> = prepared.iter().map(f).collect();
+            let ts: Vec<&Tensor> = ready.iter().map(|(_, p)| f(p)).collect();
             Ok(Tensor::stack(&ts, 0)?.to_device(&dev)?)
         };
         let batch = ModelBatch {
             clip_pixels: stack(|p| &p.clip)?,
             sam_pixels: stack(|p| &p.sam)?,
-            prompts: prepared.iter().map(|p| p.prompt.clone()).collect(),
+            prompts: ready.iter().map(|(_, p)| p.prompt.clone()).collect(),
             masks: None,
             modality: None,
         };
         let out = predict_batch(&loaded.model, &batch, &opts.gen)?;
-        let n = chunk.len();
-        for (k, (&i, p)) in chunk.iter().zip(&prepared).enumerate() {
+        let n = ready.len();
+        for (k, (i, p)) in ready.iter().enumerate() {
+            let i = *i;
             let (w, h) = p.image.dimensions();
             let logits = out.mask_logits.narrow(0, k, 1)?;
             let prob = prob_map(&logits, w, h)?;
@@ -287,16 +356,28 @@ pub fn predict_items(
             };
             let l = if opts.save_logits { Some(logits.to_device(&Device::Cpu)?) } else { None };
             write_item(&dirs[i], p, &prob, l.as_ref(), &res)?;
-            results[i] = Some(res);
+            report.results[i] = Some(res);
+            report.written += 1;
             pb.inc(1);
         }
     }
     pb.finish_and_clear();
-    Ok(results.into_iter().map(|r| r.expect("every item predicted")).collect())
+    Ok(report)
+}
+
+/// `failures.csv`: the inputs that could not be predicted and why.
+pub fn write_failures_csv(path: &Path, items: &[Item], failures: &[(usize, String)]) -> Result<()> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["id", "image", "error"])?;
+    for (i, e) in failures {
+        w.write_record([items[*i].id.as_str(), &items[*i].image.display().to_string(), e.as_str()])?;
+    }
+    let bytes = w.into_inner().map_err(|e| anyhow::anyhow!("writing failures.csv: {e}"))?;
+    files::write_bytes_atomic(path, &bytes)
 }
 
 /// `predictions.csv`: one row per input, in input order.
-pub fn write_predictions_csv(path: &Path, results: &[ItemResult]) -> Result<()> {
+pub fn write_predictions_csv<'a>(path: &Path, results: impl IntoIterator<Item = &'a ItemResult>) -> Result<()> {
     let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record([
         "id",
@@ -343,14 +424,52 @@ pub fn write_predictions_csv(path: &Path, results: &[ItemResult]) -> Result<()> 
     write_atomic(path, |f| Ok(std::io::Write::write_all(f, &bytes)?))
 }
 
-/// Folder-safe id from a relative path ("a/b/c.png" -> "a__b__c"); duplicates get "-2", "-3".
+/// Longest folder name an id becomes (filesystems allow 255 bytes; room for "-N" and temps).
+const MAX_ID_CHARS: usize = 100;
+
+/// One safe folder name from a user-given id: letters, digits, `-`, `_` and `.` are kept, any
+/// other character (a path separator among them) becomes `_`; no leading dot, never empty, at
+/// most 100 characters. So `../x` or `/etc` can never name a folder outside `--out`.
+pub fn safe_id(raw: &str) -> String {
+    let mut id: String = raw
+        .trim()
+        .chars()
+        .map(|c| if c.is_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+        .take(MAX_ID_CHARS)
+        .collect();
+    while id.starts_with('.') {
+        id.replace_range(..1, "_");
+    }
+    if id.is_empty() {
+        id.push_str("input");
+    }
+    id
+}
+
+/// Safe ids, made unique within the run: a repeated id (compared without case, as macOS and
+/// Windows filesystems do) gets "-2", "-3", ...
+pub fn unique_safe_ids(raw: &[String]) -> Vec<String> {
+    let mut taken = std::collections::HashSet::<String>::new();
+    raw.iter()
+        .map(|r| {
+            let base = safe_id(r);
+            let mut id = base.clone();
+            let mut n = 1;
+            while !taken.insert(id.to_lowercase()) {
+                n += 1;
+                id = format!("{base}-{n}");
+            }
+            id
+        })
+        .collect()
+}
+
+/// Folder-safe ids from relative paths ("a/b/c.png" -> "a__b__c"), unique within the run.
 pub fn unique_ids(paths: &[PathBuf]) -> Vec<String> {
-    let mut seen = std::collections::HashMap::<String, usize>::new();
-    paths
+    let raw: Vec<String> = paths
         .iter()
         .map(|p| {
-            let stem = p.with_extension("");
-            let base: String = stem
+            p.with_extension("")
                 .components()
                 .filter_map(|c| match c {
                     std::path::Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
@@ -358,18 +477,9 @@ pub fn unique_ids(paths: &[PathBuf]) -> Vec<String> {
                 })
                 .collect::<Vec<_>>()
                 .join("__")
-                .chars()
-                .map(|c| if c.is_alphanumeric() || "-_.".contains(c) { c } else { '_' })
-                .collect();
-            let n = seen.entry(base.clone()).or_insert(0);
-            *n += 1;
-            if *n == 1 {
-                base
-            } else {
-                format!("{base}-{n}")
-            }
         })
-        .collect()
+        .collect();
+    unique_safe_ids(&raw)
 }
 
 const IMAGE_EXTS: [&str; 6] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
@@ -412,7 +522,7 @@ pub fn items_from_csv(csv_path: &Path, question: Option<&str>, split: Option<&st
     };
     let q_col = col("question").or(col("description"));
     let (id_col, split_col) = (col("id"), col("split"));
-    let (mut rels, mut rows) = (vec![], vec![]);
+    let mut rows = vec![];
     for (k, rec) in r.records().enumerate() {
         let line = k + 2;
         let rec = rec.with_context(|| format!("{}:{line}", csv_path.display()))?;
@@ -435,8 +545,11 @@ pub fn items_from_csv(csv_path: &Path, question: Option<&str>, split: Option<&st
         let Some(q) = q.filter(|q| !q.trim().is_empty()) else {
             bail!("{}:{line}: empty question (and no --question given)", csv_path.display());
         };
-        rels.push(rel);
-        rows.push((get(id_col), image, q));
+        // The id names the prediction folder: the CSV's, else one made from the image path.
+        let id = Some(get(id_col))
+            .filter(|id| !id.trim().is_empty())
+            .unwrap_or_else(|| unique_ids(std::slice::from_ref(&rel)).remove(0));
+        rows.push((id, image, q));
     }
     ensure!(
         !rows.is_empty(),
@@ -444,12 +557,8 @@ pub fn items_from_csv(csv_path: &Path, question: Option<&str>, split: Option<&st
         csv_path.display(),
         split.map(|s| format!(" in split {s}")).unwrap_or_default()
     );
-    let ids = unique_ids(&rels);
-    Ok(rows
-        .into_iter()
-        .zip(ids)
-        .map(|((id, image, question), auto)| Item { id: if id.is_empty() { auto } else { id }, image, question })
-        .collect())
+    let ids = unique_safe_ids(&rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>());
+    Ok(rows.into_iter().zip(ids).map(|((_, image, question), id)| Item { id, image, question }).collect())
 }
 
 /// Cheap checks before the model is loaded: the question and the image files.
@@ -469,22 +578,22 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         save_logits: args.save_logits,
         batch_size: args.batch_size,
         resume: args.resume,
+        overwrite: args.overwrite,
+        fail_fast: args.fail_fast,
     };
     opts.gen.validate()?;
-    ensure!((0.0..=1.0).contains(&args.threshold), "--threshold must be in [0, 1], got {}", args.threshold);
     if let Some(image) = &args.image {
         ensure!(!question.trim().is_empty(), "empty question: pass --question \"...\"");
         // Decode once up front: an unreadable or unsupported image fails before the model loads.
         load_image(image)?;
         let item = Item { id: "prediction".into(), image: image.clone(), question };
+        let dirs = [args.out.clone()];
+        check_targets(&dirs, &PredictOptions { resume: false, ..opts.clone() })?;
         let loaded = load_model(&args.checkpoint, &args.model)?;
-        let r = predict_items(
-            &loaded,
-            &[item],
-            std::slice::from_ref(&args.out),
-            &PredictOptions { resume: false, ..opts },
-        )?;
-        println!("{}", serde_json::to_string_pretty(&r[0])?);
+        let single = PredictOptions { resume: false, fail_fast: true, ..opts };
+        let r = predict_items(&loaded, &[item], &dirs, &single)?;
+        let r = r.results.into_iter().next().flatten().context("no prediction was made")?;
+        println!("{}", serde_json::to_string_pretty(&r)?);
         println!("wrote {}", args.out.display());
         return Ok(());
     }
@@ -497,25 +606,43 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         _ => bail!("give --image, --images or --input"),
     };
     check_inputs(&items)?;
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    clean_temporaries(&args.out);
+    files::claim_output_root(&args.out, PREDICTIONS_KIND, "--out")?;
+    // One process per output folder; then what a killed run left half-written can go.
+    let _lock = files::DirLock::acquire(&args.out, "output folder")?;
+    files::remove_stale_temporaries(&args.out)?;
     let dirs: Vec<PathBuf> = items.iter().map(|it| args.out.join(&it.id)).collect();
+    check_targets(&dirs, &opts)?;
     let loaded = load_model(&args.checkpoint, &args.model)?;
-    let results = predict_items(&loaded, &items, &dirs, &opts)?;
-    write_predictions_csv(&args.out.join("predictions.csv"), &results)?;
-    let empty = results.iter().filter(|r| r.mask.empty).count();
-    println!("wrote {} predictions ({empty} with an empty mask) to {}", results.len(), args.out.display());
-    Ok(())
-}
-
-/// Removes temporary item folders left by an interrupted run.
-pub fn clean_temporaries(out: &Path) {
-    if let Ok(rd) = std::fs::read_dir(out) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') && (name.contains(".tmp-") || name.contains(".old-")) && e.path().is_dir() {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
+    let report = predict_items(&loaded, &items, &dirs, &opts)?;
+    write_predictions_csv(&args.out.join("predictions.csv"), report.results.iter().flatten())?;
+    let failures_csv = args.out.join("failures.csv");
+    if report.failures.is_empty() {
+        // A failures.csv of an earlier run would now describe inputs that have succeeded.
+        if failures_csv.exists() {
+            std::fs::remove_file(&failures_csv).with_context(|| format!("removing {}", failures_csv.display()))?;
         }
+    } else {
+        write_failures_csv(&failures_csv, &items, &report.failures)?;
     }
+    let done: Vec<&ItemResult> = report.results.iter().flatten().collect();
+    let empty = done.iter().filter(|r| r.mask.empty).count();
+    println!(
+        "{} of {} inputs predicted in {} ({} written now, {} kept from an earlier run; {empty} with an empty mask)",
+        done.len(),
+        items.len(),
+        args.out.display(),
+        report.written,
+        report.kept
+    );
+    if !report.failures.is_empty() {
+        let first = &report.failures[0];
+        bail!(
+            "{} input(s) could not be predicted (listed in {}); the first, `{}`: {}",
+            report.failures.len(),
+            failures_csv.display(),
+            items[first.0].id,
+            first.1
+        );
+    }
+    Ok(())
 }

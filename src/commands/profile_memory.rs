@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
+use super::args::{at_least_one, unit_interval};
 use crate::config::Config;
 use crate::data::dataset::{read_rows, DatasetOptions};
 use crate::memory::estimate::{
@@ -31,22 +32,29 @@ pub struct ProfileMemoryArgs {
     #[arg(long, alias = "gpu_memory", alias = "memory")]
     pub gpu_memory: Option<String>,
     /// Batch sizes to try, e.g. 1,2,4,8 (default: search by doubling, then bisection).
-    #[arg(long, alias = "batch_sizes", alias = "batch-size", alias = "batch_size", value_delimiter = ',')]
+    #[arg(
+        long,
+        alias = "batch_sizes",
+        alias = "batch-size",
+        alias = "batch_size",
+        value_delimiter = ',',
+        value_parser = at_least_one
+    )]
     pub batch_sizes: Option<Vec<usize>>,
     /// Largest batch the search tries (default: the effective batch).
-    #[arg(long, alias = "max_batch")]
+    #[arg(long, alias = "max_batch", value_parser = at_least_one)]
     pub max_batch: Option<usize>,
     /// Precisions, e.g. bf16,f32 (default: the config's model.compute_dtype).
-    #[arg(long, value_delimiter = ',')]
-    pub precision: Option<Vec<String>>,
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub precision: Option<Vec<Precision>>,
     /// Gradient checkpointing of the LLM layers: on, off or both.
     #[arg(long, default_value = "both")]
     pub checkpointing: String,
     /// Samples per optimizer step (batch x gradient accumulation) to keep.
-    #[arg(long, alias = "effective_batch", default_value_t = 8)]
+    #[arg(long, alias = "effective_batch", default_value_t = 8, value_parser = at_least_one)]
     pub effective_batch: usize,
     /// Worst-case LLM sequence length (image tokens included); default: image tokens + 64.
-    #[arg(long, alias = "seq_len", conflicts_with = "data_root")]
+    #[arg(long, alias = "seq_len", conflicts_with = "data_root", value_parser = at_least_one)]
     pub seq_len: Option<usize>,
     /// Dataset whose longest tokenised training sample sets the sequence length.
     #[arg(long, alias = "data_root", alias = "data")]
@@ -58,10 +66,10 @@ pub struct ProfileMemoryArgs {
     #[arg(long, alias = "predict_only")]
     pub predict_only: bool,
     /// Fraction of the memory kept free.
-    #[arg(long, alias = "safety_margin", default_value_t = 0.1)]
+    #[arg(long, alias = "safety_margin", default_value_t = 0.1, value_parser = unit_interval)]
     pub safety_margin: f64,
     /// Training steps per trial (the time is the last one's).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = at_least_one)]
     pub steps: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -157,12 +165,12 @@ fn checkpointing_list(s: &str) -> Result<Vec<bool>> {
 /// The config with the recommended row written into `[train]` and `model.compute_dtype`.
 pub fn emitted_config(cfg: &Config, row: &Row) -> Result<Config> {
     let mut out = cfg.clone();
-    out.model.compute_dtype = row.precision.as_str().to_string();
+    out.model.compute_dtype = row.precision;
     let t = &mut out.train;
     t.batch_size = row.batch;
     t.gradient_accumulation_steps = row.accumulation;
     t.gradient_checkpointing = row.checkpointing;
-    t.precision = row.precision.as_str().into();
+    t.precision = row.precision;
     Ok(out)
 }
 
@@ -208,8 +216,8 @@ pub fn run(args: &ProfileMemoryArgs) -> Result<()> {
         None => total_memory(&device)?,
     };
     let precisions: Vec<Precision> = match &args.precision {
-        Some(list) => list.iter().map(|s| Precision::parse(s)).collect::<Result<_>>()?,
-        None => vec![Precision::parse(&cfg.model.compute_dtype)?],
+        Some(list) => list.clone(),
+        None => vec![cfg.model.compute_dtype],
     };
     let image_tokens = spec.llava.vision_config()?.num_patches();
     let (seq, seq_source) = match (&args.data_root, args.seq_len) {
@@ -217,9 +225,6 @@ pub fn run(args: &ProfileMemoryArgs) -> Result<()> {
         (None, Some(n)) => (SeqShape::from_total(n, image_tokens)?, "--seq-len".to_string()),
         (None, None) => (SeqShape::from_total(image_tokens + 64, image_tokens)?, "default (image + 64)".to_string()),
     };
-    if args.effective_batch == 0 {
-        bail!("--effective-batch must be at least 1");
-    }
     if !(0.0..1.0).contains(&args.safety_margin) {
         bail!("--safety-margin must be in [0, 1)");
     }

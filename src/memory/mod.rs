@@ -7,52 +7,9 @@ pub mod measure;
 pub mod search;
 
 use anyhow::{bail, Result};
-use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
-/// Compute precision of frozen weights and matmuls (trained tensors stay f32 masters).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    Bf16,
-    F16,
-    F32,
-}
-
-impl Precision {
-    pub fn parse(s: &str) -> Result<Self> {
-        Ok(match s.trim().to_ascii_lowercase().as_str() {
-            "bf16" | "bfloat16" => Self::Bf16,
-            "f16" | "fp16" | "float16" => Self::F16,
-            "f32" | "fp32" | "float32" => Self::F32,
-            other => bail!("unknown precision `{other}` (bf16, f16 or f32)"),
-        })
-    }
-
-    pub fn dtype(self) -> DType {
-        match self {
-            Self::Bf16 => DType::BF16,
-            Self::F16 => DType::F16,
-            Self::F32 => DType::F32,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Bf16 => "bf16",
-            Self::F16 => "f16",
-            Self::F32 => "f32",
-        }
-    }
-
-    /// Bytes per element of activations and frozen weights.
-    pub fn bytes(self) -> u64 {
-        match self {
-            Self::F32 => 4,
-            _ => 2,
-        }
-    }
-}
+pub use crate::config::Precision;
 
 /// Token layout of the worst-case training sample: `before` (BOS + text before the image
 /// marker), the image vectors, `after` (prompt text), `answer`, and the EOS the trainer appends.

@@ -2,11 +2,9 @@
 //! grid, labelled ticks, a legend placed in the emptiest corner, lines with gaps at
 //! non-finite points, and markers on sparse series. Text uses the built-in bitmap font.
 
-use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use anyhow::{Context, Result};
-use image::codecs::png::PngEncoder;
+use anyhow::Result;
 use image::{Rgb, RgbImage};
 
 use super::font::{draw_text, draw_text_vertical, text_height, text_width, CAP_H};
@@ -247,7 +245,7 @@ impl LineChart {
 
     /// Renders and writes a PNG atomically.
     pub fn save_png(&self, path: &Path, width: u32, height: u32) -> Result<()> {
-        save_png_atomic(&self.render(width, height), path)
+        crate::files::write_png_atomic(&self.render(width, height), path)
     }
 
     /// Data bounds over drawable points: x over all, y over those inside a fixed x range.
@@ -539,22 +537,4 @@ fn draw_disc(img: &mut RgbImage, p: (f64, f64), r: i32, c: Rgb<u8>, clip: Rect) 
             }
         }
     }
-}
-
-/// Writes `img` as a PNG next to `path` and renames it into place, so readers never see a
-/// half-written picture and a failed write leaves no temp file behind.
-pub fn save_png_atomic(img: &RgbImage, path: &Path) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp =
-        tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temp file in {}", dir.display()))?;
-    {
-        let mut w = BufWriter::new(tmp.as_file_mut());
-        img.write_with_encoder(PngEncoder::new(&mut w)).with_context(|| format!("encoding {}", path.display()))?;
-        w.flush()?;
-    }
-    tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }

@@ -15,7 +15,7 @@ use std::path::Path;
 use anyhow::Result;
 use image::RgbImage;
 
-pub use chart::{save_png_atomic, Axis, Frame, LineChart, Rect, Series, PALETTE};
+pub use chart::{Axis, Frame, LineChart, Rect, Series, PALETTE};
 pub use font::{draw_text, draw_text_vertical, text_height, text_width};
 pub use metrics_log::{read_metrics, read_metrics_file, Kind, MetricsFile, MetricsLog, Record, METRICS_FILE};
 
@@ -89,5 +89,5 @@ pub fn training_curves_render(records: &[Record], width: u32, height: u32) -> (R
 
 /// Writes the training-curves PNG (see [`training_charts`]) atomically to `path`.
 pub fn training_curves(records: &[Record], path: &Path) -> Result<()> {
-    save_png_atomic(&training_curves_image(records, CURVES_WIDTH, CURVES_HEIGHT), path)
+    crate::files::write_png_atomic(&training_curves_image(records, CURVES_WIDTH, CURVES_HEIGHT), path)
 }

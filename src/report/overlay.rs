@@ -2,12 +2,8 @@
 //! contour drawn. Text (the answer) is not rendered: it would need a font dependency, and the
 //! answer is in `result.json` beside every overlay.
 
-use std::path::Path;
-
-use anyhow::{ensure, Context, Result};
-use image::{ImageFormat, RgbImage};
-
-use crate::weights::shards::write_atomic;
+use anyhow::{ensure, Result};
+use image::RgbImage;
 
 /// Colours used by [`overlay_mask`] and [`overlay_compare`].
 pub const PRED_COLOUR: [u8; 3] = [255, 40, 40];
@@ -80,13 +76,4 @@ pub fn overlay_compare(img: &RgbImage, pred: &[bool], gt: &[bool]) -> Result<Rgb
         px.copy_from_slice(&GT_COLOUR);
     }
     Ok(out)
-}
-
-/// Writes a PNG through a temporary file renamed into place.
-pub fn save_png_atomic(img: &image::DynamicImage, path: &Path) -> Result<()> {
-    write_atomic(path, |f| {
-        let mut w = std::io::BufWriter::new(f);
-        img.write_to(&mut w, ImageFormat::Png).with_context(|| format!("encoding {}", path.display()))?;
-        Ok(())
-    })
 }

@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor, D};
 use crate::nn::consts::{add_const, mul_const};
 
 /// Which form of the segmentation BCE to use (see the reference, section 4).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LossCompat {
     /// PraNet's intended structure loss: boundary-weighted BCE + weighted IoU.

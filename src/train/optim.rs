@@ -83,6 +83,9 @@ pub enum StepStatus {
     Applied,
     /// A gradient (or the global norm) was NaN or infinite: nothing was changed.
     SkippedNonFinite,
+    /// The global norm was above the limit set with `set_norm_limit` (a spike far above the
+    /// run's usual level): nothing was changed.
+    SkippedSpike,
 }
 
 #[derive(Clone, Debug)]
@@ -98,7 +101,7 @@ pub struct StepReport {
 
 impl StepReport {
     pub fn skipped(&self) -> bool {
-        self.status == StepStatus::SkippedNonFinite
+        self.status != StepStatus::Applied
     }
 }
 
@@ -126,6 +129,8 @@ pub struct AdamW {
     slots: Vec<Slot>,
     /// Applied (not skipped) optimizer steps.
     steps: u64,
+    /// Skip a step whose gradient norm (before clipping) is above this.
+    norm_limit: Option<f64>,
 }
 
 const PREFIX: &str = "adamw";
@@ -155,7 +160,7 @@ impl AdamW {
                 step: 0,
             });
         }
-        Ok(Self { cfg, slots, steps: 0 })
+        Ok(Self { cfg, slots, steps: 0, norm_limit: None })
     }
 
     pub fn config(&self) -> &AdamWConfig {
@@ -164,6 +169,11 @@ impl AdamW {
 
     pub fn set_lr(&mut self, lr: f64) {
         self.cfg.lr = lr;
+    }
+
+    /// Steps whose gradient norm (unscaled, before clipping) exceeds `limit` are skipped.
+    pub fn set_norm_limit(&mut self, limit: Option<f64>) {
+        self.norm_limit = limit;
     }
 
     pub fn lr(&self) -> f64 {
@@ -194,7 +204,8 @@ impl AdamW {
     /// the clipping factor), skips the step on overflow, and updates the scale.
     pub fn step_scaled(&mut self, grads: &GradStore, scaler: &mut LossScaler) -> Result<StepReport> {
         let report = self.step_impl(grads, 1.0 / scaler.scale)?;
-        scaler.update(report.skipped());
+        // Only overflow says the scale is too large; a gradient spike says nothing about it.
+        scaler.update(report.status == StepStatus::SkippedNonFinite);
         Ok(report)
     }
 
@@ -220,6 +231,9 @@ impl AdamW {
         let grad_norm = total_sq.sqrt() * inv_scale;
         if !grad_norm.is_finite() {
             return Ok(StepReport { status: StepStatus::SkippedNonFinite, grad_norm, clip_coef: 1.0, without_grad });
+        }
+        if self.norm_limit.is_some_and(|limit| grad_norm > limit) {
+            return Ok(StepReport { status: StepStatus::SkippedSpike, grad_norm, clip_coef: 1.0, without_grad });
         }
         // torch.nn.utils.clip_grad_norm_: coef = max / (norm + 1e-6), clamped to 1.
         let clip_coef = match self.cfg.max_grad_norm {

@@ -9,13 +9,15 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{backprop::GradStore, DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::optim::{AdamW, AdamWConfig, LossScaler};
+use super::guard::DivergenceGuard;
+use super::optim::{AdamW, AdamWConfig, LossScaler, StepStatus};
 use super::schedule::LrSchedule;
-use super::state::{RunDir, TrainerState, OPTIMIZER_FILE};
-use crate::config::Config;
+use super::state::{PlanRecord, RunDir, TrainerState, OPTIMIZER_FILE};
+use crate::config::{BatchNormMode, Config, Precision};
 use crate::data::dataset::{prepare, PrepareOptions, Row};
 use crate::data::loader::{BatchPlan, Loader, LoaderOptions, PlanConfig};
 use crate::data::sample::{collate, PreparedSample, SampleBuilder};
+use crate::files;
 use crate::metrics::position::{parse_position, PositionLabel};
 use crate::metrics::seg::{Confusion, EmptyPolicy, ImageScores};
 use crate::model::load::{load_prs_med, LoadOptions, Mode};
@@ -59,14 +61,8 @@ pub struct TrainSummary {
 
 /// The compute dtype of frozen weights: the configured precision on an accelerator, f32 on
 /// the CPU (candle's CPU convolutions have no bf16).
-pub fn compute_dtype(precision: &str, device: &Device) -> Result<DType> {
-    let dt = match precision {
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        "f32" => DType::F32,
-        p => bail!("precision `{p}` is not one of bf16, f16, f32"),
-    };
-    Ok(if device.is_cpu() { DType::F32 } else { dt })
+pub fn compute_dtype(precision: Precision, device: &Device) -> DType {
+    precision.compute_dtype_on(device)
 }
 
 /// Token lengths of every row's prompt + answer (for length bucketing) and the number of
@@ -89,11 +85,13 @@ fn r_location(r: &Row) -> String {
 
 pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     let cfg = opts.cfg.clone();
+    cfg.validate()?;
     let tc = &cfg.train;
     let run = RunDir(opts.run_dir.clone());
-    ensure!(tc.batch_size > 0 && tc.gradient_accumulation_steps > 0, "batch size and accumulation must be >= 1");
-    let dtype = compute_dtype(&tc.precision, &opts.device)?;
-    if opts.device.is_cpu() && tc.precision != "f32" {
+    // One process per run folder; nothing half-written left from a killed one.
+    let _lock = if opts.dry_run { None } else { Some(open_run_folder(&run, opts.resume)?) };
+    let dtype = compute_dtype(tc.precision, &opts.device);
+    if opts.device.is_cpu() && tc.precision != Precision::F32 {
         println!("note: precision {} applies on a GPU; the CPU computes in f32", tc.precision);
     }
 
@@ -139,14 +137,34 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     if tc.max_steps > 0 {
         total_steps = total_steps.min(tc.max_steps);
     }
+    let plan_record = PlanRecord {
+        train_rows: train_rows.len(),
+        batch_size: tc.batch_size,
+        gradient_accumulation_steps: accum,
+        seed: tc.seed,
+    };
 
-    // ---- model ----
+    // ---- where the run stands ----
     let (mut state, ckpt) = if opts.resume {
         let last = run.last()?;
-        (TrainerState::read(&last)?, Some(last))
+        let state = TrainerState::read(&last)?;
+        if let Some(p) = &state.plan {
+            p.check_resume(&plan_record).with_context(|| format!("resuming {}", run.0.display()))?;
+        }
+        ensure!(
+            state.batch_in_epoch <= micro_per_epoch,
+            "{} is at micro-batch {} of an epoch that now has {micro_per_epoch}: the dataset or the batch plan \
+             changed since it was saved; resume with the run's own data and settings",
+            last.display(),
+            state.batch_in_epoch
+        );
+        (state, Some(last))
     } else {
         (TrainerState::default(), None)
     };
+    state.plan = Some(plan_record);
+
+    // ---- model ----
     let mut model = load_prs_med(
         &cfg,
         &LoadOptions {
@@ -214,12 +232,10 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     }
     let schedule = LrSchedule::cosine(tc.learning_rate, tc.min_learning_rate, tc.warmup_steps, total_steps);
     schedule.validate()?;
+    let guard = DivergenceGuard { factor: tc.divergence_factor };
 
-    std::fs::create_dir_all(&run.0).with_context(|| format!("creating {}", run.0.display()))?;
     if !opts.resume {
-        crate::weights::shards::write_atomic(&run.config(), |f| {
-            Ok(std::io::Write::write_all(f, cfg.to_toml()?.as_bytes())?)
-        })?;
+        files::write_bytes_atomic(&run.config(), cfg.to_toml()?.as_bytes())?;
     }
     let mut log = MetricsLog::open(&run.0, opts.resume.then_some(state.step))?;
 
@@ -243,15 +259,15 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     let mut last_eval = None;
     let started = Instant::now();
     let mut last_checkpoint = ckpt.clone();
-    let bn_frozen = tc.batchnorm == "frozen";
-    ensure!(bn_frozen || tc.batchnorm == "batch", "train.batchnorm must be `batch` or `frozen`");
+    // Evaluations and saves that fell on a skipped step wait for the next applied one.
+    let (mut eval_pending, mut save_pending) = (false, false);
 
     'epochs: while state.epoch < tc.num_epochs && state.step < total_steps {
         let epoch = state.epoch;
         let batches = plan.epoch(epoch);
         let start = state.batch_in_epoch;
         let b2 = builder.clone();
-        let loader = Loader::new(
+        let mut loader = Loader::new(
             train_rows.clone(),
             batches[start..].to_vec(),
             start,
@@ -264,97 +280,78 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
             cls: if epoch < tc.cls_loss_epochs { tc.cls_loss_weight } else { 0.0 },
             compat: tc.loss_compat,
         };
-        let mut loader = loader;
         let mut bi = start;
         while bi < batches.len() {
             // One optimizer step = the next `accum` micro-batches (fewer at the epoch's end).
             let group_end = (bi - bi % accum + accum).min(batches.len());
-            let group = &batches[bi..group_end];
-            let norm = LossNorm {
-                images: group.iter().map(|b| b.len()).sum(),
-                tokens: group.iter().flatten().map(|&i| supervised[i]).sum(),
-            };
             let t0 = Instant::now();
-            // BatchNorm running statistics change in the forward: keep them to undo a skipped step.
-            let buffers = snapshot_buffers(&model)?;
-            let mut grads: Option<GradStore> = None;
-            let mut parts = [0f64; 4];
-            let mut nonfinite: Option<String> = None;
-            let mut n_tokens = 0usize;
-            for _ in bi..group_end {
-                let batch = loader.next().context("data loader ended early")??;
-                let items: Vec<&PreparedSample> = batch.items.iter().collect();
-                let mb = collate(&items, &opts.device)?;
-                n_tokens += mb
-                    .prompts
-                    .iter()
-                    .map(|p| p.before_image.len() + p.after_image.len() + p.answer.len() + 1)
-                    .sum::<usize>();
-                let step_seed = seed_for(tc.seed, &format!("{epoch}/{}", batch.index));
-                let micro = micro_backward(&model, &mb, &weights, norm, scaler.as_ref(), step_seed, bn_frozen)?;
-                for (p, v) in parts.iter_mut().zip(micro.parts) {
-                    *p += v;
-                }
-                match (micro.grads, grads.as_mut()) {
-                    (None, _) => {
-                        nonfinite = Some(format!(
-                            "seg {:.4} lm {:.4} cls {:.4}",
-                            micro.parts[1], micro.parts[2], micro.parts[3]
-                        ));
-                    }
-                    (Some(g), Some(acc)) => acc.extend(g)?,
-                    (Some(g), None) => grads = Some(g),
-                }
-            }
-            bi = group_end;
-
             let lr = schedule.lr_at(state.step);
             optim.set_lr(lr);
-            let report = match (&nonfinite, grads) {
-                (None, Some(g)) => Some(match scaler.as_mut() {
-                    Some(s) => optim.step_scaled(&g, s)?,
-                    None => optim.step(&g)?,
-                }),
-                _ => None,
+            let mut stepper = Stepper {
+                model: &model,
+                optim: &mut optim,
+                scaler: scaler.as_mut(),
+                guard,
+                device: &opts.device,
+                seed: tc.seed,
+                bn_frozen: tc.batchnorm == BatchNormMode::Frozen,
             };
-            let skipped = report.as_ref().map(|r| r.skipped()).unwrap_or(true);
+            let out = stepper.step(&mut loader, &batches[bi..group_end], &supervised, &weights, epoch, &mut state)?;
+            bi = group_end;
+
+            // ---- bookkeeping: a skipped step still counts (the schedule and the data move on) ----
             state.batch_in_epoch = bi;
-            if skipped {
-                restore_buffers(&buffers)?;
-                state.skipped_steps += 1;
-                state.consecutive_nonfinite += 1;
-                let why = nonfinite.clone().unwrap_or_else(|| "non-finite gradient".into());
-                say(&bar, format!("step {}: skipped ({why})", state.step + 1));
-                if state.consecutive_nonfinite >= tc.max_consecutive_nonfinite {
-                    bail!(
-                        "{} consecutive steps had non-finite losses or gradients (last: {why}); stopping. \
-                         Lower the learning rate, use bf16 instead of f16, or check the data",
-                        state.consecutive_nonfinite
-                    );
+            match &out.skipped {
+                Some(why) => {
+                    state.skipped_steps += 1;
+                    state.consecutive_skipped += 1;
+                    say(&bar, format!("step {}: skipped ({why})", state.step + 1));
+                    if state.consecutive_skipped >= tc.max_consecutive_nonfinite {
+                        bail!(
+                            "{} consecutive steps were skipped (last: {why}); stopping. {} Lower the learning rate, \
+                             use bf16 instead of f16, or check the data",
+                            state.consecutive_skipped,
+                            saved_so_far(&run)
+                        );
+                    }
                 }
-                // A skipped step still counts: the schedule and the data move on.
-            } else {
-                state.consecutive_nonfinite = 0;
+                None => state.consecutive_skipped = 0,
             }
             state.step += 1;
-            state.samples_seen += norm.images as u64;
+            state.samples_seen += out.images as u64;
             let secs = t0.elapsed().as_secs_f64();
             log.append(&Record {
                 epoch: Some(epoch),
-                loss: Some(parts[0]),
-                loss_seg: Some(parts[1]),
-                loss_lm: Some(parts[2]),
-                loss_cls: Some(parts[3]),
+                loss: Some(out.parts[0]),
+                loss_seg: Some(out.parts[1]),
+                loss_lm: Some(out.parts[2]),
+                loss_cls: Some(out.parts[3]),
                 lr: Some(lr),
-                grad_norm: report.as_ref().map(|r| r.grad_norm),
-                samples_per_s: Some(norm.images as f64 / secs),
-                tokens_per_s: Some(n_tokens as f64 / secs),
+                grad_norm: out.grad_norm,
+                samples_per_s: Some(out.images as f64 / secs),
+                tokens_per_s: Some(out.tokens as f64 / secs),
                 peak_mem_bytes: crate::memory::measure::peak_memory_bytes(&opts.device),
                 elapsed_s: Some(started.elapsed().as_secs_f64()),
                 ..Record::train(state.step)
             })?;
             bar.set_position(state.step);
-            bar.set_message(format!("loss {:.4} lr {:.2e} {:.1} samples/s", parts[0], lr, norm.images as f64 / secs));
+            bar.set_message(format!(
+                "loss {:.4} lr {:.2e} {:.1} samples/s",
+                out.parts[0],
+                lr,
+                out.images as f64 / secs
+            ));
+            if out.skipped.is_none() {
+                if let Some(why) = guard.diverged(&state) {
+                    bail!(
+                        "training diverged at step {}: {why}; stopping before anything more is saved. {} Lower the \
+                         learning rate (--learning-rate) and resume, or set train.divergence_factor = 0 to turn \
+                         this check off",
+                        state.step,
+                        saved_so_far(&run)
+                    );
+                }
+            }
 
             let epoch_end = bi >= batches.len();
             if epoch_end {
@@ -362,9 +359,20 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
                 state.batch_in_epoch = 0;
             }
             let done = state.step >= total_steps;
-            let eval_now = if tc.eval_every > 0 { state.step % tc.eval_every == 0 } else { epoch_end } || done;
+            eval_pending |= if tc.eval_every > 0 { state.step % tc.eval_every == 0 } else { epoch_end } || done;
+            save_pending |= tc.save_every > 0 && state.step % tc.save_every == 0 || epoch_end || done;
+            if out.skipped.is_some() {
+                // The weights are those of the last applied step: nothing new to judge or save.
+                if done {
+                    say(&bar, format!("the last step was skipped; the newest checkpoint is {}", saved_so_far(&run)));
+                    break 'epochs;
+                }
+                continue;
+            }
+
+            // ---- evaluation and checkpoints ----
             let mut improved = false;
-            if eval_now && !val_rows.is_empty() {
+            if std::mem::take(&mut eval_pending) && !val_rows.is_empty() {
                 let e = evaluate(&model, &builder, &val_rows, &cfg, &opts.device)?;
                 log_eval(&mut log, state.step, epoch, &e)?;
                 training_curves(&read_metrics(&run.metrics())?, &run.curves())?;
@@ -375,26 +383,31 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
                         state.step, e.loss, e.dice, e.iou, e.position_accuracy
                     ),
                 );
-                if state.best_dice.is_none_or(|b| e.dice > b) {
+                // Only a finite evaluation can be the best one.
+                let finite = e.loss.is_finite() && e.dice.is_finite();
+                if finite && state.best_dice.is_none_or(|b| e.dice > b) {
                     state.best_dice = Some(e.dice);
                     state.best_step = Some(state.step);
                     state.evals_since_best = 0;
                     improved = true;
                 } else {
+                    if !finite {
+                        say(&bar, format!("step {}: validation is not finite; it cannot become `best`", state.step));
+                    }
                     state.evals_since_best += 1;
                 }
                 last_eval = Some(e);
             }
-            let save_now = if tc.save_every > 0 { state.step % tc.save_every == 0 } else { false } || epoch_end || done;
-            if save_now || improved {
+            if std::mem::take(&mut save_pending) || improved {
                 let dir = run.checkpoint(state.step);
                 save_training_checkpoint(&dir, &model, &optim, scaler.as_ref(), &state, &cfg)?;
+                files::crash_point("checkpoint:written");
                 run.set_last(&dir)?;
-                run.prune(3)?;
-                last_checkpoint = Some(dir.clone());
                 if improved {
-                    save_training_checkpoint(&run.best(), &model, &optim, scaler.as_ref(), &state, &cfg)?;
+                    run.set_best(&dir)?;
                 }
+                run.prune(KEEP_CHECKPOINTS)?;
+                last_checkpoint = Some(dir.clone());
             }
             if done {
                 break 'epochs;
@@ -410,6 +423,149 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     }
     bar.finish_and_clear();
     Ok(TrainSummary { state, last_eval, first_eval, last_checkpoint, trained_parameters: n_trained })
+}
+
+/// Step checkpoints kept besides the ones `last` and `best` name.
+const KEEP_CHECKPOINTS: usize = 3;
+
+/// Locks the run folder for this process, makes sure a new run starts in a folder that holds
+/// nothing else, and removes what a killed run left half-written.
+fn open_run_folder(run: &RunDir, resume: bool) -> Result<files::DirLock> {
+    if !resume {
+        if let files::Existing::Foreign(found) = files::inspect_output(&run.0, RUN_KIND, None)? {
+            if !run.has_run() {
+                bail!(
+                    "--out {} already exists and is not a prs run folder (it holds {}); give a new or empty folder",
+                    run.0.display(),
+                    found.join(", ")
+                );
+            }
+        }
+    }
+    let lock = files::DirLock::acquire(&run.0, "run folder")?;
+    if !resume {
+        ensure!(
+            !run.has_run(),
+            "{} already holds a run; use --resume {} or another --out",
+            run.0.display(),
+            run.0.display()
+        );
+        files::mark_output(&run.0, RUN_KIND)?;
+    }
+    let removed = run.remove_stale_temporaries()?;
+    if removed > 0 {
+        println!("removed {removed} half-written temporary file(s) left by an interrupted run in {}", run.0.display());
+    }
+    Ok(lock)
+}
+
+/// The marker of a run folder (see `files::OWNER_MARKER`).
+pub const RUN_KIND: &str = "run";
+
+/// "The newest checkpoint is X and the best Y." for messages that stop a run.
+fn saved_so_far(run: &RunDir) -> String {
+    match (run.last().ok(), run.best_target()) {
+        (None, _) => "No checkpoint was saved yet.".into(),
+        (Some(l), None) => format!("The newest checkpoint is {}.", l.display()),
+        (Some(l), Some(b)) => format!("The newest checkpoint is {} and the best {}.", l.display(), b.display()),
+    }
+}
+
+/// What one optimizer step did.
+pub struct StepOutcome {
+    /// total, seg, lm, cls losses of the step.
+    pub parts: [f64; 4],
+    /// Global gradient norm before clipping (None when no gradient was computed).
+    pub grad_norm: Option<f64>,
+    /// Why the update was not applied (non-finite values, or a spike the guard rejected).
+    pub skipped: Option<String>,
+    pub images: usize,
+    pub tokens: usize,
+}
+
+/// One optimizer step: the micro-batches of one accumulation group forward and backward,
+/// the divergence checks, and the AdamW update.
+struct Stepper<'a> {
+    model: &'a PrsMed,
+    optim: &'a mut AdamW,
+    scaler: Option<&'a mut LossScaler>,
+    guard: DivergenceGuard,
+    device: &'a Device,
+    seed: u64,
+    bn_frozen: bool,
+}
+
+impl Stepper<'_> {
+    fn step(
+        &mut self,
+        loader: &mut Loader<PreparedSample>,
+        group: &[Vec<usize>],
+        supervised: &[usize],
+        weights: &LossWeights,
+        epoch: u64,
+        state: &mut TrainerState,
+    ) -> Result<StepOutcome> {
+        let norm = LossNorm {
+            images: group.iter().map(|b| b.len()).sum(),
+            tokens: group.iter().flatten().map(|&i| supervised[i]).sum(),
+        };
+        // BatchNorm running statistics change in the forward: keep them to undo a skipped step.
+        let buffers = snapshot_buffers(self.model)?;
+        let mut out = StepOutcome { parts: [0.0; 4], grad_norm: None, skipped: None, images: norm.images, tokens: 0 };
+        let mut grads: Option<GradStore> = None;
+        for _ in group {
+            let batch = loader.next().context("data loader ended early")??;
+            let items: Vec<&PreparedSample> = batch.items.iter().collect();
+            let mb = collate(&items, self.device)?;
+            out.tokens += mb
+                .prompts
+                .iter()
+                .map(|p| p.before_image.len() + p.after_image.len() + p.answer.len() + 1)
+                .sum::<usize>();
+            let step_seed = seed_for(self.seed, &format!("{epoch}/{}", batch.index));
+            let micro =
+                micro_backward(self.model, &mb, weights, norm, self.scaler.as_deref(), step_seed, self.bn_frozen)?;
+            for (p, v) in out.parts.iter_mut().zip(micro.parts) {
+                *p += v;
+            }
+            match (micro.grads, grads.as_mut()) {
+                (None, _) => {
+                    out.skipped = Some(format!(
+                        "non-finite loss: seg {:.4} lm {:.4} cls {:.4}",
+                        micro.parts[1], micro.parts[2], micro.parts[3]
+                    ))
+                }
+                (Some(g), Some(acc)) => acc.extend(g)?,
+                (Some(g), None) => grads = Some(g),
+            }
+        }
+        if out.skipped.is_none() {
+            out.skipped = self.guard.loss_spike(state, out.parts[0]);
+        }
+        if let (None, Some(g)) = (&out.skipped, grads) {
+            self.optim.set_norm_limit(self.guard.grad_norm_limit(state));
+            let report = match self.scaler.as_deref_mut() {
+                Some(s) => self.optim.step_scaled(&g, s)?,
+                None => self.optim.step(&g)?,
+            };
+            out.grad_norm = Some(report.grad_norm);
+            out.skipped = match report.status {
+                StepStatus::Applied => None,
+                StepStatus::SkippedNonFinite => Some("non-finite gradient".into()),
+                StepStatus::SkippedSpike => Some(format!(
+                    "gradient norm {:.4} is {:.0}x its running level {:.4}",
+                    report.grad_norm,
+                    report.grad_norm / state.grad_norm_level.unwrap_or(1.0),
+                    state.grad_norm_level.unwrap_or(f64::NAN)
+                )),
+            };
+        }
+        match &out.skipped {
+            Some(_) => restore_buffers(&buffers)?,
+            None => self.guard.update(state, out.parts[0], out.grad_norm.unwrap_or(0.0)),
+        }
+        Ok(out)
+    }
 }
 
 /// A line above the progress bar, or plain stdout when there is none (--quiet).

@@ -11,7 +11,8 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::pth::open_pth;
-use super::shards::{open_safetensors_paths, write_atomic, write_safetensors_atomic};
+use super::shards::{open_safetensors_paths, write_safetensors_atomic};
+use crate::files;
 use crate::nn::linear::LoraConfig;
 use crate::nn::param::TrainedParams;
 
@@ -301,15 +302,7 @@ pub fn save_checkpoint_with(
     mut meta: CheckpointMeta,
     extra: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = dir.file_name().with_context(|| format!("bad checkpoint path {}", dir.display()))?;
-    let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let result = (|| -> Result<()> {
+    files::write_dir_atomic(dir, |tmp| {
         meta.components.clear();
         for c in Component::ALL {
             let params = trained.group(c.group());
@@ -327,31 +320,14 @@ pub fn save_checkpoint_with(
             md.insert("format".to_string(), "pt".to_string());
             write_safetensors_atomic(&tmp.join(c.file()), &tensors, Some(md))?;
             meta.components.push(c);
+            files::crash_point("checkpoint:partial");
         }
         let ac = AdapterConfig::from_lora(lora, &meta.base_model);
-        write_atomic(&tmp.join(ADAPTER_CONFIG), |f| Ok(serde_json::to_writer_pretty(f, &ac)?))?;
-        extra(&tmp)?;
-        write_atomic(&tmp.join(META_FILE), |f| Ok(serde_json::to_writer_pretty(f, &meta)?))?;
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e.context(format!("writing checkpoint {}", dir.display())));
-    }
-    replace_dir(&tmp, dir)
-}
-
-/// Swaps a finished temporary folder into place (the old one is removed only afterwards).
-fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
-    if dir.exists() {
-        let old = dir.with_extension(format!("old-{}", std::process::id()));
-        std::fs::rename(dir, &old).with_context(|| format!("moving old {}", dir.display()))?;
-        std::fs::rename(tmp, dir).with_context(|| format!("moving checkpoint into {}", dir.display()))?;
-        std::fs::remove_dir_all(&old).ok();
-    } else {
-        std::fs::rename(tmp, dir).with_context(|| format!("moving checkpoint into {}", dir.display()))?;
-    }
-    Ok(())
+        files::write_atomic(&tmp.join(ADAPTER_CONFIG), |f| Ok(serde_json::to_writer_pretty(f, &ac)?))?;
+        extra(tmp)?;
+        files::write_atomic(&tmp.join(META_FILE), |f| Ok(serde_json::to_writer_pretty(f, &meta)?))
+    })
+    .with_context(|| format!("writing checkpoint {}", dir.display()))
 }
 
 fn check_finite(t: &Tensor, group: &str, key: &str) -> Result<()> {

@@ -3,7 +3,8 @@
 //! pickle, and one raw little-endian record per tensor under `archive/data/<key>`), loadable by
 //! `torch.load(..., weights_only=True)`.
 
-use crate::weights::shards::{write_atomic, write_tensor_le};
+use crate::files::write_atomic;
+use crate::weights::shards::write_tensor_le;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;

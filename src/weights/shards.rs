@@ -4,6 +4,7 @@
 //! candle's own errors for a missing shard or a truncated file do not say which file is at
 //! fault, so every file is checked here first and errors name the file and the index.
 
+use crate::files::write_atomic;
 use crate::weights::hub::ModelSource;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -342,38 +343,6 @@ pub(crate) fn write_tensor_le(w: &mut impl Write, t: &Tensor) -> Result<()> {
         DType::F32 => w.write_all(as_bytes(&t.to_vec1::<f32>()?))?,
         DType::F64 => w.write_all(as_bytes(&t.to_vec1::<f64>()?))?,
         other => bail!("cannot write tensor data of dtype {other:?}"),
-    }
-    Ok(())
-}
-
-/// Write `path` through a temporary file in the same folder, fsync it and rename it into
-/// place, so readers see either the old file or the complete new one. On error the temporary
-/// file is removed and `path` is untouched.
-pub fn write_atomic(path: &Path, write: impl FnOnce(&mut std::fs::File) -> Result<()>) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let file_name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{}.", file_name.to_string_lossy()))
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {} to write {}", dir.display(), path.display()))?;
-    write(tmp.as_file_mut()).with_context(|| format!("writing {}", path.display()))?;
-    tmp.as_file().sync_all().with_context(|| format!("syncing {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        // tempfile creates 0600; checkpoints are ordinary files.
-        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644))?;
-    }
-    tmp.persist(path)
-        .map_err(|e| e.error)
-        .with_context(|| format!("renaming the temporary file onto {}", path.display()))?;
-    // Make the rename itself durable (best effort: not every filesystem allows syncing a dir).
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
     }
     Ok(())
 }

@@ -50,8 +50,9 @@ pub fn project_checkpoint(cfg: &Config, dir: &Path, extra: Option<serde_json::Va
 /// The authors' release layout (lora_adapter/, image_encoder.pth, mask_decoder.pth, cls.pth)
 /// of a perturbed model whose projector stays the base one (their release has none).
 pub fn authors_checkpoint(cfg: &Config, rel: &Path) {
+    use prs::files::write_atomic;
     use prs::weights::pth::write_pth_atomic;
-    use prs::weights::shards::{write_atomic, write_safetensors_atomic};
+    use prs::weights::shards::write_safetensors_atomic;
     let mut cfg = cfg.clone();
     cfg.model.trainable.projector = false;
     let m = load_prs_med(&cfg, &opts(Mode::Train, None)).unwrap();
