@@ -5,7 +5,7 @@ ASSETS := .cache/assets
 TOKENIZER_MODEL := $(ASSETS)/tokenizer.model.v1
 MISTRAL_COMMON := mistral-common==1.13.1
 
-.PHONY: all build test test-cpu assets fixtures demo bench clean-assets cuda-toolkit build-cuda check-cuda
+.PHONY: all build test lint test-cpu assets fixtures demo bench clean-assets cuda-toolkit build-cuda check-cuda
 
 all: build
 
@@ -22,9 +22,13 @@ $(TOKENIZER_MODEL):
 	$(PYTHON) -c "import zipfile,glob,shutil; w=sorted(glob.glob('.cache/wheels/mistral_common-*.whl'))[-1]; z=zipfile.ZipFile(w); shutil.copyfileobj(z.open('mistral_common/data/tokenizer.model.v1'), open('$(TOKENIZER_MODEL).tmp','wb'))"
 	mv $(TOKENIZER_MODEL).tmp $(TOKENIZER_MODEL)
 
-# The test command (README, .ci/run): the CPU test suite, then a full compile of the CUDA build
-# (no GPU needed) so that `cfg(feature = "cuda")` code cannot rot.
-test: test-cpu check-cuda
+# The test command (README, .ci/run): formatting and clippy, the CPU test suite, then a full
+# compile of the CUDA build (no GPU needed) so that `cfg(feature = "cuda")` code cannot rot.
+test: lint test-cpu check-cuda
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
 
 test-cpu: assets
 	PRS_TOKENIZER_MODEL=$(CURDIR)/$(TOKENIZER_MODEL) cargo test --no-fail-fast

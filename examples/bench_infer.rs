@@ -15,9 +15,10 @@ use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use prs::config::Config;
 use prs::data::preprocess::{clip_preprocess, load_image, sam_preprocess};
-use prs::infer::{load_model, predict_batch, GenerateOptions, ModelArgs};
-use prs::model::load::{load_prs_med, LoadOptions, Mode};
 use prs::model::prs_med::ModelBatch;
+use prs::pipeline::build::{load_prs_med, LoadOptions, Mode};
+use prs::pipeline::generate::{predict_batch, GenerateOptions};
+use prs::pipeline::load::{load_model, ModelArgs};
 use prs::weights::checkpoint::{save_checkpoint, CheckpointMeta};
 
 #[derive(Parser)]

@@ -14,9 +14,9 @@ use candle_core::{backprop::GradStore, DType, Device, Tensor};
 use prs::config::Config;
 use prs::memory::measure::synthetic_batch;
 use prs::memory::SeqShape;
-use prs::model::load::{load_prs_med, LoadOptions, Mode};
 use prs::model::prs_med::{LossWeights, ModelBatch, PrsMed};
 use prs::nn::ops::TrainingMode;
+use prs::pipeline::build::{load_prs_med, LoadOptions, Mode};
 use prs::train::optim::{AdamW, AdamWConfig};
 
 /// max |a - b| / max |b| (0 when both are zero); infinite when either holds a NaN or an
@@ -196,8 +196,12 @@ fn main() -> Result<()> {
             modality: None,
         })
     };
-    let (mc, tc) = cpu.predict_greedy(&one(&bc)?, 12)?;
-    let (mg, tg) = gpu.predict_greedy(&one(&bg)?, 12)?;
+    let greedy = prs::pipeline::generate::GenerateOptions { max_new_tokens: 12, ..Default::default() };
+    let (c, g) = (
+        prs::pipeline::generate::predict_batch(&cpu, &one(&bc)?, &greedy)?,
+        prs::pipeline::generate::predict_batch(&gpu, &one(&bg)?, &greedy)?,
+    );
+    let (mc, tc, mg, tg) = (c.mask_logits, c.answers[0].clone(), g.mask_logits, g.answers[0].clone());
     rep.check("predict: mask logits", rel(&mg, &mc)?, 1e-3);
     let same = tc == tg;
     rep.check(&format!("predict: answer tokens {tg:?} vs CPU {tc:?}"), if same { 0.0 } else { 1.0 }, 0.0);

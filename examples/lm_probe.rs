@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use prs::data::dataset::{prepare, PrepareOptions};
 use prs::data::sample::{collate, PreparedSample, SampleBuilder};
 use prs::metrics::position::parse_position;
-use prs::model::load::{load_prs_med, LoadOptions, Mode};
+use prs::pipeline::build::{load_prs_med, LoadOptions, Mode};
 use prs::train::optim::{AdamW, AdamWConfig};
 
 fn main() -> anyhow::Result<()> {
@@ -150,7 +150,8 @@ fn main() -> anyhow::Result<()> {
                 for s in &val {
                     let mut one = collate(&[s], &dev)?;
                     one.prompts[0].answer.clear();
-                    let (_, ids) = m.predict_greedy(&one, 24)?;
+                    let greedy = prs::pipeline::generate::GenerateOptions { max_new_tokens: 24, ..Default::default() };
+                    let ids = prs::pipeline::generate::predict_batch(&m, &one, &greedy)?.answers.remove(0);
                     let text = b.tokenizer.decode(&ids, true).map_err(anyhow::Error::msg)?;
                     let truth =
                         parse_position(&b.tokenizer.decode(&s.prompt.answer, true).map_err(anyhow::Error::msg)?);

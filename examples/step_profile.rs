@@ -6,8 +6,8 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use prs::data::dataset::{prepare, PrepareOptions};
 use prs::data::sample::{collate, PreparedSample, SampleBuilder};
-use prs::model::load::{load_prs_med, LoadOptions, Mode};
 use prs::model::prs_med::LossWeights;
+use prs::pipeline::build::{load_prs_med, LoadOptions, Mode};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();

@@ -65,7 +65,7 @@ pub struct TrainSection {
     /// The classifier loss is used for this many epochs (paper: 5).
     pub cls_loss_epochs: u64,
     /// "intended" (weighted BCE + weighted IoU) or "authors" (their unweighted BCE).
-    pub loss_compat: crate::train::losses::LossCompat,
+    pub loss_compat: crate::model::losses::LossCompat,
     /// TinySAM BatchNorm while training.
     pub batchnorm: BatchNormMode,
     /// Stop the run after this many consecutive skipped steps (non-finite, or a spike).

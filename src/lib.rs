@@ -1,21 +1,23 @@
 //! prs: fine-tune and run PRS-Med (position reasoning segmentation) with Candle.
 //!
-//! Data flows one way: `cli` -> `commands` (one pipeline per subcommand) -> `model` + `data`
-//! -> `nn` (differentiable building blocks candle lacks) and `weights` (checkpoint I/O).
+//! Data flows one way: `cli` -> `commands` (one file per subcommand) -> `memory`, `train` ->
+//! `pipeline` (loading, generation, prediction) -> `metrics`, `data`, `model` -> `weights`
+//! (checkpoint I/O) -> `nn` (differentiable building blocks candle lacks). docs/architecture.md
+//! draws it.
 
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod data;
 pub mod files;
-pub mod infer;
-#[cfg(feature = "cuda")]
+pub mod hash;
 pub mod kernels;
 pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod nn;
 pub mod phases;
+pub mod pipeline;
 pub mod process;
 pub mod report;
 pub mod tokenizer;

@@ -7,11 +7,11 @@ use anyhow::Result;
 
 use super::args::{at_least_one, positive};
 use crate::config::Config;
-use crate::infer::{predict_batch, GenerateOptions};
 use crate::memory::measure::{synthetic_batch, train_step};
 use crate::memory::{Precision, SeqShape};
-use crate::model::load::Mode;
-use crate::model::random::{random_prs_med, spec_for_config, RandomOptions};
+use crate::pipeline::build::Mode;
+use crate::pipeline::generate::{predict_batch, GenerateOptions};
+use crate::pipeline::random::{random_prs_med, spec_for_config, RandomOptions};
 use crate::train::optim::{AdamW, AdamWConfig, LossScaler};
 use crate::train::trainer::compute_dtype;
 
@@ -75,7 +75,7 @@ fn llm_matmul_weights(c: &crate::model::mistral::MistralConfig) -> f64 {
 
 pub fn run(a: &BenchArgs) -> Result<()> {
     let cfg = Config::load(&a.config)?;
-    let device = crate::commands::finetune::parse_device(&a.device)?;
+    let device = crate::pipeline::device::parse_device(&a.device)?;
     let dtype = compute_dtype(a.precision, &device);
     let spec = spec_for_config(&cfg)?;
     let t0 = Instant::now();
@@ -91,7 +91,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             let mut opt = AdamW::new(m.trained.weights(), AdamWConfig::default())?;
             let mut scaler = (dtype == Precision::F16.dtype()).then(LossScaler::default);
             device.synchronize()?;
-            crate::memory::measure::reset_peak_memory(&device);
+            crate::pipeline::device::reset_peak_memory(&device);
             let mut times = vec![];
             for i in 0..a.warmup + a.steps {
                 let t = Instant::now();
@@ -130,7 +130,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 flops / step / 1e12,
                 100.0 * flops / step / 1e12 / a.peak_tflops,
                 a.peak_tflops,
-                crate::memory::measure::peak_memory_bytes(&device).unwrap_or(0) as f64 / 1e9,
+                crate::pipeline::device::peak_memory_bytes(&device).unwrap_or(0) as f64 / 1e9,
                 if device.is_cuda() { "CUDA pool high-water mark + context" } else { "peak RSS" }
             );
         }

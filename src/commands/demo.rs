@@ -6,9 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use clap::Parser;
-
-use crate::cli::{self, Cli};
 
 /// The embedded default configuration (configs/tiny.toml).
 pub const TINY_CONFIG: &str = include_str!("../../configs/tiny.toml");
@@ -34,11 +31,12 @@ pub struct DemoArgs {
     pub device: String,
 }
 
-fn step(args: &[String]) -> Result<()> {
-    let mut argv = vec!["prs".to_string()];
-    argv.extend(args.iter().cloned());
-    println!("\n$ {}", argv.join(" "));
-    cli::run(Cli::try_parse_from(&argv)?)
+/// Prints a subcommand's command line, as a user would type it, and runs it in this process.
+fn step<A: clap::Args + clap::FromArgMatches>(args: &[String], run: impl FnOnce(&A) -> Result<()>) -> Result<()> {
+    println!("\n$ prs {}", args.join(" "));
+    // The subcommand's name stands where clap expects the program's.
+    let matches = A::augment_args(clap::Command::new("prs")).try_get_matches_from(args)?;
+    run(&A::from_arg_matches(&matches)?)
 }
 
 fn s(p: &Path) -> String {
@@ -66,18 +64,21 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     let cfg = crate::config::Config::parse(TINY_CONFIG, &sets)?;
     std::fs::write(&config, cfg.to_toml()?)?;
 
-    step(&["init".into(), "--config".into(), s(&config), "--tokenizer".into(), s(&a.tokenizer)])?;
-    step(&[
-        "synth-data".into(),
-        "--out".into(),
-        s(&data),
-        "--train".into(),
-        a.train_images.to_string(),
-        "--val".into(),
-        "10".into(),
-        "--test".into(),
-        "20".into(),
-    ])?;
+    step(&["init".into(), "--config".into(), s(&config), "--tokenizer".into(), s(&a.tokenizer)], super::init::run)?;
+    step(
+        &[
+            "synth-data".into(),
+            "--out".into(),
+            s(&data),
+            "--train".into(),
+            a.train_images.to_string(),
+            "--val".into(),
+            "10".into(),
+            "--test".into(),
+            "20".into(),
+        ],
+        super::synth_data::run,
+    )?;
     let dev = ["--device".to_string(), a.device.clone()];
     let mut ft =
         vec!["finetune".into(), "--config".into(), s(&config), "--data-root".into(), s(&data), "--out".into(), s(&run)];
@@ -85,40 +86,46 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     for x in &a.set {
         ft.extend(["--set".to_string(), x.clone()]);
     }
-    step(&ft)?;
+    step(&ft, super::finetune::run)?;
     let best = run.join("best");
-    step(&[
-        "evaluate".into(),
-        "--checkpoint".into(),
-        s(&best),
-        "--data-root".into(),
-        s(&data),
-        "--split".into(),
-        "test".into(),
-        "--out".into(),
-        s(&eval),
-        dev[0].clone(),
-        dev[1].clone(),
-    ])?;
+    step(
+        &[
+            "evaluate".into(),
+            "--checkpoint".into(),
+            s(&best),
+            "--data-root".into(),
+            s(&data),
+            "--split".into(),
+            "test".into(),
+            "--out".into(),
+            s(&eval),
+            dev[0].clone(),
+            dev[1].clone(),
+        ],
+        super::evaluate::run,
+    )?;
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(eval.join("summary.json"))?)?;
     let dice = summary["overall"]["dice"]["mean"].as_f64().context("summary.json: no overall Dice")?;
     let pos = summary["overall"]["position"]["accuracy"].as_f64().context("summary.json: no position accuracy")?;
     // One test image through `prs predict`.
     let case = summary["per_case"][0].clone();
     let image = case["image"].as_str().context("summary.json: no case")?.to_string();
-    step(&[
-        "predict".into(),
-        "--checkpoint".into(),
-        s(&best),
-        "--image".into(),
-        image,
-        "--question".into(),
-        "Where is the lesion in this image?".into(),
-        "--out".into(),
-        s(&pred),
-        dev[0].clone(),
-        dev[1].clone(),
-    ])?;
+    step(
+        &[
+            "predict".into(),
+            "--checkpoint".into(),
+            s(&best),
+            "--image".into(),
+            image,
+            "--question".into(),
+            "Where is the lesion in this image?".into(),
+            "--out".into(),
+            s(&pred),
+            dev[0].clone(),
+            dev[1].clone(),
+        ],
+        super::predict::run,
+    )?;
     println!(
         "\ndemo finished in {:.0} s: held-out test Dice {dice:.3} (target >= 0.85), position accuracy {pos:.3} (target >= 0.9)",
         t0.elapsed().as_secs_f64()

@@ -3,7 +3,7 @@
 //! Predictions are written as `prs predict` writes them (OUT/predictions/<id>/prob.png,
 //! result.json, ...); scoring then reads 8-bit probability PNGs, so `--pred-dir` scores any
 //! folder of such maps (ours, another tool's, the authors' result folders) the same way. At
-//! threshold 0.5 the 8-bit map gives exactly the in-memory mask (see `infer::prob_to_u8`).
+//! threshold 0.5 the 8-bit map gives exactly the in-memory mask (see `pipeline::masks::prob_to_u8`).
 //! A prediction of another size than the ground truth is resized with OpenCV's nearest rule,
 //! as the authors' protocol does.
 //!
@@ -22,14 +22,10 @@ use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::predict::{
-    finished, predict_items, progress, unique_ids, write_predictions_csv, GenArgs, Item, PredictOptions,
-    PREDICTIONS_KIND,
-};
+use super::predict::GenArgs;
 use crate::data::dataset::{check_rows, load_mask, read_rows, DatasetOptions, Row, Split};
 use crate::data::preprocess::load_image;
 use crate::files::{self, write_atomic, write_png_atomic};
-use crate::infer::{load_model, ModelArgs};
 use crate::metrics::hd95::hd95;
 use crate::metrics::position::PositionReport;
 use crate::metrics::prsmed::{
@@ -39,6 +35,10 @@ use crate::metrics::prsmed::{
 use crate::metrics::seg::SegSummary;
 use crate::metrics::{
     parse_position, Confusion, EmptyPolicy, Hd95Summary, PositionConfusion, PositionLabel, SegAccumulator,
+};
+use crate::pipeline::load::{load_model, ModelArgs};
+use crate::pipeline::predict::{
+    finished, predict_items, progress, unique_ids, write_predictions_csv, Item, PredictOptions, PREDICTIONS_KIND,
 };
 use crate::report::overlay::overlay_compare;
 

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 
 use super::args::{at_least_one, positive};
 use crate::config::{Config, Precision};
-use crate::train::losses::LossCompat;
+use crate::model::losses::LossCompat;
 use crate::train::state::RunDir;
 use crate::train::trainer::{train, TrainOptions};
 
@@ -77,7 +77,7 @@ pub struct FinetuneArgs {
     pub quiet: bool,
 }
 
-pub use crate::infer::parse_device;
+use crate::pipeline::device::parse_device;
 
 /// The configuration a run uses: file (or the resumed run's saved config), then `--set`, then
 /// the flags, applied to the typed configuration; checked before anything loads.

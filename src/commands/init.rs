@@ -11,11 +11,11 @@ use crate::config::{Config, InitSection};
 use crate::files::{self, write_atomic};
 use crate::model::clip::ClipVisionTower;
 use crate::model::llava::Projector;
-use crate::model::load::{CLIP_PREFIX, PROJECTOR_PREFIX};
+use crate::model::llava::{CLIP_PREFIX, PROJECTOR_PREFIX};
 use crate::model::mistral::Mistral;
-use crate::model::random::llava_config_from_init;
 use crate::model::tinysam::TinySam;
 use crate::nn::param::{init_tensor, seed_for, Init, ParamBuilder, TrainedParams};
+use crate::pipeline::random::llava_config_from_init;
 use crate::weights::pth::write_pth_atomic;
 use crate::weights::shards::write_sharded;
 

@@ -17,7 +17,7 @@ use crate::memory::measure::{spawn_trial, trial_main, Outcome, TrialSpec};
 use crate::memory::search::{recommend, sweep, Row, SweepOptions};
 use crate::memory::{gb, parse_bytes, Precision, SeqShape};
 use crate::model::prs_med::PrsMedSpec;
-use crate::model::random::spec_for_config;
+use crate::pipeline::random::spec_for_config;
 use crate::tokenizer;
 
 #[derive(clap::Args, Debug)]
@@ -118,7 +118,7 @@ fn total_memory(device: &str) -> Result<u64> {
     }
     #[cfg(feature = "cuda")]
     {
-        let dev = crate::memory::measure::parse_device(device)?;
+        let dev = crate::pipeline::device::parse_device(device)?;
         let (_, total) = dev.as_cuda_device()?.cuda_stream().context().mem_get_info()?;
         return Ok(total as u64);
     }

@@ -20,8 +20,8 @@ use anyhow::{bail, Context, Result};
 use image::{DynamicImage, GenericImageView, GrayImage};
 use rayon::prelude::*;
 
-use super::loader::{mix64, str_hash};
 use super::preprocess::decode_image;
+use crate::hash::{mix64, str_hash};
 
 pub use super::position::{position_and_nearness, position_of_mask, Position};
 

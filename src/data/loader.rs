@@ -19,20 +19,7 @@ use anyhow::{anyhow, Result};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
 use super::dataset::Row;
-
-/// SplitMix64 finaliser: a well-mixed 64-bit hash of a 64-bit value. Our own (not `rand`'s)
-/// so plans and hold-outs never change with a dependency upgrade.
-pub(crate) fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// FNV-1a over the bytes of a string, then mixed.
-pub(crate) fn str_hash(s: &str) -> u64 {
-    mix64(s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)))
-}
+use crate::hash::mix64;
 
 /// Fisher-Yates driven by a SplitMix64 stream.
 fn shuffle<T>(items: &mut [T], seed: u64) {

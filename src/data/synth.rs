@@ -16,7 +16,7 @@ use rand_distr::{Distribution, Normal};
 use rayon::prelude::*;
 
 use super::dataset::{position_and_nearness, Position, Split};
-use super::loader::mix64;
+use crate::hash::mix64;
 
 #[derive(Clone, Debug)]
 pub struct SynthConfig {

@@ -22,12 +22,14 @@ use serde::{Deserialize, Serialize};
 
 use super::{Precision, SeqShape};
 use crate::config::Config;
-use crate::model::load::Mode;
-use crate::model::prs_med::{LossWeights, ModelBatch, PrsMed};
-use crate::model::random::{random_prs_med, spec_for_config, RandomOptions};
-use crate::nn::ops::TrainingMode;
+use crate::model::prs_med::{LossNorm, LossWeights, ModelBatch, PrsMed};
+use crate::pipeline::build::Mode;
+use crate::pipeline::random::{random_prs_med, spec_for_config, RandomOptions};
 use crate::tokenizer::{PromptIds, BOS_ID};
+use crate::train::guard::DivergenceGuard;
 use crate::train::optim::{AdamW, AdamWConfig, LossScaler};
+use crate::train::state::TrainerState;
+use crate::train::step::Stepper;
 
 /// Env var for tests: trials with a batch above this value lose their address-space headroom
 /// right before the steps, so their next large allocation fails for real (CPU).
@@ -72,50 +74,7 @@ pub struct TrialResult {
     pub seq_len: usize,
 }
 
-pub use crate::infer::parse_device;
-
-/// Peak memory of this process on `dev` so far, in bytes: on CUDA the pool's used high-water
-/// mark plus what lies outside the pool (context, cuBLAS workspaces); on CPU the peak resident
-/// set (VmHWM). None where it cannot be read.
-pub fn peak_memory_bytes(dev: &candle_core::Device) -> Option<u64> {
-    #[cfg(feature = "cuda")]
-    if dev.is_cuda() {
-        let p = pool::Pool::new(dev).ok()?;
-        return Some(p.used_high().ok()? + p.outside().ok()?);
-    }
-    let _ = dev;
-    let (_, peak) = rss();
-    (peak > 0).then_some(peak)
-}
-
-/// Resets what [`peak_memory_bytes`] reports to the memory in use now.
-pub fn reset_peak_memory(dev: &candle_core::Device) {
-    #[cfg(feature = "cuda")]
-    if dev.is_cuda() {
-        if let Ok(p) = pool::Pool::new(dev) {
-            let _ = p.reset_high();
-        }
-        return;
-    }
-    let _ = dev;
-    reset_peak_rss();
-}
-
-fn status_kb(field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = text.lines().find(|l| l.starts_with(field))?;
-    line[field.len()..].trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|k| k * 1024)
-}
-
-/// Current and peak resident set of this process (bytes).
-pub fn rss() -> (u64, u64) {
-    (status_kb("VmRSS:").unwrap_or(0), status_kb("VmHWM:").unwrap_or(0))
-}
-
-/// Resets VmHWM to the current RSS.
-pub fn reset_peak_rss() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
+use crate::pipeline::device::{parse_device, reset_peak_rss, rss, status_kb};
 
 /// Makes large frees return memory to the kernel at once (a fixed threshold also turns off
 /// glibc's dynamic one, which would otherwise keep freed tensors in the heap).
@@ -161,8 +120,9 @@ pub fn synthetic_batch(m: &PrsMed, batch: usize, seq: &SeqShape, seed: u64) -> R
     Ok(ModelBatch { clip_pixels, sam_pixels, prompts, masks: Some(masks), modality: Some(modality) })
 }
 
-/// One full training step (forward, losses, backward, optimizer) on `batch`; returns the loss.
-/// Gradient checkpointing is whatever `m` was set to (`PrsMed::set_gradient_checkpointing`).
+/// One full training step on `batch` (forward, losses, backward, AdamW), exactly as `prs
+/// finetune` runs it ([`Stepper::step`], one micro-batch, the divergence guard off); returns
+/// the loss. Gradient checkpointing is whatever `m` was set to.
 pub fn train_step(
     m: &PrsMed,
     batch: &ModelBatch,
@@ -170,75 +130,15 @@ pub fn train_step(
     scaler: Option<&mut LossScaler>,
     seed: u64,
 ) -> Result<f64> {
-    let _train = TrainingMode::enter(seed);
-    let mark = |name| crate::phases::mark(m.device(), name);
-    let out = m.forward(batch, true)?;
-    let losses = m.losses(batch, &out, &LossWeights::default())?;
-    let total = match &scaler {
-        Some(s) => s.scale_loss(&losses.total)?,
-        None => losses.total.clone(),
-    };
-    mark("losses");
-    let grads = m.backward(&total)?;
-    mark("backward (outside recomputations)");
-    let loss = losses.total.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
-    drop((out, losses, total));
-    match scaler {
-        Some(s) => opt.step_scaled(&grads, s)?,
-        None => opt.step(&grads)?,
-    };
-    mark("AdamW");
-    Ok(loss)
-}
-
-/// The CUDA default memory pool, which candle allocates every tensor from.
-#[cfg(feature = "cuda")]
-pub mod pool {
-    use anyhow::Result;
-    use candle_core::cuda_backend::cudarc::driver::{result, sys};
-    use candle_core::Device;
-
-    type Attr = sys::CUmemPool_attribute_enum;
-
-    pub struct Pool {
-        pool: sys::CUmemoryPool,
-        ctx: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>,
-    }
-
-    impl Pool {
-        pub fn new(dev: &Device) -> Result<Self> {
-            let ctx = dev.as_cuda_device()?.cuda_stream().context().clone();
-            ctx.bind_to_thread()?;
-            let pool = unsafe { result::device::get_default_mem_pool(ctx.cu_device())? };
-            let p = Self { pool, ctx };
-            p.set(Attr::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, u64::MAX)?;
-            Ok(p)
-        }
-        fn set(&self, a: Attr, mut v: u64) -> Result<()> {
-            unsafe { result::mem_pool::set_attribute(self.pool, a, &mut v as *mut u64 as *mut _)? };
-            Ok(())
-        }
-        fn get(&self, a: Attr) -> Result<u64> {
-            let mut v = 0u64;
-            unsafe { result::mem_pool::get_attribute(self.pool, a, &mut v as *mut u64 as *mut _)? };
-            Ok(v)
-        }
-        pub fn reset_high(&self) -> Result<()> {
-            self.set(Attr::CU_MEMPOOL_ATTR_USED_MEM_HIGH, 0)
-        }
-        pub fn used_high(&self) -> Result<u64> {
-            self.get(Attr::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
-        }
-        pub fn used_now(&self) -> Result<u64> {
-            self.get(Attr::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)
-        }
-        /// Device memory in use outside the pool: context, cuBLAS workspaces, other processes.
-        pub fn outside(&self) -> Result<u64> {
-            let (free, total) = self.ctx.mem_get_info()?;
-            let reserved = self.get(Attr::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?;
-            Ok(((total - free) as u64).saturating_sub(reserved))
-        }
-    }
+    let mut stepper =
+        Stepper { model: m, optim: opt, scaler, guard: DivergenceGuard { factor: 0.0 }, bn_frozen: false };
+    let out = stepper.step(
+        [Ok((batch.clone(), seed))],
+        LossNorm::of(batch),
+        &LossWeights::default(),
+        &mut TrainerState::default(),
+    )?;
+    Ok(out.parts[0])
 }
 
 fn is_oom(e: &anyhow::Error) -> bool {
@@ -252,7 +152,7 @@ pub fn run_trial(spec: &TrialSpec) -> Result<TrialResult> {
     let (baseline_rss, _) = rss();
     let device = parse_device(&spec.device)?;
     #[cfg(feature = "cuda")]
-    let pool = if device.is_cuda() { Some(pool::Pool::new(&device)?) } else { None };
+    let pool = if device.is_cuda() { Some(crate::pipeline::device::pool::Pool::new(&device)?) } else { None };
     if spec.batch == 0 {
         // Baseline only: the idle process, or the context and workspaces outside the pool.
         #[allow(unused_mut)]

@@ -10,6 +10,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::nn::norm::LayerNorm;
 use crate::nn::ops;
 use crate::nn::param::{Init, Param, ParamBuilder};
 use crate::nn::{frozen_matmul, scaled_masked_softmax, Linear};
@@ -108,24 +109,6 @@ impl Activation {
             Activation::QuickGelu => ops::quick_gelu(x),
             Activation::GeluErf => ops::gelu_erf(x),
         }
-    }
-}
-
-/// LayerNorm with weight and bias (computed in f32 by `ops::layer_norm`).
-#[derive(Clone, Debug)]
-struct LayerNorm {
-    weight: Param,
-    bias: Param,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn new(pb: &ParamBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: pb.get(dim, "weight", Init::Ones)?, bias: pb.get(dim, "bias", Init::Zeros)?, eps })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::layer_norm(x, self.weight.tensor(), self.bias.tensor(), self.eps)
     }
 }
 

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::nn::checkpoint::Checkpointer;
 use crate::nn::linear::{frozen_matmul, Linear};
+use crate::nn::norm::LayerNorm;
 use crate::nn::ops;
 use crate::nn::param::{Init, Param, ParamBuilder};
 use crate::nn::scaled_masked_softmax;
@@ -95,23 +96,6 @@ const SCORE_CHUNK_ELEMS: usize = 1 << 25;
 fn affine(x: &Tensor, w: &Tensor, b: &Tensor, trained: bool) -> Result<Tensor> {
     let y = if trained { x.broadcast_matmul(&w.t()?)? } else { frozen_matmul(x, &w.contiguous()?)? };
     Ok(y.broadcast_add(b)?)
-}
-
-/// LayerNorm over the last dim (PyTorch eps 1e-5).
-#[derive(Clone, Debug)]
-struct LayerNorm {
-    weight: Param,
-    bias: Param,
-}
-
-impl LayerNorm {
-    fn new(pb: &ParamBuilder, dim: usize) -> Result<Self> {
-        Ok(Self { weight: pb.get(dim, "weight", Init::Ones)?, bias: pb.get(dim, "bias", Init::Zeros)? })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::layer_norm(x, &self.weight.cast(DType::F32)?, &self.bias.cast(DType::F32)?, 1e-5)
-    }
 }
 
 /// InstanceNorm2d(affine=True): per-sample, per-channel statistics in train and eval.
@@ -272,8 +256,8 @@ impl EncoderLayer {
             self_attn: MultiheadAttention::new(&pb.pp("self_attn"), cfg.dim, cfg.self_heads, cfg.dropout)?,
             linear1: Linear::new(&pb.pp("linear1"), cfg.dim, cfg.ffn_dim, true)?,
             linear2: Linear::new(&pb.pp("linear2"), cfg.ffn_dim, cfg.dim, true)?,
-            norm1: LayerNorm::new(&pb.pp("norm1"), cfg.dim)?,
-            norm2: LayerNorm::new(&pb.pp("norm2"), cfg.dim)?,
+            norm1: LayerNorm::new(&pb.pp("norm1"), cfg.dim, 1e-5)?,
+            norm2: LayerNorm::new(&pb.pp("norm2"), cfg.dim, 1e-5)?,
             dropout: cfg.dropout,
             site: format!("{SITE}.{}", pb.key("")),
         })
@@ -303,7 +287,7 @@ impl Ffn {
         Ok(Self {
             fc1: Linear::new(&pb.pp("fc1"), dim, dim, true)?,
             fc2: Linear::new(&pb.pp("fc2"), dim, dim, true)?,
-            norm: LayerNorm::new(&pb.pp("norm"), dim)?,
+            norm: LayerNorm::new(&pb.pp("norm"), dim, 1e-5)?,
         })
     }
 
@@ -392,13 +376,13 @@ impl PromptedMaskDecoder {
                 Linear::new(&pp.pp(3), cfg.prompt_hidden, cfg.dim, true)?,
             ],
             prompt_projection_norms: [
-                LayerNorm::new(&pp.pp(1), cfg.prompt_hidden)?,
-                LayerNorm::new(&pp.pp(4), cfg.dim)?,
+                LayerNorm::new(&pp.pp(1), cfg.prompt_hidden, 1e-5)?,
+                LayerNorm::new(&pp.pp(4), cfg.dim, 1e-5)?,
             ],
-            prompt_norm: LayerNorm::new(&pb.pp("prompt_norm"), cfg.dim)?,
-            image_norm: LayerNorm::new(&pb.pp("image_norm"), cfg.dim)?,
+            prompt_norm: LayerNorm::new(&pb.pp("prompt_norm"), cfg.dim, 1e-5)?,
+            image_norm: LayerNorm::new(&pb.pp("image_norm"), cfg.dim, 1e-5)?,
             attn: MultiheadAttention::new(&pb.pp("attn"), cfg.dim, cfg.cross_heads, 0.0)?,
-            norm1: LayerNorm::new(&pb.pp("norm1"), cfg.dim)?,
+            norm1: LayerNorm::new(&pb.pp("norm1"), cfg.dim, 1e-5)?,
             encoder_layer: EncoderLayer::new(&pb.pp("encoder_layer"), cfg)?,
             ffn: Ffn::new(&pb.pp("ffn"), cfg.dim)?,
             mask_generation: blocks,

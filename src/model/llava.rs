@@ -7,6 +7,11 @@ use candle_core::Tensor;
 use super::clip::ClipVisionConfig;
 use crate::nn::{ops, Linear, ParamBuilder};
 
+/// Prefix of the CLIP tower inside LLaVA-Med checkpoints.
+pub const CLIP_PREFIX: &str = "model.vision_tower.vision_tower.vision_model";
+/// Prefix of the multimodal projector inside LLaVA-Med checkpoints.
+pub const PROJECTOR_PREFIX: &str = "model.mm_projector";
+
 /// The projector types LLaVA's `build_vision_projector` knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProjectorKind {

@@ -12,13 +12,13 @@ use serde::{Deserialize, Serialize};
 use super::clip::{ClipVisionConfig, ClipVisionTower};
 use super::decoder::{DecoderConfig, ModalityClassifier, PromptedMaskDecoder};
 use super::llava::Projector;
-use super::mistral::{KvCache, Mistral, MistralConfig};
+use super::losses::{cross_entropy_sum, structure_loss_per_image, LossCompat};
+use super::mistral::{Mistral, MistralConfig};
 use super::tinysam::{TinySam, TinySamConfig};
 use crate::nn::checkpoint::Checkpointer;
 use crate::nn::param::{ParamBuilder, TrainedParams};
 use crate::nn::splice::splice_rows;
 use crate::tokenizer::{PromptIds, EOS_ID, PAD_ID};
-use crate::train::losses::{cross_entropy_sum, structure_loss_per_image, LossCompat};
 
 /// LLaVA-Med's `config.json`: the Mistral fields plus the multimodal ones.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -120,6 +120,7 @@ pub struct PrsMed {
 }
 
 /// Inputs of one batch, as the data pipeline prepares them.
+#[derive(Clone)]
 pub struct ModelBatch {
     /// (B,3,Sc,Sc) CLIP-normalised pixels.
     pub clip_pixels: Tensor,
@@ -172,6 +173,13 @@ pub struct Losses {
 pub struct LossNorm {
     pub images: usize,
     pub tokens: usize,
+}
+
+impl LossNorm {
+    /// The counts of one batch on its own: its images and its answer tokens + EOS.
+    pub fn of(batch: &ModelBatch) -> Self {
+        Self { images: batch.prompts.len(), tokens: batch.prompts.iter().map(|p| p.answer.len() + 1).sum() }
+    }
 }
 
 /// Weights of the loss terms.
@@ -344,7 +352,7 @@ impl PrsMed {
     }
 
     /// TinySAM runs in f32 when it trains (BatchNorm statistics), else in the compute dtype.
-    fn tinysam_dtype(&self) -> DType {
+    pub fn tinysam_dtype(&self) -> DType {
         if self.trained.group("image_encoder").is_empty() {
             self.dtype
         } else {
@@ -382,34 +390,5 @@ impl PrsMed {
             total = (total + (&cls * w.cls)?)?;
         }
         Ok(Losses { total, seg, lm, cls })
-    }
-
-    /// Inference for one image: mask logits (1,1,S,S) and greedily generated answer ids
-    /// (stops at EOS or after `max_new_tokens`). Sampling options live in `prs predict`.
-    pub fn predict_greedy(&self, batch: &ModelBatch, max_new_tokens: usize) -> Result<(Tensor, Vec<u32>)> {
-        ensure!(batch.prompts.len() == 1, "predict_greedy takes one sample");
-        let image = self.encode_image(&batch.clip_pixels)?;
-        let inp = self.llm_inputs(&batch.prompts, &image, false)?;
-        let mut cache = KvCache::new(self.llm.config().num_hidden_layers);
-        let hidden = self.llm.forward_embeds(&inp.embeds, None, &inp.position_ids, Some(&mut cache))?;
-        let feats = self.tinysam.forward(&batch.sam_pixels.to_dtype(self.tinysam_dtype())?)?;
-        let mask_logits = self.decoder.forward(&feats, &hidden, &inp.prompt_valid)?;
-        let mut answer = vec![];
-        let mut logits = self.llm.last_logits(&hidden)?;
-        let mut pos = hidden.dim(1)? as u32;
-        for _ in 0..max_new_tokens {
-            let next = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?[0];
-            if next == EOS_ID {
-                break;
-            }
-            answer.push(next);
-            let ids = Tensor::new(&[[next]], &self.device)?;
-            let e = self.llm.embed(&ids)?;
-            let p = Tensor::new(&[[pos]], &self.device)?;
-            let h = self.llm.forward_embeds(&e, None, &p, Some(&mut cache))?;
-            logits = self.llm.last_logits(&h)?;
-            pos += 1;
-        }
-        Ok((mask_logits, answer))
     }
 }

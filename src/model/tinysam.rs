@@ -28,6 +28,7 @@ use candle_core::{DType, Tensor};
 use crate::nn::checkpoint::Checkpointer;
 use crate::nn::conv::{conv2d_const_input, depthwise_conv2d, pad_zeros};
 use crate::nn::fused::{batch_norm_train, mean_keepdims};
+use crate::nn::norm::LayerNorm;
 use crate::nn::param::{Init, Param, ParamBuilder};
 use crate::nn::{add_any, mul_any, ops, Linear};
 
@@ -265,29 +266,6 @@ impl ConvBn {
 
 fn gelu(x: &Tensor) -> Result<Tensor> {
     ops::gelu_erf(x)
-}
-
-/// LayerNorm over the last dimension (`weight`, `bias` keys).
-#[derive(Clone, Debug)]
-struct LayerNorm {
-    weight: Param,
-    bias: Param,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn new(pb: &ParamBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: pb.get(dim, "weight", Init::Ones)?, bias: pb.get(dim, "bias", Init::Zeros)?, eps })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::layer_norm(x, self.weight.tensor(), self.bias.tensor(), self.eps)
-    }
-
-    /// Over the channels of (B,C,H,W) (SAM's LayerNorm2d).
-    fn forward_2d(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.forward(&x.permute((0, 2, 3, 1))?)?.permute((0, 3, 1, 2))?)
-    }
 }
 
 /// Stem: Conv_BN(in, d/2, 3, s2) - GELU - Conv_BN(d/2, d, 3, s2); keys `seq.0`, `seq.2`.

@@ -55,6 +55,7 @@ pub mod conv;
 pub mod dropout;
 pub mod fused;
 pub mod linear;
+pub mod norm;
 pub mod ops;
 pub mod param;
 pub mod splice;

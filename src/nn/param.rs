@@ -304,13 +304,8 @@ fn device_init_tensor(shape: &Shape, init: Init, dtype: DType, device: &Device) 
 
 /// Per-tensor seed: stable under construction order changes.
 pub fn seed_for(seed: u64, key: &str) -> u64 {
-    // FNV-1a over the key, mixed with the seed.
-    let mut h: u64 = 0xcbf29ce484222325 ^ seed.wrapping_mul(0x9E3779B97F4A7C15);
-    for b in key.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
+    use crate::hash::{fnv1a, FNV_OFFSET, GOLDEN};
+    fnv1a(FNV_OFFSET ^ seed.wrapping_mul(GOLDEN), key.as_bytes())
 }
 
 /// A tensor drawn on the host from a seeded RNG (reproducible on every device).

@@ -28,6 +28,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::linear::frozen_matmul;
+pub use crate::kernels::Epilogue;
 
 /// Whether the CUDA kernels are compiled in (build.rs builds them with the `cuda` feature).
 const CUDA_KERNEL_BUILT: bool = cfg!(feature = "cuda");
@@ -419,30 +420,6 @@ pub fn upsample_bilinear_ac_composite(x: &Tensor, factor: usize) -> Result<Tenso
     let ry = interp_matrix(h, factor, x.dtype(), x.device())?;
     let rx = interp_matrix(w, factor, x.dtype(), x.device())?;
     Ok(separable(&x, &ry, &rx)?.to_dtype(dt)?)
-}
-
-/// What an upsampling pass writes besides plain logits (fused into one pass on CUDA).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Epilogue {
-    /// Logits in the input dtype (what `MaskUpsample` writes).
-    Logits,
-    /// Logits in f32 (f64 input stays f64): feeds an f32 loss without a cast pass.
-    LogitsWide,
-    /// sigmoid(logits) in the input dtype.
-    Sigmoid,
-    /// `sigmoid(logits) >= threshold` as u8 0/1, the metrics' foreground rule.
-    Threshold(f32),
-}
-
-impl Epilogue {
-    pub fn out_dtype(&self, input: DType) -> DType {
-        match self {
-            Epilogue::Logits | Epilogue::Sigmoid => input,
-            Epilogue::LogitsWide if input == DType::F64 => DType::F64,
-            Epilogue::LogitsWide => DType::F32,
-            Epilogue::Threshold(_) => DType::U8,
-        }
-    }
 }
 
 fn sigmoid32(v: f32) -> f32 {

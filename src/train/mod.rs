@@ -2,8 +2,8 @@
 //! resumable state).
 
 pub mod guard;
-pub mod losses;
 pub mod optim;
 pub mod schedule;
 pub mod state;
+pub mod step;
 pub mod trainer;

@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{backprop::GradStore, DType, Device};
+use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::guard::DivergenceGuard;
-use super::optim::{AdamW, AdamWConfig, LossScaler, StepStatus};
+use super::optim::{AdamW, AdamWConfig, LossScaler};
 use super::schedule::LrSchedule;
 use super::state::{PlanRecord, RunDir, TrainerState, OPTIMIZER_FILE};
+use super::step::Stepper;
 use crate::config::{BatchNormMode, Config, Precision};
 use crate::data::dataset::{prepare, PrepareOptions, Row};
 use crate::data::loader::{BatchPlan, Loader, LoaderOptions, PlanConfig};
@@ -20,11 +21,12 @@ use crate::data::sample::{collate, PreparedSample, SampleBuilder};
 use crate::files;
 use crate::metrics::position::{parse_position, PositionLabel};
 use crate::metrics::seg::{Confusion, EmptyPolicy, ImageScores};
-use crate::model::load::{load_prs_med, LoadOptions, Mode};
-use crate::model::prs_med::{LossNorm, LossWeights, PrsMed};
-use crate::model::tinysam::FrozenBatchNormStats;
-use crate::nn::ops::{EvalMode, TrainingMode};
+use crate::model::prs_med::{LossNorm, LossWeights, ModelBatch, PrsMed};
+use crate::nn::ops::EvalMode;
 use crate::nn::param::seed_for;
+use crate::pipeline::build::{load_prs_med, LoadOptions, Mode};
+use crate::pipeline::generate::{predict_batch, GenerateOptions};
+use crate::pipeline::load::open_base;
 use crate::report::{read_metrics, training_curves, MetricsLog, Record};
 use crate::tokenizer::encode_prompt;
 use crate::weights::checkpoint::{save_checkpoint_with, CheckpointMeta};
@@ -113,12 +115,10 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
         println!("warning: {}:{}: {}", w.csv.display(), w.line, w.message);
     }
     ensure!(!prep.train.is_empty(), "no training rows in {root}");
-    let base = crate::weights::hub::ModelSource::parse(&cfg.model.base)?;
-    let tok = crate::infer::load_tokenizer(&cfg.model.base)?;
-    let llava = crate::model::load::read_llava_config(&base)?;
-    let vcfg = llava.vision_config()?;
+    let base = open_base(&cfg.model.base)?;
+    let vcfg = base.llava.vision_config()?;
     let builder = SampleBuilder {
-        tokenizer: Arc::new(tok),
+        tokenizer: Arc::new(base.tokenizer),
         template: cfg.prompt.template.clone(),
         clip_size: vcfg.image_size,
         sam_size: cfg.model.sam_image_size,
@@ -287,16 +287,25 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
             let t0 = Instant::now();
             let lr = schedule.lr_at(state.step);
             optim.set_lr(lr);
+            let group = &batches[bi..group_end];
+            let norm = LossNorm {
+                images: group.iter().map(|b| b.len()).sum(),
+                tokens: group.iter().flatten().map(|&i| supervised[i]).sum(),
+            };
+            // Micro-batches are collated one at a time, as the step consumes them.
+            let micro = group.iter().map(|_| -> Result<(ModelBatch, u64)> {
+                let batch = loader.next().context("data loader ended early")??;
+                let items: Vec<&PreparedSample> = batch.items.iter().collect();
+                Ok((collate(&items, &opts.device)?, seed_for(tc.seed, &format!("{epoch}/{}", batch.index))))
+            });
             let mut stepper = Stepper {
                 model: &model,
                 optim: &mut optim,
                 scaler: scaler.as_mut(),
                 guard,
-                device: &opts.device,
-                seed: tc.seed,
                 bn_frozen: tc.batchnorm == BatchNormMode::Frozen,
             };
-            let out = stepper.step(&mut loader, &batches[bi..group_end], &supervised, &weights, epoch, &mut state)?;
+            let out = stepper.step(micro, norm, &weights, &mut state)?;
             bi = group_end;
 
             // ---- bookkeeping: a skipped step still counts (the schedule and the data move on) ----
@@ -330,7 +339,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
                 grad_norm: out.grad_norm,
                 samples_per_s: Some(out.images as f64 / secs),
                 tokens_per_s: Some(out.tokens as f64 / secs),
-                peak_mem_bytes: crate::memory::measure::peak_memory_bytes(&opts.device),
+                peak_mem_bytes: crate::pipeline::device::peak_memory_bytes(&opts.device),
                 elapsed_s: Some(started.elapsed().as_secs_f64()),
                 ..Record::train(state.step)
             })?;
@@ -471,103 +480,6 @@ fn saved_so_far(run: &RunDir) -> String {
     }
 }
 
-/// What one optimizer step did.
-pub struct StepOutcome {
-    /// total, seg, lm, cls losses of the step.
-    pub parts: [f64; 4],
-    /// Global gradient norm before clipping (None when no gradient was computed).
-    pub grad_norm: Option<f64>,
-    /// Why the update was not applied (non-finite values, or a spike the guard rejected).
-    pub skipped: Option<String>,
-    pub images: usize,
-    pub tokens: usize,
-}
-
-/// One optimizer step: the micro-batches of one accumulation group forward and backward,
-/// the divergence checks, and the AdamW update.
-struct Stepper<'a> {
-    model: &'a PrsMed,
-    optim: &'a mut AdamW,
-    scaler: Option<&'a mut LossScaler>,
-    guard: DivergenceGuard,
-    device: &'a Device,
-    seed: u64,
-    bn_frozen: bool,
-}
-
-impl Stepper<'_> {
-    fn step(
-        &mut self,
-        loader: &mut Loader<PreparedSample>,
-        group: &[Vec<usize>],
-        supervised: &[usize],
-        weights: &LossWeights,
-        epoch: u64,
-        state: &mut TrainerState,
-    ) -> Result<StepOutcome> {
-        let norm = LossNorm {
-            images: group.iter().map(|b| b.len()).sum(),
-            tokens: group.iter().flatten().map(|&i| supervised[i]).sum(),
-        };
-        // BatchNorm running statistics change in the forward: keep them to undo a skipped step.
-        let buffers = snapshot_buffers(self.model)?;
-        let mut out = StepOutcome { parts: [0.0; 4], grad_norm: None, skipped: None, images: norm.images, tokens: 0 };
-        let mut grads: Option<GradStore> = None;
-        for _ in group {
-            let batch = loader.next().context("data loader ended early")??;
-            let items: Vec<&PreparedSample> = batch.items.iter().collect();
-            let mb = collate(&items, self.device)?;
-            out.tokens += mb
-                .prompts
-                .iter()
-                .map(|p| p.before_image.len() + p.after_image.len() + p.answer.len() + 1)
-                .sum::<usize>();
-            let step_seed = seed_for(self.seed, &format!("{epoch}/{}", batch.index));
-            let micro =
-                micro_backward(self.model, &mb, weights, norm, self.scaler.as_deref(), step_seed, self.bn_frozen)?;
-            for (p, v) in out.parts.iter_mut().zip(micro.parts) {
-                *p += v;
-            }
-            match (micro.grads, grads.as_mut()) {
-                (None, _) => {
-                    out.skipped = Some(format!(
-                        "non-finite loss: seg {:.4} lm {:.4} cls {:.4}",
-                        micro.parts[1], micro.parts[2], micro.parts[3]
-                    ))
-                }
-                (Some(g), Some(acc)) => acc.extend(g)?,
-                (Some(g), None) => grads = Some(g),
-            }
-        }
-        if out.skipped.is_none() {
-            out.skipped = self.guard.loss_spike(state, out.parts[0]);
-        }
-        if let (None, Some(g)) = (&out.skipped, grads) {
-            self.optim.set_norm_limit(self.guard.grad_norm_limit(state));
-            let report = match self.scaler.as_deref_mut() {
-                Some(s) => self.optim.step_scaled(&g, s)?,
-                None => self.optim.step(&g)?,
-            };
-            out.grad_norm = Some(report.grad_norm);
-            out.skipped = match report.status {
-                StepStatus::Applied => None,
-                StepStatus::SkippedNonFinite => Some("non-finite gradient".into()),
-                StepStatus::SkippedSpike => Some(format!(
-                    "gradient norm {:.4} is {:.0}x its running level {:.4}",
-                    report.grad_norm,
-                    report.grad_norm / state.grad_norm_level.unwrap_or(1.0),
-                    state.grad_norm_level.unwrap_or(f64::NAN)
-                )),
-            };
-        }
-        match &out.skipped {
-            Some(_) => restore_buffers(&buffers)?,
-            None => self.guard.update(state, out.parts[0], out.grad_norm.unwrap_or(0.0)),
-        }
-        Ok(out)
-    }
-}
-
 /// A line above the progress bar, or plain stdout when there is none (--quiet).
 fn say(bar: &ProgressBar, msg: String) {
     if bar.is_hidden() {
@@ -575,62 +487,6 @@ fn say(bar: &ProgressBar, msg: String) {
     } else {
         bar.println(msg);
     }
-}
-
-fn snapshot_buffers(model: &PrsMed) -> Result<Vec<(candle_core::Var, candle_core::Tensor)>> {
-    model
-        .trained
-        .all()
-        .into_iter()
-        .filter(|p| p.kind == crate::nn::param::ParamKind::Buffer)
-        .map(|p| Ok((p.var.clone(), p.var.as_tensor().copy()?)))
-        .collect()
-}
-
-fn restore_buffers(saved: &[(candle_core::Var, candle_core::Tensor)]) -> Result<()> {
-    for (v, t) in saved {
-        v.set(t)?;
-    }
-    Ok(())
-}
-
-/// What one micro-batch contributes to an optimizer step.
-pub struct MicroStep {
-    /// Gradients of the (normalised) loss; None when the loss was not finite.
-    pub grads: Option<GradStore>,
-    /// total, seg, lm, cls (each already divided by the step's `norm`).
-    pub parts: [f64; 4],
-}
-
-/// Forward + backward of one micro-batch in training mode. Losses are sums divided by the
-/// whole step's counts (`norm`), so summing the gradients of a step's micro-batches equals the
-/// gradient of one large batch.
-pub fn micro_backward(
-    model: &PrsMed,
-    mb: &crate::model::prs_med::ModelBatch,
-    weights: &LossWeights,
-    norm: LossNorm,
-    scaler: Option<&LossScaler>,
-    step_seed: u64,
-    bn_frozen: bool,
-) -> Result<MicroStep> {
-    let _train = TrainingMode::enter(step_seed);
-    let _bn = bn_frozen.then(FrozenBatchNormStats::enter);
-    let out = model.forward(mb, true)?;
-    let l = model.losses_normed(mb, &out, weights, Some(norm))?;
-    let mut parts = [0f64; 4];
-    for (p, t) in parts.iter_mut().zip([&l.total, &l.seg, &l.lm, &l.cls]) {
-        *p = t.to_scalar::<f32>()? as f64;
-    }
-    if !parts[0].is_finite() {
-        return Ok(MicroStep { grads: None, parts });
-    }
-    let loss = match scaler {
-        Some(s) => s.scale_loss(&l.total)?,
-        None => l.total,
-    };
-    let g = model.backward(&loss)?;
-    Ok(MicroStep { grads: Some(g), parts })
 }
 
 fn save_training_checkpoint(
@@ -658,6 +514,10 @@ fn save_training_checkpoint(
         state.write(tmp)
     })
 }
+
+/// How validation generates its answers: greedy, up to 32 tokens.
+const VALIDATION_ANSWERS: GenerateOptions =
+    GenerateOptions { max_new_tokens: 32, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: true };
 
 /// Validation: loss, Dice/IoU at the model resolution (threshold 0.5), and position accuracy
 /// of greedily generated answers.
@@ -694,7 +554,7 @@ pub fn evaluate(
         for (r, s) in chunk.iter().zip(prepared.iter()) {
             let mut one = collate(&[s], device)?;
             one.prompts[0].answer.clear();
-            let (_, ids) = model.predict_greedy(&one, 32)?;
+            let ids = predict_batch(model, &one, &VALIDATION_ANSWERS)?.answers.remove(0);
             let text = builder.tokenizer.decode(&ids, true).map_err(|e| anyhow::anyhow!("decoding an answer: {e}"))?;
             let truth = r.position.map(PositionLabel::from);
             if truth.is_some_and(|t| t == parse_position(&text)) {

@@ -262,8 +262,6 @@ impl Pickler {
 /// torch writes a per-file id in `.data/serialization_id`; any 40-character string will do,
 /// so derive it from the content to keep outputs deterministic.
 fn serialization_id(pickle: &[u8]) -> String {
-    let fnv = |seed: u64| {
-        pickle.iter().fold(0xcbf29ce484222325u64 ^ seed, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3))
-    };
-    format!("{:020}{:020}", fnv(0), fnv(0x9E3779B97F4A7C15))
+    use crate::hash::{fnv1a, FNV_OFFSET, GOLDEN};
+    format!("{:020}{:020}", fnv1a(FNV_OFFSET, pickle), fnv1a(FNV_OFFSET ^ GOLDEN, pickle))
 }

@@ -5,11 +5,11 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 
-use super::clip::ClipVisionConfig;
-use super::load::{read_llava_config, spec_from, Mode};
-use super::mistral::MistralConfig;
-use super::prs_med::{Builders, LlavaMedConfig, PrsMed, PrsMedSpec};
+use super::build::{read_llava_config, spec_from, Mode};
 use crate::config::{Config, InitSection};
+use crate::model::clip::ClipVisionConfig;
+use crate::model::mistral::MistralConfig;
+use crate::model::prs_med::{Builders, LlavaMedConfig, PrsMed, PrsMedSpec};
 use crate::nn::param::{ParamBuilder, TrainedParams};
 use crate::weights::hub::ModelSource;
 

@@ -2,8 +2,7 @@
 //! the same gradients, SIGKILL + resume equals the uninterrupted run bit for bit, non-finite
 //! steps stop the run cleanly, bad data is reported with file and row, the guide's flags parse.
 
-mod common;
-
+use crate::common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -14,10 +13,10 @@ use common::{rel_err, tiny_model};
 use prs::config::Config;
 use prs::data::dataset::{prepare, PrepareOptions};
 use prs::data::sample::{collate, PreparedSample, SampleBuilder};
-use prs::model::load::{load_prs_med, LoadOptions, Mode};
 use prs::model::prs_med::{LossNorm, LossWeights, PrsMed};
+use prs::pipeline::build::{load_prs_med, LoadOptions, Mode};
 use prs::train::optim::{AdamW, AdamWConfig};
-use prs::train::trainer::micro_backward;
+use prs::train::step::micro_backward;
 
 fn synth(dir: &Path, n_train: usize) -> PathBuf {
     let data = dir.join("data");

@@ -7,18 +7,15 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-use super::decoder::DecoderConfig;
-use super::prs_med::{Builders, LlavaMedConfig, PrsMed, PrsMedSpec};
 use crate::config::Config;
+use crate::model::decoder::DecoderConfig;
+use crate::model::llava::{CLIP_PREFIX, PROJECTOR_PREFIX};
+use crate::model::prs_med::{Builders, LlavaMedConfig, PrsMed, PrsMedSpec};
 use crate::nn::param::{ParamBuilder, TrainedParams};
 use crate::weights::checkpoint::{Component, TrainedCheckpoint};
 use crate::weights::hub::ModelSource;
 use crate::weights::pth::open_pth;
 use crate::weights::shards::{open_safetensors, open_safetensors_paths};
-
-/// Prefix of the CLIP tower inside LLaVA-Med checkpoints.
-pub const CLIP_PREFIX: &str = "model.vision_tower.vision_tower.vision_model";
-pub const PROJECTOR_PREFIX: &str = "model.mm_projector";
 
 /// Whether trained parts become f32 `Var`s (training) or frozen compute-dtype tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

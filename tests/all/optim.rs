@@ -1,8 +1,7 @@
 //! AdamW, clipping, skipping, state I/O, loss scaling and the learning-rate schedule.
 //! Parity reference: torch.optim.AdamW + clip_grad_norm_ (scripts/fixtures/gen_optim.py).
 
-mod common;
-
+use crate::common;
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;

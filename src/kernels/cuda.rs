@@ -1,6 +1,5 @@
-//! The crate's own CUDA kernels (feature `cuda`): PTX compiled from `kernels/*.cu` by build.rs and
-//! launched through candle's re-exported cudarc on the tensor's device and stream. The ops that
-//! use them (and their CPU references) live in `nn::upsample` and `nn::dropout`.
+//! Launchers of the crate's CUDA kernels: PTX compiled from `kernels/*.cu` by build.rs and
+//! launched through candle's re-exported cudarc on the tensor's device and stream.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -8,7 +7,7 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
-pub use crate::nn::upsample::Epilogue;
+use super::Epilogue;
 
 /// PTX of `kernels/mask_upsample.cu`.
 pub const MASK_UPSAMPLE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/mask_upsample.ptx"));

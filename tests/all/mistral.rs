@@ -1,8 +1,7 @@
 //! Mistral decoder + LoRA: parity with HF transformers (fixture from scripts/fixtures/gen_mistral.py),
 //! KV-cache generation equals the full forward, and gradients reach exactly the LoRA tensors.
 
-mod common;
-
+use crate::common;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use common::{assert_grads_exactly_trained, fixture, rel_err};

@@ -2,9 +2,7 @@
 //! from a project checkpoint and from the authors' layout, scores recomputed independently from
 //! the written probability maps, `--pred-dir` on an authors'-style result folder, errors.
 
-mod common;
-mod infer_setup;
-
+use crate::infer_setup;
 use std::collections::BTreeMap;
 use std::path::Path;
 

@@ -1,12 +1,11 @@
 //! The assembled model on the tiny configuration: shapes with padding, gradient flow from the
 //! combined loss, checkpoint round trips in both layouts, loading errors.
 
-mod common;
-
+use crate::common;
 use candle_core::{DType, Device, Tensor};
 use common::{assert_grads_exactly_trained_except, rel_err, tiny_model};
-use prs::model::load::{load_prs_med, LoadOptions, Mode};
 use prs::model::prs_med::{LossWeights, ModelBatch, PrsMed};
+use prs::pipeline::build::{load_prs_med, LoadOptions, Mode};
 use prs::tokenizer;
 use prs::weights::checkpoint::{save_checkpoint, CheckpointMeta};
 
@@ -244,7 +243,7 @@ fn a_separate_clip_checkpoint_replaces_the_embedded_tower() {
             std::fs::remove_file(&p).unwrap();
         }
     }
-    let prefix = format!("{}.", prs::model::load::CLIP_PREFIX);
+    let prefix = format!("{}.", prs::model::llava::CLIP_PREFIX);
     let (clip, rest): (Vec<_>, Vec<_>) = all.into_iter().partition(|(k, _)| k.starts_with(&prefix));
     let clip: Vec<_> = clip.into_iter().map(|(k, t)| (format!("vision_model.{}", &k[prefix.len()..]), t)).collect();
     assert!(!clip.is_empty());
@@ -290,7 +289,7 @@ fn init_draws_each_part_at_its_configured_scale() {
     near(std_of("model.layers.1.self_attn.q_proj.weight", &[h, h]), layer_std, "q_proj");
     let v = &init.vision;
     let n_pos = (v.image_size / v.patch_size).pow(2) + 1;
-    let key = format!("{}.embeddings.position_embedding.weight", prs::model::load::CLIP_PREFIX);
+    let key = format!("{}.embeddings.position_embedding.weight", prs::model::llava::CLIP_PREFIX);
     near(std_of(&key, &[n_pos, v.hidden_size]), pos_std, "CLIP position embedding");
 }
 
@@ -299,7 +298,7 @@ fn decoder_grid_and_upsampling_follow_tinysam_stride() {
     // Three stages (the tiny config) downsample 8x, four (the released TinySAM) 16x: the decoder's
     // token grid and its logits' upsampling must follow, so the mask comes out at the input size.
     let tiny = prs::config::Config::parse(prs::commands::demo::TINY_CONFIG, &[]).unwrap();
-    let tiny_spec = prs::model::random::spec_for_config(&tiny).unwrap();
+    let tiny_spec = prs::pipeline::random::spec_for_config(&tiny).unwrap();
     assert_eq!(tiny_spec.tinysam.num_stages(), 3);
     assert_eq!((tiny_spec.decoder.grid, tiny_spec.decoder.upsample), (16, 8));
     let four = [
@@ -309,12 +308,12 @@ fn decoder_grid_and_upsampling_follow_tinysam_stride() {
         "model.tinysam_arch.window_sizes=[7, 7, 7, 7]",
     ];
     let released = prs::config::Config::parse(prs::commands::demo::TINY_CONFIG, &four.map(String::from)).unwrap();
-    let released_spec = prs::model::random::spec_for_config(&released).unwrap();
+    let released_spec = prs::pipeline::random::spec_for_config(&released).unwrap();
     assert_eq!((released_spec.decoder.grid, released_spec.decoder.upsample), (8, 16));
     // A random three-stage encoder really yields the 16x16 grid the decoder is sized for.
-    let m = prs::model::random::random_prs_med(
+    let m = prs::pipeline::random::random_prs_med(
         &tiny_spec,
-        &prs::model::random::RandomOptions {
+        &prs::pipeline::random::RandomOptions {
             device: Device::Cpu,
             dtype: DType::F32,
             mode: Mode::Infer,
@@ -329,6 +328,6 @@ fn decoder_grid_and_upsampling_follow_tinysam_stride() {
     assert_eq!(feats.dims(), &[1, 32, 16, 16]);
     let bad =
         prs::config::Config::parse(prs::commands::demo::TINY_CONFIG, &["model.sam_image_size=124".into()]).unwrap();
-    let err = format!("{:#}", prs::model::random::spec_for_config(&bad).err().expect("124 is not a multiple of 8"));
+    let err = format!("{:#}", prs::pipeline::random::spec_for_config(&bad).err().expect("124 is not a multiple of 8"));
     assert!(err.contains("sam_image_size 124") && err.contains("stride 8"), "{err}");
 }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use prs::config::Config;
-use prs::model::load::{load_prs_med, LoadOptions, Mode};
 use prs::model::prs_med::PrsMed;
+use prs::pipeline::build::{load_prs_med, LoadOptions, Mode};
 use prs::weights::checkpoint::{save_checkpoint, CheckpointMeta};
 
 use crate::common::tiny_model;

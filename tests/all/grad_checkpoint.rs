@@ -2,8 +2,7 @@
 //! graph, on a small MLP and on Mistral decoder layers with LoRA (dropout included), no dead
 //! gradients in the merged store, and stateful updates skipped during recomputation.
 
-mod common;
-
+use crate::common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -364,9 +363,9 @@ fn mask_decoder_self_attention_checkpoint_matches_plain_graph() {
 fn model_backward_returns_detached_gradients() {
     use prs::memory::measure::synthetic_batch;
     use prs::memory::SeqShape;
-    use prs::model::load::Mode;
     use prs::model::prs_med::LossWeights;
-    use prs::model::random::{random_prs_med, spec_for_config, RandomOptions};
+    use prs::pipeline::build::Mode;
+    use prs::pipeline::random::{random_prs_med, spec_for_config, RandomOptions};
     let cfg =
         prs::config::Config::load(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml"))
             .unwrap();

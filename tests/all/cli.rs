@@ -1,8 +1,7 @@
 //! Every subcommand with hostile flag values (zero, negative, NaN, infinite, out of range, not
 //! a number): each gives an error or runs, and none panics (exit 101 with a backtrace).
 
-mod common;
-
+use crate::common;
 use std::path::Path;
 use std::process::Command;
 

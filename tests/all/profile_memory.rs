@@ -3,8 +3,7 @@
 //! an injected allocation failure, the worst-case length from a dataset, and the emitted
 //! finetune config.
 
-mod common;
-
+use crate::common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -14,9 +13,9 @@ use prs::memory::estimate::param_counts;
 use prs::memory::measure::INJECT_OOM_ENV;
 use prs::memory::search::search_batches;
 use prs::memory::{parse_bytes, SeqShape};
-use prs::model::load::Mode;
-use prs::model::random::{random_prs_med, spec_for_config, RandomOptions};
 use prs::nn::param::ParamKind;
+use prs::pipeline::build::Mode;
+use prs::pipeline::random::{random_prs_med, spec_for_config, RandomOptions};
 use serde_json::Value;
 
 fn tiny_config() -> PathBuf {

@@ -3,9 +3,8 @@
 //! matches one-by-one decoding, seeded sampling, batch mode with resume, the authors' layout,
 //! and the error messages (nothing partial left behind).
 
-mod common;
-mod infer_setup;
-
+use crate::common;
+use crate::infer_setup;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -14,9 +13,9 @@ use common::{rel_err, tokenizer_model};
 use image::{GrayImage, RgbImage};
 use infer_setup::{opts, project_checkpoint, s, setup, synth};
 use prs::data::preprocess::{clip_preprocess, load_image, sam_preprocess};
-use prs::infer::{predict_batch, GenerateOptions, Sampler};
-use prs::model::load::{load_prs_med, Mode};
 use prs::model::prs_med::{ModelBatch, PrsMed};
+use prs::pipeline::build::{load_prs_med, Mode};
+use prs::pipeline::generate::{predict_batch, GenerateOptions, Sampler};
 use prs::tokenizer;
 
 const Q: &str = "Where is the tumor located in this brain CT scan?";
@@ -129,7 +128,7 @@ fn single_image_from_a_project_checkpoint_matches_the_model() {
     let err = rel_err(got, &want);
     assert!(err < 1e-4, "saved logits differ from the model's forward: {err}");
     // The greedy answer is the model's greedy answer.
-    let (_, ids) = m.predict_greedy(&b, 12).unwrap();
+    let (_, ids) = common::greedy_reference(&m, &b, 12).unwrap();
     let got_ids: Vec<u32> = serde_json::from_value(res["answer_ids"].clone()).unwrap();
     assert_eq!(got_ids, ids);
     let tok = tokenizer::load(Path::new(&st.cfg.model.base)).unwrap();
@@ -208,8 +207,8 @@ fn batched_cached_generation_matches_one_by_one() {
         let one = batch_for(&m, &st.cfg, &[refs[i]], &[qs[i]]);
         let alone = predict_batch(&m, &one, &g).unwrap();
         assert_eq!(together.answers[i], alone.answers[0], "sample {i}: padding changed the answer");
-        let (_, greedy) = m.predict_greedy(&one, 10).unwrap();
-        assert_eq!(alone.answers[0], greedy, "sample {i}: cached loop differs from predict_greedy");
+        let (_, greedy) = common::greedy_reference(&m, &one, 10).unwrap();
+        assert_eq!(alone.answers[0], greedy, "sample {i}: the generation loop differs from the reference");
         let e = rel_err(&together.mask_logits.narrow(0, i, 1).unwrap(), &alone.mask_logits);
         assert!(e < 1e-4, "sample {i}: mask rel err {e}");
     }

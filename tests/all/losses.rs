@@ -3,7 +3,7 @@
 //! plain loop.
 
 use candle_core::{DType, Device, Tensor};
-use prs::train::losses::{box_mean, structure_loss_per_image, LossCompat};
+use prs::model::losses::{box_mean, structure_loss_per_image, LossCompat};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// avg_pool2d(k, stride 1, padding k/2, count_include_pad) of one (h, w) map.

@@ -73,3 +73,36 @@ pub fn tiny_model(dir: &std::path::Path) -> prs::config::Config {
     prs::commands::init::write_tinysam(&dir.join("tinysam.pth"), &cfg, init.seed).unwrap();
     cfg
 }
+
+/// The reference greedy decoder the tests hold `pipeline::generate` against: one sample, no
+/// batching, no padding, the plainest KV-cached loop (stops at EOS or after `max_new_tokens`).
+pub fn greedy_reference(
+    m: &prs::model::prs_med::PrsMed,
+    batch: &prs::model::prs_med::ModelBatch,
+    max_new_tokens: usize,
+) -> anyhow::Result<(Tensor, Vec<u32>)> {
+    use prs::model::mistral::KvCache;
+    anyhow::ensure!(batch.prompts.len() == 1, "greedy_reference takes one sample");
+    let dev = m.device().clone();
+    let image = m.encode_image(&batch.clip_pixels)?;
+    let inp = m.llm_inputs(&batch.prompts, &image, false)?;
+    let mut cache = KvCache::new(m.llm.config().num_hidden_layers);
+    let hidden = m.llm.forward_embeds(&inp.embeds, None, &inp.position_ids, Some(&mut cache))?;
+    let feats = m.tinysam.forward(&batch.sam_pixels.to_dtype(m.tinysam_dtype())?)?;
+    let mask_logits = m.decoder.forward(&feats, &hidden, &inp.prompt_valid)?;
+    let mut answer = vec![];
+    let mut logits = m.llm.last_logits(&hidden)?;
+    let mut pos = hidden.dim(1)? as u32;
+    for _ in 0..max_new_tokens {
+        let next = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?[0];
+        if next == prs::tokenizer::EOS_ID {
+            break;
+        }
+        answer.push(next);
+        let e = m.llm.embed(&Tensor::new(&[[next]], &dev)?)?;
+        let h = m.llm.forward_embeds(&e, None, &Tensor::new(&[[pos]], &dev)?, Some(&mut cache))?;
+        logits = m.llm.last_logits(&h)?;
+        pos += 1;
+    }
+    Ok((mask_logits, answer))
+}

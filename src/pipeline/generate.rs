@@ -1,0 +1,212 @@
+//! The one generation loop: batched mask prediction with KV-cached answer generation (greedy,
+//! or temperature / top-p sampling with a seeded RNG). `prs predict`, `prs evaluate`, training
+//! validation and `prs bench predict` all generate here.
+
+use std::time::Instant;
+
+use anyhow::{ensure, Result};
+use candle_core::{DType, Device, Tensor, D};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::model::mistral::KvCache;
+use crate::model::prs_med::{ModelBatch, PrsMed};
+use crate::tokenizer::{EOS_ID, PAD_ID};
+
+/// How answers are generated.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    /// 0 = greedy (argmax).
+    pub temperature: f64,
+    /// Nucleus sampling mass in (0, 1]; 1 keeps every token.
+    pub top_p: f64,
+    /// Every sample of a batch gets a sampler seeded with this, so an item's answer does not
+    /// depend on which batch it landed in.
+    pub seed: u64,
+    /// Stop a row at EOS (always, except for benchmarks that need a fixed token count).
+    pub stop_at_eos: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self { max_new_tokens: 64, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: true }
+    }
+}
+
+impl GenerateOptions {
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.temperature.is_finite() && self.temperature >= 0.0,
+            "--temperature must be >= 0 (0 = greedy), got {}",
+            self.temperature
+        );
+        ensure!(self.top_p > 0.0 && self.top_p <= 1.0, "--top-p must be in (0, 1], got {}", self.top_p);
+        Ok(())
+    }
+
+    pub fn greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+}
+
+/// Temperature / top-p sampling from host logits with a seeded RNG.
+pub struct Sampler {
+    rng: StdRng,
+    temperature: f64,
+    top_p: f64,
+}
+
+impl Sampler {
+    pub fn new(seed: u64, temperature: f64, top_p: f64) -> Self {
+        Self { rng: StdRng::seed_from_u64(seed), temperature, top_p }
+    }
+
+    /// Draws one token id from `logits` (V). Greedy (first maximum) when the temperature is 0.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let argmax = || {
+            let mut best = 0;
+            for (i, &l) in logits.iter().enumerate() {
+                if l > logits[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        };
+        if self.temperature == 0.0 || logits.is_empty() {
+            return argmax();
+        }
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let mut probs: Vec<(u32, f64)> =
+            logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l as f64 - max) / self.temperature).exp())).collect();
+        let total: f64 = probs.iter().map(|p| p.1).sum();
+        if !(total.is_finite() && total > 0.0) {
+            return argmax();
+        }
+        // Highest first, ties by id, so the kept set is deterministic.
+        probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut keep = probs.len();
+        if self.top_p < 1.0 {
+            let mut acc = 0.0;
+            for (i, p) in probs.iter().enumerate() {
+                acc += p.1 / total;
+                // Smallest prefix whose mass reaches top_p (at least one token).
+                if acc >= self.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        let kept = &probs[..keep];
+        let mass: f64 = kept.iter().map(|p| p.1).sum();
+        let mut u = self.rng.gen::<f64>() * mass;
+        for &(id, p) in kept {
+            if u < p {
+                return id;
+            }
+            u -= p;
+        }
+        kept[keep - 1].0
+    }
+}
+
+/// What one batch produced.
+pub struct BatchOutput {
+    /// (B,1,S,S) f32 mask logits at the SAM resolution.
+    pub mask_logits: Tensor,
+    /// Generated ids per sample, without EOS.
+    pub answers: Vec<Vec<u32>>,
+    /// Whether each sample stopped at EOS (else at `max_new_tokens`).
+    pub hit_eos: Vec<bool>,
+    /// Image encoders, prompt prefill and mask decoder, in seconds.
+    pub encode_secs: f64,
+    /// The token-by-token generation loop, in seconds.
+    pub decode_secs: f64,
+    /// Decoding steps run (each one LLM forward over one new token per row).
+    pub decode_steps: usize,
+}
+
+fn sync(dev: &Device) -> Result<()> {
+    Ok(dev.synchronize()?)
+}
+
+/// Mask logits and answers for a batch (prompts right-padded; each row decodes from its own
+/// length with its own position ids, padding keys masked, one shared KV cache).
+pub fn predict_batch(model: &PrsMed, batch: &ModelBatch, opts: &GenerateOptions) -> Result<BatchOutput> {
+    opts.validate()?;
+    let dev = model.device().clone();
+    let t0 = Instant::now();
+    let image = model.encode_image(&batch.clip_pixels)?;
+    let inp = model.llm_inputs(&batch.prompts, &image, false)?;
+    let (b, t) = inp.key_valid.dims2()?;
+    let n_image = image.dim(1)?;
+    let lens: Vec<usize> = batch.prompts.iter().map(|p| p.before_image.len() + n_image + p.after_image.len()).collect();
+    let padded = lens.iter().any(|&l| l != t);
+    let mut valid = inp.key_valid.clone();
+    let mut cache = KvCache::new(model.llm.config().num_hidden_layers);
+    let hidden =
+        model.llm.forward_embeds(&inp.embeds, padded.then_some(&valid), &inp.position_ids, Some(&mut cache))?;
+    let feats = model.tinysam.forward(&batch.sam_pixels.to_dtype(model.tinysam_dtype())?)?;
+    let mask_logits = model.decoder.forward(&feats, &hidden, &inp.prompt_valid)?.to_dtype(DType::F32)?;
+    // Logits of each row's last real position.
+    let h = hidden.dim(2)?;
+    let last: Vec<u32> = lens.iter().enumerate().map(|(i, &l)| (i * t + l - 1) as u32).collect();
+    let last = hidden.reshape((b * t, h))?.index_select(&Tensor::new(last.as_slice(), &dev)?, 0)?;
+    let mut logits = model.llm.logits(&last)?;
+    sync(&dev)?;
+    let encode_secs = t0.elapsed().as_secs_f64();
+
+    let t1 = Instant::now();
+    let mut samplers: Vec<Sampler> = (0..b).map(|_| Sampler::new(opts.seed, opts.temperature, opts.top_p)).collect();
+    let mut answers = vec![Vec::new(); b];
+    let mut done = vec![false; b];
+    let mut hit_eos = vec![false; b];
+    let mut steps = 0;
+    for step in 0..opts.max_new_tokens {
+        let next: Vec<u32> = if opts.greedy() {
+            logits.argmax(D::Minus1)?.to_vec1::<u32>()?
+        } else {
+            let host = logits.to_vec2::<f32>()?;
+            host.iter().zip(samplers.iter_mut()).map(|(l, s)| s.sample(l)).collect()
+        };
+        let mut feed = vec![PAD_ID; b];
+        for i in 0..b {
+            if done[i] {
+                continue;
+            }
+            if next[i] == EOS_ID && opts.stop_at_eos {
+                done[i] = true;
+                hit_eos[i] = true;
+                continue;
+            }
+            answers[i].push(next[i]);
+            feed[i] = next[i];
+        }
+        if done.iter().all(|&d| d) || step + 1 == opts.max_new_tokens {
+            break;
+        }
+        let ids = Tensor::from_vec(feed, (b, 1), &dev)?;
+        let pos: Vec<u32> = lens.iter().map(|&l| (l + step) as u32).collect();
+        let pos = Tensor::from_vec(pos, (b, 1), &dev)?;
+        let key_valid = if padded {
+            valid = Tensor::cat(&[&valid, &Tensor::ones((b, 1), valid.dtype(), &dev)?], 1)?;
+            Some(&valid)
+        } else {
+            None
+        };
+        let e = model.llm.embed(&ids)?;
+        let hs = model.llm.forward_embeds(&e, key_valid, &pos, Some(&mut cache))?;
+        logits = model.llm.logits(&hs.squeeze(1)?)?;
+        steps += 1;
+    }
+    sync(&dev)?;
+    Ok(BatchOutput {
+        mask_logits,
+        answers,
+        hit_eos,
+        encode_secs,
+        decode_secs: t1.elapsed().as_secs_f64(),
+        decode_steps: steps,
+    })
+}

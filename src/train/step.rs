@@ -1,0 +1,170 @@
+//! One optimizer step, the same everywhere: `prs finetune`, `prs bench train` and the trial
+//! steps of `prs profile-memory` all call [`Stepper::step`], so what is timed and measured is
+//! what trains. A step runs the micro-batches of one accumulation group forward and backward
+//! (their gradients summed), checks the losses and the gradient norm against the divergence
+//! guard, and applies AdamW; a step that is not applied changes nothing (BatchNorm running
+//! statistics included).
+
+use anyhow::Result;
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+
+use super::guard::DivergenceGuard;
+use super::optim::{AdamW, LossScaler, StepStatus};
+use super::state::TrainerState;
+use crate::model::prs_med::{LossNorm, LossWeights, ModelBatch, PrsMed};
+use crate::model::tinysam::FrozenBatchNormStats;
+use crate::nn::ops::TrainingMode;
+use crate::nn::param::ParamKind;
+
+/// What one optimizer step did.
+#[derive(Clone, Debug)]
+pub struct StepOutcome {
+    /// total, seg, lm, cls losses of the step.
+    pub parts: [f64; 4],
+    /// Global gradient norm before clipping (None when no gradient was computed).
+    pub grad_norm: Option<f64>,
+    /// Why the update was not applied (non-finite values, or a spike the guard rejected).
+    pub skipped: Option<String>,
+    pub images: usize,
+    /// Prompt + answer + EOS tokens of every sample.
+    pub tokens: usize,
+}
+
+/// What one micro-batch contributes to an optimizer step.
+pub struct MicroStep {
+    /// Gradients of the (normalised) loss; None when the loss was not finite.
+    pub grads: Option<GradStore>,
+    /// total, seg, lm, cls (each already divided by the step's `norm`).
+    pub parts: [f64; 4],
+}
+
+/// The model and optimizer a step changes, and how.
+pub struct Stepper<'a> {
+    pub model: &'a PrsMed,
+    pub optim: &'a mut AdamW,
+    pub scaler: Option<&'a mut LossScaler>,
+    pub guard: DivergenceGuard,
+    /// TinySAM BatchNorm uses its running statistics (`train.batchnorm = "frozen"`).
+    pub bn_frozen: bool,
+}
+
+impl Stepper<'_> {
+    /// One optimizer step over `micro` (each micro-batch with its dropout seed, produced one at
+    /// a time so that only one micro-batch's activations are alive). `norm` counts the images
+    /// and supervised tokens of the whole group; the guard reads and updates `state`.
+    pub fn step(
+        &mut self,
+        micro: impl IntoIterator<Item = Result<(ModelBatch, u64)>>,
+        norm: LossNorm,
+        weights: &LossWeights,
+        state: &mut TrainerState,
+    ) -> Result<StepOutcome> {
+        // BatchNorm running statistics change in the forward: keep them to undo a skipped step.
+        let buffers = snapshot_buffers(self.model)?;
+        let mut out = StepOutcome { parts: [0.0; 4], grad_norm: None, skipped: None, images: norm.images, tokens: 0 };
+        let mut grads: Option<GradStore> = None;
+        for mb in micro {
+            let (mb, seed) = mb?;
+            out.tokens += mb
+                .prompts
+                .iter()
+                .map(|p| p.before_image.len() + p.after_image.len() + p.answer.len() + 1)
+                .sum::<usize>();
+            let m = micro_backward(self.model, &mb, weights, norm, self.scaler.as_deref(), seed, self.bn_frozen)?;
+            for (p, v) in out.parts.iter_mut().zip(m.parts) {
+                *p += v;
+            }
+            match (m.grads, grads.as_mut()) {
+                (None, _) => {
+                    out.skipped = Some(format!(
+                        "non-finite loss: seg {:.4} lm {:.4} cls {:.4}",
+                        m.parts[1], m.parts[2], m.parts[3]
+                    ))
+                }
+                (Some(g), Some(acc)) => acc.extend(g)?,
+                (Some(g), None) => grads = Some(g),
+            }
+        }
+        if out.skipped.is_none() {
+            out.skipped = self.guard.loss_spike(state, out.parts[0]);
+        }
+        if let (None, Some(g)) = (&out.skipped, grads) {
+            self.optim.set_norm_limit(self.guard.grad_norm_limit(state));
+            let report = match self.scaler.as_deref_mut() {
+                Some(s) => self.optim.step_scaled(&g, s)?,
+                None => self.optim.step(&g)?,
+            };
+            crate::phases::mark(self.model.device(), "AdamW");
+            out.grad_norm = Some(report.grad_norm);
+            out.skipped = match report.status {
+                StepStatus::Applied => None,
+                StepStatus::SkippedNonFinite => Some("non-finite gradient".into()),
+                StepStatus::SkippedSpike => {
+                    let level = state.grad_norm_level.unwrap_or(f64::NAN);
+                    Some(format!(
+                        "gradient norm {:.4} is {:.0}x its running level {level:.4}",
+                        report.grad_norm,
+                        report.grad_norm / level
+                    ))
+                }
+            };
+        }
+        match &out.skipped {
+            Some(_) => restore_buffers(&buffers)?,
+            None => self.guard.update(state, out.parts[0], out.grad_norm.unwrap_or(0.0)),
+        }
+        Ok(out)
+    }
+}
+
+/// Forward + backward of one micro-batch in training mode. Losses are sums divided by the
+/// whole step's counts (`norm`), so summing the gradients of a step's micro-batches equals the
+/// gradient of one large batch.
+pub fn micro_backward(
+    model: &PrsMed,
+    mb: &ModelBatch,
+    weights: &LossWeights,
+    norm: LossNorm,
+    scaler: Option<&LossScaler>,
+    step_seed: u64,
+    bn_frozen: bool,
+) -> Result<MicroStep> {
+    let _train = TrainingMode::enter(step_seed);
+    let _bn = bn_frozen.then(FrozenBatchNormStats::enter);
+    let mark = |name| crate::phases::mark(model.device(), name);
+    let out = model.forward(mb, true)?;
+    let l = model.losses_normed(mb, &out, weights, Some(norm))?;
+    let mut parts = [0f64; 4];
+    for (p, t) in parts.iter_mut().zip([&l.total, &l.seg, &l.lm, &l.cls]) {
+        *p = t.to_scalar::<f32>()? as f64;
+    }
+    mark("losses");
+    if !parts[0].is_finite() {
+        return Ok(MicroStep { grads: None, parts });
+    }
+    let loss = match scaler {
+        Some(s) => s.scale_loss(&l.total)?,
+        None => l.total,
+    };
+    let g = model.backward(&loss)?;
+    mark("backward (outside recomputations)");
+    Ok(MicroStep { grads: Some(g), parts })
+}
+
+fn snapshot_buffers(model: &PrsMed) -> Result<Vec<(Var, Tensor)>> {
+    model
+        .trained
+        .all()
+        .into_iter()
+        .filter(|p| p.kind == ParamKind::Buffer)
+        .map(|p| Ok((p.var.clone(), p.var.as_tensor().copy()?)))
+        .collect()
+}
+
+fn restore_buffers(saved: &[(Var, Tensor)]) -> Result<()> {
+    for (v, t) in saved {
+        v.set(t)?;
+    }
+    Ok(())
+}

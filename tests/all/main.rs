@@ -1,0 +1,28 @@
+//! The integration tests, in one binary: each file below was its own test binary, and linking
+//! candle into each of them cost minutes on two cores. Run one file's tests with
+//! `cargo test --test all -- finetune::` (the module name is the file name).
+
+mod cli;
+mod clip;
+mod common;
+mod data;
+mod decoder;
+mod dropout;
+mod evaluate;
+mod finetune;
+mod grad_checkpoint;
+mod infer_setup;
+mod losses;
+mod metrics;
+mod mistral;
+mod ops_grad;
+mod optim;
+mod predict;
+mod preprocess;
+mod profile_memory;
+mod prs_med;
+mod report;
+mod tinysam;
+mod tokenizer;
+mod upsample_epilogue;
+mod weights_io;
