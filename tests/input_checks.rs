@@ -1,8 +1,19 @@
-//! Inputs checked where they enter: truncated image files.
+//! Inputs checked where they enter: truncated image files, non-binary masks (and the option to
+//! read label masks).
 
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::Parser;
 use image::{DynamicImage, GrayImage, ImageBuffer, ImageFormat, Luma, Rgb, RgbImage};
-use prs::data::dataset::{check_rows, load_mask, read_rows, DatasetOptions, ValidationError};
+use prs::data::dataset::{
+    binarise_mask, binarise_mask_with, check_rows, load_mask, load_mask_with, prepare, read_rows, DatasetOptions,
+    MaskError, MaskRule, PrepareOptions, ValidationError,
+};
 use prs::data::preprocess::{decode_image, load_image};
+use prs::data::sample::SampleBuilder;
 
 fn err_text<T>(r: anyhow::Result<T>) -> String {
     match r {
@@ -105,4 +116,234 @@ fn truncated_image_in_a_dataset_is_reported_on_its_row() {
     let text = e.to_string();
     assert!(text.contains(&format!("{}:2: image: cannot load image", csv.display())), "{text}");
     assert!(text.contains("truncated JPEG"), "{text}");
+}
+
+// ---------------------------------------------------------------- mask values
+
+fn grey(w: u32, h: u32, f: impl Fn(u32, u32) -> u8) -> DynamicImage {
+    DynamicImage::ImageLuma8(GrayImage::from_fn(w, h, |x, y| Luma([f(x, y)])))
+}
+
+fn fg(img: &GrayImage) -> usize {
+    assert!(img.as_raw().iter().all(|&v| v == 0 || v == 255), "not 0/255");
+    img.as_raw().iter().filter(|&&v| v == 255).count()
+}
+
+/// A 16x16 mask whose left 4 columns hold `a` and columns 4..8 hold `b`, the rest 0.
+fn bands(a: u8, b: u8) -> DynamicImage {
+    grey(16, 16, |x, _| {
+        if x < 4 {
+            a
+        } else if x < 8 {
+            b
+        } else {
+            0
+        }
+    })
+}
+
+#[test]
+fn binary_masks_in_every_stored_form_are_accepted() {
+    // 0/255, 0/1, empty, and the same square in each.
+    assert_eq!(fg(&binarise_mask(&bands(255, 255)).unwrap()), 128);
+    assert_eq!(fg(&binarise_mask(&bands(1, 1)).unwrap()), 128);
+    assert_eq!(fg(&binarise_mask(&bands(0, 0)).unwrap()), 0);
+    // A red outline on black (colour masks: channel maximum).
+    let red = RgbImage::from_fn(16, 16, |x, y| if x == 3 || y == 3 { Rgb([255, 0, 0]) } else { Rgb([0, 0, 0]) });
+    assert_eq!(fg(&binarise_mask(&DynamicImage::ImageRgb8(red)).unwrap()), 31);
+    // 16-bit files are read at 16 bits: 0/1 is not rounded to an empty 8-bit mask.
+    let m16 =
+        |v: u16| DynamicImage::ImageLuma16(ImageBuffer::from_fn(16, 16, |x, _| Luma([if x < 4 { v } else { 0 }])));
+    assert_eq!(fg(&binarise_mask(&m16(1)).unwrap()), 64);
+    assert_eq!(fg(&binarise_mask(&m16(u16::MAX)).unwrap()), 64);
+    // Anti-aliased / JPEG-like: near 0 and near 255 with a thin mid-grey edge.
+    let soft = grey(16, 16, |x, y| match x {
+        0..=3 => 250 - (y % 3) as u8,
+        4 => 130,
+        5 => 90,
+        _ => (y % 4) as u8,
+    });
+    assert_eq!(fg(&binarise_mask(&soft).unwrap()), 80, "values >= 128 are lesion");
+}
+
+#[test]
+fn masks_that_are_not_binary_are_reported_with_their_values() {
+    // Class ids.
+    let ids = grey(16, 16, |x, _| (x / 4) as u8);
+    let e = binarise_mask(&ids).unwrap_err();
+    assert!(matches!(e, MaskError::NotBinary { .. }));
+    assert!(e.to_string().starts_with("has values {0, 1, 2, 3}: not a binary mask"), "{e}");
+    assert!(e.to_string().contains("mask_nonzero_is_lesion"), "the message names the option: {e}");
+    // 0/128 (would have been all lesion), 0/100 (all background), 0/2 (one class id).
+    for (v, want) in [(128u8, "{0, 128}"), (100, "{0, 100}"), (2, "{0, 2}")] {
+        let e = binarise_mask(&bands(v, v)).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("has values {want}: not a binary mask")), "{e}");
+    }
+    // A photograph: many values listed briefly.
+    let photo = grey(32, 32, |x, y| ((x * 8 + y) % 256) as u8);
+    let e = binarise_mask(&photo).unwrap_err();
+    assert!(matches!(e, MaskError::LooksLikeImage { .. }), "{e}");
+    let t = e.to_string();
+    assert!(t.contains("is not binary") && t.contains("distinct") && t.len() < 300, "{t}");
+}
+
+#[test]
+fn nonzero_rule_reads_label_masks() {
+    let ids = grey(16, 16, |x, _| (x / 4) as u8); // 0, 1, 2, 3 in four bands
+    assert_eq!(fg(&binarise_mask_with(&ids, MaskRule::NonZero).unwrap()), 3 * 64);
+    assert_eq!(fg(&binarise_mask_with(&bands(128, 0), MaskRule::NonZero).unwrap()), 64);
+    let ids16 = DynamicImage::ImageLuma16(ImageBuffer::from_fn(16, 16, |x, _| Luma([(x / 4) as u16 * 300])));
+    assert_eq!(fg(&binarise_mask_with(&ids16, MaskRule::NonZero).unwrap()), 3 * 64);
+    // Too many values for a label mask: a photo or lossy noise would all become lesion.
+    let photo = grey(32, 32, |x, y| ((x * 8 + y) % 256) as u8);
+    assert!(matches!(binarise_mask_with(&photo, MaskRule::NonZero), Err(MaskError::NotLabels { .. })));
+}
+
+/// A plain-CSV dataset: row 2 a good 0/255 mask, row 3 class ids, row 4 a 0/128 mask.
+fn label_dataset(root: &Path) -> PathBuf {
+    let img = picture(16, 16);
+    img.save(root.join("img.png")).unwrap();
+    if let DynamicImage::ImageLuma8(g) = bands(255, 255) {
+        g.save(root.join("good.png")).unwrap();
+    }
+    if let DynamicImage::ImageLuma8(g) = grey(16, 16, |x, _| (x / 4) as u8) {
+        g.save(root.join("ids.png")).unwrap();
+    }
+    if let DynamicImage::ImageLuma8(g) = bands(128, 0) {
+        g.save(root.join("half.png")).unwrap();
+    }
+    let csv = root.join("plain.csv");
+    std::fs::write(
+        &csv,
+        "image,mask,question,answer,modality\n\
+         img.png,good.png,Where?,Left.,polyp_endoscopy\n\
+         img.png,ids.png,Where?,Left.,polyp_endoscopy\n\
+         img.png,half.png,Where?,Left.,polyp_endoscopy\n",
+    )
+    .unwrap();
+    csv
+}
+
+fn tokenizer() -> Arc<tokenizers::Tokenizer> {
+    Arc::new(prs::tokenizer::from_sentencepiece(&common::tokenizer_model()).unwrap())
+}
+
+fn builder(sam: usize) -> SampleBuilder {
+    SampleBuilder {
+        tokenizer: tokenizer(),
+        template: prs::tokenizer::DEFAULT_PROMPT_TEMPLATE.into(),
+        clip_size: 28,
+        sam_size: sam,
+    }
+}
+
+#[test]
+fn non_binary_mask_rows_are_reported_and_the_option_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = label_dataset(dir.path());
+    let e = prepare(&csv, &PrepareOptions { val_fraction: 0.0, ..Default::default() }).unwrap_err();
+    let v = e.downcast_ref::<ValidationError>().unwrap();
+    assert_eq!(v.problems.iter().map(|p| p.line).collect::<Vec<_>>(), [3, 4], "{e}");
+    let text = e.to_string();
+    let ids = dir.path().join("ids.png");
+    let want = format!("{}:3: mask {} has values {{0, 1, 2, 3}}: not a binary mask", csv.display(), ids.display());
+    assert!(text.contains(&want), "{text}");
+    assert!(text.contains("has values {0, 128}"), "{text}");
+
+    // With the option every row passes, and the rule travels with the rows to the loader.
+    let opts = PrepareOptions {
+        val_fraction: 0.0,
+        dataset: DatasetOptions { mask_rule: MaskRule::NonZero, ..Default::default() },
+        ..Default::default()
+    };
+    let p = prepare(&csv, &opts).unwrap();
+    assert_eq!(p.train.len(), 3);
+    assert!(p.train.iter().all(|r| r.mask_rule == MaskRule::NonZero));
+    assert_eq!(fg(&load_mask_with(&ids, MaskRule::NonZero).unwrap()), 3 * 64);
+    let builder = builder(64);
+    let sample = builder.prepare(&p.train[1], true).unwrap();
+    let mask = sample.mask.unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(mask, (48 * 64) as f32, "three of the four bands are lesion at 64x64");
+    // The default rule refuses the same row in the loader too.
+    let strict = read_rows(&csv, &DatasetOptions::default()).unwrap().rows;
+    assert!(err_text(builder.prepare(&strict[1], true)).contains("not a binary mask"));
+}
+
+#[test]
+fn the_option_comes_from_config_and_flags() {
+    // Older configs (no such key) parse, with the option off.
+    let tiny = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml");
+    let cfg = prs::config::Config::load(&tiny).unwrap();
+    assert!(!cfg.data.mask_nonzero_is_lesion);
+    assert_eq!(PrepareOptions::from_config(&cfg).dataset.mask_rule, MaskRule::Binary);
+    let cli = prs::cli::Cli::try_parse_from(["prs", "finetune", "--config", tiny.to_str().unwrap(), "--seed", "9"]);
+    let prs::cli::Command::Finetune(a) = cli.unwrap().command else { panic!("not finetune") };
+    assert!(!prs::commands::finetune::resolve_config(&a).unwrap().data.mask_nonzero_is_lesion);
+
+    let cli = prs::cli::Cli::try_parse_from([
+        "prs",
+        "finetune",
+        "--config",
+        tiny.to_str().unwrap(),
+        "--mask-nonzero-is-lesion",
+        "--seed",
+        "9",
+    ]);
+    let prs::cli::Command::Finetune(a) = cli.unwrap().command else { panic!("not finetune") };
+    let cfg = prs::commands::finetune::resolve_config(&a).unwrap();
+    assert!(cfg.data.mask_nonzero_is_lesion);
+    let o = PrepareOptions::from_config(&cfg);
+    assert_eq!((o.dataset.mask_rule, o.seed, o.val_fraction), (MaskRule::NonZero, 9, cfg.data.val_fraction));
+    // The saved config keeps it.
+    assert!(prs::config::Config::parse(&cfg.to_toml().unwrap(), &[]).unwrap().data.mask_nonzero_is_lesion);
+    let set = prs::config::Config::parse(
+        &std::fs::read_to_string(&tiny).unwrap(),
+        &["data.mask_nonzero_is_lesion=true".to_string()],
+    );
+    assert!(set.unwrap().data.mask_nonzero_is_lesion);
+}
+
+#[derive(Parser)]
+struct EvalCli {
+    #[command(flatten)]
+    a: prs::commands::evaluate::EvaluateArgs,
+}
+
+/// `prs evaluate --pred-dir` reads the ground truth through the same rule.
+#[test]
+fn evaluate_reports_label_masks_and_reads_them_with_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let m = data.join("polyp_endoscopy");
+    for d in ["test_images", "test_masks"] {
+        std::fs::create_dir_all(m.join(d)).unwrap();
+    }
+    std::fs::create_dir_all(data.join("annotations")).unwrap();
+    picture(16, 16).save(m.join("test_images/1.png")).unwrap();
+    if let DynamicImage::ImageLuma8(g) = grey(16, 16, |x, _| (x / 4) as u8) {
+        g.save(m.join("test_masks/1.png")).unwrap();
+    }
+    std::fs::write(
+        data.join("annotations/polyp.csv"),
+        "image_path,image_name,question,answer,position,split\n\
+         polyp_endoscopy/test_masks/1.png,1.png,Where?,Right.,right,test\n",
+    )
+    .unwrap();
+    // A perfect prediction of "non-zero is lesion".
+    let preds = dir.path().join("preds/polyp_endoscopy");
+    std::fs::create_dir_all(&preds).unwrap();
+    GrayImage::from_fn(16, 16, |x, _| Luma([if x >= 4 { 255 } else { 0 }])).save(preds.join("1.png")).unwrap();
+    let run = |extra: &[&str], out: &str| {
+        let p = dir.path().join("preds").display().to_string();
+        let (d, o) = (data.display().to_string(), dir.path().join(out).display().to_string());
+        let mut args = vec!["prs", "--pred-dir", &p, "--data-root", &d, "--out", &o];
+        args.extend(extra);
+        prs::commands::evaluate::run(&EvalCli::try_parse_from(args).unwrap().a)
+    };
+    let e = err_text(run(&[], "strict"));
+    assert!(e.contains("polyp.csv:2") && e.contains("has values {0, 1, 2, 3}: not a binary mask"), "{e}");
+    run(&["--mask-nonzero-is-lesion"], "labels").unwrap();
+    let sum: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("labels/summary.json")).unwrap()).unwrap();
+    assert_eq!(sum["overall"]["dice"]["mean"], 1.0, "{}", sum["overall"]);
 }

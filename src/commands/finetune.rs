@@ -60,6 +60,10 @@ pub struct FinetuneArgs {
     /// Drop rows that fail validation (reporting how many) instead of stopping.
     #[arg(long, alias = "skip_bad_rows")]
     pub skip_bad_rows: bool,
+    /// Read every non-zero mask value as lesion (class-id label masks); by default masks must
+    /// be binary and other values are reported.
+    #[arg(long, alias = "mask_nonzero_is_lesion")]
+    pub mask_nonzero_is_lesion: bool,
     /// `intended` (weighted BCE, default) or `authors` (their unweighted BCE).
     #[arg(long, alias = "loss_compat")]
     pub loss_compat: Option<String>,
@@ -124,6 +128,9 @@ pub fn resolve_config(args: &FinetuneArgs) -> Result<Config> {
     }
     if args.skip_bad_rows {
         flag("data.skip_bad_rows", "true".into());
+    }
+    if args.mask_nonzero_is_lesion {
+        flag("data.mask_nonzero_is_lesion", "true".into());
     }
     if let Some(v) = &args.loss_compat {
         flag("train.loss_compat", format!("{v:?}"));

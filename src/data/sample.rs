@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use image::{imageops::FilterType, GrayImage};
 use tokenizers::Tokenizer;
 
-use super::dataset::{load_mask, Row};
+use super::dataset::{load_mask_with, Row};
 use super::preprocess::{clip_preprocess, load_image, sam_preprocess};
 use crate::model::prs_med::ModelBatch;
 use crate::tokenizer::{encode_prompt, PromptIds};
@@ -41,7 +41,7 @@ impl SampleBuilder {
         let original_size = (img.width(), img.height());
         let clip_pixels = clip_preprocess(&img, self.clip_size)?;
         let sam_pixels = sam_preprocess(&img, self.sam_size)?;
-        let mask = load_mask(&row.mask)?;
+        let mask = load_mask_with(&row.mask, row.mask_rule)?;
         ensure!(
             mask.dimensions() == original_size,
             "mask {} is {:?}, image {} is {:?}",
