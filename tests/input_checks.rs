@@ -1,11 +1,12 @@
 //! Inputs checked where they enter: truncated image files, non-binary masks (and the option to
-//! read label masks).
+//! read label masks), weight tensors of the wrong dtype or with non-finite values.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use image::{DynamicImage, GrayImage, ImageBuffer, ImageFormat, Luma, Rgb, RgbImage};
 use prs::data::dataset::{
@@ -14,6 +15,8 @@ use prs::data::dataset::{
 };
 use prs::data::preprocess::{decode_image, load_image};
 use prs::data::sample::SampleBuilder;
+use prs::model::load::{load_prs_med, LoadOptions, Mode};
+use prs::weights::shards::{open_safetensors_paths, read_index, write_safetensors_atomic};
 
 fn err_text<T>(r: anyhow::Result<T>) -> String {
     match r {
@@ -346,4 +349,124 @@ fn evaluate_reports_label_masks_and_reads_them_with_the_flag() {
     let sum: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("labels/summary.json")).unwrap()).unwrap();
     assert_eq!(sum["overall"]["dice"]["mean"], 1.0, "{}", sum["overall"]);
+}
+
+// ---------------------------------------------------------------- weights
+
+fn cpu_opts(mode: Mode, ckpt: Option<&Path>) -> LoadOptions<'_> {
+    LoadOptions { device: Device::Cpu, dtype: DType::F32, mode, checkpoint: ckpt, seed: 3 }
+}
+
+/// Rewrites the safetensors file holding `name` (a shard of the base model) with `f` applied to it.
+fn edit_safetensors(file: &Path, name: &str, f: impl Fn(&Tensor) -> Tensor) {
+    let all = candle_core::safetensors::load(file, &Device::Cpu).unwrap();
+    assert!(all.contains_key(name), "{name} not in {}", file.display());
+    let tensors: Vec<(String, Tensor)> =
+        all.into_iter().map(|(k, t)| if k == name { (k, f(&t)) } else { (k, t) }).collect();
+    write_safetensors_atomic(file, &tensors, None).unwrap();
+}
+
+fn shard_of(base: &Path, name: &str) -> PathBuf {
+    let index = read_index(&base.join("model.safetensors.index.json")).unwrap();
+    base.join(&index.weight_map[name])
+}
+
+/// `t` with element `i` (flat) set to `v`.
+fn with_value(t: &Tensor, i: usize, v: f32) -> Tensor {
+    let mut data = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    data[i] = v;
+    Tensor::from_vec(data, t.shape(), &Device::Cpu).unwrap().to_dtype(t.dtype()).unwrap()
+}
+
+#[test]
+fn nan_or_integer_base_weights_are_refused_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::tiny_model(dir.path());
+    let base = PathBuf::from(&cfg.model.base);
+    let name = "model.layers.1.self_attn.v_proj.weight";
+    let shard = shard_of(&base, name);
+    let pristine = std::fs::read(&shard).unwrap();
+
+    edit_safetensors(&shard, name, |t| with_value(t, 5, f32::NAN));
+    let e = err_text(load_prs_med(&cfg, &cpu_opts(Mode::Infer, None)));
+    assert!(e.contains(&format!("tensor `{name}` in {}", shard.display())), "{e}");
+    assert!(e.contains("holds 1 NaN and 0 infinite value(s)"), "{e}");
+    // Training loads the same way.
+    assert!(err_text(load_prs_med(&cfg, &cpu_opts(Mode::Train, None))).contains(name));
+
+    std::fs::write(&shard, &pristine).unwrap();
+    edit_safetensors(&shard, name, |t| with_value(t, 0, f32::NEG_INFINITY));
+    let e = err_text(load_prs_med(&cfg, &cpu_opts(Mode::Infer, None)));
+    assert!(e.contains(name) && e.contains("0 NaN and 1 infinite"), "{e}");
+
+    std::fs::write(&shard, &pristine).unwrap();
+    edit_safetensors(&shard, name, |t| t.to_dtype(DType::I64).unwrap());
+    let e = err_text(load_prs_med(&cfg, &cpu_opts(Mode::Infer, None)));
+    assert!(e.contains(&format!("tensor `{name}` in {} is stored as I64", shard.display())), "{e}");
+    assert!(e.contains("must be a float tensor"), "{e}");
+
+    std::fs::write(&shard, &pristine).unwrap();
+    load_prs_med(&cfg, &cpu_opts(Mode::Infer, None)).expect("the restored model loads");
+}
+
+#[test]
+fn bad_tensors_in_pth_and_trained_checkpoints_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::tiny_model(dir.path());
+    // TinySAM .pth: a NaN in a frozen conv weight (inference keeps TinySAM frozen without a checkpoint).
+    let pth = PathBuf::from(&cfg.model.tinysam);
+    let all = candle_core::pickle::read_all(&pth).unwrap();
+    let name =
+        all.iter().map(|(k, _)| k.clone()).find(|k| k.ends_with(".weight") && k.contains("patch_embed")).unwrap();
+    let pristine = std::fs::read(&pth).unwrap();
+    let edited: Vec<(String, Tensor)> =
+        all.iter().map(|(k, t)| (k.clone(), if *k == name { with_value(t, 1, f32::NAN) } else { t.clone() })).collect();
+    prs::weights::pth::write_pth_atomic(&pth, &edited).unwrap();
+    let e = err_text(load_prs_med(&cfg, &cpu_opts(Mode::Infer, None)));
+    assert!(e.contains(&format!("tensor `{name}` in {}", pth.display())) && e.contains("NaN"), "{e}");
+    std::fs::write(&pth, &pristine).unwrap();
+
+    // A project checkpoint whose mask decoder holds a NaN (a diverged run saved anyway).
+    let m = load_prs_med(&cfg, &cpu_opts(Mode::Train, None)).unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let meta = prs::weights::checkpoint::CheckpointMeta::new(
+        &cfg.model.base,
+        &cfg.model.tinysam,
+        toml::to_string(&cfg.model).unwrap(),
+    );
+    prs::weights::checkpoint::save_checkpoint(&ckpt, &m.trained, &m.spec.lora, meta).unwrap();
+    load_prs_med(&cfg, &cpu_opts(Mode::Infer, Some(&ckpt))).expect("the saved checkpoint loads");
+    let file = ckpt.join("mask_decoder.safetensors");
+    let key = m.trained.group("mask_decoder")[0].key.clone();
+    edit_safetensors(&file, &key, |t| with_value(t, 0, f32::NAN));
+    let e = err_text(load_prs_med(&cfg, &cpu_opts(Mode::Infer, Some(&ckpt))));
+    assert!(e.contains(&format!("tensor `{key}` in {}", file.display())) && e.contains("NaN"), "{e}");
+}
+
+#[test]
+fn weight_checks_at_the_file_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    let dev = Device::Cpu;
+    let tensors = vec![
+        ("big".to_string(), Tensor::full(1.0e6f32, (2, 2), &dev).unwrap()),
+        // Every element finite, but their sum overflows: the one-reduction scan must not refuse it.
+        ("many".to_string(), Tensor::full(3.0e38f32, 4096, &dev).unwrap()),
+        ("ids".to_string(), Tensor::new(&[3i64, 4, 5], &dev).unwrap()),
+        ("flags".to_string(), Tensor::new(&[1u8, 0], &dev).unwrap()),
+    ];
+    write_safetensors_atomic(&path, &tensors, None).unwrap();
+    let st = open_safetensors_paths(&[path.clone()], DType::F32, &dev).unwrap();
+    let many = st.vb.get(4096, "many").unwrap();
+    assert_eq!(many.max(0).unwrap().to_scalar::<f32>().unwrap(), 3.0e38);
+    // F32 values beyond F16's range: an overflow of the conversion, said as such.
+    let f16 = open_safetensors_paths(&[path.clone()], DType::F16, &dev).unwrap();
+    let e = f16.vb.get((2, 2), "big").unwrap_err().to_string();
+    assert!(e.contains("tensor `big`") && e.contains("overflow F16") && e.contains("1e6"), "{e}");
+    assert!(st.vb.get((2, 2), "big").is_ok());
+    // Integer tensors cannot be read as weights, but can be read as what they are.
+    assert!(st.vb.get(3, "ids").unwrap_err().to_string().contains("stored as I64"));
+    assert!(st.vb.get(2, "flags").unwrap_err().to_string().contains("stored as U8"));
+    let ids = st.vb.get_unchecked_dtype("ids", DType::I64).unwrap();
+    assert_eq!(ids.to_vec1::<i64>().unwrap(), [3, 4, 5]);
 }
