@@ -1,5 +1,6 @@
 //! Inputs checked where they enter: truncated image files, non-binary masks (and the option to
-//! read label masks), weight tensors of the wrong dtype or with non-finite values.
+//! read label masks), weight tensors of the wrong dtype or with non-finite values, LoRA targets
+//! that name no module.
 
 mod common;
 
@@ -469,4 +470,28 @@ fn weight_checks_at_the_file_level() {
     assert!(st.vb.get(2, "flags").unwrap_err().to_string().contains("stored as U8"));
     let ids = st.vb.get_unchecked_dtype("ids", DType::I64).unwrap();
     assert_eq!(ids.to_vec1::<i64>().unwrap(), [3, 4, 5]);
+}
+
+// ---------------------------------------------------------------- LoRA targets
+
+#[test]
+fn lora_targets_that_name_no_module_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::tiny_model(dir.path());
+    let with = |targets: &[&str], r: usize| {
+        let mut c = cfg.clone();
+        c.model.lora.target_modules = targets.iter().map(|s| s.to_string()).collect();
+        c.model.lora.r = r;
+        load_prs_med(&c, &cpu_opts(Mode::Train, None))
+    };
+    let e = err_text(with(&["q_proj", "qproj", "v_proj"], 8));
+    assert!(e.contains("model.lora.target_modules: `qproj` (did you mean `q_proj`?)"), "{e}");
+    assert!(e.contains("valid names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"), "{e}");
+    let e = err_text(with(&["self_attn", "mlp.down_proj"], 8));
+    assert!(e.contains("`self_attn`, `mlp.down_proj`"), "{e}");
+    assert!(err_text(with(&["q_proj"], 0)).contains("model.lora.r must be at least 1"));
+    // Valid names still build LoRA on exactly those projections.
+    let m = with(&["q_proj", "down_proj"], 8).unwrap();
+    let layers = cfg.init.as_ref().unwrap().llm.num_hidden_layers;
+    assert_eq!(m.trained.group("lora").len(), layers * 2 * 2);
 }

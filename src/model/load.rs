@@ -49,6 +49,8 @@ pub fn read_llava_config(source: &ModelSource) -> Result<LlavaMedConfig> {
 /// The architecture this configuration describes, given the base model's config.json.
 pub fn spec_from(cfg: &Config, llava: &LlavaMedConfig, lora: &crate::nn::linear::LoraConfig) -> Result<PrsMedSpec> {
     let m = &cfg.model;
+    // Before any weight is read (memory estimates use the spec too).
+    lora.check(&super::mistral::LORA_TARGETS)?;
     let mut tinysam = m.tinysam_arch.clone();
     tinysam.img_size = m.sam_image_size;
     // Four stages (the released TinySAM) downsample 16x; three stages 8x (a finer mask grid).

@@ -123,6 +123,9 @@ impl KvCache {
     }
 }
 
+/// The projections LoRA can target (PEFT's `target_modules` names for Mistral).
+pub const LORA_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
 fn lora_for<'a>(
     lora: Option<(&ParamBuilder<'a>, &LoraConfig)>,
     module: &str,
@@ -291,6 +294,9 @@ impl Mistral {
     /// LoRA hyper-parameters.
     pub fn new(pb: &ParamBuilder, cfg: &MistralConfig, lora: Option<(&ParamBuilder, &LoraConfig)>) -> Result<Self> {
         cfg.validate()?;
+        if let Some((_, l)) = lora {
+            l.check(&LORA_TARGETS)?;
+        }
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let m = pb.pp("model");
         let embed_tokens = m.pp("embed_tokens").get((v, h), "weight", Init::Normal(0.02))?;
