@@ -1,6 +1,6 @@
 //! Inputs checked where they enter: truncated image files, non-binary masks (and the option to
 //! read label masks), weight tensors of the wrong dtype or with non-finite values, LoRA targets
-//! that name no module.
+//! that name no module, prompts longer than the model's positions.
 
 mod common;
 
@@ -15,8 +15,10 @@ use prs::data::dataset::{
     MaskError, MaskRule, PrepareOptions, ValidationError,
 };
 use prs::data::preprocess::{decode_image, load_image};
-use prs::data::sample::SampleBuilder;
-use prs::model::load::{load_prs_med, LoadOptions, Mode};
+use prs::data::sample::{check_prompt_lengths, SampleBuilder};
+use prs::model::load::{load_prs_med, read_llava_config, LoadOptions, Mode};
+use prs::tokenizer::{check_prompt_length, encode_prompt, PromptIds, PromptLimits};
+use prs::weights::hub::ModelSource;
 use prs::weights::shards::{open_safetensors_paths, read_index, write_safetensors_atomic};
 
 fn err_text<T>(r: anyhow::Result<T>) -> String {
@@ -494,4 +496,69 @@ fn lora_targets_that_name_no_module_are_refused() {
     let m = with(&["q_proj", "down_proj"], 8).unwrap();
     let layers = cfg.init.as_ref().unwrap().llm.num_hidden_layers;
     assert_eq!(m.trained.group("lora").len(), layers * 2 * 2);
+}
+
+// ---------------------------------------------------------------- prompt length
+
+#[test]
+fn prompt_length_is_checked_against_the_positions() {
+    let limits = PromptLimits { image_tokens: 64, max_positions: 100 };
+    let p = |text: usize, answer: usize| PromptIds {
+        before_image: vec![1],
+        after_image: vec![5; text - 1],
+        answer: vec![7; answer],
+    };
+    assert_eq!(check_prompt_length(&p(36, 0), limits).unwrap(), 0, "exactly full");
+    assert_eq!(check_prompt_length(&p(30, 0), limits).unwrap(), 6, "room left to generate");
+    assert_eq!(check_prompt_length(&p(30, 5), limits).unwrap(), 0, "answer + EOS count");
+    let e = err_text(check_prompt_length(&p(30, 6), limits));
+    assert!(e.contains("needs 101 positions (30 text + 64 image + 7 answer and EOS)"), "{e}");
+    assert!(e.contains("at most 100 (max_position_embeddings)"), "{e}");
+    assert!(err_text(check_prompt_length(&p(37, 0), limits)).contains("needs 101 positions (37 text + 64 image)"));
+}
+
+#[test]
+fn over_long_rows_are_reported_with_csv_and_row_and_the_model_refuses_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::tiny_model(dir.path());
+    let llava = read_llava_config(&ModelSource::parse(&cfg.model.base).unwrap()).unwrap();
+    let limits = PromptLimits::from_llava(&llava).unwrap();
+    assert_eq!(limits, PromptLimits { image_tokens: 64, max_positions: 2048 });
+
+    let root = dir.path().join("data");
+    std::fs::create_dir_all(&root).unwrap();
+    picture(16, 16).save(root.join("img.png")).unwrap();
+    if let DynamicImage::ImageLuma8(g) = bands(255, 0) {
+        g.save(root.join("m.png")).unwrap();
+    }
+    let long = "where is the lesion ".repeat(600); // ~2400 tokens
+    let csv = root.join("plain.csv");
+    std::fs::write(
+        &csv,
+        format!(
+            "image,mask,question,answer,modality\nimg.png,m.png,Where?,Left.,polyp_endoscopy\n\
+             img.png,m.png,{long},Left.,polyp_endoscopy\nimg.png,m.png,Where is it?,Left.,polyp_endoscopy\n"
+        ),
+    )
+    .unwrap();
+    let rows = read_rows(&csv, &DatasetOptions::default()).unwrap().rows;
+    let b = SampleBuilder { template: cfg.prompt.template.clone(), ..builder(64) };
+    let e = check_prompt_lengths(rows.clone(), &b, limits, true, false).unwrap_err();
+    let v = e.downcast_ref::<ValidationError>().unwrap();
+    assert_eq!(v.problems.iter().map(|p| p.line).collect::<Vec<_>>(), [3]);
+    let text = e.to_string();
+    assert!(text.contains(&format!("{}:3: the prompt is too long", csv.display())), "{text}");
+    assert!(text.contains("but the model takes at most 2048"), "{text}");
+    let (kept, dropped) = check_prompt_lengths(rows.clone(), &b, limits, true, true).unwrap();
+    assert_eq!((kept.iter().map(|r| r.line).collect::<Vec<_>>(), dropped.len()), (vec![2, 4], 1));
+
+    // The model itself refuses such an input (the guard behind every caller).
+    let m = load_prs_med(&cfg, &cpu_opts(Mode::Infer, None)).unwrap();
+    assert_eq!(m.prompt_limits().unwrap(), limits);
+    let prompt = encode_prompt(&b.tokenizer, &cfg.prompt.template, &rows[1].question, None).unwrap();
+    let image = Tensor::zeros((1, 64, llava.llm.hidden_size), DType::F32, &Device::Cpu).unwrap();
+    let e = err_text(m.llm_inputs(&[prompt], &image, false));
+    assert!(e.contains("sample 0 of the batch needs") && e.contains("max_position_embeddings is 2048"), "{e}");
+    let short = encode_prompt(&b.tokenizer, &cfg.prompt.template, "Where?", None).unwrap();
+    assert!(m.llm_inputs(&[short], &image, false).is_ok());
 }

@@ -259,6 +259,14 @@ impl PrsMed {
         Ok((v.image_size / v.patch_size).pow(2))
     }
 
+    /// The position budget of one sequence (see [`crate::tokenizer::check_prompt_length`]).
+    pub fn prompt_limits(&self) -> Result<crate::tokenizer::PromptLimits> {
+        Ok(crate::tokenizer::PromptLimits {
+            image_tokens: self.image_tokens()?,
+            max_positions: self.spec.llava.llm.max_position_embeddings,
+        })
+    }
+
     /// (B,3,Sc,Sc) -> (B,N,H) projected image embeddings in the compute dtype.
     pub fn encode_image(&self, clip_pixels: &Tensor) -> Result<Tensor> {
         let feats = self.clip.forward(&clip_pixels.to_dtype(self.dtype)?)?;
@@ -275,6 +283,16 @@ impl PrsMed {
             "every prompt must have the same text before the image marker"
         );
         let len = |p: &PromptIds| a + n + p.after_image.len() + if train { p.answer.len() + 1 } else { 0 };
+        // The last guard for every path (callers check each input by name first, with
+        // `tokenizer::check_prompt_length`): positions past the limit were never trained.
+        let max_pos = self.llm.config().max_position_embeddings;
+        if let Some((i, l)) = prompts.iter().map(len).enumerate().find(|&(_, l)| l > max_pos) {
+            bail!(
+                "sample {i} of the batch needs {l} LLM positions (its prompt{} and {n} image vectors) but \
+                 max_position_embeddings is {max_pos}: shorten the question",
+                if train { ", answer, EOS" } else { "" }
+            );
+        }
         let t = prompts.iter().map(len).max().unwrap_or(0);
         let mut ids = vec![PAD_ID; b * t];
         let mut valid = vec![0f32; b * t];
