@@ -5,6 +5,7 @@
 //!    dropout on, with and without gradient checkpointing on the GPU;
 //! 2. the updates of three AdamW steps (from weights moved off their initialisation);
 //! 3. greedy prediction: the mask logits and the answer tokens;
+//!
 //! and, loosely, the bf16 loss on CUDA against the f32 CPU loss. Exits non-zero on a failure.
 //!
 //! Usage: gpu_model_check TOKENIZER_MODEL (Mistral's tokenizer.model). Needs `--features cuda` (a CPU build compares the CPU with itself).

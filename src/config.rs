@@ -193,11 +193,21 @@ pub struct DataSection {
     /// Hold-out fraction of train when the data has no `val` split.
     pub val_fraction: f64,
     pub skip_bad_rows: bool,
+    /// Read every non-zero mask value as lesion (label masks with class ids). Off: masks must be
+    /// binary (0/1, 0/255, a colour outline) and any other value set is reported.
+    pub mask_nonzero_is_lesion: bool,
 }
 
 impl Default for DataSection {
     fn default() -> Self {
-        Self { root: None, num_workers: 2, prefetch: 4, val_fraction: 0.05, skip_bad_rows: false }
+        Self {
+            root: None,
+            num_workers: 2,
+            prefetch: 4,
+            val_fraction: 0.05,
+            skip_bad_rows: false,
+            mask_nonzero_is_lesion: false,
+        }
     }
 }
 

@@ -329,3 +329,44 @@ pub fn encode_prompt(tok: &Tokenizer, template: &str, question: &str, answer: Op
     };
     Ok(PromptIds { before_image, after_image, answer })
 }
+
+/// The position budget of one LLM sequence: the image vectors spliced in at the marker and the
+/// LLM's `max_position_embeddings`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PromptLimits {
+    /// Image vectors per image ((image_size / patch_size)^2: 576 for CLIP-L/336).
+    pub image_tokens: usize,
+    /// Positions the LLM was trained for (`max_position_embeddings` of its config).
+    pub max_positions: usize,
+}
+
+/// Positions the LLM input of `prompt` takes: text before the image, the image vectors, text
+/// after it, and, when the prompt carries an answer (training), the answer and EOS.
+pub fn prompt_positions(prompt: &PromptIds, image_tokens: usize) -> usize {
+    let answer = if prompt.answer.is_empty() { 0 } else { prompt.answer.len() + 1 };
+    prompt.prompt_text_len() + image_tokens + answer
+}
+
+/// Refuses a prompt whose LLM input exceeds the model's positions, and returns the positions
+/// left after it (room to generate, for an inference prompt).
+///
+/// Refused rather than truncated: cutting the question changes what is asked, cutting a
+/// training text drops the answer the loss needs, and the mask decoder reads the prompt
+/// positions; beyond `max_position_embeddings` the rotary positions were never trained. A
+/// prompt this long is a data error (a pasted report, a CSV quote that swallowed rows). The
+/// caller names the input (`with_context`: the CSV row, the predict item).
+pub fn check_prompt_length(prompt: &PromptIds, limits: PromptLimits) -> Result<usize> {
+    let used = prompt_positions(prompt, limits.image_tokens);
+    if used <= limits.max_positions {
+        return Ok(limits.max_positions - used);
+    }
+    let answer =
+        if prompt.answer.is_empty() { String::new() } else { format!(" + {} answer and EOS", prompt.answer.len() + 1) };
+    bail!(
+        "the prompt is too long: it needs {used} positions ({} text + {} image{answer}) but the model takes at most \
+         {} (max_position_embeddings); shorten the question",
+        prompt.prompt_text_len(),
+        limits.image_tokens,
+        limits.max_positions
+    )
+}

@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::predict::GenArgs;
-use crate::data::dataset::{check_rows, load_mask, read_rows, DatasetOptions, Row, Split};
+use crate::data::dataset::{check_rows, load_mask_with, read_rows, DatasetOptions, MaskRule, Row, Split};
 use crate::data::preprocess::load_image;
 use crate::files::{self, write_atomic, write_png_atomic};
 use crate::metrics::hd95::hd95;
@@ -90,6 +90,10 @@ pub struct EvaluateArgs {
     /// Drop rows whose files are missing or unreadable (counted) instead of failing.
     #[arg(long)]
     pub skip_bad_rows: bool,
+    /// Read every non-zero ground-truth mask value as lesion (class-id label masks); by default
+    /// masks must be binary and other values are reported.
+    #[arg(long, alias = "mask_nonzero_is_lesion")]
+    pub mask_nonzero_is_lesion: bool,
     /// Method name in the prsmed CSVs (default: the checkpoint or prediction folder name).
     #[arg(long)]
     pub method: Option<String>,
@@ -147,16 +151,16 @@ struct ScoreOpts {
 
 /// The prediction resized to the ground truth's size (nearest, OpenCV's rule) and the
 /// ground truth binarised as the dataset does.
-fn load_pair(pred: &Path, gt: &Path) -> Result<(Vec<u8>, Vec<bool>, usize, usize)> {
+fn load_pair(pred: &Path, gt: &Path, rule: MaskRule) -> Result<(Vec<u8>, Vec<bool>, usize, usize)> {
     let (p, ph, pw) = load_gray_u8(pred)?;
-    let g = load_mask(gt)?;
+    let g = load_mask_with(gt, rule)?;
     let (gw, gh) = (g.width() as usize, g.height() as usize);
     let p = resize_nearest_u8(&p, ph, pw, gh, gw);
     Ok((p, g.as_raw().iter().map(|&v| v > 127).collect(), gh, gw))
 }
 
-fn score_case(pred: &Path, gt_path: &Path, o: ScoreOpts) -> Result<Scored> {
-    let (p, gt, h, w) = load_pair(pred, gt_path)?;
+fn score_case(pred: &Path, gt_path: &Path, rule: MaskRule, o: ScoreOpts) -> Result<Scored> {
+    let (p, gt, h, w) = load_pair(pred, gt_path, rule)?;
     let prob: Vec<f32> = p.iter().map(|&v| v as f32 / 255.0).collect();
     let conf = Confusion::from_prob(&prob, &gt, o.threshold)?;
     let hd = o.hd95.then(|| {
@@ -192,7 +196,11 @@ fn prediction_candidates(root: &Path, id: &str, row: &Row, data_root: &Path) -> 
 fn split_rows(args: &EvaluateArgs) -> Result<Vec<Row>> {
     let split =
         Split::parse(&args.split).with_context(|| format!("--split {}: expected train, val or test", args.split))?;
-    let read = read_rows(&args.data_root, &DatasetOptions::default())?;
+    let opts = DatasetOptions {
+        mask_rule: MaskRule::from_nonzero_is_lesion(args.mask_nonzero_is_lesion),
+        ..Default::default()
+    };
+    let read = read_rows(&args.data_root, &opts)?;
     // Problems of rows we cannot place in a split are reported, not fatal (they may be train rows).
     let (fatal, other): (Vec<_>, Vec<_>) = read.problems.into_iter().partition(|p| p.fatal);
     if !other.is_empty() {
@@ -309,7 +317,7 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         .par_iter()
         .zip(&preds)
         .map(|(row, pred)| {
-            let s = score_case(pred, &row.mask, o)
+            let s = score_case(pred, &row.mask, row.mask_rule, o)
                 .with_context(|| format!("scoring {} against {}", pred.display(), row.mask.display()));
             pb.inc(1);
             s
@@ -572,7 +580,7 @@ fn write_worst(dir: &Path, rows: &[Row], preds: &[PathBuf], cases: &[CaseRow], n
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     order.par_iter().enumerate().try_for_each(|(rank, &i)| -> Result<()> {
         let img = load_image(&rows[i].image)?.into_rgb8();
-        let (p, gt, h, w) = load_pair(&preds[i], &rows[i].mask)?;
+        let (p, gt, h, w) = load_pair(&preds[i], &rows[i].mask, rows[i].mask_rule)?;
         ensure!((w as u32, h as u32) == img.dimensions(), "{}: image and mask sizes differ", rows[i].image.display());
         let pm: Vec<bool> = p.iter().map(|&v| v as f32 / 255.0 >= threshold).collect();
         let ov = overlay_compare(&img, &pm, &gt)?;

@@ -63,6 +63,10 @@ pub struct FinetuneArgs {
     /// Drop rows that fail validation (reporting how many) instead of stopping.
     #[arg(long, alias = "skip_bad_rows")]
     pub skip_bad_rows: bool,
+    /// Read every non-zero mask value as lesion (class-id label masks); by default masks must
+    /// be binary and other values are reported.
+    #[arg(long, alias = "mask_nonzero_is_lesion")]
+    pub mask_nonzero_is_lesion: bool,
     /// Segmentation BCE: `intended` (weighted, default) or `authors` (their unweighted one).
     #[arg(long, alias = "loss_compat", value_enum)]
     pub loss_compat: Option<LossCompat>,
@@ -125,6 +129,9 @@ pub fn resolve_config(args: &FinetuneArgs) -> Result<Config> {
     }
     if args.skip_bad_rows {
         d.skip_bad_rows = true;
+    }
+    if args.mask_nonzero_is_lesion {
+        d.mask_nonzero_is_lesion = true;
     }
     if let Some(v) = args.loss_compat {
         t.loss_compat = v;

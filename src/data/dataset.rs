@@ -69,6 +69,9 @@ pub struct Row {
     pub modality: String,
     pub class_id: u32,
     pub split: Split,
+    /// How this row's mask is read (from [`DatasetOptions::mask_rule`]), so every later reader
+    /// of the mask (validation, the loader's workers, evaluation) applies the same rule.
+    pub mask_rule: MaskRule,
 }
 
 impl Row {
@@ -147,6 +150,8 @@ pub struct DatasetOptions {
     pub modality_map: BTreeMap<String, u32>,
     /// Question used where an older-format row has an empty description.
     pub default_question: String,
+    /// How masks are read (`data.mask_nonzero_is_lesion`).
+    pub mask_rule: MaskRule,
 }
 
 impl Default for DatasetOptions {
@@ -154,6 +159,7 @@ impl Default for DatasetOptions {
         Self {
             modality_map: BTreeMap::new(),
             default_question: "Where is the lesion located in this image? Please segment it.".into(),
+            mask_rule: MaskRule::Binary,
         }
     }
 }
@@ -389,44 +395,155 @@ fn parse_row(
         modality,
         class_id: class_id.unwrap(),
         split: split.unwrap(),
+        mask_rule: opts.mask_rule,
     })
 }
 
-/// Brings a decoded mask to one 0/255 channel: colour masks take the channel maximum (a red
-/// outline on black is foreground), 0/1 label masks are scaled, then threshold at 0.5.
-/// Errors when the mask looks like a photograph rather than a mask (more than a quarter of
-/// its pixels mid-grey), the typical result of a swapped image/mask path.
-pub fn binarise_mask(mask: &DynamicImage) -> std::result::Result<GrayImage, String> {
-    let mut grey = match mask {
-        DynamicImage::ImageLuma8(g) => g.clone(),
-        DynamicImage::ImageLumaA8(_) | DynamicImage::ImageLuma16(_) | DynamicImage::ImageLumaA16(_) => mask.to_luma8(),
-        other => {
-            let rgb = other.to_rgb8();
-            let (w, h) = rgb.dimensions();
-            let raw = rgb.as_raw().chunks_exact(3).map(|p| p[0].max(p[1]).max(p[2])).collect();
-            GrayImage::from_raw(w, h, raw).expect("size matches")
-        }
-    };
-    let max = grey.as_raw().iter().copied().max().unwrap_or(0);
-    if max == 1 {
-        grey.as_mut().iter_mut().for_each(|v| *v *= 255);
-    }
-    let n = grey.as_raw().len().max(1);
-    let mid = grey.as_raw().iter().filter(|&&v| (32..=223).contains(&v)).count();
-    if mid * 4 > n {
-        return Err(format!(
-            "mask is not binary: {:.0}% of pixels are mid-grey (is this an image rather than a mask?)",
-            100.0 * mid as f64 / n as f64
-        ));
-    }
-    grey.as_mut().iter_mut().for_each(|v| *v = if *v > 127 { 255 } else { 0 });
-    Ok(grey)
+/// How mask values are read as lesion or background.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MaskRule {
+    /// Binary masks only (see [`binarise_mask_with`]); any other value set is an error, so a
+    /// class-id or 0/128 mask is never silently read as all background or all lesion.
+    #[default]
+    Binary,
+    /// Every non-zero value is lesion (label masks with class ids 1, 2, 3...):
+    /// `data.mask_nonzero_is_lesion` / `--mask-nonzero-is-lesion`.
+    NonZero,
 }
 
-/// Decodes and binarises a mask file (see [`binarise_mask`]).
+impl MaskRule {
+    /// The rule the `mask_nonzero_is_lesion` setting asks for.
+    pub fn from_nonzero_is_lesion(nonzero: bool) -> Self {
+        if nonzero {
+            MaskRule::NonZero
+        } else {
+            MaskRule::Binary
+        }
+    }
+}
+
+/// Why a mask cannot be read. Messages follow the file name ("mask X has values ...").
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum MaskError {
+    #[error(
+        "has values {values}: not a binary mask (expected 0/1, 0/255 or a colour outline on black; if \
+         non-zero values are class ids, set data.mask_nonzero_is_lesion = true or pass \
+         --mask-nonzero-is-lesion to count every non-zero value as lesion)"
+    )]
+    NotBinary { values: String },
+    #[error(
+        "is not binary: {percent:.0}% of pixels are mid-grey, values {values} (is this an image rather than a mask?)"
+    )]
+    LooksLikeImage { percent: f64, values: String },
+    #[error(
+        "has {distinct} distinct values {values}: not a label mask (mask_nonzero_is_lesion counts every \
+         non-zero value as lesion, so it needs a lossless mask of a few label values; is this an image or a \
+         JPEG mask?)"
+    )]
+    NotLabels { distinct: usize, values: String },
+}
+
+/// Most distinct values a label mask may have under [`MaskRule::NonZero`]; more means a photo or
+/// lossy compression noise, which that rule would turn into lesion.
+pub const MAX_LABEL_VALUES: usize = 64;
+
+/// One channel of the mask at its stored depth (colour: the channel maximum, so a red outline
+/// on black is foreground; alpha ignored) and the full-scale value (255 or 65535).
+fn mask_levels(mask: &DynamicImage) -> (Vec<u16>, u16) {
+    fn max_of(raw: &[u8], step: usize) -> Vec<u16> {
+        raw.chunks_exact(step).map(|p| p[0].max(p[1]).max(p[2]) as u16).collect()
+    }
+    fn max_of16(raw: &[u16], step: usize) -> Vec<u16> {
+        raw.chunks_exact(step).map(|p| p[0].max(p[1]).max(p[2])).collect()
+    }
+    match mask {
+        DynamicImage::ImageLuma8(g) => (g.as_raw().iter().map(|&v| v as u16).collect(), 255),
+        DynamicImage::ImageLumaA8(g) => (g.as_raw().chunks_exact(2).map(|p| p[0] as u16).collect(), 255),
+        DynamicImage::ImageRgb8(c) => (max_of(c.as_raw(), 3), 255),
+        DynamicImage::ImageRgba8(c) => (max_of(c.as_raw(), 4), 255),
+        DynamicImage::ImageLuma16(g) => (g.as_raw().clone(), u16::MAX),
+        DynamicImage::ImageLumaA16(g) => (g.as_raw().chunks_exact(2).map(|p| p[0]).collect(), u16::MAX),
+        DynamicImage::ImageRgb16(c) => (max_of16(c.as_raw(), 3), u16::MAX),
+        DynamicImage::ImageRgba16(c) => (max_of16(c.as_raw(), 4), u16::MAX),
+        other => (max_of(other.to_rgb8().as_raw(), 3), 255),
+    }
+}
+
+/// "{0, 1, 2, 3}", or the first and last few with the count when there are many.
+fn format_values(distinct: &[u16]) -> String {
+    let list = |v: &[u16]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ");
+    if distinct.len() <= 12 {
+        format!("{{{}}}", list(distinct))
+    } else {
+        let n = distinct.len();
+        format!("{{{}, ..., {}}} ({n} distinct)", list(&distinct[..6]), list(&distinct[n - 3..]))
+    }
+}
+
+/// [`binarise_mask_with`] under the default [`MaskRule::Binary`].
+pub fn binarise_mask(mask: &DynamicImage) -> std::result::Result<GrayImage, MaskError> {
+    binarise_mask_with(mask, MaskRule::Binary)
+}
+
+/// Brings a decoded mask to one 0/255 channel. Colour masks take the channel maximum; 16-bit
+/// masks are read at 16 bits (a 16-bit 0/1 mask is not rounded away).
+///
+/// [`MaskRule::Binary`] accepts, with F the full scale (255, or 65535 for 16-bit files):
+/// - exactly {0, 1} or {0, F} (either may be absent);
+/// - a soft version of 0/F, as anti-aliasing or JPEG leave it: some pixel near F (> 7F/8) and
+///   at most a quarter of the pixels mid-grey (F/8..7F/8), thresholded at F/2. (Small non-zero
+///   values in such a mask, e.g. {0, 1, 255}, are background: they cannot be told from JPEG
+///   noise by their values.)
+///
+/// Anything else is an error listing the values: class ids ({0, 1, 2, 3}), a 0/128 mask, or a
+/// photograph (more than a quarter of its pixels mid-grey in more than 16 distinct values, the
+/// typical swapped image/mask path).
+/// [`MaskRule::NonZero`] makes every non-zero value lesion; it refuses masks with more than
+/// [`MAX_LABEL_VALUES`] distinct values (photos, lossy files), whose noise would become lesion.
+pub fn binarise_mask_with(mask: &DynamicImage, rule: MaskRule) -> std::result::Result<GrayImage, MaskError> {
+    let (w, h) = mask.dimensions();
+    let (levels, full) = mask_levels(mask);
+    let mut hist = vec![0usize; full as usize + 1];
+    levels.iter().for_each(|&v| hist[v as usize] += 1);
+    let distinct: Vec<u16> = (0..=full).filter(|&v| hist[v as usize] > 0).collect();
+    let only = |set: &[u16]| distinct.iter().all(|v| set.contains(v));
+    let (f, n) = (full as u32 + 1, levels.len().max(1));
+    let foreground: Box<dyn Fn(u16) -> bool> = match rule {
+        MaskRule::NonZero => {
+            if distinct.len() > MAX_LABEL_VALUES {
+                return Err(MaskError::NotLabels { distinct: distinct.len(), values: format_values(&distinct) });
+            }
+            Box::new(|v| v > 0)
+        }
+        MaskRule::Binary if only(&[0, 1]) => Box::new(|v| v == 1),
+        MaskRule::Binary if only(&[0, full]) => Box::new(move |v| v == full),
+        MaskRule::Binary => {
+            let is_mid = |v: u16| (f..7 * f).contains(&(8 * v as u32));
+            let mid: usize = distinct.iter().filter(|&&v| is_mid(v)).map(|&v| hist[v as usize]).sum();
+            // Many mid-grey pixels of many values: a photograph; of a few values: label levels.
+            if mid * 4 > n && distinct.len() > 16 {
+                let percent = 100.0 * mid as f64 / n as f64;
+                return Err(MaskError::LooksLikeImage { percent, values: format_values(&distinct) });
+            }
+            if mid * 4 > n || !distinct.iter().any(|&v| 8 * v as u32 >= 7 * f) {
+                return Err(MaskError::NotBinary { values: format_values(&distinct) });
+            }
+            Box::new(move |v| 2 * v as u32 >= f)
+        }
+    };
+    let raw = levels.iter().map(|&v| if foreground(v) { 255 } else { 0 }).collect();
+    Ok(GrayImage::from_raw(w, h, raw).expect("one value per pixel"))
+}
+
+/// Decodes and binarises a mask file under [`MaskRule::Binary`] (see [`binarise_mask_with`]).
 pub fn load_mask(path: &Path) -> Result<GrayImage> {
+    load_mask_with(path, MaskRule::Binary)
+}
+
+/// Decodes and binarises a mask file; errors name the file.
+pub fn load_mask_with(path: &Path, rule: MaskRule) -> Result<GrayImage> {
     let img = decode_image(path)?;
-    binarise_mask(&img).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    binarise_mask_with(&img, rule).map_err(|e| anyhow::anyhow!("mask {} {e}", path.display()))
 }
 
 /// What checking rows found.
@@ -488,8 +605,8 @@ fn check_files(row: &Row) -> (Vec<String>, Vec<String>) {
         }
     }
     if let Some(m) = &mask {
-        match binarise_mask(m) {
-            Err(e) => errs.push(format!("{}: {e}", row.mask.display())),
+        match binarise_mask_with(m, row.mask_rule) {
+            Err(e) => errs.push(format!("mask {} {e}", row.mask.display())),
             Ok(bin) => match (position_of_mask(&bin), row.position) {
                 (None, _) => warns.push(format!("mask {} is empty", row.mask.display())),
                 (Some(p), Some(q)) if p != q => {
@@ -550,6 +667,21 @@ pub struct PrepareOptions {
     /// Hold-out fraction when the CSVs have no `val` rows.
     pub val_fraction: f64,
     pub seed: u64,
+}
+
+impl PrepareOptions {
+    /// The options a run's configuration asks for (`data.*`, and `train.seed` for the hold-out).
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        Self {
+            dataset: DatasetOptions {
+                mask_rule: MaskRule::from_nonzero_is_lesion(cfg.data.mask_nonzero_is_lesion),
+                ..Default::default()
+            },
+            skip_bad_rows: cfg.data.skip_bad_rows,
+            val_fraction: cfg.data.val_fraction,
+            seed: cfg.train.seed,
+        }
+    }
 }
 
 impl Default for PrepareOptions {

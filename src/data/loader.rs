@@ -90,7 +90,7 @@ impl BatchPlan {
         if self.cfg.drop_last && batches.last().is_some_and(|l| l.len() < b) {
             batches.pop();
         }
-        shuffle(&mut batches, mix64(seed ^ 0xBA7C_4E5));
+        shuffle(&mut batches, mix64(seed ^ 0x0BA7_C4E5));
         batches
     }
 
@@ -139,10 +139,13 @@ struct Job<T> {
     reply: Sender<Result<T>>,
 }
 
+/// A batch in flight: its plan index, its sample indices, one reply per sample.
+type InFlight<T> = (usize, Vec<usize>, Vec<Receiver<Result<T>>>);
+
 /// Iterator over transformed batches in planned order. Dropping it stops the workers.
 pub struct Loader<T: Send + 'static> {
     batches: std::vec::IntoIter<(usize, Vec<usize>)>,
-    pending: VecDeque<(usize, Vec<usize>, Vec<Receiver<Result<T>>>)>,
+    pending: VecDeque<InFlight<T>>,
     jobs: Option<Sender<Job<T>>>,
     stop: Arc<AtomicBool>,
     workers: Vec<JoinHandle<()>>,

@@ -47,15 +47,119 @@ impl Resample {
 
 /// Decodes an image file as stored (grey, RGB, 16-bit...), the format guessed from its bytes;
 /// the one decoder for images and masks, so every bad file gives the same message.
+///
+/// A truncated file is an error, not a partly grey image: the JPEG decoder pads missing scan
+/// data silently, so PNG and JPEG files are first walked marker by marker / chunk by chunk
+/// ([`check_complete`]) and must reach their end marker (JPEG EOI, PNG IEND).
 pub fn decode_image(path: &Path) -> Result<DynamicImage> {
     let decode = || -> Result<DynamicImage> {
-        let reader = image::ImageReader::open(path)?.with_guessed_format()?;
-        if reader.format().is_none() {
-            bail!("unrecognised image format (expected PNG or JPEG)");
+        // One read: the structure check and the decoder see the same bytes.
+        let bytes = std::fs::read(path)?;
+        let mut reader = image::ImageReader::new(std::io::Cursor::new(&bytes));
+        // The extension's format when the content gives none (as `ImageReader::open`), so the
+        // decoder says what is wrong with, say, a text file named .png.
+        if let Ok(f) = image::ImageFormat::from_path(path) {
+            reader.set_format(f);
         }
+        let reader = reader.with_guessed_format()?;
+        let Some(format) = reader.format() else { bail!("unrecognised image format (expected PNG or JPEG)") };
+        check_complete(&bytes, format)?;
         Ok(reader.decode()?)
     };
     decode().with_context(|| format!("cannot load image {}", path.display()))
+}
+
+/// Checks that an encoded PNG, JPEG or BMP file is complete (not cut short); other formats, and
+/// bytes without the format's signature, are left to the decoder, which names the problem.
+pub fn check_complete(bytes: &[u8], format: image::ImageFormat) -> Result<()> {
+    match format {
+        image::ImageFormat::Png if bytes.starts_with(b"\x89PNG\r\n\x1a\n") => png_complete(bytes),
+        image::ImageFormat::Jpeg if bytes.starts_with(&[0xFF, 0xD8]) => jpeg_complete(bytes),
+        image::ImageFormat::Bmp if bytes.starts_with(b"BM") => bmp_complete(bytes),
+        _ => Ok(()),
+    }
+}
+
+/// Walks the PNG chunks (length, type, data, CRC) up to IEND.
+fn png_complete(b: &[u8]) -> Result<()> {
+    let n = b.len();
+    let mut i = 8; // signature
+    while i + 8 <= n {
+        let len = u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]) as usize;
+        let kind = &b[i + 4..i + 8];
+        if !kind.iter().all(u8::is_ascii_alphabetic) {
+            bail!("corrupt PNG: no valid chunk at byte {i}");
+        }
+        let end = i + 12 + len; // length + type + data + CRC
+        if end > n {
+            bail!(
+                "truncated PNG: chunk {} at byte {i} needs {} bytes, the file ends after {n}",
+                String::from_utf8_lossy(kind),
+                end
+            );
+        }
+        if kind == b"IEND" {
+            return Ok(());
+        }
+        i = end;
+    }
+    bail!("truncated PNG: the file ends after {n} bytes without its IEND chunk")
+}
+
+/// Walks the JPEG segments (skipping each by its length) and the entropy-coded scan data (where
+/// 0xFF is always followed by a stuffed 0x00 or a restart marker) until the EOI marker FF D9.
+/// Walking, rather than looking for FF D9 anywhere, ignores an EOI inside an embedded thumbnail.
+fn jpeg_complete(b: &[u8]) -> Result<()> {
+    let n = b.len();
+    let mut i = 2; // SOI
+    let mut scans = 0;
+    loop {
+        // The next marker: 0xFF followed by a byte that is neither stuffing (00), fill (FF) nor
+        // a restart marker (D0-D7, standalone inside scan data).
+        let Some(at) =
+            (i..n.saturating_sub(1)).find(|&k| b[k] == 0xFF && !matches!(b[k + 1], 0x00 | 0xFF | 0xD0..=0xD7 | 0x01))
+        else {
+            let what = if scans == 0 { "before its image data" } else { "inside its image data" };
+            bail!("truncated JPEG: the file ends after {n} bytes {what}, without the end-of-image marker FF D9");
+        };
+        let marker = b[at + 1];
+        match marker {
+            0xD9 => return Ok(()),
+            0xD8 => {
+                // A stray SOI has no length.
+                i = at + 2;
+                continue;
+            }
+            _ => {}
+        }
+        if at + 4 > n {
+            bail!("truncated JPEG: the file ends after {n} bytes inside marker FF {marker:02X}");
+        }
+        let len = u16::from_be_bytes([b[at + 2], b[at + 3]]) as usize;
+        if at + 2 + len > n {
+            bail!(
+                "truncated JPEG: segment FF {marker:02X} at byte {at} needs {} bytes, the file has {n}",
+                at + 2 + len
+            );
+        }
+        if marker == 0xDA {
+            scans += 1;
+        }
+        i = at + 2 + len;
+    }
+}
+
+/// A BMP's header states its file size.
+fn bmp_complete(b: &[u8]) -> Result<()> {
+    if b.len() < 6 {
+        bail!("truncated BMP: {} bytes", b.len());
+    }
+    let want = u32::from_le_bytes([b[2], b[3], b[4], b[5]]) as usize;
+    // Some writers leave the size field 0; then the decoder's own reads are the check.
+    if want > b.len() {
+        bail!("truncated BMP: the header says {want} bytes, the file has {}", b.len());
+    }
+    Ok(())
 }
 
 /// Decodes PNG (8/16-bit, grey, palette, with or without alpha) or JPEG and converts to 8-bit

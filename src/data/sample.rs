@@ -6,12 +6,13 @@ use std::sync::Arc;
 use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use image::{imageops::FilterType, GrayImage};
+use rayon::prelude::*;
 use tokenizers::Tokenizer;
 
-use super::dataset::{load_mask, Row};
+use super::dataset::{load_mask_with, Problem, Row, ValidationError};
 use super::preprocess::{clip_preprocess, load_image, sam_preprocess};
 use crate::model::prs_med::ModelBatch;
-use crate::tokenizer::{encode_prompt, PromptIds};
+use crate::tokenizer::{check_prompt_length, encode_prompt, PromptIds, PromptLimits};
 
 /// One sample, ready to batch (tensors on the CPU).
 pub struct PreparedSample {
@@ -41,7 +42,7 @@ impl SampleBuilder {
         let original_size = (img.width(), img.height());
         let clip_pixels = clip_preprocess(&img, self.clip_size)?;
         let sam_pixels = sam_preprocess(&img, self.sam_size)?;
-        let mask = load_mask(&row.mask)?;
+        let mask = load_mask_with(&row.mask, row.mask_rule)?;
         ensure!(
             mask.dimensions() == original_size,
             "mask {} is {:?}, image {} is {:?}",
@@ -56,6 +57,42 @@ impl SampleBuilder {
             .with_context(|| format!("tokenising {}:{}", row.csv.display(), row.line))?;
         Ok(PreparedSample { clip_pixels, sam_pixels, mask, prompt, class_id: row.class_id, original_size })
     }
+}
+
+/// Checks that every row's LLM input fits the model's positions
+/// ([`crate::tokenizer::check_prompt_length`]; refused, never truncated): `with_answer` for
+/// training sequences (prompt, image vectors, answer, EOS), else the inference prompt. Like
+/// [`super::dataset::check_rows`], every over-long row is reported at once, naming CSV and row;
+/// without `skip_bad_rows` any is an error, with it they are dropped. Returns the kept rows and
+/// the problems of the dropped ones. Tokenises each row once, in parallel.
+pub fn check_prompt_lengths(
+    rows: Vec<Row>,
+    builder: &SampleBuilder,
+    limits: PromptLimits,
+    with_answer: bool,
+    skip_bad_rows: bool,
+) -> Result<(Vec<Row>, Vec<Problem>)> {
+    let verdicts: Vec<Option<String>> = rows
+        .par_iter()
+        .map(|r| {
+            let answer = with_answer.then_some(r.answer.as_str());
+            encode_prompt(&builder.tokenizer, &builder.template, &r.question, answer)
+                .and_then(|p| check_prompt_length(&p, limits))
+                .err()
+                .map(|e| format!("{e:#}"))
+        })
+        .collect();
+    let (mut kept, mut problems) = (Vec::new(), Vec::new());
+    for (row, verdict) in rows.into_iter().zip(verdicts) {
+        match verdict {
+            None => kept.push(row),
+            Some(message) => problems.push(Problem { csv: row.csv, line: row.line, message, fatal: false }),
+        }
+    }
+    if !skip_bad_rows && !problems.is_empty() {
+        return Err(ValidationError { problems }.into());
+    }
+    Ok((kept, problems))
 }
 
 /// Bilinear resize to `size` x `size`, then binarise at 0.5 (the authors' targets stayed soft).

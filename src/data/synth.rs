@@ -173,6 +173,9 @@ impl Blob {
     }
 }
 
+// 6.28 below is a range bound of the random draws, not 2 pi: kept so the generated data stays
+// the same.
+#[allow(clippy::approx_constant)]
 fn random_blob(rng: &mut StdRng, max_reach: f32) -> Blob {
     let r_hi = (max_reach / 1.3).max(2.0);
     let rx = rng.gen_range((0.35 * r_hi).max(1.5)..=r_hi);
@@ -226,6 +229,7 @@ fn place_blobs(rng: &mut StdRng, size: u32, target: Position) -> Vec<Blob> {
 }
 
 /// Low-frequency texture: a sum of three random plane waves, about in [-1, 1].
+#[allow(clippy::approx_constant)]
 fn texture(rng: &mut StdRng, s: f32) -> impl Fn(f32, f32) -> f32 {
     let waves: Vec<(f32, f32, f32)> = (0..3)
         .map(|_| {

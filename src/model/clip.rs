@@ -60,13 +60,13 @@ impl ClipVisionConfig {
 
     fn validate(&self) -> Result<()> {
         ensure!(
-            self.patch_size > 0 && self.image_size % self.patch_size == 0,
+            self.patch_size > 0 && self.image_size.is_multiple_of(self.patch_size),
             "clip: image_size {} is not a multiple of patch_size {}",
             self.image_size,
             self.patch_size
         );
         ensure!(
-            self.num_attention_heads > 0 && self.hidden_size % self.num_attention_heads == 0,
+            self.num_attention_heads > 0 && self.hidden_size.is_multiple_of(self.num_attention_heads),
             "clip: hidden_size {} is not divisible by num_attention_heads {}",
             self.hidden_size,
             self.num_attention_heads

@@ -71,10 +71,10 @@ impl DecoderConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.dim % self.cross_heads != 0 || self.dim % self.self_heads != 0 {
+        if !self.dim.is_multiple_of(self.cross_heads) || !self.dim.is_multiple_of(self.self_heads) {
             bail!("decoder dim {} must be divisible by the head counts", self.dim);
         }
-        if self.dim % 4 != 0 || self.dim < 4 {
+        if !self.dim.is_multiple_of(4) || self.dim < 4 {
             bail!("decoder dim {} must be a multiple of 4 (blocks go to dim/4)", self.dim);
         }
         Ok(())

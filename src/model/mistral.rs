@@ -74,14 +74,14 @@ impl MistralConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             bail!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
                 self.num_key_value_heads
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             bail!("head_dim {} must be even for rotary embeddings", self.head_dim());
         }
         if let Some(w) = self.sliding_window {
@@ -122,6 +122,9 @@ impl KvCache {
         Ok(kv)
     }
 }
+
+/// The projections LoRA can target (PEFT's `target_modules` names for Mistral).
+pub const LORA_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
 fn lora_for<'a>(
     lora: Option<(&ParamBuilder<'a>, &LoraConfig)>,
@@ -291,6 +294,9 @@ impl Mistral {
     /// LoRA hyper-parameters.
     pub fn new(pb: &ParamBuilder, cfg: &MistralConfig, lora: Option<(&ParamBuilder, &LoraConfig)>) -> Result<Self> {
         cfg.validate()?;
+        if let Some((_, l)) = lora {
+            l.check(&LORA_TARGETS)?;
+        }
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let m = pb.pp("model");
         let embed_tokens = m.pp("embed_tokens").get((v, h), "weight", Init::Normal(0.02))?;

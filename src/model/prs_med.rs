@@ -55,6 +55,16 @@ fn default_aspect() -> String {
 }
 
 impl LlavaMedConfig {
+    /// The positions a prompt may use: image vectors and the LLM's position limit.
+    pub fn prompt_limits(&self) -> Result<crate::tokenizer::PromptLimits> {
+        let v = self.vision_config()?;
+        ensure!(v.patch_size > 0, "vision config: patch_size is 0");
+        Ok(crate::tokenizer::PromptLimits {
+            image_tokens: v.num_patches(),
+            max_positions: self.llm.max_position_embeddings,
+        })
+    }
+
     pub fn vision_config(&self) -> Result<ClipVisionConfig> {
         if let Some(v) = &self.mm_vision_config {
             return Ok(v.clone());
@@ -267,6 +277,11 @@ impl PrsMed {
         Ok((v.image_size / v.patch_size).pow(2))
     }
 
+    /// The position budget of one sequence (see [`crate::tokenizer::check_prompt_length`]).
+    pub fn prompt_limits(&self) -> Result<crate::tokenizer::PromptLimits> {
+        self.spec.llava.prompt_limits()
+    }
+
     /// (B,3,Sc,Sc) -> (B,N,H) projected image embeddings in the compute dtype.
     pub fn encode_image(&self, clip_pixels: &Tensor) -> Result<Tensor> {
         let feats = self.clip.forward(&clip_pixels.to_dtype(self.dtype)?)?;
@@ -283,6 +298,16 @@ impl PrsMed {
             "every prompt must have the same text before the image marker"
         );
         let len = |p: &PromptIds| a + n + p.after_image.len() + if train { p.answer.len() + 1 } else { 0 };
+        // The last guard for every path (callers check each input by name first, with
+        // `tokenizer::check_prompt_length`): positions past the limit were never trained.
+        let max_pos = self.llm.config().max_position_embeddings;
+        if let Some((i, l)) = prompts.iter().map(len).enumerate().find(|&(_, l)| l > max_pos) {
+            bail!(
+                "sample {i} of the batch needs {l} LLM positions (its prompt{} and {n} image vectors) but \
+                 max_position_embeddings is {max_pos}: shorten the question",
+                if train { ", answer, EOS" } else { "" }
+            );
+        }
         let t = prompts.iter().map(len).max().unwrap_or(0);
         let mut ids = vec![PAD_ID; b * t];
         let mut valid = vec![0f32; b * t];

@@ -32,6 +32,9 @@ use crate::nn::norm::LayerNorm;
 use crate::nn::param::{Init, Param, ParamBuilder};
 use crate::nn::{add_any, mul_any, ops, Linear};
 
+/// One block's forward, as a checkpoint runs it.
+type BlockFn = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+
 /// Hyper-parameters of the encoder. `tinyvit_5m()` (= `Default`) is the released model.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TinySamConfig {
@@ -98,10 +101,10 @@ impl TinySamConfig {
             self.embed_dims.len() == n && self.num_heads.len() == n && self.window_sizes.len() == n,
             "tinysam: embed_dims, depths, num_heads and window_sizes must have the same length"
         );
-        ensure!(self.embed_dims[0] % 2 == 0, "tinysam: embed_dims[0] must be even (stem width is half of it)");
+        ensure!(self.embed_dims[0].is_multiple_of(2), "tinysam: embed_dims[0] must be even (stem width is half of it)");
         for l in 1..n {
             ensure!(
-                self.num_heads[l] > 0 && self.embed_dims[l] % self.num_heads[l] == 0,
+                self.num_heads[l] > 0 && self.embed_dims[l].is_multiple_of(self.num_heads[l]),
                 "tinysam: stage {l} width {} is not divisible by {} heads",
                 self.embed_dims[l],
                 self.num_heads[l]
@@ -109,7 +112,7 @@ impl TinySamConfig {
             ensure!(self.window_sizes[l] > 0, "tinysam: stage {l} window size is 0");
         }
         ensure!(
-            self.img_size > 0 && self.img_size % self.total_stride() == 0,
+            self.img_size > 0 && self.img_size.is_multiple_of(self.total_stride()),
             "tinysam: img_size {} is not a multiple of the total stride {}",
             self.img_size,
             self.total_stride()
@@ -507,7 +510,7 @@ impl Stage {
     /// backward then rebuilds one block at a time (a whole stage 0 at 1024 px is about 3.6 GB
     /// per sample).
     fn forward_with(&self, x: &Tensor, ckpt: Option<&Checkpointer>) -> Result<Tensor> {
-        let unit = |x: &Tensor, f: Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>| match ckpt {
+        let unit = |x: &Tensor, f: BlockFn| match ckpt {
             Some(c) => c.run(x, f),
             None => f(x),
         };

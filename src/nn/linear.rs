@@ -184,6 +184,54 @@ impl LoraConfig {
     pub fn targets(&self, module: &str) -> bool {
         self.target_modules.iter().any(|m| m == module)
     }
+
+    /// Errors when an entry of `target_modules` names none of the model's projections `valid`
+    /// (a typo such as `qproj` would otherwise train without LoRA there), or when `r` is 0
+    /// (the scale alpha / r would be infinite).
+    pub fn check(&self, valid: &[&str]) -> Result<()> {
+        anyhow::ensure!(self.r >= 1, "model.lora.r must be at least 1 (got 0)");
+        let unknown: Vec<String> = self
+            .target_modules
+            .iter()
+            .filter(|m| !valid.contains(&m.as_str()))
+            .map(|m| match closest(m, valid) {
+                Some(v) => format!("`{m}` (did you mean `{v}`?)"),
+                None => format!("`{m}`"),
+            })
+            .collect();
+        anyhow::ensure!(
+            unknown.is_empty(),
+            "model.lora.target_modules: {} name(s) no module of the model; valid names: {}",
+            unknown.join(", "),
+            valid.join(", ")
+        );
+        Ok(())
+    }
+}
+
+/// The entry of `valid` within edit distance 2 of `name`, if exactly one is closest.
+fn closest<'a>(name: &str, valid: &[&'a str]) -> Option<&'a str> {
+    let dist = |a: &str, b: &str| -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for j in 0..b.len() {
+                let cur = row[j + 1];
+                row[j + 1] = (prev + usize::from(ca != b[j])).min(row[j] + 1).min(cur + 1);
+                prev = cur;
+            }
+        }
+        row[b.len()]
+    };
+    let lower = name.to_lowercase();
+    let mut scored: Vec<(usize, &str)> = valid.iter().map(|v| (dist(&lower, v), *v)).collect();
+    scored.sort();
+    match scored.as_slice() {
+        [(d, v), rest @ ..] if *d <= 2 && rest.first().is_none_or(|(d2, _)| d2 > d) => Some(v),
+        _ => None,
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -187,8 +187,8 @@ fn upsample_grad_kernel<T: Real>(grad: &[T], g: Geom) -> Vec<T> {
             for (x, o) in out.iter_mut().enumerate() {
                 let (s, e) = tx.footprint[x];
                 let mut acc = T::ZERO;
-                for ox in s..e {
-                    acc = acc + T::of(tx.weight(ox, x)) * row[ox];
+                for (ox, &r) in (s..e).zip(&row[s..e]) {
+                    acc = acc + T::of(tx.weight(ox, x)) * r;
                 }
                 *o = acc;
             }
@@ -314,7 +314,7 @@ fn check_input(x: &Tensor, factor: usize) -> Result<()> {
     if factor == 0 {
         bail!("bilinear upsampling factor must be >= 1");
     }
-    if x.dims().iter().any(|&d| d == 0) {
+    if x.dims().contains(&0) {
         bail!("bilinear upsampling of an empty tensor {:?}", x.dims());
     }
     Ok(())

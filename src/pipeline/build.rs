@@ -46,11 +46,13 @@ pub fn read_llava_config(source: &ModelSource) -> Result<LlavaMedConfig> {
 /// The architecture this configuration describes, given the base model's config.json.
 pub fn spec_from(cfg: &Config, llava: &LlavaMedConfig, lora: &crate::nn::linear::LoraConfig) -> Result<PrsMedSpec> {
     let m = &cfg.model;
+    // Before any weight is read (memory estimates use the spec too).
+    lora.check(&crate::model::mistral::LORA_TARGETS)?;
     let mut tinysam = m.tinysam_arch.clone();
     tinysam.img_size = m.sam_image_size;
     // Four stages (the released TinySAM) downsample 16x; three stages 8x (a finer mask grid).
     let stride = tinysam.total_stride();
-    if m.sam_image_size % stride != 0 {
+    if !m.sam_image_size.is_multiple_of(stride) {
         bail!("model.sam_image_size {} must be a multiple of TinySAM's total stride {stride}", m.sam_image_size);
     }
     let d = &m.decoder;

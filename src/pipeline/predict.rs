@@ -25,7 +25,7 @@ use crate::files::{self, write_atomic, write_png_atomic, Existing};
 use crate::metrics::{parse_position, position_from_mask};
 use crate::model::prs_med::ModelBatch;
 use crate::report::overlay::{overlay_mask, PRED_COLOUR};
-use crate::tokenizer::{encode_prompt, PromptIds};
+use crate::tokenizer::{check_prompt_length, encode_prompt, PromptIds};
 use crate::weights::shards::write_safetensors_atomic;
 
 /// One input.
@@ -108,6 +108,8 @@ fn prepare(loaded: &Loaded, item: &Item) -> Result<Prepared> {
     let clip = clip_preprocess(&img, clip_size)?;
     let sam = sam_preprocess(&img, loaded.cfg.model.sam_image_size)?;
     let prompt = encode_prompt(&loaded.tokenizer, &loaded.cfg.prompt.template, &item.question, None)
+        .with_context(|| format!("question for {}", item.image.display()))?;
+    check_prompt_length(&prompt, loaded.model.prompt_limits()?)
         .with_context(|| format!("question for {}", item.image.display()))?;
     Ok(Prepared { clip, sam, prompt, image: img.into_rgb8() })
 }

@@ -383,7 +383,7 @@ impl LineChart {
             }
             for (i, p) in pix.iter().enumerate() {
                 let Some(p) = p else { continue };
-                let isolated = (i == 0 || pix[i - 1].is_none()) && pix.get(i + 1).map_or(true, |q| q.is_none());
+                let isolated = (i == 0 || pix[i - 1].is_none()) && pix.get(i + 1).is_none_or(|q| q.is_none());
                 if n_ok <= MARKER_MAX_POINTS || isolated {
                     draw_disc(img, *p, 2 + lw, s.colour, clip);
                 }
@@ -492,7 +492,7 @@ fn clip_segment(a: (f64, f64), b: (f64, f64), r: Rect) -> Option<((f64, f64), (f
             }
         }
     }
-    (t0 <= t1).then(|| ((a.0 + t0 * dx, a.1 + t0 * dy), (a.0 + t1 * dx, a.1 + t1 * dy)))
+    (t0 <= t1).then_some(((a.0 + t0 * dx, a.1 + t0 * dy), (a.0 + t1 * dx, a.1 + t1 * dy)))
 }
 
 /// Bresenham line with a square brush `width` pixels wide, centred on the ideal line.

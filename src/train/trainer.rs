@@ -17,7 +17,7 @@ use super::step::Stepper;
 use crate::config::{BatchNormMode, Config, Precision};
 use crate::data::dataset::{prepare, PrepareOptions, Row};
 use crate::data::loader::{BatchPlan, Loader, LoaderOptions, PlanConfig};
-use crate::data::sample::{collate, PreparedSample, SampleBuilder};
+use crate::data::sample::{check_prompt_lengths, collate, PreparedSample, SampleBuilder};
 use crate::files;
 use crate::metrics::position::{parse_position, PositionLabel};
 use crate::metrics::seg::{Confusion, EmptyPolicy, ImageScores};
@@ -74,7 +74,7 @@ fn token_counts(rows: &[Row], builder: &SampleBuilder) -> Result<(Vec<usize>, Ve
     let mut sup = Vec::with_capacity(rows.len());
     for r in rows {
         let p = encode_prompt(&builder.tokenizer, &builder.template, &r.question, Some(&r.answer))
-            .with_context(|| format!("{}", r_location(r)))?;
+            .with_context(|| r_location(r).to_string())?;
         lens.push(p.before_image.len() + p.after_image.len() + p.answer.len());
         sup.push(p.answer.len() + 1);
     }
@@ -99,15 +99,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
 
     // ---- data ----
     let root = cfg.data.root.as_deref().context("no dataset: give --data-root (or data.root in the config)")?;
-    let prep = prepare(
-        Path::new(root),
-        &PrepareOptions {
-            skip_bad_rows: cfg.data.skip_bad_rows,
-            val_fraction: cfg.data.val_fraction,
-            seed: tc.seed,
-            ..Default::default()
-        },
-    )?;
+    let prep = prepare(Path::new(root), &PrepareOptions::from_config(&cfg))?;
     if prep.skipped > 0 {
         println!("skipped {} bad rows (--skip-bad-rows)", prep.skipped);
     }
@@ -123,8 +115,15 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
         clip_size: vcfg.image_size,
         sam_size: cfg.model.sam_image_size,
     };
-    let train_rows = Arc::new(prep.train);
-    let val_rows: Vec<Row> = prep.val;
+    // Over-long prompts are refused (or dropped with --skip-bad-rows) here, naming the rows.
+    let limits = base.llava.prompt_limits()?;
+    let skip = cfg.data.skip_bad_rows;
+    let (train_rows, dropped_train) = check_prompt_lengths(prep.train, &builder, limits, true, skip)?;
+    let (val_rows, dropped_val) = check_prompt_lengths(prep.val, &builder, limits, true, skip)?;
+    if dropped_train.len() + dropped_val.len() > 0 {
+        println!("skipped {} rows whose prompt is too long (--skip-bad-rows)", dropped_train.len() + dropped_val.len());
+    }
+    let train_rows = Arc::new(train_rows);
     let (lens, supervised) = token_counts(&train_rows, &builder)?;
     let plan = BatchPlan::new(
         lens,

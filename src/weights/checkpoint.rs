@@ -242,7 +242,7 @@ impl TrainedCheckpoint {
         let cfg_path = folder.join(ADAPTER_CONFIG);
         let lora = AdapterConfig::read(&cfg_path)?.lora_config(&cfg_path)?;
         let file = folder.join(ADAPTER_FILE);
-        let st = open_safetensors_paths(&[file.clone()], dtype, device)?;
+        let st = open_safetensors_paths(std::slice::from_ref(&file), dtype, device)?;
         Ok((lora, ComponentSource { vb: st.vb.pp("base_model").pp("model"), what: file.display().to_string() }))
     }
 
@@ -254,7 +254,7 @@ impl TrainedCheckpoint {
                     return Ok(None);
                 }
                 let file = dir.join(c.file());
-                let st = open_safetensors_paths(&[file.clone()], dtype, device)?;
+                let st = open_safetensors_paths(std::slice::from_ref(&file), dtype, device)?;
                 Ok(Some(ComponentSource { vb: st.vb, what: file.display().to_string() }))
             }
             Self::Authors { dir } => {

@@ -68,8 +68,9 @@ pub struct HubRepo {
     remote_files: OnceLock<Option<Vec<String>>>,
 }
 
-/// A model spec resolved to where its files live.
+/// A model spec resolved to where its files live (one per command: its size does not matter).
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum ModelSource {
     Local(PathBuf),
     Hub(HubRepo),

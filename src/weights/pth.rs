@@ -4,6 +4,7 @@
 //! `torch.load(..., weights_only=True)`.
 
 use crate::files::write_atomic;
+use crate::weights::checked::CheckedTensors;
 use crate::weights::shards::write_tensor_le;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -56,10 +57,13 @@ pub fn write_pth_atomic(path: &Path, tensors: &[(String, Tensor)]) -> Result<()>
 }
 
 /// Open a `.pth` state dict as a `VarBuilder`, after checking that it is a PyTorch zip whose
-/// tensor records are all present and long enough (candle's own errors name neither).
+/// tensor records are all present and long enough (candle's own errors name neither). Tensors
+/// read through it are checked for a float dtype and finite values ([`super::checked`]).
 pub fn open_pth(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     check_pth(path)?;
-    VarBuilder::from_pth(path, dtype, device).with_context(|| format!("opening PyTorch checkpoint {}", path.display()))
+    let backend = CheckedTensors::pth(path.to_path_buf())
+        .with_context(|| format!("opening PyTorch checkpoint {}", path.display()))?;
+    Ok(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
 }
 
 /// Tensor names of a `.pth` state dict, sorted.

@@ -5,6 +5,7 @@
 //! fault, so every file is checked here first and errors name the file and the index.
 
 use crate::files::write_atomic;
+use crate::weights::checked::CheckedTensors;
 use crate::weights::hub::ModelSource;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[cfg(target_endian = "big")]
 compile_error!("checkpoint writers store host-order bytes and assume a little-endian target");
@@ -50,7 +52,7 @@ pub struct SafetensorsFiles {
     pub files: Vec<PathBuf>,
     /// The index the shards came from, if any.
     pub index: Option<PathBuf>,
-    tensors: BTreeMap<String, TensorEntry>,
+    tensors: Arc<BTreeMap<String, TensorEntry>>,
 }
 
 impl SafetensorsFiles {
@@ -203,10 +205,13 @@ fn open_checked(
             tensors.insert(name, TensorEntry { dtype, shape, file: i });
         }
     }
+    let tensors = Arc::new(tensors);
     // Safety: the files were validated just above; mmapped checkpoints must not be modified
     // while the builder lives (the usual contract of candle's mmapped loading).
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
+    let backend = unsafe { CheckedTensors::safetensors(&files, tensors.clone()) }
         .with_context(|| format!("memory-mapping {}", files[0].display()))?;
+    // Every tensor read through `vb` is checked for a float dtype and finite values.
+    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
     Ok(SafetensorsFiles { vb, files, index, tensors })
 }
 

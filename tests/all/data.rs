@@ -312,6 +312,7 @@ fn fake_rows(n: usize, split: Split) -> Vec<Row> {
             modality: "lung_CT".into(),
             class_id: 2,
             split,
+            mask_rule: Default::default(),
         })
         .collect()
 }

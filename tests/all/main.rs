@@ -2,6 +2,9 @@
 //! candle into each of them cost minutes on two cores. Run one file's tests with
 //! `cargo test --test all -- finetune::` (the module name is the file name).
 
+// Test code indexes and spells out tuples where that reads more plainly than the lint's form.
+#![allow(clippy::type_complexity, clippy::needless_range_loop, clippy::explicit_counter_loop)]
+
 mod cli;
 mod clip;
 mod common;
@@ -12,6 +15,7 @@ mod evaluate;
 mod finetune;
 mod grad_checkpoint;
 mod infer_setup;
+mod input_checks;
 mod losses;
 mod metrics;
 mod mistral;

@@ -478,7 +478,7 @@ fn position_confusion_and_mask_rule() {
     assert_eq!(position_from_mask(&boxed(0, 2, 7, 9), h, w).0, L::TopRight);
     assert_eq!(position_from_mask(&boxed(6, 7, 0, 3), h, w).0, L::BottomLeft);
     assert_eq!(position_from_mask(&boxed(6, 7, 6, 7), h, w), (L::BottomRight, true));
-    assert_eq!(position_from_mask(&vec![false; 100], h, w).0, L::None);
+    assert_eq!(position_from_mask(&[false; 100], h, w).0, L::None);
 }
 
 #[test]

@@ -172,8 +172,8 @@ fn tiny_sweep_predictions_within_15_percent_and_emitted_config_round_trips() {
     // The emitted file is a valid config carrying the recommendation.
     let emitted = Config::load(&out).unwrap();
     let t = &emitted.train;
-    assert_eq!(t.batch_size as u64, b as u64);
-    assert_eq!(t.gradient_accumulation_steps as u64, acc as u64);
+    assert_eq!(t.batch_size as u64, b);
+    assert_eq!(t.gradient_accumulation_steps as u64, acc);
     assert_eq!(Some(t.gradient_checkpointing), rec["checkpointing"].as_bool());
     assert_eq!(t.precision, prs::config::Precision::F32);
     assert_eq!(emitted.model.compute_dtype, prs::config::Precision::F32);

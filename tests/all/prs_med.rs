@@ -328,6 +328,6 @@ fn decoder_grid_and_upsampling_follow_tinysam_stride() {
     assert_eq!(feats.dims(), &[1, 32, 16, 16]);
     let bad =
         prs::config::Config::parse(prs::commands::demo::TINY_CONFIG, &["model.sam_image_size=124".into()]).unwrap();
-    let err = format!("{:#}", prs::pipeline::random::spec_for_config(&bad).err().expect("124 is not a multiple of 8"));
+    let err = format!("{:#}", prs::pipeline::random::spec_for_config(&bad).expect_err("124 is not a multiple of 8"));
     assert!(err.contains("sam_image_size 124") && err.contains("stride 8"), "{err}");
 }

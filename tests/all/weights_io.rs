@@ -86,7 +86,7 @@ fn safetensors_atomic_round_trip() -> Result<()> {
         assert_identical(&back[name], &t.contiguous()?, name)?;
     }
     // And through the checked VarBuilder, cast on load.
-    let files = open_safetensors_paths(&[path.clone()], DType::F32, &cpu())?;
+    let files = open_safetensors_paths(std::slice::from_ref(&path), DType::F32, &cpu())?;
     assert_eq!(files.names().collect::<Vec<_>>(), vec!["a.f32", "b.bf16", "c.f16", "d.i64", "e.t"]);
     let c = files.vb.get((2, 3, 2), "c.f16")?;
     assert_identical(&c, &tensors[2].1.to_dtype(DType::F32)?, "c.f16 as f32")?;
@@ -281,7 +281,9 @@ fn failed_writes_leave_no_file() -> Result<()> {
 
     // Unwritable destinations: a missing folder, a "folder" that is a file.
     let e = err_text(
-        write_safetensors_atomic(&dir.path().join("no/such/dir/x.safetensors"), &[good.clone()], None).err().unwrap(),
+        write_safetensors_atomic(&dir.path().join("no/such/dir/x.safetensors"), std::slice::from_ref(&good), None)
+            .err()
+            .unwrap(),
     );
     assert!(e.contains("cannot create a temporary file"), "{e}");
     let e = err_text(write_pth_atomic(&target.join("x.pth"), &[good]).err().unwrap());
