@@ -181,6 +181,44 @@ pub enum BatchNormMode {
     Frozen,
 }
 
+/// What an image with an empty ground truth scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EmptyPolicy {
+    /// NaN: excluded from the means and counted in `n_excluded`.
+    #[default]
+    #[value(alias = "nan")]
+    Ignore,
+    /// 1 when the prediction is empty too, 0 when something was predicted.
+    #[value(alias = "1")]
+    One,
+    /// Always 0.
+    #[value(alias = "0")]
+    Zero,
+}
+
+impl std::str::FromStr for EmptyPolicy {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "ignore" | "nan" => Ok(Self::Ignore),
+            "one" | "1" => Ok(Self::One),
+            "zero" | "0" => Ok(Self::Zero),
+            other => bail!("unknown empty-mask policy {other:?} (expected ignore, one or zero)"),
+        }
+    }
+}
+
+impl std::fmt::Display for EmptyPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Ignore => "ignore",
+            Self::One => "one",
+            Self::Zero => "zero",
+        })
+    }
+}
+
 /// Dataset settings.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -193,6 +231,10 @@ pub struct DataSection {
     /// Hold-out fraction of train when the data has no `val` split.
     pub val_fraction: f64,
     pub skip_bad_rows: bool,
+    /// What an image with an empty ground-truth mask scores in validation during training (the
+    /// same choice as `prs evaluate --empty`).
+    #[serde(default)]
+    pub empty_masks: EmptyPolicy,
     /// Read every non-zero mask value as lesion (label masks with class ids). Off: masks must be
     /// binary (0/1, 0/255, a colour outline) and any other value set is reported.
     pub mask_nonzero_is_lesion: bool,
@@ -207,6 +249,7 @@ impl Default for DataSection {
             val_fraction: 0.05,
             skip_bad_rows: false,
             mask_nonzero_is_lesion: false,
+            empty_masks: EmptyPolicy::Ignore,
         }
     }
 }

@@ -13,7 +13,6 @@ use crate::pipeline::build::Mode;
 use crate::pipeline::generate::{predict_batch, GenerateOptions};
 use crate::pipeline::random::{random_prs_med, spec_for_config, RandomOptions};
 use crate::train::optim::{AdamW, AdamWConfig, LossScaler};
-use crate::train::trainer::compute_dtype;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -76,7 +75,7 @@ fn llm_matmul_weights(c: &crate::model::mistral::MistralConfig) -> f64 {
 pub fn run(a: &BenchArgs) -> Result<()> {
     let cfg = Config::load(&a.config)?;
     let device = crate::pipeline::device::parse_device(&a.device)?;
-    let dtype = compute_dtype(a.precision, &device);
+    let dtype = a.precision.compute_dtype_on(&device);
     let spec = spec_for_config(&cfg)?;
     let t0 = Instant::now();
     let mode = if a.what == BenchWhat::Train { Mode::Train } else { Mode::Infer };

@@ -62,9 +62,9 @@ pub struct EvaluateArgs {
     pub pred_dir: Option<PathBuf>,
     #[arg(long, default_value_t = 0.5, value_parser = super::args::unit_interval_f32)]
     pub threshold: f32,
-    /// Score of an image with an empty ground truth: ignore (excluded), one, zero.
-    #[arg(long, default_value = "ignore")]
-    pub empty: String,
+    /// Score of an image with an empty ground truth: ignore (excluded from the means), one, zero.
+    #[arg(long, value_enum, default_value_t = EmptyPolicy::Ignore)]
+    pub empty: EmptyPolicy,
     /// standard, or prsmed (adds the authors' 256-threshold protocol).
     #[arg(long, default_value = "standard")]
     pub protocol: String,
@@ -222,7 +222,7 @@ fn split_rows(args: &EvaluateArgs) -> Result<Vec<Row>> {
 pub const EVALUATION_KIND: &str = "evaluation";
 
 pub fn run(args: &EvaluateArgs) -> Result<()> {
-    let policy: EmptyPolicy = args.empty.parse()?;
+    let policy = args.empty;
     let prsmed = match args.protocol.as_str() {
         "standard" => false,
         "prsmed" => true,

@@ -8,47 +8,11 @@
 //! * Beside the per-image means (gIoU in LISA's terms) the accumulator keeps pooled counts over
 //!   ALL images: pooled Dice = 2ΣTP/(Σ|P|+Σ|G|), pooled IoU = ΣTP/Σ|P∪G| (LISA's cIoU).
 
-use std::fmt;
-use std::str::FromStr;
-
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-/// What an image with an empty ground truth scores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum EmptyPolicy {
-    /// NaN: excluded from the means and counted in `n_excluded`.
-    #[default]
-    Ignore,
-    /// 1 when the prediction is empty too, 0 when something was predicted.
-    One,
-    /// Always 0.
-    Zero,
-}
-
-impl FromStr for EmptyPolicy {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "ignore" | "nan" => Ok(Self::Ignore),
-            "one" | "1" => Ok(Self::One),
-            "zero" | "0" => Ok(Self::Zero),
-            other => bail!("unknown empty-mask policy {other:?} (expected ignore, one or zero)"),
-        }
-    }
-}
-
-impl fmt::Display for EmptyPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Ignore => "ignore",
-            Self::One => "one",
-            Self::Zero => "zero",
-        })
-    }
-}
+pub use crate::config::EmptyPolicy;
 
 /// Pixel counts of one image (or, summed, of a dataset).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,7 +5,8 @@
 //! - a step whose loss, or whose gradient norm before clipping, is `factor` times above its
 //!   running level is skipped, like a non-finite step (the batch is passed over, the weights
 //!   are untouched, nothing is saved), and too many in a row stop the run;
-//! - a running loss level that has risen to `factor` times its lowest value stops the run
+//! - a running loss level that has risen to `factor` times its lowest value, or an update that
+//!   makes the trained weights' norm jump to `factor` times its running level, stops the run
 //!   before another checkpoint is written, so the good ones stay on disk.
 
 use super::state::TrainerState;
@@ -39,11 +40,27 @@ impl DivergenceGuard {
         state.grad_norm_level.filter(|_| self.armed(state)).map(|level| self.factor * level)
     }
 
+    /// Why the weights after an update count as exploded (their norm `factor` times its running
+    /// level), if they do. Judged before `update` folds the new norm in.
+    pub fn weight_jump(&self, state: &TrainerState, weight_norm: f64) -> Option<String> {
+        if !weight_norm.is_finite() {
+            return Some(format!("the trained weights' norm is {weight_norm} after the update"));
+        }
+        let level = state.weight_norm_level.filter(|_| self.armed(state))?;
+        (weight_norm > self.factor * level).then(|| {
+            format!(
+                "the trained weights' norm jumped to {weight_norm:.4}, {:.0}x its running level {level:.4}",
+                weight_norm / level
+            )
+        })
+    }
+
     /// Folds an applied step into the running levels.
-    pub fn update(&self, state: &mut TrainerState, loss: f64, grad_norm: f64) {
+    pub fn update(&self, state: &mut TrainerState, loss: f64, grad_norm: f64, weight_norm: f64) {
         let ema = |old: Option<f64>, new: f64| Some(old.map_or(new, |o| o + EMA_WEIGHT * (new - o)));
         state.loss_level = ema(state.loss_level, loss);
         state.grad_norm_level = ema(state.grad_norm_level, grad_norm);
+        state.weight_norm_level = ema(state.weight_norm_level, weight_norm);
         state.applied_steps += 1;
         if state.applied_steps >= WARMUP_STEPS {
             let level = state.loss_level.unwrap_or(loss);
@@ -67,7 +84,7 @@ mod tests {
     fn warmed(guard: &DivergenceGuard, loss: f64) -> TrainerState {
         let mut s = TrainerState::default();
         for _ in 0..WARMUP_STEPS {
-            guard.update(&mut s, loss, 1.0);
+            guard.update(&mut s, loss, 1.0, 3.0);
         }
         s
     }
@@ -76,12 +93,16 @@ mod tests {
     fn spikes_are_judged_against_the_running_level_after_warm_up() {
         let g = DivergenceGuard { factor: 10.0 };
         let mut cold = TrainerState::default();
-        g.update(&mut cold, 1.0, 1.0);
+        g.update(&mut cold, 1.0, 1.0, 3.0);
+        assert_eq!(g.weight_jump(&cold, 1e6), None, "no judgement before the warm-up");
         assert_eq!(g.loss_spike(&cold, 100.0), None, "no judgement before the warm-up");
         let s = warmed(&g, 1.0);
         assert_eq!(g.loss_spike(&s, 9.0), None);
         assert!(g.loss_spike(&s, 11.0).is_some());
         assert_eq!(g.grad_norm_limit(&s), Some(10.0));
+        assert_eq!(g.weight_jump(&s, 29.0), None);
+        assert!(g.weight_jump(&s, 31.0).is_some());
+        assert!(g.weight_jump(&s, f64::INFINITY).is_some());
         let off = DivergenceGuard { factor: 0.0 };
         assert_eq!(off.loss_spike(&warmed(&off, 1.0), 1e9), None);
         assert_eq!(off.grad_norm_limit(&warmed(&off, 1.0)), None);
@@ -97,7 +118,7 @@ mod tests {
             // Each step 8% above the last: never a 10x spike, but a run going nowhere good.
             loss *= 1.08;
             assert_eq!(g.loss_spike(&s, loss), None);
-            g.update(&mut s, loss, 1.0);
+            g.update(&mut s, loss, 1.0, 3.0);
             if g.diverged(&s).is_some() {
                 stopped_at = Some(step);
                 break;
@@ -107,7 +128,7 @@ mod tests {
         // A falling loss never trips it.
         let mut s = warmed(&g, 5.0);
         for k in 0..100 {
-            g.update(&mut s, 5.0 / (1.0 + k as f64), 1.0);
+            g.update(&mut s, 5.0 / (1.0 + k as f64), 1.0, 3.0);
             assert_eq!(g.diverged(&s), None);
         }
     }

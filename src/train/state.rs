@@ -46,6 +46,8 @@ pub struct TrainerState {
     pub lowest_loss_level: Option<f64>,
     #[serde(default)]
     pub grad_norm_level: Option<f64>,
+    #[serde(default)]
+    pub weight_norm_level: Option<f64>,
 }
 
 /// What fixes the order of micro-batches: rows, batch size, accumulation, seed.

@@ -26,6 +26,8 @@ pub struct StepOutcome {
     pub grad_norm: Option<f64>,
     /// Why the update was not applied (non-finite values, or a spike the guard rejected).
     pub skipped: Option<String>,
+    /// Why the run must stop: the applied update made the weights explode.
+    pub exploded: Option<String>,
     pub images: usize,
     /// Prompt + answer + EOS tokens of every sample.
     pub tokens: usize,
@@ -62,7 +64,14 @@ impl Stepper<'_> {
     ) -> Result<StepOutcome> {
         // BatchNorm running statistics change in the forward: keep them to undo a skipped step.
         let buffers = snapshot_buffers(self.model)?;
-        let mut out = StepOutcome { parts: [0.0; 4], grad_norm: None, skipped: None, images: norm.images, tokens: 0 };
+        let mut out = StepOutcome {
+            parts: [0.0; 4],
+            grad_norm: None,
+            skipped: None,
+            exploded: None,
+            images: norm.images,
+            tokens: 0,
+        };
         let mut grads: Option<GradStore> = None;
         for mb in micro {
             let (mb, seed) = mb?;
@@ -112,7 +121,11 @@ impl Stepper<'_> {
         }
         match &out.skipped {
             Some(_) => restore_buffers(&buffers)?,
-            None => self.guard.update(state, out.parts[0], out.grad_norm.unwrap_or(0.0)),
+            None => {
+                let weight_norm = global_norm(self.model)?;
+                out.exploded = self.guard.weight_jump(state, weight_norm);
+                self.guard.update(state, out.parts[0], out.grad_norm.unwrap_or(0.0), weight_norm);
+            }
         }
         Ok(out)
     }
@@ -150,6 +163,21 @@ pub fn micro_backward(
     let g = model.backward(&loss)?;
     mark("backward (outside recomputations)");
     Ok(MicroStep { grads: Some(g), parts })
+}
+
+/// L2 norm of all trained weights (one reduction per tensor, one host read), in f64 so that
+/// squares of large but finite f32 weights do not overflow.
+fn global_norm(model: &PrsMed) -> Result<f64> {
+    let sq = model
+        .trained
+        .weights()
+        .iter()
+        .map(|p| p.var.as_tensor().to_dtype(candle_core::DType::F64)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if sq.is_empty() {
+        return Ok(0.0);
+    }
+    Ok(Tensor::stack(&sq, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt())
 }
 
 fn snapshot_buffers(model: &PrsMed) -> Result<Vec<(Var, Tensor)>> {

@@ -13,14 +13,14 @@ use super::guard::DivergenceGuard;
 use super::optim::{AdamW, AdamWConfig, LossScaler};
 use super::schedule::LrSchedule;
 use super::state::{PlanRecord, RunDir, TrainerState, OPTIMIZER_FILE};
-use super::step::Stepper;
+use super::step::{StepOutcome, Stepper};
 use crate::config::{BatchNormMode, Config, Precision};
 use crate::data::dataset::{prepare, PrepareOptions, Row};
 use crate::data::loader::{BatchPlan, Loader, LoaderOptions, PlanConfig};
 use crate::data::sample::{check_prompt_lengths, collate, PreparedSample, SampleBuilder};
 use crate::files;
 use crate::metrics::position::{parse_position, PositionLabel};
-use crate::metrics::seg::{Confusion, EmptyPolicy, ImageScores};
+use crate::metrics::seg::{Confusion, ImageScores};
 use crate::model::prs_med::{LossNorm, LossWeights, ModelBatch, PrsMed};
 use crate::nn::ops::EvalMode;
 use crate::nn::param::seed_for;
@@ -61,12 +61,6 @@ pub struct TrainSummary {
     pub trained_parameters: usize,
 }
 
-/// The compute dtype of frozen weights: the configured precision on an accelerator, f32 on
-/// the CPU (candle's CPU convolutions have no bf16).
-pub fn compute_dtype(precision: Precision, device: &Device) -> DType {
-    precision.compute_dtype_on(device)
-}
-
 /// Token lengths of every row's prompt + answer (for length bucketing) and the number of
 /// supervised tokens (answer + EOS) per row.
 fn token_counts(rows: &[Row], builder: &SampleBuilder) -> Result<(Vec<usize>, Vec<usize>)> {
@@ -92,7 +86,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     let run = RunDir(opts.run_dir.clone());
     // One process per run folder; nothing half-written left from a killed one.
     let _lock = if opts.dry_run { None } else { Some(open_run_folder(&run, opts.resume)?) };
-    let dtype = compute_dtype(tc.precision, &opts.device);
+    let dtype = tc.precision.compute_dtype_on(&opts.device);
     if opts.device.is_cpu() && tc.precision != Precision::F32 {
         println!("note: precision {} applies on a GPU; the CPU computes in f32", tc.precision);
     }
@@ -307,26 +301,9 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
             let out = stepper.step(micro, norm, &weights, &mut state)?;
             bi = group_end;
 
-            // ---- bookkeeping: a skipped step still counts (the schedule and the data move on) ----
+            // A skipped step still counts: the schedule and the data move on.
             state.batch_in_epoch = bi;
-            match &out.skipped {
-                Some(why) => {
-                    state.skipped_steps += 1;
-                    state.consecutive_skipped += 1;
-                    say(&bar, format!("step {}: skipped ({why})", state.step + 1));
-                    if state.consecutive_skipped >= tc.max_consecutive_nonfinite {
-                        bail!(
-                            "{} consecutive steps were skipped (last: {why}); stopping. {} Lower the learning rate, \
-                             use bf16 instead of f16, or check the data",
-                            state.consecutive_skipped,
-                            saved_so_far(&run)
-                        );
-                    }
-                }
-                None => state.consecutive_skipped = 0,
-            }
-            state.step += 1;
-            state.samples_seen += out.images as u64;
+            count_step(&mut state, &out, tc.max_consecutive_nonfinite, &run, &bar)?;
             let secs = t0.elapsed().as_secs_f64();
             log.append(&Record {
                 epoch: Some(epoch),
@@ -349,16 +326,16 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
                 lr,
                 out.images as f64 / secs
             ));
-            if out.skipped.is_none() {
-                if let Some(why) = guard.diverged(&state) {
-                    bail!(
-                        "training diverged at step {}: {why}; stopping before anything more is saved. {} Lower the \
-                         learning rate (--learning-rate) and resume, or set train.divergence_factor = 0 to turn \
-                         this check off",
-                        state.step,
-                        saved_so_far(&run)
-                    );
-                }
+            let diverged =
+                out.exploded.clone().or_else(|| out.skipped.is_none().then(|| guard.diverged(&state)).flatten());
+            if let Some(why) = diverged {
+                bail!(
+                    "training diverged at step {}: {why}; stopping before anything more is saved. {} Lower the \
+                     learning rate (--learning-rate) and resume, or set train.divergence_factor = 0 to turn \
+                     this check off",
+                    state.step,
+                    saved_so_far(&run)
+                );
             }
 
             let epoch_end = bi >= batches.len();
@@ -391,31 +368,20 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
                         state.step, e.loss, e.dice, e.iou, e.position_accuracy
                     ),
                 );
-                // Only a finite evaluation can be the best one.
-                let finite = e.loss.is_finite() && e.dice.is_finite();
-                if finite && state.best_dice.is_none_or(|b| e.dice > b) {
-                    state.best_dice = Some(e.dice);
-                    state.best_step = Some(state.step);
-                    state.evals_since_best = 0;
-                    improved = true;
-                } else {
-                    if !finite {
-                        say(&bar, format!("step {}: validation is not finite; it cannot become `best`", state.step));
-                    }
-                    state.evals_since_best += 1;
-                }
+                improved = judge_evaluation(&mut state, &e, &bar);
                 last_eval = Some(e);
             }
             if std::mem::take(&mut save_pending) || improved {
                 let dir = run.checkpoint(state.step);
                 save_training_checkpoint(&dir, &model, &optim, scaler.as_ref(), &state, &cfg)?;
                 files::crash_point("checkpoint:written");
+                // Pointers move only once the checkpoint is complete; pruning comes last.
                 run.set_last(&dir)?;
                 if improved {
                     run.set_best(&dir)?;
                 }
                 run.prune(KEEP_CHECKPOINTS)?;
-                last_checkpoint = Some(dir.clone());
+                last_checkpoint = Some(dir);
             }
             if done {
                 break 'epochs;
@@ -431,6 +397,53 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     }
     bar.finish_and_clear();
     Ok(TrainSummary { state, last_eval, first_eval, last_checkpoint, trained_parameters: n_trained })
+}
+
+/// Counts a finished optimizer step; a skipped one is reported, and too many in a row stop
+/// the run, naming the checkpoints that are safe.
+fn count_step(
+    state: &mut TrainerState,
+    out: &StepOutcome,
+    max_skipped: u32,
+    run: &RunDir,
+    bar: &ProgressBar,
+) -> Result<()> {
+    match &out.skipped {
+        Some(why) => {
+            state.skipped_steps += 1;
+            state.consecutive_skipped += 1;
+            say(bar, format!("step {}: skipped ({why})", state.step + 1));
+            if state.consecutive_skipped >= max_skipped {
+                bail!(
+                    "{} consecutive steps were skipped (last: {why}); stopping. {} Lower the learning rate, use \
+                     bf16 instead of f16, or check the data",
+                    state.consecutive_skipped,
+                    saved_so_far(run)
+                );
+            }
+        }
+        None => state.consecutive_skipped = 0,
+    }
+    state.step += 1;
+    state.samples_seen += out.images as u64;
+    Ok(())
+}
+
+/// Whether an evaluation is the run's best so far (only a finite one can be); updates the
+/// early-stopping count.
+fn judge_evaluation(state: &mut TrainerState, e: &EvalResult, bar: &ProgressBar) -> bool {
+    let finite = e.loss.is_finite() && e.dice.is_finite();
+    if finite && state.best_dice.is_none_or(|b| e.dice > b) {
+        state.best_dice = Some(e.dice);
+        state.best_step = Some(state.step);
+        state.evals_since_best = 0;
+        return true;
+    }
+    if !finite {
+        say(bar, format!("step {}: validation is not finite; it cannot become `best`", state.step));
+    }
+    state.evals_since_best += 1;
+    false
 }
 
 /// Step checkpoints kept besides the ones `last` and `best` name.
@@ -544,10 +557,13 @@ pub fn evaluate(
         for i in 0..chunk.len() {
             let p: Vec<bool> = pred.get(i)?.flatten_all()?.to_vec1::<u8>()?.into_iter().map(|v| v > 0).collect();
             let g: Vec<bool> = gt.get(i)?.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|v| v > 0.5).collect();
-            let s = ImageScores::from_confusion(&Confusion::from_masks(&p, &g)?, EmptyPolicy::One);
-            dice += s.dice;
-            iou += s.iou;
-            n_scored += 1;
+            let s = ImageScores::from_confusion(&Confusion::from_masks(&p, &g)?, cfg.data.empty_masks);
+            // `ignore` scores an empty ground truth NaN: left out of the means, as evaluate does.
+            if !s.dice.is_nan() {
+                dice += s.dice;
+                iou += s.iou;
+                n_scored += 1;
+            }
         }
         // Answers: greedy generation, one sample at a time (KV cache).
         for (r, s) in chunk.iter().zip(prepared.iter()) {
@@ -580,4 +596,27 @@ fn log_eval(log: &mut MetricsLog, step: u64, epoch: u64, e: &EvalResult) -> Resu
         position_acc: Some(e.position_accuracy),
         ..Record::eval(step)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eval(loss: f64, dice: f64) -> EvalResult {
+        EvalResult { loss, dice, iou: 0.0, position_accuracy: 0.0, n: 1 }
+    }
+
+    #[test]
+    fn only_a_finite_evaluation_can_become_best() {
+        let bar = ProgressBar::hidden();
+        let mut s = TrainerState::default();
+        assert!(!judge_evaluation(&mut s, &eval(f64::NAN, 0.9), &bar), "NaN loss");
+        assert!(!judge_evaluation(&mut s, &eval(0.5, f64::NAN), &bar), "NaN Dice");
+        assert_eq!((s.best_dice, s.evals_since_best), (None, 2));
+        assert!(judge_evaluation(&mut s, &eval(0.5, 0.4), &bar));
+        assert!(!judge_evaluation(&mut s, &eval(0.4, 0.3), &bar));
+        assert!(!judge_evaluation(&mut s, &eval(f64::INFINITY, 0.99), &bar), "a diverged model's lucky Dice");
+        assert!(judge_evaluation(&mut s, &eval(0.3, 0.5), &bar));
+        assert_eq!((s.best_dice, s.evals_since_best), (Some(0.5), 0));
+    }
 }

@@ -18,10 +18,18 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 
-use super::shards::TensorEntry;
-
 /// The stored dtypes a weight may have, as safetensors names them.
 pub const FLOAT_DTYPES: [&str; 4] = ["F16", "BF16", "F32", "F64"];
+
+/// One tensor as its safetensors header describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorEntry {
+    /// safetensors dtype name (`F32`, `BF16`, ...).
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    /// Index into the file list of `shards::SafetensorsFiles`.
+    pub file: usize,
+}
 
 fn is_weight_dtype(dtype: DType) -> bool {
     matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64)

@@ -6,6 +6,7 @@
 
 use crate::files::write_atomic;
 use crate::weights::checked::CheckedTensors;
+pub use crate::weights::checked::TensorEntry;
 use crate::weights::hub::ModelSource;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -34,16 +35,6 @@ pub struct ShardIndex {
 pub struct IndexMetadata {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_size: Option<u64>,
-}
-
-/// One tensor as its safetensors header describes it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TensorEntry {
-    /// safetensors dtype name (`F32`, `BF16`, ...).
-    pub dtype: String,
-    pub shape: Vec<usize>,
-    /// Index into `SafetensorsFiles::files`.
-    pub file: usize,
 }
 
 /// A checked set of safetensors files and a `VarBuilder` over all of them.
