@@ -125,11 +125,6 @@ pub enum Precision {
 }
 
 impl Precision {
-    pub fn parse(s: &str) -> Result<Self> {
-        <Self as clap::ValueEnum>::from_str(s.trim(), true)
-            .map_err(|_| anyhow::anyhow!("unknown precision `{s}` (bf16, f16 or f32)"))
-    }
-
     pub fn dtype(self) -> DType {
         match self {
             Self::Bf16 => DType::BF16,
@@ -200,12 +195,8 @@ pub enum EmptyPolicy {
 impl std::str::FromStr for EmptyPolicy {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "ignore" | "nan" => Ok(Self::Ignore),
-            "one" | "1" => Ok(Self::One),
-            "zero" | "0" => Ok(Self::Zero),
-            other => bail!("unknown empty-mask policy {other:?} (expected ignore, one or zero)"),
-        }
+        <Self as clap::ValueEnum>::from_str(s.trim(), true)
+            .map_err(|_| anyhow::anyhow!("unknown empty-mask policy {s:?} (expected ignore, one or zero)"))
     }
 }
 

@@ -17,8 +17,8 @@ use crate::files;
 use crate::pipeline::generate::GenerateOptions;
 use crate::pipeline::load::{load_model, ModelArgs};
 use crate::pipeline::predict::{
-    check_targets, predict_items, unique_ids, unique_safe_ids, write_failures_csv, write_predictions_csv, Item,
-    ItemResult, PredictOptions, PREDICTIONS_KIND,
+    check_targets, path_id, predict_items, unique_ids, unique_safe_ids, write_failures_csv, write_predictions_csv,
+    Item, ItemResult, PredictOptions, PREDICTIONS_KIND,
 };
 
 /// Answer generation flags.
@@ -162,9 +162,7 @@ pub fn items_from_csv(csv_path: &Path, question: Option<&str>, split: Option<&st
             bail!("{}:{line}: empty question (and no --question given)", csv_path.display());
         };
         // The id names the prediction folder: the CSV's, else one made from the image path.
-        let id = Some(get(id_col))
-            .filter(|id| !id.trim().is_empty())
-            .unwrap_or_else(|| unique_ids(std::slice::from_ref(&rel)).remove(0));
+        let id = Some(get(id_col)).filter(|id| !id.trim().is_empty()).unwrap_or_else(|| path_id(&rel));
         rows.push((id, image, q));
     }
     ensure!(

@@ -382,20 +382,20 @@ pub fn unique_safe_ids(raw: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// Folder-safe ids from relative paths ("a/b/c.png" -> "a__b__c"), unique within the run.
-pub fn unique_ids(paths: &[PathBuf]) -> Vec<String> {
-    let raw: Vec<String> = paths
-        .iter()
-        .map(|p| {
-            p.with_extension("")
-                .components()
-                .filter_map(|c| match c {
-                    std::path::Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
-                    _ => None,
-                })
-                .collect::<Vec<_>>()
-                .join("__")
+/// The raw id of a relative path: its components without the extension ("a/b/c.png" ->
+/// "a__b__c"); [`unique_safe_ids`] makes it a folder name.
+pub fn path_id(path: &Path) -> String {
+    path.with_extension("")
+        .components()
+        .filter_map(|c| match c {
+            std::path::Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
+            _ => None,
         })
-        .collect();
-    unique_safe_ids(&raw)
+        .collect::<Vec<_>>()
+        .join("__")
+}
+
+/// Folder-safe ids from relative paths, unique within the run.
+pub fn unique_ids(paths: &[PathBuf]) -> Vec<String> {
+    unique_safe_ids(&paths.iter().map(|p| path_id(p)).collect::<Vec<_>>())
 }

@@ -56,11 +56,14 @@ impl DivergenceGuard {
     }
 
     /// Folds an applied step into the running levels.
-    pub fn update(&self, state: &mut TrainerState, loss: f64, grad_norm: f64, weight_norm: f64) {
+    /// `weight_norm` is None when the guard is off (it is not computed then).
+    pub fn update(&self, state: &mut TrainerState, loss: f64, grad_norm: f64, weight_norm: Option<f64>) {
         let ema = |old: Option<f64>, new: f64| Some(old.map_or(new, |o| o + EMA_WEIGHT * (new - o)));
         state.loss_level = ema(state.loss_level, loss);
         state.grad_norm_level = ema(state.grad_norm_level, grad_norm);
-        state.weight_norm_level = ema(state.weight_norm_level, weight_norm);
+        if let Some(w) = weight_norm {
+            state.weight_norm_level = ema(state.weight_norm_level, w);
+        }
         state.applied_steps += 1;
         if state.applied_steps >= WARMUP_STEPS {
             let level = state.loss_level.unwrap_or(loss);
@@ -84,7 +87,7 @@ mod tests {
     fn warmed(guard: &DivergenceGuard, loss: f64) -> TrainerState {
         let mut s = TrainerState::default();
         for _ in 0..WARMUP_STEPS {
-            guard.update(&mut s, loss, 1.0, 3.0);
+            guard.update(&mut s, loss, 1.0, Some(3.0));
         }
         s
     }
@@ -93,7 +96,7 @@ mod tests {
     fn spikes_are_judged_against_the_running_level_after_warm_up() {
         let g = DivergenceGuard { factor: 10.0 };
         let mut cold = TrainerState::default();
-        g.update(&mut cold, 1.0, 1.0, 3.0);
+        g.update(&mut cold, 1.0, 1.0, Some(3.0));
         assert_eq!(g.weight_jump(&cold, 1e6), None, "no judgement before the warm-up");
         assert_eq!(g.loss_spike(&cold, 100.0), None, "no judgement before the warm-up");
         let s = warmed(&g, 1.0);
@@ -118,7 +121,7 @@ mod tests {
             // Each step 8% above the last: never a 10x spike, but a run going nowhere good.
             loss *= 1.08;
             assert_eq!(g.loss_spike(&s, loss), None);
-            g.update(&mut s, loss, 1.0, 3.0);
+            g.update(&mut s, loss, 1.0, Some(3.0));
             if g.diverged(&s).is_some() {
                 stopped_at = Some(step);
                 break;
@@ -128,7 +131,7 @@ mod tests {
         // A falling loss never trips it.
         let mut s = warmed(&g, 5.0);
         for k in 0..100 {
-            g.update(&mut s, 5.0 / (1.0 + k as f64), 1.0, 3.0);
+            g.update(&mut s, 5.0 / (1.0 + k as f64), 1.0, Some(3.0));
             assert_eq!(g.diverged(&s), None);
         }
     }

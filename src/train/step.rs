@@ -122,8 +122,10 @@ impl Stepper<'_> {
         match &out.skipped {
             Some(_) => restore_buffers(&buffers)?,
             None => {
-                let weight_norm = global_norm(self.model)?;
-                out.exploded = self.guard.weight_jump(state, weight_norm);
+                // A pass over every trained weight: only when the guard is on (bench and the
+                // profile-memory trials run with it off).
+                let weight_norm = if self.guard.factor > 0.0 { Some(global_norm(self.model)?) } else { None };
+                out.exploded = weight_norm.and_then(|w| self.guard.weight_jump(state, w));
                 self.guard.update(state, out.parts[0], out.grad_norm.unwrap_or(0.0), weight_norm);
             }
         }

@@ -68,7 +68,7 @@ fn token_counts(rows: &[Row], builder: &SampleBuilder) -> Result<(Vec<usize>, Ve
     let mut sup = Vec::with_capacity(rows.len());
     for r in rows {
         let p = encode_prompt(&builder.tokenizer, &builder.template, &r.question, Some(&r.answer))
-            .with_context(|| r_location(r).to_string())?;
+            .with_context(|| r_location(r))?;
         lens.push(p.before_image.len() + p.after_image.len() + p.answer.len());
         sup.push(p.answer.len() + 1);
     }
@@ -349,7 +349,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
             if out.skipped.is_some() {
                 // The weights are those of the last applied step: nothing new to judge or save.
                 if done {
-                    say(&bar, format!("the last step was skipped; the newest checkpoint is {}", saved_so_far(&run)));
+                    say(&bar, format!("the last step was skipped. {}", saved_so_far(&run)));
                     break 'epochs;
                 }
                 continue;
