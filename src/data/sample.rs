@@ -59,40 +59,64 @@ impl SampleBuilder {
     }
 }
 
+/// Token counts of a row's training sequence, for the batch plan and the loss normalisation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowTokens {
+    /// Prompt text + answer (the image vectors not counted): the length bucketing key.
+    pub text: usize,
+    /// Supervised tokens: the answer and EOS.
+    pub supervised: usize,
+}
+
+/// The rows that passed [`check_prompt_lengths`], with their token counts (parallel vectors).
+#[derive(Debug)]
+pub struct CheckedRows {
+    pub rows: Vec<Row>,
+    pub tokens: Vec<RowTokens>,
+    /// The dropped rows (only with `skip_bad_rows`).
+    pub dropped: Vec<Problem>,
+}
+
 /// Checks that every row's LLM input fits the model's positions
 /// ([`crate::tokenizer::check_prompt_length`]; refused, never truncated): `with_answer` for
 /// training sequences (prompt, image vectors, answer, EOS), else the inference prompt. Like
 /// [`super::dataset::check_rows`], every over-long row is reported at once, naming CSV and row;
-/// without `skip_bad_rows` any is an error, with it they are dropped. Returns the kept rows and
-/// the problems of the dropped ones. Tokenises each row once, in parallel.
+/// without `skip_bad_rows` any is an error, with it they are dropped. Tokenises each row once,
+/// in parallel, and keeps the counts so that nobody tokenises again.
 pub fn check_prompt_lengths(
     rows: Vec<Row>,
     builder: &SampleBuilder,
     limits: PromptLimits,
     with_answer: bool,
     skip_bad_rows: bool,
-) -> Result<(Vec<Row>, Vec<Problem>)> {
-    let verdicts: Vec<Option<String>> = rows
+) -> Result<CheckedRows> {
+    let verdicts: Vec<Result<RowTokens, String>> = rows
         .par_iter()
         .map(|r| {
             let answer = with_answer.then_some(r.answer.as_str());
             encode_prompt(&builder.tokenizer, &builder.template, &r.question, answer)
-                .and_then(|p| check_prompt_length(&p, limits))
-                .err()
-                .map(|e| format!("{e:#}"))
+                .and_then(|p| {
+                    check_prompt_length(&p, limits)?;
+                    let answer = p.answer.len();
+                    Ok(RowTokens { text: p.before_image.len() + p.after_image.len() + answer, supervised: answer + 1 })
+                })
+                .map_err(|e| format!("{e:#}"))
         })
         .collect();
-    let (mut kept, mut problems) = (Vec::new(), Vec::new());
+    let mut checked = CheckedRows { rows: Vec::new(), tokens: Vec::new(), dropped: Vec::new() };
     for (row, verdict) in rows.into_iter().zip(verdicts) {
         match verdict {
-            None => kept.push(row),
-            Some(message) => problems.push(Problem { csv: row.csv, line: row.line, message, fatal: false }),
+            Ok(t) => {
+                checked.rows.push(row);
+                checked.tokens.push(t);
+            }
+            Err(message) => checked.dropped.push(Problem { csv: row.csv, line: row.line, message, fatal: false }),
         }
     }
-    if !skip_bad_rows && !problems.is_empty() {
-        return Err(ValidationError { problems }.into());
+    if !skip_bad_rows && !checked.dropped.is_empty() {
+        return Err(ValidationError { problems: checked.dropped }.into());
     }
-    Ok((kept, problems))
+    Ok(checked)
 }
 
 /// Bilinear resize to `size` x `size`, then binarise at 0.5 (the authors' targets stayed soft).

@@ -350,10 +350,15 @@ impl PrsMed {
 
     /// Full forward for training and evaluation (teacher-forced answer when `train`).
     pub fn forward(&self, batch: &ModelBatch, train: bool) -> Result<Outputs> {
-        let mark = |name| crate::phases::mark(&self.device, name);
         let image = self.encode_image(&batch.clip_pixels)?;
-        mark("CLIP + projector");
-        let inp = self.llm_inputs(&batch.prompts, &image, train)?;
+        crate::phases::mark(&self.device, "CLIP + projector");
+        self.forward_from_image(batch, &image, train)
+    }
+
+    /// [`Self::forward`] from image embeddings already computed by [`Self::encode_image`].
+    pub fn forward_from_image(&self, batch: &ModelBatch, image: &Tensor, train: bool) -> Result<Outputs> {
+        let mark = |name| crate::phases::mark(&self.device, name);
+        let inp = self.llm_inputs(&batch.prompts, image, train)?;
         let ck = self.checkpointer.as_ref();
         let hidden = self.llm.forward_embeds_with(&inp.embeds, Some(&inp.key_valid), &inp.position_ids, None, ck)?;
         mark("LLM forward");

@@ -17,13 +17,14 @@ use std::cell::Cell;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
-use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::backend::BackendDevice;
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor, Var};
+use candle_core::{CustomOp2, Shape, Tensor, Var};
 
 use super::consts::mul_const;
 use super::ops::{step_seed, EvalMode, TrainingMode};
 use super::param::TrainedParams;
+use super::OnBackend;
 
 thread_local! {
     static RECOMPUTING: Cell<bool> = const { Cell::new(false) };
@@ -166,57 +167,20 @@ impl HeldOutput {
             .ok_or_else(|| candle_core::Error::Msg("output-only op: output already taken".into()))
     }
 
-    fn copy<S>(ys: &S, yl: &Layout) -> candle_core::Result<(S, Shape)>
+    /// The output, copied into storage of the op's own (the held tensor is dropped).
+    fn hand_over<S>(&self) -> candle_core::Result<(S, Shape)>
     where
-        S: BackendStorage,
+        S: OnBackend,
         S::Device: BackendDevice<Storage = S>,
     {
+        let y = self.take()?;
+        let (ys, yl) = y.storage_and_layout();
+        let ys = S::of(&ys)?;
         // SAFETY: every element of `dst` is written by the strided copy below.
         let mut dst = unsafe { ys.device().alloc_uninit(yl.shape(), ys.dtype())? };
         ys.copy_strided_src(&mut dst, 0, yl)?;
         Ok((dst, yl.shape().clone()))
     }
-
-    fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = self.take()?;
-        let (ys, yl) = y.storage_and_layout();
-        let Storage::Cpu(ys) = &*ys else { candle_core::bail!("output-only op: output not on the cpu") };
-        Self::copy(ys, yl)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda(&self) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let y = self.take()?;
-        let (ys, yl) = y.storage_and_layout();
-        let Storage::Cuda(ys) = &*ys else { candle_core::bail!("output-only op: output not on the gpu") };
-        Self::copy(ys, yl)
-    }
-}
-
-/// `cpu_fwd` / `cuda_fwd` of a `CustomOp2` whose forward hands over its [`HeldOutput`] `out`.
-macro_rules! forward_hands_over_held_output {
-    () => {
-        fn cpu_fwd(
-            &self,
-            _a: &CpuStorage,
-            _al: &Layout,
-            _b: &CpuStorage,
-            _bl: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            self.out.cpu()
-        }
-
-        #[cfg(feature = "cuda")]
-        fn cuda_fwd(
-            &self,
-            _a: &candle_core::CudaStorage,
-            _al: &Layout,
-            _b: &candle_core::CudaStorage,
-            _bl: &Layout,
-        ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-            self.out.cuda()
-        }
-    };
 }
 
 impl CheckpointOp {
@@ -265,7 +229,7 @@ impl CustomOp2 for CheckpointOp {
         "checkpoint"
     }
 
-    forward_hands_over_held_output!();
+    same_forward_on_every_backend!(two: |op: &Self, _a, _b| op.out.hand_over());
 
     fn bwd(
         &self,
@@ -313,7 +277,7 @@ impl CustomOp2 for OutputOnly2 {
         "output-only"
     }
 
-    forward_hands_over_held_output!();
+    same_forward_on_every_backend!(two: |op: &Self, _a, _b| op.out.hand_over());
 
     fn bwd(
         &self,

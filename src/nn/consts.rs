@@ -9,7 +9,9 @@
 
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
+use candle_core::{CustomOp1, CustomOp2, Layout, Shape, Tensor};
+
+use super::OnBackend;
 
 #[derive(Clone, Copy)]
 enum Kind {
@@ -30,17 +32,17 @@ impl ConstBinary {
     }
 }
 
-macro_rules! const_fwd {
-    ($self:ident, $s:ident, $l:ident, $variant:ident) => {{
-        let cl = $self.c_layout($l)?;
-        let (cs, _) = $self.c.storage_and_layout();
-        let Storage::$variant(cs) = &*cs else { candle_core::bail!("constant operand is on another device") };
-        let out = match $self.kind {
-            Kind::Add => $s.binary_impl::<candle_core::op::Add>(cs, $l, &cl)?,
-            Kind::Mul => $s.binary_impl::<candle_core::op::Mul>(cs, $l, &cl)?,
+impl ConstBinary {
+    fn forward<S: OnBackend>(&self, s: &S, l: &Layout) -> candle_core::Result<(S, Shape)> {
+        let cl = self.c_layout(l)?;
+        let (cs, _) = self.c.storage_and_layout();
+        let cs = S::of(&cs)?;
+        let out = match self.kind {
+            Kind::Add => s.binary_impl::<candle_core::op::Add>(cs, l, &cl)?,
+            Kind::Mul => s.binary_impl::<candle_core::op::Mul>(cs, l, &cl)?,
         };
-        Ok((out, $l.shape().clone()))
-    }};
+        Ok((out, l.shape().clone()))
+    }
 }
 
 impl CustomOp1 for ConstBinary {
@@ -51,18 +53,7 @@ impl CustomOp1 for ConstBinary {
         }
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        const_fwd!(self, s, l, Cpu)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        const_fwd!(self, s, l, Cuda)
-    }
+    same_forward_on_every_backend!(|op: &Self, s, l| op.forward(s, l));
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(match self.kind {

@@ -49,6 +49,31 @@ macro_rules! same_forward_on_every_backend {
     };
 }
 
+/// The storage of a tensor an op holds (a constant operand, a saved output) on the backend the
+/// op runs on, so that one generic forward serves every backend.
+pub(crate) trait OnBackend: candle_core::backend::BackendStorage {
+    fn of(s: &candle_core::Storage) -> candle_core::Result<&Self>;
+}
+
+impl OnBackend for candle_core::CpuStorage {
+    fn of(s: &candle_core::Storage) -> candle_core::Result<&Self> {
+        match s {
+            candle_core::Storage::Cpu(s) => Ok(s),
+            _ => candle_core::bail!("an operand held by the op is not on the cpu"),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl OnBackend for candle_core::CudaStorage {
+    fn of(s: &candle_core::Storage) -> candle_core::Result<&Self> {
+        match s {
+            candle_core::Storage::Cuda(s) => Ok(s),
+            _ => candle_core::bail!("an operand held by the op is not on the gpu"),
+        }
+    }
+}
+
 pub mod checkpoint;
 pub mod consts;
 pub mod conv;

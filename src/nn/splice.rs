@@ -5,25 +5,25 @@
 //! backward narrows the gradient back to the image rows.
 
 use anyhow::{bail, Result};
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use candle_core::{CustomOp1, Layout, Shape, Tensor};
+
+use super::OnBackend;
 
 struct SpliceRows {
     base: Tensor,
     offset: usize,
 }
 
-macro_rules! splice_fwd {
-    ($self:ident, $s:ident, $l:ident, $variant:ident) => {{
-        let (b, t, h) = $self.base.dims3()?;
-        let (_, n, _) = $l.shape().dims3()?;
-        let (bs, bl) = $self.base.storage_and_layout();
-        let Storage::$variant(bs) = &*bs else { candle_core::bail!("splice: embeddings on another device") };
-        let mut out = bs.try_clone(bl)?;
+impl SpliceRows {
+    fn forward<S: OnBackend>(&self, s: &S, l: &Layout) -> candle_core::Result<(S, Shape)> {
+        let (b, t, h) = self.base.dims3()?;
+        let (_, n, _) = l.shape().dims3()?;
+        let (bs, bl) = self.base.storage_and_layout();
+        let mut out = S::of(&bs)?.try_clone(bl)?;
         // One block of n*h elements per sample: rows -> base[:, offset..offset+n].
-        $s.copy2d(&mut out, b, n * h, n * h, t * h, $l.start_offset(), $self.offset * h)?;
+        s.copy2d(&mut out, b, n * h, n * h, t * h, l.start_offset(), self.offset * h)?;
         Ok((out, Shape::from((b, t, h))))
-    }};
+    }
 }
 
 impl CustomOp1 for SpliceRows {
@@ -31,18 +31,7 @@ impl CustomOp1 for SpliceRows {
         "splice-rows"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        splice_fwd!(self, s, l, Cpu)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        splice_fwd!(self, s, l, Cuda)
-    }
+    same_forward_on_every_backend!(|op: &Self, s, l| op.forward(s, l));
 
     fn bwd(&self, rows: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.narrow(1, self.offset, rows.dim(1)?)?))

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::mistral::KvCache;
 use crate::model::prs_med::{ModelBatch, PrsMed};
-use crate::tokenizer::{EOS_ID, PAD_ID};
+use crate::tokenizer::{PromptIds, EOS_ID, PAD_ID};
 
 /// How answers are generated.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -131,33 +131,54 @@ fn sync(dev: &Device) -> Result<()> {
     Ok(dev.synchronize()?)
 }
 
-/// Mask logits and answers for a batch (prompts right-padded; each row decodes from its own
-/// length with its own position ids, padding keys masked, one shared KV cache).
-pub fn predict_batch(model: &PrsMed, batch: &ModelBatch, opts: &GenerateOptions) -> Result<BatchOutput> {
-    opts.validate()?;
-    let dev = model.device().clone();
-    let t0 = Instant::now();
-    let image = model.encode_image(&batch.clip_pixels)?;
-    let inp = model.llm_inputs(&batch.prompts, &image, false)?;
+/// The state after the prompt prefill: what decoding continues from.
+struct Prefill {
+    /// (B,T,H) last hidden states over the right-padded prompts.
+    hidden: Tensor,
+    /// (B,T) prompt-only positions, for the mask decoder.
+    prompt_valid: Tensor,
+    /// (B,V) logits of each row's last real position.
+    logits: Tensor,
+    cache: KvCache,
+    /// (B,T') valid keys so far.
+    key_valid: Tensor,
+    /// Each row's real length.
+    lens: Vec<usize>,
+    padded: bool,
+}
+
+/// Runs the LLM over `[prompt, image]` per row (right-padded, padding keys masked), filling a
+/// fresh KV cache.
+fn prefill(model: &PrsMed, prompts: &[PromptIds], image: &Tensor) -> Result<Prefill> {
+    let dev = model.device();
+    let inp = model.llm_inputs(prompts, image, false)?;
     let (b, t) = inp.key_valid.dims2()?;
     let n_image = image.dim(1)?;
-    let lens: Vec<usize> = batch.prompts.iter().map(|p| p.before_image.len() + n_image + p.after_image.len()).collect();
+    let lens: Vec<usize> = prompts.iter().map(|p| p.before_image.len() + n_image + p.after_image.len()).collect();
     let padded = lens.iter().any(|&l| l != t);
-    let mut valid = inp.key_valid.clone();
     let mut cache = KvCache::new(model.llm.config().num_hidden_layers);
     let hidden =
-        model.llm.forward_embeds(&inp.embeds, padded.then_some(&valid), &inp.position_ids, Some(&mut cache))?;
-    let feats = model.tinysam.forward(&batch.sam_pixels.to_dtype(model.tinysam_dtype())?)?;
-    let mask_logits = model.decoder.forward(&feats, &hidden, &inp.prompt_valid)?.to_dtype(DType::F32)?;
-    // Logits of each row's last real position.
+        model.llm.forward_embeds(&inp.embeds, padded.then_some(&inp.key_valid), &inp.position_ids, Some(&mut cache))?;
     let h = hidden.dim(2)?;
     let last: Vec<u32> = lens.iter().enumerate().map(|(i, &l)| (i * t + l - 1) as u32).collect();
-    let last = hidden.reshape((b * t, h))?.index_select(&Tensor::new(last.as_slice(), &dev)?, 0)?;
-    let mut logits = model.llm.logits(&last)?;
-    sync(&dev)?;
-    let encode_secs = t0.elapsed().as_secs_f64();
+    let last = hidden.reshape((b * t, h))?.index_select(&Tensor::new(last.as_slice(), dev)?, 0)?;
+    let logits = model.llm.logits(&last)?;
+    Ok(Prefill { hidden, prompt_valid: inp.prompt_valid, logits, cache, key_valid: inp.key_valid, lens, padded })
+}
 
-    let t1 = Instant::now();
+/// What the token-by-token loop produced.
+struct Decoded {
+    answers: Vec<Vec<u32>>,
+    hit_eos: Vec<bool>,
+    steps: usize,
+}
+
+/// Generates from a prefill: each row from its own length with its own position ids, one
+/// shared KV cache.
+fn decode(model: &PrsMed, pre: Prefill, opts: &GenerateOptions) -> Result<Decoded> {
+    let dev = model.device();
+    let Prefill { mut logits, mut cache, key_valid: mut valid, lens, padded, .. } = pre;
+    let b = lens.len();
     let mut samplers: Vec<Sampler> = (0..b).map(|_| Sampler::new(opts.seed, opts.temperature, opts.top_p)).collect();
     let mut answers = vec![Vec::new(); b];
     let mut done = vec![false; b];
@@ -186,11 +207,11 @@ pub fn predict_batch(model: &PrsMed, batch: &ModelBatch, opts: &GenerateOptions)
         if done.iter().all(|&d| d) || step + 1 == opts.max_new_tokens {
             break;
         }
-        let ids = Tensor::from_vec(feed, (b, 1), &dev)?;
+        let ids = Tensor::from_vec(feed, (b, 1), dev)?;
         let pos: Vec<u32> = lens.iter().map(|&l| (l + step) as u32).collect();
-        let pos = Tensor::from_vec(pos, (b, 1), &dev)?;
+        let pos = Tensor::from_vec(pos, (b, 1), dev)?;
         let key_valid = if padded {
-            valid = Tensor::cat(&[&valid, &Tensor::ones((b, 1), valid.dtype(), &dev)?], 1)?;
+            valid = Tensor::cat(&[&valid, &Tensor::ones((b, 1), valid.dtype(), dev)?], 1)?;
             Some(&valid)
         } else {
             None
@@ -200,13 +221,42 @@ pub fn predict_batch(model: &PrsMed, batch: &ModelBatch, opts: &GenerateOptions)
         logits = model.llm.logits(&hs.squeeze(1)?)?;
         steps += 1;
     }
+    Ok(Decoded { answers, hit_eos, steps })
+}
+
+/// Answers only, from image embeddings already computed ([`PrsMed::encode_image`]): training
+/// validation generates from the embeddings of its loss forward instead of encoding again.
+pub fn generate_answers(
+    model: &PrsMed,
+    prompts: &[PromptIds],
+    image: &Tensor,
+    opts: &GenerateOptions,
+) -> Result<Vec<Vec<u32>>> {
+    opts.validate()?;
+    Ok(decode(model, prefill(model, prompts, image)?, opts)?.answers)
+}
+
+/// Mask logits and answers for a batch (prompts right-padded).
+pub fn predict_batch(model: &PrsMed, batch: &ModelBatch, opts: &GenerateOptions) -> Result<BatchOutput> {
+    opts.validate()?;
+    let dev = model.device().clone();
+    let t0 = Instant::now();
+    let image = model.encode_image(&batch.clip_pixels)?;
+    let pre = prefill(model, &batch.prompts, &image)?;
+    let feats = model.tinysam.forward(&batch.sam_pixels.to_dtype(model.tinysam_dtype())?)?;
+    let mask_logits = model.decoder.forward(&feats, &pre.hidden, &pre.prompt_valid)?.to_dtype(DType::F32)?;
+    sync(&dev)?;
+    let encode_secs = t0.elapsed().as_secs_f64();
+
+    let t1 = Instant::now();
+    let out = decode(model, pre, opts)?;
     sync(&dev)?;
     Ok(BatchOutput {
         mask_logits,
-        answers,
-        hit_eos,
+        answers: out.answers,
+        hit_eos: out.hit_eos,
         encode_secs,
         decode_secs: t1.elapsed().as_secs_f64(),
-        decode_steps: steps,
+        decode_steps: out.steps,
     })
 }

@@ -14,8 +14,8 @@ use super::optim::{AdamW, AdamWConfig, LossScaler};
 use super::schedule::LrSchedule;
 use super::state::{PlanRecord, RunDir, TrainerState, OPTIMIZER_FILE};
 use super::step::{StepOutcome, Stepper};
-use crate::config::{BatchNormMode, Config, Precision};
-use crate::data::dataset::{prepare, PrepareOptions, Row};
+use crate::config::{BatchNormMode, Config, Precision, TrainSection};
+use crate::data::dataset::{prepare, PrepareOptions, Row, ValSource};
 use crate::data::loader::{BatchPlan, Loader, LoaderOptions, PlanConfig};
 use crate::data::sample::{check_prompt_lengths, collate, PreparedSample, SampleBuilder};
 use crate::files;
@@ -25,10 +25,9 @@ use crate::model::prs_med::{LossNorm, LossWeights, ModelBatch, PrsMed};
 use crate::nn::ops::EvalMode;
 use crate::nn::param::seed_for;
 use crate::pipeline::build::{load_prs_med, LoadOptions, Mode};
-use crate::pipeline::generate::{predict_batch, GenerateOptions};
+use crate::pipeline::generate::{generate_answers, GenerateOptions};
 use crate::pipeline::load::open_base;
 use crate::report::{read_metrics, training_curves, MetricsLog, Record};
-use crate::tokenizer::encode_prompt;
 use crate::weights::checkpoint::{save_checkpoint_with, CheckpointMeta};
 
 pub struct TrainOptions {
@@ -61,22 +60,153 @@ pub struct TrainSummary {
     pub trained_parameters: usize,
 }
 
-/// Token lengths of every row's prompt + answer (for length bucketing) and the number of
-/// supervised tokens (answer + EOS) per row.
-fn token_counts(rows: &[Row], builder: &SampleBuilder) -> Result<(Vec<usize>, Vec<usize>)> {
-    let mut lens = Vec::with_capacity(rows.len());
-    let mut sup = Vec::with_capacity(rows.len());
-    for r in rows {
-        let p = encode_prompt(&builder.tokenizer, &builder.template, &r.question, Some(&r.answer))
-            .with_context(|| r_location(r))?;
-        lens.push(p.before_image.len() + p.after_image.len() + p.answer.len());
-        sup.push(p.answer.len() + 1);
-    }
-    Ok((lens, sup))
+/// The data side of a run: the checked rows, how they are prepared, and the batch plan.
+struct TrainData {
+    builder: SampleBuilder,
+    train_rows: Arc<Vec<Row>>,
+    val_rows: Vec<Row>,
+    val_source: ValSource,
+    plan: BatchPlan,
+    /// Supervised tokens (answer + EOS) per training row, for the loss normalisation.
+    supervised: Vec<usize>,
 }
 
-fn r_location(r: &Row) -> String {
-    format!("{}:{}", r.csv.display(), r.line)
+impl TrainData {
+    /// Reads and checks the dataset (every bad row named at once), opens the base's tokenizer,
+    /// refuses over-long prompts and plans the batches.
+    fn load(cfg: &Config) -> Result<Self> {
+        let root = cfg.data.root.as_deref().context("no dataset: give --data-root (or data.root in the config)")?;
+        let prep = prepare(Path::new(root), &PrepareOptions::from_config(cfg))?;
+        if prep.skipped > 0 {
+            println!("skipped {} bad rows (--skip-bad-rows)", prep.skipped);
+        }
+        for w in prep.warnings.iter().take(5) {
+            println!("warning: {}:{}: {}", w.csv.display(), w.line, w.message);
+        }
+        ensure!(!prep.train.is_empty(), "no training rows in {root}");
+        let base = open_base(&cfg.model.base)?;
+        let builder = SampleBuilder {
+            tokenizer: Arc::new(base.tokenizer),
+            template: cfg.prompt.template.clone(),
+            clip_size: base.llava.vision_config()?.image_size,
+            sam_size: cfg.model.sam_image_size,
+        };
+        // Over-long prompts are refused (or dropped with --skip-bad-rows) here, naming the rows.
+        let limits = base.llava.prompt_limits()?;
+        let skip = cfg.data.skip_bad_rows;
+        let train = check_prompt_lengths(prep.train, &builder, limits, true, skip)?;
+        let val = check_prompt_lengths(prep.val, &builder, limits, true, skip)?;
+        let dropped = train.dropped.len() + val.dropped.len();
+        if dropped > 0 {
+            println!("skipped {dropped} rows whose prompt is too long (--skip-bad-rows)");
+        }
+        let tc = &cfg.train;
+        let plan = BatchPlan::new(
+            train.tokens.iter().map(|t| t.text).collect(),
+            PlanConfig { batch_size: tc.batch_size, bucket_batches: 8, drop_last: false, seed: tc.seed },
+        )?;
+        Ok(Self {
+            builder,
+            supervised: train.tokens.iter().map(|t| t.supervised).collect(),
+            train_rows: Arc::new(train.rows),
+            val_rows: val.rows,
+            val_source: prep.val_source,
+            plan,
+        })
+    }
+
+    /// What a resumed run must share with the run it continues.
+    fn plan_record(&self, tc: &TrainSection) -> PlanRecord {
+        PlanRecord {
+            train_rows: self.train_rows.len(),
+            batch_size: tc.batch_size,
+            gradient_accumulation_steps: tc.gradient_accumulation_steps,
+            seed: tc.seed,
+        }
+    }
+
+    /// The epoch's micro-batches from `start` on, prepared by worker threads.
+    fn loader(&self, batches: &[Vec<usize>], start: usize, cfg: &Config) -> Result<Loader<PreparedSample>> {
+        let builder = self.builder.clone();
+        Loader::new(
+            self.train_rows.clone(),
+            batches[start..].to_vec(),
+            start,
+            move |r: &Row| builder.prepare(r, true),
+            &LoaderOptions { workers: cfg.data.num_workers.max(1), prefetch: cfg.data.prefetch.max(1) },
+        )
+    }
+}
+
+/// Optimizer steps of the whole run: epochs x steps per epoch, capped by `max_steps`.
+fn total_steps(tc: &TrainSection, micro_per_epoch: usize) -> u64 {
+    let steps = micro_per_epoch.div_ceil(tc.gradient_accumulation_steps) as u64 * tc.num_epochs;
+    if tc.max_steps > 0 {
+        steps.min(tc.max_steps)
+    } else {
+        steps
+    }
+}
+
+/// Where the run starts: a fresh state, or the `last` checkpoint's, refused when the data or
+/// the batch plan changed since it was saved.
+fn starting_point(run: &RunDir, resume: bool, record: PlanRecord, micro_per_epoch: usize) -> Result<Start> {
+    let mut start = Start { state: TrainerState::default(), checkpoint: None };
+    if resume {
+        let last = run.last()?;
+        start.state = TrainerState::read(&last)?;
+        if let Some(p) = &start.state.plan {
+            p.check_resume(&record).with_context(|| format!("resuming {}", run.0.display()))?;
+        }
+        ensure!(
+            start.state.batch_in_epoch <= micro_per_epoch,
+            "{} is at micro-batch {} of an epoch that now has {micro_per_epoch}: the dataset or the batch plan \
+             changed since it was saved; resume with the run's own data and settings",
+            last.display(),
+            start.state.batch_in_epoch
+        );
+        start.checkpoint = Some(last);
+    }
+    start.state.plan = Some(record);
+    Ok(start)
+}
+
+struct Start {
+    state: TrainerState,
+    checkpoint: Option<PathBuf>,
+}
+
+/// AdamW over the trained weights (and the f16 loss scaler), restored from a checkpoint's
+/// optimizer file when resuming.
+fn build_optimizer(
+    model: &PrsMed,
+    tc: &TrainSection,
+    dtype: DType,
+    checkpoint: Option<&Path>,
+) -> Result<(AdamW, Option<LossScaler>)> {
+    let [beta1, beta2] = tc.adam_betas;
+    let mut optim = AdamW::new(
+        model.trained.weights(),
+        AdamWConfig {
+            lr: tc.learning_rate,
+            beta1,
+            beta2,
+            eps: tc.adam_eps,
+            weight_decay: tc.weight_decay,
+            max_grad_norm: (tc.max_grad_norm > 0.0).then_some(tc.max_grad_norm),
+        },
+    )?;
+    let mut scaler = (dtype == DType::F16).then(LossScaler::default);
+    if let Some(c) = checkpoint {
+        let file = c.join(OPTIMIZER_FILE);
+        let st = candle_core::safetensors::load(&file, model.device())
+            .with_context(|| format!("reading {}", file.display()))?;
+        optim.load_state_tensors(&st, &c.display().to_string())?;
+        if let Some(s) = scaler.as_mut() {
+            s.load_state_tensors(&st, &c.display().to_string())?;
+        }
+    }
+    Ok((optim, scaler))
 }
 
 pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
@@ -91,90 +221,30 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
         println!("note: precision {} applies on a GPU; the CPU computes in f32", tc.precision);
     }
 
-    // ---- data ----
-    let root = cfg.data.root.as_deref().context("no dataset: give --data-root (or data.root in the config)")?;
-    let prep = prepare(Path::new(root), &PrepareOptions::from_config(&cfg))?;
-    if prep.skipped > 0 {
-        println!("skipped {} bad rows (--skip-bad-rows)", prep.skipped);
-    }
-    for w in prep.warnings.iter().take(5) {
-        println!("warning: {}:{}: {}", w.csv.display(), w.line, w.message);
-    }
-    ensure!(!prep.train.is_empty(), "no training rows in {root}");
-    let base = open_base(&cfg.model.base)?;
-    let vcfg = base.llava.vision_config()?;
-    let builder = SampleBuilder {
-        tokenizer: Arc::new(base.tokenizer),
-        template: cfg.prompt.template.clone(),
-        clip_size: vcfg.image_size,
-        sam_size: cfg.model.sam_image_size,
-    };
-    // Over-long prompts are refused (or dropped with --skip-bad-rows) here, naming the rows.
-    let limits = base.llava.prompt_limits()?;
-    let skip = cfg.data.skip_bad_rows;
-    let (train_rows, dropped_train) = check_prompt_lengths(prep.train, &builder, limits, true, skip)?;
-    let (val_rows, dropped_val) = check_prompt_lengths(prep.val, &builder, limits, true, skip)?;
-    if dropped_train.len() + dropped_val.len() > 0 {
-        println!("skipped {} rows whose prompt is too long (--skip-bad-rows)", dropped_train.len() + dropped_val.len());
-    }
-    let train_rows = Arc::new(train_rows);
-    let (lens, supervised) = token_counts(&train_rows, &builder)?;
-    let plan = BatchPlan::new(
-        lens,
-        PlanConfig { batch_size: tc.batch_size, bucket_batches: 8, drop_last: false, seed: tc.seed },
-    )?;
-    let micro_per_epoch = plan.batches_per_epoch();
+    // ---- data, and where the run stands ----
+    let data = TrainData::load(&cfg)?;
+    let micro_per_epoch = data.plan.batches_per_epoch();
     let accum = tc.gradient_accumulation_steps;
-    let steps_per_epoch = micro_per_epoch.div_ceil(accum) as u64;
-    let mut total_steps = steps_per_epoch * tc.num_epochs;
-    if tc.max_steps > 0 {
-        total_steps = total_steps.min(tc.max_steps);
-    }
-    let plan_record = PlanRecord {
-        train_rows: train_rows.len(),
-        batch_size: tc.batch_size,
-        gradient_accumulation_steps: accum,
-        seed: tc.seed,
-    };
-
-    // ---- where the run stands ----
-    let (mut state, ckpt) = if opts.resume {
-        let last = run.last()?;
-        let state = TrainerState::read(&last)?;
-        if let Some(p) = &state.plan {
-            p.check_resume(&plan_record).with_context(|| format!("resuming {}", run.0.display()))?;
-        }
-        ensure!(
-            state.batch_in_epoch <= micro_per_epoch,
-            "{} is at micro-batch {} of an epoch that now has {micro_per_epoch}: the dataset or the batch plan \
-             changed since it was saved; resume with the run's own data and settings",
-            last.display(),
-            state.batch_in_epoch
-        );
-        (state, Some(last))
-    } else {
-        (TrainerState::default(), None)
-    };
-    state.plan = Some(plan_record);
+    let total_steps = total_steps(tc, micro_per_epoch);
+    let Start { mut state, checkpoint: ckpt } =
+        starting_point(&run, opts.resume, data.plan_record(tc), micro_per_epoch)?;
 
     // ---- model ----
-    let mut model = load_prs_med(
-        &cfg,
-        &LoadOptions {
-            device: opts.device.clone(),
-            dtype,
-            mode: Mode::Train,
-            checkpoint: ckpt.as_deref(),
-            seed: tc.seed,
-        },
-    )?;
+    let load = LoadOptions {
+        device: opts.device.clone(),
+        dtype,
+        mode: Mode::Train,
+        checkpoint: ckpt.as_deref(),
+        seed: tc.seed,
+    };
+    let mut model = load_prs_med(&cfg, &load)?;
     model.set_gradient_checkpointing(tc.gradient_checkpointing);
     let n_trained = model.trained.num_weight_elements();
     println!(
         "plan: {} train / {} val rows ({:?}), {} micro-batches of {} per epoch, accumulation {} (effective batch {}), {} optimizer steps, {} trained parameters, compute {:?} on {:?}",
-        train_rows.len(),
-        val_rows.len(),
-        prep.val_source,
+        data.train_rows.len(),
+        data.val_rows.len(),
+        data.val_source,
         micro_per_epoch,
         tc.batch_size,
         accum,
@@ -194,27 +264,9 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
         });
     }
 
-    // ---- optimizer ----
-    let [beta1, beta2] = tc.adam_betas;
-    let mut optim = AdamW::new(
-        model.trained.weights(),
-        AdamWConfig {
-            lr: tc.learning_rate,
-            beta1,
-            beta2,
-            eps: tc.adam_eps,
-            weight_decay: tc.weight_decay,
-            max_grad_norm: (tc.max_grad_norm > 0.0).then_some(tc.max_grad_norm),
-        },
-    )?;
-    let mut scaler = (dtype == DType::F16).then(LossScaler::default);
+    // ---- optimizer, schedule, logs ----
+    let (mut optim, mut scaler) = build_optimizer(&model, tc, dtype, ckpt.as_deref())?;
     if let Some(c) = &ckpt {
-        let st = candle_core::safetensors::load(c.join(OPTIMIZER_FILE), &opts.device)
-            .with_context(|| format!("reading {}", c.join(OPTIMIZER_FILE).display()))?;
-        optim.load_state_tensors(&st, &c.display().to_string())?;
-        if let Some(s) = scaler.as_mut() {
-            s.load_state_tensors(&st, &c.display().to_string())?;
-        }
         println!(
             "resumed from {} at step {} (epoch {}, batch {})",
             c.display(),
@@ -226,29 +278,29 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     let schedule = LrSchedule::cosine(tc.learning_rate, tc.min_learning_rate, tc.warmup_steps, total_steps);
     schedule.validate()?;
     let guard = DivergenceGuard { factor: tc.divergence_factor };
-
     if !opts.resume {
         files::write_bytes_atomic(&run.config(), cfg.to_toml()?.as_bytes())?;
     }
     let mut log = MetricsLog::open(&run.0, opts.resume.then_some(state.step))?;
-
     let bar = if opts.progress { ProgressBar::new(total_steps) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template(
         "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
     )?);
     bar.set_position(state.step);
-
-    let first_eval = if state.step == 0 && !val_rows.is_empty() {
-        let e = evaluate(&model, &builder, &val_rows, &cfg, &opts.device)?;
-        log_eval(&mut log, 0, 0, &e)?;
+    let validate = |step: u64, epoch: u64, log: &mut MetricsLog| -> Result<EvalResult> {
+        let e = evaluate(&model, &data.builder, &data.val_rows, &cfg, &opts.device)?;
+        log_eval(log, step, epoch, &e)?;
         say(
             &bar,
-            format!("step 0: val loss {:.4}  dice {:.3}  position acc {:.3}", e.loss, e.dice, e.position_accuracy),
+            format!(
+                "step {step}: val loss {:.4}  dice {:.3}  iou {:.3}  position acc {:.3}",
+                e.loss, e.dice, e.iou, e.position_accuracy
+            ),
         );
-        Some(e)
-    } else {
-        None
+        Ok(e)
     };
+
+    let first_eval = if state.step == 0 && !data.val_rows.is_empty() { Some(validate(0, 0, &mut log)?) } else { None };
     let mut last_eval = None;
     let started = Instant::now();
     let mut last_checkpoint = ckpt.clone();
@@ -257,33 +309,24 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
 
     'epochs: while state.epoch < tc.num_epochs && state.step < total_steps {
         let epoch = state.epoch;
-        let batches = plan.epoch(epoch);
-        let start = state.batch_in_epoch;
-        let b2 = builder.clone();
-        let mut loader = Loader::new(
-            train_rows.clone(),
-            batches[start..].to_vec(),
-            start,
-            move |r: &Row| b2.prepare(r, true),
-            &LoaderOptions { workers: cfg.data.num_workers.max(1), prefetch: cfg.data.prefetch.max(1) },
-        )?;
+        let batches = data.plan.epoch(epoch);
+        let mut bi = state.batch_in_epoch;
+        let mut loader = data.loader(&batches, bi, &cfg)?;
         let weights = LossWeights {
             seg: tc.seg_loss_weight,
             lm: tc.lm_loss_weight,
             cls: if epoch < tc.cls_loss_epochs { tc.cls_loss_weight } else { 0.0 },
             compat: tc.loss_compat,
         };
-        let mut bi = start;
         while bi < batches.len() {
-            // One optimizer step = the next `accum` micro-batches (fewer at the epoch's end).
-            let group_end = (bi - bi % accum + accum).min(batches.len());
+            // ---- one optimizer step: the next `accum` micro-batches (fewer at the epoch's end) ----
+            let group = &batches[bi..(bi - bi % accum + accum).min(batches.len())];
             let t0 = Instant::now();
             let lr = schedule.lr_at(state.step);
             optim.set_lr(lr);
-            let group = &batches[bi..group_end];
             let norm = LossNorm {
                 images: group.iter().map(|b| b.len()).sum(),
-                tokens: group.iter().flatten().map(|&i| supervised[i]).sum(),
+                tokens: group.iter().flatten().map(|&i| data.supervised[i]).sum(),
             };
             // Micro-batches are collated one at a time, as the step consumes them.
             let micro = group.iter().map(|_| -> Result<(ModelBatch, u64)> {
@@ -299,26 +342,13 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
                 bn_frozen: tc.batchnorm == BatchNormMode::Frozen,
             };
             let out = stepper.step(micro, norm, &weights, &mut state)?;
-            bi = group_end;
+            bi += group.len();
 
             // A skipped step still counts: the schedule and the data move on.
             state.batch_in_epoch = bi;
             count_step(&mut state, &out, tc.max_consecutive_nonfinite, &run, &bar)?;
             let secs = t0.elapsed().as_secs_f64();
-            log.append(&Record {
-                epoch: Some(epoch),
-                loss: Some(out.parts[0]),
-                loss_seg: Some(out.parts[1]),
-                loss_lm: Some(out.parts[2]),
-                loss_cls: Some(out.parts[3]),
-                lr: Some(lr),
-                grad_norm: out.grad_norm,
-                samples_per_s: Some(out.images as f64 / secs),
-                tokens_per_s: Some(out.tokens as f64 / secs),
-                peak_mem_bytes: crate::pipeline::device::peak_memory_bytes(&opts.device),
-                elapsed_s: Some(started.elapsed().as_secs_f64()),
-                ..Record::train(state.step)
-            })?;
+            log_step(&mut log, &state, epoch, &out, lr, secs, started, &opts.device)?;
             bar.set_position(state.step);
             bar.set_message(format!(
                 "loss {:.4} lr {:.2e} {:.1} samples/s",
@@ -338,6 +368,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
                 );
             }
 
+            // ---- what falls due after it ----
             let epoch_end = bi >= batches.len();
             if epoch_end {
                 state.epoch += 1;
@@ -354,20 +385,10 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
                 }
                 continue;
             }
-
-            // ---- evaluation and checkpoints ----
             let mut improved = false;
-            if std::mem::take(&mut eval_pending) && !val_rows.is_empty() {
-                let e = evaluate(&model, &builder, &val_rows, &cfg, &opts.device)?;
-                log_eval(&mut log, state.step, epoch, &e)?;
+            if std::mem::take(&mut eval_pending) && !data.val_rows.is_empty() {
+                let e = validate(state.step, epoch, &mut log)?;
                 training_curves(&read_metrics(&run.metrics())?, &run.curves())?;
-                say(
-                    &bar,
-                    format!(
-                        "step {}: val loss {:.4}  dice {:.3}  iou {:.3}  position acc {:.3}",
-                        state.step, e.loss, e.dice, e.iou, e.position_accuracy
-                    ),
-                );
                 improved = judge_evaluation(&mut state, &e, &bar);
                 last_eval = Some(e);
             }
@@ -397,6 +418,34 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     }
     bar.finish_and_clear();
     Ok(TrainSummary { state, last_eval, first_eval, last_checkpoint, trained_parameters: n_trained })
+}
+
+/// One line of `metrics.jsonl` for a finished optimizer step.
+#[allow(clippy::too_many_arguments)]
+fn log_step(
+    log: &mut MetricsLog,
+    state: &TrainerState,
+    epoch: u64,
+    out: &StepOutcome,
+    lr: f64,
+    secs: f64,
+    started: Instant,
+    device: &Device,
+) -> Result<()> {
+    log.append(&Record {
+        epoch: Some(epoch),
+        loss: Some(out.parts[0]),
+        loss_seg: Some(out.parts[1]),
+        loss_lm: Some(out.parts[2]),
+        loss_cls: Some(out.parts[3]),
+        lr: Some(lr),
+        grad_norm: out.grad_norm,
+        samples_per_s: Some(out.images as f64 / secs),
+        tokens_per_s: Some(out.tokens as f64 / secs),
+        peak_mem_bytes: crate::pipeline::device::peak_memory_bytes(device),
+        elapsed_s: Some(started.elapsed().as_secs_f64()),
+        ..Record::train(state.step)
+    })
 }
 
 /// Counts a finished optimizer step; a skipped one is reported, and too many in a row stop
@@ -549,7 +598,9 @@ pub fn evaluate(
         let prepared: Vec<PreparedSample> = chunk.iter().map(|r| builder.prepare(r, true)).collect::<Result<_>>()?;
         let items: Vec<&PreparedSample> = prepared.iter().collect();
         let mb = collate(&items, device)?;
-        let out = model.forward(&mb, true)?;
+        // The image embeddings serve both the loss forward and the generated answers.
+        let image = model.encode_image(&mb.clip_pixels)?;
+        let out = model.forward_from_image(&mb, &image, true)?;
         let l = model.losses(&mb, &out, &weights)?;
         loss += l.total.to_scalar::<f32>()? as f64 * chunk.len() as f64;
         let pred = out.mask_logits.ge(0f64)?.to_dtype(DType::U8)?.to_device(&Device::Cpu)?;
@@ -565,11 +616,11 @@ pub fn evaluate(
                 n_scored += 1;
             }
         }
-        // Answers: greedy generation, one sample at a time (KV cache).
-        for (r, s) in chunk.iter().zip(prepared.iter()) {
-            let mut one = collate(&[s], device)?;
-            one.prompts[0].answer.clear();
-            let ids = predict_batch(model, &one, &VALIDATION_ANSWERS)?.answers.remove(0);
+        // Answers: greedy generation, one sample at a time (KV cache), from the prompt alone.
+        for (i, (r, s)) in chunk.iter().zip(prepared.iter()).enumerate() {
+            let mut prompt = s.prompt.clone();
+            prompt.answer.clear();
+            let ids = generate_answers(model, &[prompt], &image.narrow(0, i, 1)?, &VALIDATION_ANSWERS)?.remove(0);
             let text = builder.tokenizer.decode(&ids, true).map_err(|e| anyhow::anyhow!("decoding an answer: {e}"))?;
             let truth = r.position.map(PositionLabel::from);
             if truth.is_some_and(|t| t == parse_position(&text)) {

@@ -548,8 +548,14 @@ fn over_long_rows_are_reported_with_csv_and_row_and_the_model_refuses_them() {
     let text = e.to_string();
     assert!(text.contains(&format!("{}:3: the prompt is too long", csv.display())), "{text}");
     assert!(text.contains("but the model takes at most 2048"), "{text}");
-    let (kept, dropped) = check_prompt_lengths(rows.clone(), &b, limits, true, true).unwrap();
-    assert_eq!((kept.iter().map(|r| r.line).collect::<Vec<_>>(), dropped.len()), (vec![2, 4], 1));
+    let kept = check_prompt_lengths(rows.clone(), &b, limits, true, true).unwrap();
+    assert_eq!((kept.rows.iter().map(|r| r.line).collect::<Vec<_>>(), kept.dropped.len()), (vec![2, 4], 1));
+    // The counts kept for the batch plan are those of the row's own training sequence.
+    let p = encode_prompt(&b.tokenizer, &cfg.prompt.template, &rows[2].question, Some(&rows[2].answer)).unwrap();
+    let t = kept.tokens[1];
+    assert_eq!(t.text, p.before_image.len() + p.after_image.len() + p.answer.len());
+    assert_eq!(t.supervised, p.answer.len() + 1);
+    assert_ne!(kept.tokens[0].text, t.text, "two questions of different length");
 
     // The model itself refuses such an input (the guard behind every caller).
     let m = load_prs_med(&cfg, &cpu_opts(Mode::Infer, None)).unwrap();
