@@ -18,7 +18,7 @@ use prs::pipeline::build::{load_prs_med, LoadOptions, Mode};
 use prs::train::optim::{AdamW, AdamWConfig};
 use prs::train::step::micro_backward;
 
-fn synth(dir: &Path, n_train: usize) -> PathBuf {
+pub fn synth(dir: &Path, n_train: usize) -> PathBuf {
     let data = dir.join("data");
     let cfg = prs::data::synth::SynthConfig { train: n_train, val: 2, test: 1, size: 64, seed: 5 };
     prs::data::synth::generate(&data, &cfg, false).unwrap();
@@ -146,7 +146,7 @@ fn gradient_checkpointing_gives_identical_gradients() {
     assert!(worst <= 1e-6, "{worst}");
 }
 
-fn prs() -> Command {
+pub fn prs() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_prs"));
     c.env("PRS_TOKENIZER_MODEL", common::tokenizer_model());
     c
@@ -158,7 +158,7 @@ fn finetune(conf: &Path, out: &Path) -> std::process::Output {
 }
 
 /// A small finetune config file pointing at the test's model and data.
-fn write_config(dir: &Path, cfg: &Config, data: &Path, extra: &str) -> PathBuf {
+pub fn write_config(dir: &Path, cfg: &Config, data: &Path, extra: &str) -> PathBuf {
     let mut c = cfg.clone();
     c.data.root = Some(data.display().to_string());
     c.data.num_workers = 2;
@@ -200,12 +200,20 @@ fn sigkill_and_resume_equal_the_uninterrupted_run_bit_for_bit() {
     let cfg = tiny_model(dir.path());
     let data = synth(dir.path(), 4);
     let conf = write_config(dir.path(), &cfg, &data, "train.max_steps=10");
-    let full = dir.path().join("full");
+    let full = assert_kill_and_resume_equal_the_full_run(dir.path(), &conf);
+    check_predict_and_evaluate(dir.path(), &full, &data);
+}
+
+/// Runs `conf` uninterrupted into DIR/full, and again into DIR/cut killed (SIGKILL) once a
+/// mid-run checkpoint exists, then resumed; asserts both end with the same tensors bit for bit
+/// and the same metrics steps. Returns the full run's folder.
+pub fn assert_kill_and_resume_equal_the_full_run(dir: &Path, conf: &Path) -> PathBuf {
+    let (conf, full) = (conf.to_path_buf(), dir.join("full"));
     let st = prs().args(["finetune", "--quiet", "--config"]).arg(&conf).arg("--out").arg(&full).status().unwrap();
     assert!(st.success());
 
     // Same run, killed once its step-4 checkpoint exists (mid-epoch: 3 steps per epoch).
-    let cut = dir.path().join("cut");
+    let cut = dir.join("cut");
     let mut child = prs()
         .args(["finetune", "--quiet", "--config"])
         .arg(&conf)
@@ -244,11 +252,14 @@ fn sigkill_and_resume_equal_the_uninterrupted_run_bit_for_bit() {
     assert_eq!(steps(&full), steps(&cut));
     assert!(last(&full).join("optimizer.safetensors").exists());
     assert!(full.join("curves.png").exists() && full.join("best").join("prs_checkpoint.json").exists());
+    full
+}
 
-    // A finetune checkpoint feeds `prs predict` and `prs evaluate` directly.
+/// A finetune checkpoint feeds `prs predict` and `prs evaluate` directly.
+fn check_predict_and_evaluate(dir: &Path, full: &Path, data: &Path) {
     let image =
         std::fs::read_dir(data.join("brain_tumors_ct_scan/test_images")).unwrap().next().unwrap().unwrap().path();
-    let pred = dir.path().join("pred");
+    let pred = dir.join("pred");
     let st = prs()
         .args(["predict", "--checkpoint"])
         .arg(full.join("best"))
@@ -262,12 +273,12 @@ fn sigkill_and_resume_equal_the_uninterrupted_run_bit_for_bit() {
     for f in ["mask.png", "prob.png", "overlay.png", "result.json"] {
         assert!(pred.join(f).exists(), "predict wrote no {f}");
     }
-    let eval = dir.path().join("eval");
+    let eval = dir.join("eval");
     let st = prs()
         .args(["evaluate", "--checkpoint"])
         .arg(full.join("best"))
         .arg("--data-root")
-        .arg(&data)
+        .arg(data)
         .args(["--split", "test", "--out"])
         .arg(&eval)
         .status()
@@ -388,7 +399,7 @@ fn the_memory_guides_flag_spellings_parse() {
         (a.batch_size, a.gradient_accumulation_steps, a.num_epochs, a.image_size),
         (Some(4), Some(2), Some(3), Some(1024))
     );
-    assert!(a.gradient_checkpointing && a.use_amp && a.compile_model);
+    assert!(a.gradient_checkpointing == Some(prs::config::Checkpointing::All) && a.use_amp && a.compile_model);
     let cli = prs::cli::Cli::try_parse_from(["prs", "finetune", "--config", "c.toml", "--no-use_amp"]).unwrap();
     let prs::cli::Command::Finetune(a) = cli.command else { panic!() };
     assert!(a.no_amp);
