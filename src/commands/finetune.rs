@@ -7,8 +7,8 @@ use anyhow::{bail, Context, Result};
 
 use super::args::{at_least_one, positive};
 use crate::config::{Checkpointing, Config, Precision};
-use crate::pipeline::load::BaseQuantArgs;
 use crate::model::losses::LossCompat;
+use crate::pipeline::load::BaseQuantArgs;
 use crate::train::state::RunDir;
 use crate::train::trainer::{train, TrainOptions};
 

@@ -40,6 +40,9 @@ impl FrozenWeight {
     }
 }
 
+/// The weight in the input's dtype, (m, n, k), the input's and the weight's layouts, the output shape.
+type MatmulPlan = (Tensor, (usize, usize, usize), Layout, Layout, Shape);
+
 /// `x @ w^T` for a frozen `w` of shape (out, in); backward gives dX only.
 struct FrozenMatmul {
     w: FrozenWeight,
@@ -47,11 +50,7 @@ struct FrozenMatmul {
 
 impl FrozenMatmul {
     /// The weight in `dtype` and the matmul's dimensions and layouts for an input `layout`.
-    fn prepare(
-        &self,
-        dtype: DType,
-        layout: &Layout,
-    ) -> candle_core::Result<(Tensor, (usize, usize, usize), Layout, Layout, Shape)> {
+    fn prepare(&self, dtype: DType, layout: &Layout) -> candle_core::Result<MatmulPlan> {
         let (n, k) = self.w.dims2()?;
         let dims = layout.dims();
         let kx = *dims.last().unwrap_or(&0);

@@ -93,15 +93,17 @@ impl QuantWeight {
         }
         // Host quantisation in parallel over row chunks (candle's CUDA quantiser copies to the
         // host and runs single-threaded), then one upload of the blocks.
-        let host = w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
+        let host: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let chunks: Vec<Vec<u8>> = (0..out_dim.div_ceil(ROWS_PER_TASK))
             .into_par_iter()
             .map(|c| -> Result<Vec<u8>> {
-                let r0 = c * ROWS_PER_TASK;
-                let rows = host.narrow(0, r0, ROWS_PER_TASK.min(out_dim - r0))?;
+                let (r0, r1) = (c * ROWS_PER_TASK, ((c + 1) * ROWS_PER_TASK).min(out_dim));
+                // A tensor of its own: candle quantises a view's whole storage.
+                let rows = Tensor::from_slice(&host[r0 * in_dim..r1 * in_dim], (r1 - r0, in_dim), &Device::Cpu)?;
                 Ok(QTensor::quantize(&rows, g)?.data()?.into_owned())
             })
             .collect::<Result<_>>()?;
+        drop(host);
         let n: usize = chunks.iter().map(Vec::len).sum();
         // u64 storage: the block structs need their alignment when candle views the bytes.
         let mut buf = vec![0u64; n.div_ceil(8)];
