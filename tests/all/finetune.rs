@@ -127,23 +127,27 @@ fn gradient_checkpointing_gives_identical_gradients() {
     let s = samples(&cfg, &data, 3);
     let items: Vec<&PreparedSample> = s.iter().collect();
     let mb = collate(&items, &Device::Cpu).unwrap();
-    let grads = |ckpt: bool| {
+    let grads = |ckpt: prs::config::Checkpointing| {
         let mut m = model(&cfg);
         // Moved from init (LoRA B = 0 and MBConv's zero BatchNorm weight silence branches),
         // deterministically, so that every tensor has a gradient.
         for p in m.trained.weights() {
             p.var.set(&(p.var.as_tensor() + 0.01).unwrap()).unwrap();
         }
-        m.set_gradient_checkpointing(ckpt);
+        m.set_checkpointing(ckpt);
         let norm = LossNorm { images: 3, tokens: s.iter().map(|x| x.prompt.answer.len() + 1).sum() };
         let g = micro_backward(&m, &mb, &LossWeights::default(), norm, None, 5, false).unwrap().grads.unwrap();
         common::assert_grads_exactly_trained_except(&g, &m.trained, zero_by_design);
         m.trained.weights().iter().map(|p| g.get(p.var.as_tensor()).unwrap().copy().unwrap()).collect::<Vec<_>>()
     };
-    let (a, b) = (grads(false), grads(true));
-    let worst = a.iter().zip(b.iter()).map(|(x, y)| rel_err(y, x)).fold(0f32, f32::max);
-    println!("checkpointing on vs off: worst relative gradient difference {worst:.2e}");
-    assert!(worst <= 1e-6, "{worst}");
+    use prs::config::Checkpointing::{All, Llm, Off};
+    let a = grads(Off);
+    for mode in [All, Llm] {
+        let b = grads(mode);
+        let worst = a.iter().zip(b.iter()).map(|(x, y)| rel_err(y, x)).fold(0f32, f32::max);
+        println!("checkpointing {mode} vs off: worst relative gradient difference {worst:.2e}");
+        assert!(worst <= 1e-6, "{mode}: {worst}");
+    }
 }
 
 pub fn prs() -> Command {
