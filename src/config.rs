@@ -10,8 +10,10 @@ use serde::{Deserialize, Serialize};
 use crate::model::clip::ClipVisionConfig;
 use crate::model::decoder::DecoderConfig;
 use crate::model::mistral::MistralConfig;
+pub use crate::model::prs_med::Checkpointing;
 use crate::model::tinysam::TinySamConfig;
 use crate::nn::linear::LoraConfig;
+pub use crate::nn::quant::BaseQuant;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,7 +38,9 @@ pub struct Config {
 pub struct TrainSection {
     pub batch_size: usize,
     pub gradient_accumulation_steps: usize,
-    pub gradient_checkpointing: bool,
+    /// `off`, `llm` (decoder layers only) or `all` (also TinySAM blocks and the mask decoder's
+    /// attention); `true`/`false` of older configs mean `all`/`off`.
+    pub gradient_checkpointing: Checkpointing,
     /// Compute precision on the accelerator (CPU runs in f32).
     pub precision: Precision,
     pub learning_rate: f64,
@@ -81,7 +85,7 @@ impl Default for TrainSection {
         Self {
             batch_size: 4,
             gradient_accumulation_steps: 1,
-            gradient_checkpointing: false,
+            gradient_checkpointing: Checkpointing::Off,
             precision: Precision::Bf16,
             learning_rate: 1e-4,
             min_learning_rate: 1e-6,
@@ -264,6 +268,11 @@ pub struct ModelSection {
     /// Frozen weights and matmuls. CPU runs use f32.
     #[serde(default = "default_dtype")]
     pub compute_dtype: Precision,
+    /// Storage of the frozen LLM projections (q, k, v, o, gate, up, down): `none`, `8bit` or
+    /// `4bit`, quantised at load; embeddings, lm_head, norms, CLIP and everything trained stay
+    /// in the compute dtype.
+    #[serde(default)]
+    pub base_quant: BaseQuant,
     pub lora: LoraConfig,
     #[serde(default)]
     pub trainable: TrainableSection,

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 use super::args::{at_least_one, positive};
-use crate::config::{Config, Precision};
+use crate::config::{Checkpointing, Config, Precision};
 use crate::model::losses::LossCompat;
+use crate::pipeline::load::BaseQuantArgs;
 use crate::train::state::RunDir;
 use crate::train::trainer::{train, TrainOptions};
 
@@ -32,8 +33,12 @@ pub struct FinetuneArgs {
     pub batch_size: Option<usize>,
     #[arg(long, alias = "gradient_accumulation_steps", value_parser = at_least_one)]
     pub gradient_accumulation_steps: Option<usize>,
-    #[arg(long, alias = "gradient_checkpointing")]
-    pub gradient_checkpointing: bool,
+    /// Gradient checkpointing: off, llm (the LLM decoder layers: PyTorch's setting) or all (also
+    /// TinySAM blocks and the mask decoder's attention). The bare flag means all, as it always did.
+    #[arg(long, alias = "gradient_checkpointing", value_enum, num_args = 0..=1, default_missing_value = "all")]
+    pub gradient_checkpointing: Option<Checkpointing>,
+    #[command(flatten)]
+    pub quant: BaseQuantArgs,
     /// Compute precision on a GPU (mixed precision is on by default there; the CPU uses f32).
     #[arg(long, value_enum)]
     pub precision: Option<Precision>,
@@ -103,8 +108,8 @@ pub fn resolve_config(args: &FinetuneArgs) -> Result<Config> {
     if let Some(v) = args.gradient_accumulation_steps {
         t.gradient_accumulation_steps = v;
     }
-    if args.gradient_checkpointing {
-        t.gradient_checkpointing = true;
+    if let Some(v) = args.gradient_checkpointing {
+        t.gradient_checkpointing = v;
     }
     if let Some(v) = args.precision {
         t.precision = v;
@@ -135,6 +140,9 @@ pub fn resolve_config(args: &FinetuneArgs) -> Result<Config> {
     }
     if let Some(v) = args.loss_compat {
         t.loss_compat = v;
+    }
+    if let Some(q) = args.quant.get() {
+        cfg.model.base_quant = q;
     }
     if let Some(v) = args.image_size {
         cfg.model.sam_image_size = v;

@@ -8,13 +8,13 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use super::args::{at_least_one, unit_interval};
-use crate::config::Config;
+use crate::config::{BaseQuant, Checkpointing, Config};
 use crate::data::dataset::{read_rows, DatasetOptions};
 use crate::memory::estimate::{
     estimate, DeviceKind, Estimate, EstimateInput, CPU_PROCESS_BYTES, CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES,
 };
 use crate::memory::measure::{spawn_trial, trial_main, Outcome, TrialSpec};
-use crate::memory::search::{recommend, sweep, Row, SweepOptions};
+use crate::memory::search::{recommend, sweep, Row, Setting, SweepOptions};
 use crate::memory::{gb, parse_bytes, Precision, SeqShape};
 use crate::model::prs_med::PrsMedSpec;
 use crate::pipeline::random::spec_for_config;
@@ -47,9 +47,14 @@ pub struct ProfileMemoryArgs {
     /// Precisions, e.g. bf16,f32 (default: the config's model.compute_dtype).
     #[arg(long, value_delimiter = ',', value_enum)]
     pub precision: Option<Vec<Precision>>,
-    /// Gradient checkpointing of the LLM layers: on, off or both.
-    #[arg(long, default_value = "both")]
+    /// Gradient checkpointing settings to try, e.g. off,llm,all (llm: the LLM decoder layers;
+    /// all: also TinySAM blocks and the mask decoder's attention; on = all, both = off,all).
+    #[arg(long, default_value = "off,llm,all")]
     pub checkpointing: String,
+    /// Storages of the frozen LLM projections to try, e.g. none,8bit,4bit (default: all three
+    /// with --gpu-memory, so the recommendation can quantise; else the config's model.base_quant).
+    #[arg(long, alias = "base_quant", value_delimiter = ',', value_enum)]
+    pub base_quant: Option<Vec<BaseQuant>>,
     /// Samples per optimizer step (batch x gradient accumulation) to keep.
     #[arg(long, alias = "effective_batch", default_value_t = 8, value_parser = at_least_one)]
     pub effective_batch: usize,
@@ -153,25 +158,57 @@ fn worst_case_seq(cfg: &Config, root: &Path) -> Result<SeqShape> {
     Ok(worst.expect("rows is not empty"))
 }
 
-fn checkpointing_list(s: &str) -> Result<Vec<bool>> {
-    Ok(match s.trim().to_ascii_lowercase().as_str() {
-        "on" | "true" | "yes" => vec![true],
-        "off" | "false" | "no" => vec![false],
-        "both" => vec![false, true],
-        o => bail!("--checkpointing expects on, off or both, got `{o}`"),
-    })
+fn checkpointing_list(s: &str) -> Result<Vec<Checkpointing>> {
+    let mut out = vec![];
+    for w in s.split(',').map(|w| w.trim().to_ascii_lowercase()) {
+        if w == "both" {
+            out.extend([Checkpointing::Off, Checkpointing::All]);
+            continue;
+        }
+        match <Checkpointing as clap::ValueEnum>::from_str(&w, true) {
+            Ok(c) => out.push(c),
+            Err(_) => bail!("--checkpointing expects a list of off, llm, all (on = all, both = off,all), got `{w}`"),
+        }
+    }
+    out.dedup();
+    Ok(out)
 }
 
 /// The config with the recommended row written into `[train]` and `model.compute_dtype`.
 pub fn emitted_config(cfg: &Config, row: &Row) -> Result<Config> {
     let mut out = cfg.clone();
-    out.model.compute_dtype = row.precision;
+    let s = row.setting;
+    out.model.compute_dtype = s.precision;
+    out.model.base_quant = s.base_quant;
     let t = &mut out.train;
     t.batch_size = row.batch;
     t.gradient_accumulation_steps = row.accumulation;
-    t.gradient_checkpointing = row.checkpointing;
-    t.precision = row.precision;
+    t.gradient_checkpointing = s.checkpointing;
+    t.precision = s.precision;
     Ok(out)
+}
+
+/// The plain message when no row fits: the budget, and the smallest setting tried.
+fn nothing_fits(rows: &[Row], opts: &SweepOptions) -> String {
+    let mut msg = format!(
+        "nothing fits: no setting keeps the effective batch {} within {:.2} GB ({:.2} GB less the {:.0}% margin)",
+        opts.effective_batch,
+        gb(opts.limit()),
+        gb(opts.budget_bytes),
+        opts.margin * 100.0
+    );
+    if let Some(r) = rows.iter().min_by_key(|r| r.measured_bytes.unwrap_or(r.predicted_bytes)) {
+        let s = r.setting;
+        msg += &format!(
+            "; the smallest tried, batch {} {} base {} checkpointing {}, needs {:.2} GB",
+            r.batch,
+            s.precision,
+            s.base_quant,
+            s.checkpointing,
+            gb(r.measured_bytes.unwrap_or(r.predicted_bytes))
+        );
+    }
+    msg
 }
 
 fn fmt_opt(v: Option<f64>, digits: usize) -> String {
@@ -180,16 +217,17 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
 
 pub fn print_table(rows: &[Row]) {
     println!(
-        "{:>5} {:>5} {:>5} {:>5} {:>10} {:>10} {:>8} {:>8} {:>9}  fits?",
-        "batch", "accum", "prec", "ckpt", "pred GB", "meas GB", "error%", "step s", "samples/s"
+        "{:>5} {:>5} {:>5} {:>5} {:>5} {:>10} {:>10} {:>8} {:>8} {:>9}  fits?",
+        "batch", "accum", "prec", "quant", "ckpt", "pred GB", "meas GB", "error%", "step s", "samples/s"
     );
     for r in rows {
         println!(
-            "{:>5} {:>5} {:>5} {:>5} {:>10.3} {:>10} {:>8} {:>8} {:>9}  {}{}",
+            "{:>5} {:>5} {:>5} {:>5} {:>5} {:>10.3} {:>10} {:>8} {:>8} {:>9}  {}{}",
             r.batch,
             r.accumulation,
-            r.precision.as_str(),
-            if r.checkpointing { "on" } else { "off" },
+            r.setting.precision.as_str(),
+            r.setting.base_quant.as_str(),
+            r.setting.checkpointing.as_str(),
             gb(r.predicted_bytes),
             fmt_opt(r.measured_bytes.map(gb), 3),
             fmt_opt(r.error_pct, 1),
@@ -230,19 +268,21 @@ pub fn run(args: &ProfileMemoryArgs) -> Result<()> {
     }
     let exe = std::env::current_exe().context("locating the prs binary for trials")?;
     let config_toml = cfg.to_toml()?;
-    let trial = |batch: usize, precision: Precision, checkpointing: bool, steps: usize| TrialSpec {
+    let trial = |batch: usize, set: Setting, steps: usize| TrialSpec {
         config_toml: config_toml.clone(),
         device: device.clone(),
         batch,
-        precision,
-        checkpointing,
+        precision: set.precision,
+        base_quant: set.base_quant,
+        checkpointing: set.checkpointing,
         seq,
         steps,
         seed: args.seed,
     };
     // Context overhead: a child that stops before building the model (batch 0) measures it.
     let context_bytes = if measure {
-        match spawn_trial(&exe, &trial(0, precisions[0], false, 0))? {
+        let base = Setting { precision: precisions[0], base_quant: BaseQuant::None, checkpointing: Checkpointing::Off };
+        match spawn_trial(&exe, &trial(0, base, 0))? {
             Outcome::Measured(r) => r.baseline_bytes,
             Outcome::DoesNotFit { reason } => bail!("the baseline trial failed: {reason}"),
         }
@@ -252,8 +292,14 @@ pub fn run(args: &ProfileMemoryArgs) -> Result<()> {
             DeviceKind::Cuda => CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES,
         }
     };
+    let quants = match (&args.base_quant, &args.gpu_memory) {
+        (Some(list), _) => list.clone(),
+        (None, Some(_)) => vec![BaseQuant::None, BaseQuant::Int8, BaseQuant::Int4],
+        (None, None) => vec![cfg.model.base_quant],
+    };
     let opts = SweepOptions {
         precisions,
+        quants,
         checkpointing: checkpointing_list(&args.checkpointing)?,
         batch_sizes: args.batch_sizes.clone(),
         max_batch: args.max_batch.unwrap_or(args.effective_batch),
@@ -263,15 +309,16 @@ pub fn run(args: &ProfileMemoryArgs) -> Result<()> {
         measure,
     };
     let tp = &cfg.model.trainable;
-    let predict = |batch: usize, precision: Precision, checkpointing: bool| {
+    let predict = |batch: usize, set: Setting| {
         estimate(&EstimateInput {
             spec: &spec,
             train_tinysam: tp.tinysam,
             train_projector: tp.projector,
             batch,
             seq,
-            precision,
-            checkpointing,
+            precision: set.precision,
+            base_quant: set.base_quant,
+            checkpointing: set.checkpointing,
             device: kind,
             context_bytes,
         })
@@ -280,14 +327,15 @@ pub fn run(args: &ProfileMemoryArgs) -> Result<()> {
     let rows = sweep(
         &opts,
         predict,
-        |b, p, ck| spawn_trial(&exe, &trial(b, p, ck, args.steps)),
+        |b, set| spawn_trial(&exe, &trial(b, set, args.steps)),
         |r| {
             if !quiet {
                 eprintln!(
-                    "batch {} {} checkpointing {}: predicted {:.3} GB{}{}",
+                    "batch {} {} base {} checkpointing {}: predicted {:.3} GB{}{}",
                     r.batch,
-                    r.precision.as_str(),
-                    if r.checkpointing { "on" } else { "off" },
+                    r.setting.precision,
+                    r.setting.base_quant,
+                    r.setting.checkpointing,
                     gb(r.predicted_bytes),
                     r.measured_bytes.map(|m| format!(", measured {:.3} GB", gb(m))).unwrap_or_default(),
                     if r.fits { "" } else { " - does not fit" }
@@ -303,7 +351,7 @@ pub fn run(args: &ProfileMemoryArgs) -> Result<()> {
         std::fs::write(file, &text).with_context(|| format!("writing {}", file.display()))?;
         emitted = Some(file.display().to_string());
     } else if args.emit_config.is_some() {
-        bail!("no configuration fits with the effective batch {}: nothing to emit", args.effective_batch);
+        bail!("{}: nothing to emit", nothing_fits(&rows, &opts));
     }
     let report = Report {
         config: path.display().to_string(),
@@ -338,11 +386,8 @@ pub fn run(args: &ProfileMemoryArgs) -> Result<()> {
     match rec_row {
         Some(r) => {
             println!(
-                "\nrecommended: batch {} x accumulation {} ({}, checkpointing {})",
-                r.batch,
-                r.accumulation,
-                r.precision.as_str(),
-                if r.checkpointing { "on" } else { "off" }
+                "\nrecommended: batch {} x accumulation {} ({}, base {}, checkpointing {})",
+                r.batch, r.accumulation, r.setting.precision, r.setting.base_quant, r.setting.checkpointing
             );
             if let Some(e) = &r.estimate {
                 println!("predicted breakdown (peak phase: {}):", e.peak_phase);
@@ -355,7 +400,7 @@ pub fn run(args: &ProfileMemoryArgs) -> Result<()> {
                 println!("wrote {f}");
             }
         }
-        None => println!("\nno configuration fits while keeping the effective batch {}", args.effective_batch),
+        None => println!("\n{}", nothing_fits(&rows, &opts)),
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::{Precision, SeqShape};
+use crate::config::{BaseQuant, Checkpointing};
 use crate::model::llava::ProjectorKind;
 use crate::model::prs_med::PrsMedSpec;
 
@@ -42,7 +43,9 @@ pub struct EstimateInput<'a> {
     pub batch: usize,
     pub seq: SeqShape,
     pub precision: Precision,
-    pub checkpointing: bool,
+    /// Storage of the frozen LLM projections.
+    pub base_quant: BaseQuant,
+    pub checkpointing: Checkpointing,
     /// Where the step runs (the activation model is the same; the overhead differs).
     pub device: DeviceKind,
     /// Process/context overhead (CUDA context + workspaces, or the idle process RSS on CPU).
@@ -172,6 +175,32 @@ pub fn param_counts(spec: &PrsMedSpec) -> Result<ParamCounts> {
     decoder += dm / 4 + 1;
     let classifier = dm * u(spec.num_modalities) + u(spec.num_modalities);
     Ok(ParamCounts { llm, lora, clip, projector, tinysam, tinysam_buffers: tb, decoder, classifier })
+}
+
+/// The seven projections of one Mistral layer, (out, in) each.
+fn llm_projections(spec: &PrsMedSpec) -> [(usize, usize); 7] {
+    let l = &spec.llava.llm;
+    let (h, i) = (l.hidden_size, l.intermediate_size);
+    let (qd, kvd) = (l.num_attention_heads * l.head_dim(), l.num_key_value_heads * l.head_dim());
+    [(qd, h), (kvd, h), (kvd, h), (h, qd), (i, h), (i, h), (h, i)]
+}
+
+/// Bytes of the frozen LLM's weights stored with `quant` (scales included; a projection whose
+/// in-features are not a multiple of the block stays dense, as the loader keeps it), and the
+/// elements of its largest quantised projection (0 when none is).
+pub fn llm_weight_bytes(spec: &PrsMedSpec, quant: BaseQuant, s: u64) -> Result<(u64, u64)> {
+    let total = param_counts(spec)?.llm;
+    let layers = u(spec.llava.llm.num_hidden_layers);
+    let (mut dense, mut stored, mut largest) = (total, 0u64, 0u64);
+    for (o, i) in llm_projections(spec) {
+        let n = u(o * i);
+        if let Some(b) = quant.weight_bytes(o, i) {
+            dense -= layers * n;
+            stored += layers * b;
+            largest = largest.max(n);
+        }
+    }
+    Ok((dense * s + stored, largest))
 }
 
 /// Bytes kept per token by one Mistral layer's graph (no checkpointing), and the size of its
@@ -373,7 +402,12 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
     let mut push = |name: &str, bytes: f64| items.push(Item { name: name.into(), bytes: bytes.max(0.0) as u64 });
 
     // Persistent state.
-    push("weights: LLM (frozen)", (pc.llm * s) as f64);
+    let (llm_bytes, largest_quant) = llm_weight_bytes(spec, inp.base_quant, s)?;
+    let quant_note = match inp.base_quant {
+        BaseQuant::None => String::new(),
+        q => format!(", projections {q} with scales"),
+    };
+    push(&format!("weights: LLM (frozen{quant_note})"), llm_bytes as f64);
     push("weights: CLIP (frozen)", (pc.clip * s) as f64);
     let (mut trained, mut frozen) = (pc.lora + pc.decoder + pc.classifier, pc.llm + pc.clip);
     if inp.train_projector {
@@ -400,7 +434,8 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
     // Graph.
     let per_tok = llm_layer_bytes_per_token(spec, s, t);
     let embeds = (3 * tok * h * s + b * n_img * h * s) as f64; // text, spliced, image
-    let (llm_graph, recompute) = if inp.checkpointing {
+    let (ck_llm, ck_vision) = (inp.checkpointing.llm(), inp.checkpointing.vision());
+    let (llm_graph, recompute) = if ck_llm {
         ((layers * tok * h * s) as f64, per_tok * tok as f64)
     } else {
         (per_tok * (layers * tok) as f64, 0.0)
@@ -411,10 +446,10 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
     let head = tok * rms_final + rows * (h * s + v * s + if s == 4 { 0 } else { 4 * v } + 12 * v);
     push("activations: final norm, LM head, cross-entropy", head as f64);
     let ts = tinysam_graph_elems(spec);
-    let ts_e = if inp.checkpointing { ts.checkpointed } else { ts.full };
+    let ts_e = if ck_vision { ts.checkpointed } else { ts.full };
     let per_sample_f32 = |e: f64| if inp.train_tinysam { e * 4.0 * b as f64 } else { 0.0 };
     push("activations: TinySAM (f32)", per_sample_f32(ts_e));
-    let (dec_e, dec_transient) = decoder_graph_elems(spec, t as f64, b as f64, s, inp.checkpointing);
+    let (dec_e, dec_transient) = decoder_graph_elems(spec, t as f64, b as f64, s, ck_vision);
     push("activations: decoder attention over image tokens, mask head, losses (f32)", dec_e * 4.0 * b as f64);
 
     // Backward: gradients of the graph's nodes exist while it is still alive. Through the
@@ -433,8 +468,10 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
         ("decoder attention backward", dec_transient * 4.0 * b as f64),
         ("one depthwise convolution backward", per_sample_f32(DEPTHWISE_BACKWARD * ts.depthwise_rebuild)),
     ];
-    if inp.checkpointing {
+    if ck_llm {
         transients.push(("one LLM layer recomputed + its backward", recompute + 3.0 * llm_scores));
+    }
+    if ck_vision {
         // The block is rebuilt, then its backward runs: about 0.9x the block for its own
         // gradients, or a depthwise convolution's backward, whichever is larger (measured on
         // the CPU with the 7B's TinySAM at 512 px, BENCHMARKS.md).
@@ -444,6 +481,17 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
     }
     let (what, bytes) = transients.into_iter().fold(("", 0.0), |a, t| if t.1 > a.1 { t } else { a });
     push(&format!("backward transient (largest: {what})"), bytes);
+    // A quantised projection is dequantised inside each matmul that reads it, forward and
+    // backward, and dropped after: one copy at a time, in f32 (candle dequantises to f32) plus
+    // its cast to the compute dtype (CUDA dequantises straight to f16).
+    if largest_quant > 0 {
+        let per = match (inp.precision, inp.device) {
+            (Precision::F32, _) => 4,
+            (Precision::F16, DeviceKind::Cuda) => 2,
+            _ => 4 + s,
+        };
+        push("dequantised copy of one projection (transient)", (largest_quant * per) as f64);
+    }
 
     // CLIP runs untracked: only a transient, before the graph exists.
     let (c, ic, hc) = (u(vc.hidden_size), u(vc.intermediate_size), u(vc.num_attention_heads));

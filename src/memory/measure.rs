@@ -21,7 +21,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{Precision, SeqShape};
-use crate::config::Config;
+use crate::config::{BaseQuant, Checkpointing, Config};
 use crate::model::prs_med::{LossNorm, LossWeights, ModelBatch, PrsMed};
 use crate::pipeline::build::Mode;
 use crate::pipeline::random::{random_prs_med, spec_for_config, RandomOptions};
@@ -46,7 +46,9 @@ pub struct TrialSpec {
     pub device: String,
     pub batch: usize,
     pub precision: Precision,
-    pub checkpointing: bool,
+    #[serde(default)]
+    pub base_quant: BaseQuant,
+    pub checkpointing: Checkpointing,
     pub seq: SeqShape,
     /// Training steps; the peak covers all, the time is the last one's.
     pub steps: usize,
@@ -177,9 +179,10 @@ pub fn run_trial(spec: &TrialSpec) -> Result<TrialResult> {
     let cfg = Config::parse(&spec.config_toml, &[]).context("trial config")?;
     let mspec = spec_for_config(&cfg)?;
     let dtype = spec.precision.dtype();
-    let opts = RandomOptions::from_config(&cfg, device.clone(), dtype, Mode::Train, spec.seed);
+    let mut opts = RandomOptions::from_config(&cfg, device.clone(), dtype, Mode::Train, spec.seed);
+    opts.base_quant = spec.base_quant;
     let mut m = random_prs_med(&mspec, &opts)?;
-    m.set_gradient_checkpointing(spec.checkpointing);
+    m.set_checkpointing(spec.checkpointing);
     let mut opt = AdamW::new(m.trained.weights(), AdamWConfig::default())?;
     let mut scaler = (spec.precision == Precision::F16).then(LossScaler::default);
     let batch = synthetic_batch(&m, spec.batch, &spec.seq, spec.seed)?;

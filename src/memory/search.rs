@@ -10,6 +10,15 @@ use serde::Serialize;
 use super::estimate::Estimate;
 use super::measure::{Outcome, TrialResult};
 use super::Precision;
+use crate::config::{BaseQuant, Checkpointing};
+
+/// What a row varies besides the batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Setting {
+    pub precision: Precision,
+    pub base_quant: BaseQuant,
+    pub checkpointing: Checkpointing,
+}
 
 /// One measured or predicted configuration.
 #[derive(Clone, Debug, Serialize)]
@@ -17,8 +26,8 @@ pub struct Row {
     pub batch: usize,
     /// ceil(effective batch / batch).
     pub accumulation: usize,
-    pub precision: Precision,
-    pub checkpointing: bool,
+    #[serde(flatten)]
+    pub setting: Setting,
     pub predicted_bytes: u64,
     pub measured_bytes: Option<u64>,
     /// (predicted - measured) / measured, in percent.
@@ -43,7 +52,8 @@ impl Row {
 
 pub struct SweepOptions {
     pub precisions: Vec<Precision>,
-    pub checkpointing: Vec<bool>,
+    pub quants: Vec<BaseQuant>,
+    pub checkpointing: Vec<Checkpointing>,
     /// Explicit batch sizes (all are tried, in order); None = search.
     pub batch_sizes: Option<Vec<usize>>,
     /// Largest batch the search tries.
@@ -107,71 +117,84 @@ pub fn search_batches(
     Ok(tried)
 }
 
-/// All rows: for each precision and checkpointing setting, the batch search with `predict`
-/// (always) and `measure` (when `opts.measure`) deciding what fits.
+impl SweepOptions {
+    /// Every setting, precision outermost, then quantisation, then checkpointing.
+    pub fn settings(&self) -> Vec<Setting> {
+        let mut out = vec![];
+        for &precision in &self.precisions {
+            for &base_quant in &self.quants {
+                for &checkpointing in &self.checkpointing {
+                    out.push(Setting { precision, base_quant, checkpointing });
+                }
+            }
+        }
+        out
+    }
+}
+
+/// All rows: for each setting, the batch search with `predict` (always) and `measure` (when
+/// `opts.measure`) deciding what fits.
 pub fn sweep(
     opts: &SweepOptions,
-    mut predict: impl FnMut(usize, Precision, bool) -> Result<Estimate>,
-    mut measure: impl FnMut(usize, Precision, bool) -> Result<Outcome>,
+    mut predict: impl FnMut(usize, Setting) -> Result<Estimate>,
+    mut measure: impl FnMut(usize, Setting) -> Result<Outcome>,
     mut on_row: impl FnMut(&Row),
 ) -> Result<Vec<Row>> {
     let limit = opts.limit();
     let mut rows = vec![];
-    for &p in &opts.precisions {
-        for &ck in &opts.checkpointing {
-            search_batches(opts.batch_sizes.as_deref(), opts.max_batch, |b| {
-                let est = predict(b, p, ck)?;
-                let mut row = Row {
-                    batch: b,
-                    accumulation: opts.effective_batch.div_ceil(b).max(1),
-                    precision: p,
-                    checkpointing: ck,
-                    predicted_bytes: est.peak_bytes,
-                    measured_bytes: None,
-                    error_pct: None,
-                    step_seconds: None,
-                    samples_per_s: None,
-                    fits: est.peak_bytes <= limit,
-                    note: None,
-                    estimate: Some(est),
-                    trial: None,
-                };
-                if opts.measure {
-                    match measure(b, p, ck)? {
-                        Outcome::Measured(r) => {
-                            row.measured_bytes = Some(r.peak_bytes);
-                            row.error_pct =
-                                Some((row.predicted_bytes as f64 - r.peak_bytes as f64) / r.peak_bytes as f64 * 100.0);
-                            row.step_seconds = Some(r.step_seconds);
-                            row.samples_per_s = Some(r.samples_per_s);
-                            row.fits = r.peak_bytes <= limit;
-                            if !row.fits {
-                                row.note = Some("over the budget after the safety margin".into());
-                            }
-                            row.trial = Some(r);
+    for set in opts.settings() {
+        search_batches(opts.batch_sizes.as_deref(), opts.max_batch, |b| {
+            let est = predict(b, set)?;
+            let mut row = Row {
+                batch: b,
+                accumulation: opts.effective_batch.div_ceil(b).max(1),
+                setting: set,
+                predicted_bytes: est.peak_bytes,
+                measured_bytes: None,
+                error_pct: None,
+                step_seconds: None,
+                samples_per_s: None,
+                fits: est.peak_bytes <= limit,
+                note: None,
+                estimate: Some(est),
+                trial: None,
+            };
+            if opts.measure {
+                match measure(b, set)? {
+                    Outcome::Measured(r) => {
+                        row.measured_bytes = Some(r.peak_bytes);
+                        row.error_pct =
+                            Some((row.predicted_bytes as f64 - r.peak_bytes as f64) / r.peak_bytes as f64 * 100.0);
+                        row.step_seconds = Some(r.step_seconds);
+                        row.samples_per_s = Some(r.samples_per_s);
+                        row.fits = r.peak_bytes <= limit;
+                        if !row.fits {
+                            row.note = Some("over the budget after the safety margin".into());
                         }
-                        Outcome::DoesNotFit { reason } => {
-                            row.fits = false;
-                            row.note = Some(format!("does not fit ({reason})"));
-                        }
+                        row.trial = Some(r);
                     }
-                } else if !row.fits {
-                    row.note = Some("predicted over the budget after the safety margin".into());
+                    Outcome::DoesNotFit { reason } => {
+                        row.fits = false;
+                        row.note = Some(format!("does not fit ({reason})"));
+                    }
                 }
-                let fits = row.fits;
-                on_row(&row);
-                rows.push(row);
-                Ok(fits)
-            })?;
-        }
+            } else if !row.fits {
+                row.note = Some("predicted over the budget after the safety margin".into());
+            }
+            let fits = row.fits;
+            on_row(&row);
+            rows.push(row);
+            Ok(fits)
+        })?;
     }
     Ok(rows)
 }
 
 /// Index of the recommended row: among rows that fit and keep the effective batch, the
-/// highest measured samples/s; without measurements, no checkpointing before checkpointing
-/// (recomputation costs about a third more compute), then the largest batch, then the
-/// precision listed first.
+/// highest measured samples/s; without measurements, the least checkpointing (recomputing the
+/// LLM layers costs about a third more compute, the vision parts a little more), then the
+/// least quantisation (dequantising reads each weight once more per matmul, small next to a
+/// matmul over hundreds of tokens), then the largest batch, then the precision listed first.
 pub fn recommend(rows: &[Row], opts: &SweepOptions) -> Option<usize> {
     let ok = |r: &Row| r.fits && r.keeps_effective(opts.effective_batch);
     if opts.measure {
@@ -182,8 +205,19 @@ pub fn recommend(rows: &[Row], opts: &SweepOptions) -> Option<usize> {
             .map(|(i, _)| i)
     } else {
         let rank = |r: &Row| {
-            let p = opts.precisions.iter().position(|&q| q == r.precision).unwrap_or(0);
-            (!r.checkpointing, r.batch, usize::MAX - p)
+            let s = r.setting;
+            let p = opts.precisions.iter().position(|&q| q == s.precision).unwrap_or(0);
+            let ck = match s.checkpointing {
+                Checkpointing::Off => 2,
+                Checkpointing::Llm => 1,
+                Checkpointing::All => 0,
+            };
+            let q = match s.base_quant {
+                BaseQuant::None => 2,
+                BaseQuant::Int8 => 1,
+                BaseQuant::Int4 => 0,
+            };
+            (ck, q, r.batch, usize::MAX - p)
         };
         rows.iter().enumerate().filter(|(_, r)| ok(r)).max_by_key(|(_, r)| rank(r)).map(|(i, _)| i)
     }

@@ -261,6 +261,12 @@ impl DecoderLayer {
         })
     }
 
+    /// The seven projections (q, k, v, o, gate, up, down).
+    pub fn projections(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+    }
+
     /// `x` (B,T,H) -> (B,T,H). `mask` is additive, broadcastable to (B,heads,T,T_keys).
     pub fn forward(
         &self,
@@ -275,6 +281,14 @@ impl DecoderLayer {
         let h = ops::rms_norm(&x, &self.post_attention_layernorm.cast(dt)?, self.eps)?;
         add_any(&x, &self.mlp.forward(&h)?)
     }
+}
+
+/// See [`Mistral::quant_summary`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QuantSummary {
+    pub quantized: usize,
+    pub dense: usize,
+    pub bytes: usize,
 }
 
 /// The decoder, from input embeddings to final-norm hidden states (and logits on request).
@@ -323,6 +337,23 @@ impl Mistral {
     }
     pub fn layers(&self) -> &[DecoderLayer] {
         &self.layers
+    }
+
+    /// How the layers' projections are stored: the number quantised, the number kept dense (a
+    /// quantised base whose in-features are not a multiple of the block), and the bytes of the
+    /// quantised ones. Embeddings, lm_head and norms are never quantised.
+    pub fn quant_summary(&self) -> QuantSummary {
+        let mut s = QuantSummary::default();
+        for p in self.layers.iter().flat_map(|l| l.projections()) {
+            match p.quantized() {
+                Some(q) => {
+                    s.quantized += 1;
+                    s.bytes += q.storage_bytes();
+                }
+                None => s.dense += 1,
+            }
+        }
+        s
     }
 
     /// Token embeddings (B,T) u32 -> (B,T,H) in the compute dtype.

@@ -90,6 +90,66 @@ impl LlavaMedConfig {
     }
 }
 
+/// Which parts of a training step recompute their activations in backward instead of keeping
+/// them (`train.gradient_checkpointing`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Checkpointing {
+    /// Every activation is kept.
+    #[default]
+    #[value(alias = "false", alias = "no")]
+    Off,
+    /// One checkpoint per LLM decoder layer (PyTorch's reference setting).
+    Llm,
+    /// The LLM layers, each TinySAM block and each mask-decoder attention chunk (what the bare
+    /// `--gradient-checkpointing` flag and `true` mean).
+    #[value(alias = "on", alias = "true", alias = "yes")]
+    All,
+}
+
+impl Checkpointing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Llm => "llm",
+            Self::All => "all",
+        }
+    }
+
+    pub fn llm(self) -> bool {
+        self != Self::Off
+    }
+
+    /// TinySAM blocks and decoder attention chunks too.
+    pub fn vision(self) -> bool {
+        self == Self::All
+    }
+}
+
+impl std::fmt::Display for Checkpointing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `off | llm | all`, and the booleans of older configs (true = all).
+impl<'de> Deserialize<'de> for Checkpointing {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Bool(bool),
+            Name(String),
+        }
+        match Repr::deserialize(d)? {
+            Repr::Bool(b) => Ok(if b { Self::All } else { Self::Off }),
+            Repr::Name(s) => <Self as clap::ValueEnum>::from_str(s.trim(), true).map_err(|_| {
+                serde::de::Error::custom(format!("unknown checkpointing `{s}` (expected off, llm or all)"))
+            }),
+        }
+    }
+}
+
 /// Builders for every component (each a checkpoint source or a fresh one).
 pub struct Builders<'a> {
     /// Rooted at the LLaVA-Med checkpoint root (`model.*`, `lm_head.*`).
@@ -123,8 +183,9 @@ pub struct PrsMed {
     pub classifier: ModalityClassifier,
     pub spec: PrsMedSpec,
     pub trained: TrainedParams,
-    /// Gradient checkpointing of LLM layers, TinySAM blocks and decoder attention chunks (training only).
+    /// Gradient checkpointing (training only): the checkpointer and which parts use it.
     checkpointer: Option<Checkpointer>,
+    checkpointing: Checkpointing,
     dtype: DType,
     device: Device,
 }
@@ -230,6 +291,7 @@ impl PrsMed {
             spec: spec.clone(),
             trained: b.llava.registry().clone(),
             checkpointer: None,
+            checkpointing: Checkpointing::Off,
             dtype: b.llava.dtype(),
             device: b.llava.device().clone(),
         })
@@ -239,15 +301,25 @@ impl PrsMed {
         self.dtype
     }
 
-    /// Switches gradient checkpointing on (one checkpoint per LLM decoder layer, per TinySAM
-    /// block and per mask-decoder attention chunk) or off. Take gradients with
-    /// [`PrsMed::backward`], which merges the checkpointed blocks' parameter gradients.
+    /// Switches gradient checkpointing on (`Checkpointing::All`: one checkpoint per LLM decoder
+    /// layer, per TinySAM block and per mask-decoder attention chunk) or off. Take gradients
+    /// with [`PrsMed::backward`], which merges the checkpointed blocks' parameter gradients.
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.checkpointer = on.then(|| Checkpointer::new(&self.trained));
+        self.set_checkpointing(if on { Checkpointing::All } else { Checkpointing::Off });
+    }
+
+    /// Gradient checkpointing of the parts `mode` names.
+    pub fn set_checkpointing(&mut self, mode: Checkpointing) {
+        self.checkpointing = mode;
+        self.checkpointer = (mode != Checkpointing::Off).then(|| Checkpointer::new(&self.trained));
     }
 
     pub fn gradient_checkpointing(&self) -> bool {
         self.checkpointer.is_some()
+    }
+
+    pub fn checkpointing(&self) -> Checkpointing {
+        self.checkpointing
     }
 
     /// Gradients of `loss` for training: candle's backward, the parameter gradients of
@@ -359,8 +431,10 @@ impl PrsMed {
     pub fn forward_from_image(&self, batch: &ModelBatch, image: &Tensor, train: bool) -> Result<Outputs> {
         let mark = |name| crate::phases::mark(&self.device, name);
         let inp = self.llm_inputs(&batch.prompts, image, train)?;
-        let ck = self.checkpointer.as_ref();
-        let hidden = self.llm.forward_embeds_with(&inp.embeds, Some(&inp.key_valid), &inp.position_ids, None, ck)?;
+        let ck_llm = self.checkpointer.as_ref().filter(|_| self.checkpointing.llm());
+        let ck = self.checkpointer.as_ref().filter(|_| self.checkpointing.vision());
+        let hidden =
+            self.llm.forward_embeds_with(&inp.embeds, Some(&inp.key_valid), &inp.position_ids, None, ck_llm)?;
         mark("LLM forward");
         let (answer_logits, answer_targets) = if train {
             let (b, t, h) = hidden.dims3()?;

@@ -6,20 +6,51 @@
 
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
 
 use super::consts::add_any;
 pub use super::consts::masked_add;
 use super::ops;
-use super::param::{Init, Param, ParamBuilder};
+use super::param::{Init, LinearWeight, Param, ParamBuilder};
+use super::quant::QuantWeight;
+
+/// A frozen weight as a matmul reads it: a dense tensor, or a quantised one that each matmul
+/// dequantises to its compute dtype and drops when done (forward and backward alike), so the
+/// graph holds the blocks, never a dense copy.
+#[derive(Clone, Debug)]
+pub enum FrozenWeight {
+    Dense(Tensor),
+    Quant(QuantWeight),
+}
+
+impl FrozenWeight {
+    fn dims2(&self) -> candle_core::Result<(usize, usize)> {
+        match self {
+            Self::Dense(w) => w.dims2(),
+            Self::Quant(q) => q.dims2().map_err(|e| candle_core::Error::Msg(format!("{e:#}"))),
+        }
+    }
+
+    /// The weight as a dense tensor in `dtype` (a transient copy for a quantised weight).
+    pub fn dense(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(w) => w.to_dtype(dtype),
+            Self::Quant(q) => q.dequantize(dtype),
+        }
+    }
+}
+
+/// The weight in the input's dtype, (m, n, k), the input's and the weight's layouts, the output shape.
+type MatmulPlan = (Tensor, (usize, usize, usize), Layout, Layout, Shape);
 
 /// `x @ w^T` for a frozen `w` of shape (out, in); backward gives dX only.
 struct FrozenMatmul {
-    w: Tensor,
+    w: FrozenWeight,
 }
 
 impl FrozenMatmul {
-    fn dims(&self, layout: &Layout) -> candle_core::Result<(usize, usize, usize, Layout, Layout, Shape)> {
+    /// The weight in `dtype` and the matmul's dimensions and layouts for an input `layout`.
+    fn prepare(&self, dtype: DType, layout: &Layout) -> candle_core::Result<MatmulPlan> {
         let (n, k) = self.w.dims2()?;
         let dims = layout.dims();
         let kx = *dims.last().unwrap_or(&0);
@@ -31,11 +62,11 @@ impl FrozenMatmul {
         }
         let m = layout.shape().elem_count() / k;
         let lhs = Layout::contiguous_with_offset((m, k), layout.start_offset());
-        let (_, wl) = self.w.storage_and_layout();
-        let rhs = wl.transpose(0, 1)?;
+        let w = self.w.dense(dtype)?;
+        let rhs = w.layout().transpose(0, 1)?;
         let mut out = dims.to_vec();
         *out.last_mut().unwrap() = n;
-        Ok((m, n, k, lhs, rhs, Shape::from(out)))
+        Ok((w, (m, n, k), lhs, rhs, Shape::from(out)))
     }
 }
 
@@ -45,8 +76,8 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, n, k, lhs, rhs, shape) = self.dims(l)?;
-        let (ws, _) = self.w.storage_and_layout();
+        let (w, (m, n, k), lhs, rhs, shape) = self.prepare(s.dtype(), l)?;
+        let (ws, _) = w.storage_and_layout();
         let Storage::Cpu(ws) = &*ws else { candle_core::bail!("frozen linear: weight not on the cpu") };
         Ok((s.matmul(ws, (1, m, n, k), &lhs, &rhs)?, shape))
     }
@@ -57,8 +88,8 @@ impl CustomOp1 for FrozenMatmul {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (m, n, k, lhs, rhs, shape) = self.dims(l)?;
-        let (ws, _) = self.w.storage_and_layout();
+        let (w, (m, n, k), lhs, rhs, shape) = self.prepare(s.dtype(), l)?;
+        let (ws, _) = w.storage_and_layout();
         let Storage::Cuda(ws) = &*ws else { candle_core::bail!("frozen linear: weight not on the gpu") };
         Ok((s.matmul(ws, (1, m, n, k), &lhs, &rhs)?, shape))
     }
@@ -66,7 +97,9 @@ impl CustomOp1 for FrozenMatmul {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let (n, k) = self.w.dims2()?;
         let m = grad.elem_count() / n;
-        let g = grad.reshape((m, n))?.matmul(&self.w)?; // (m, k)
+        // Detached: dX needs no graph of its own, and an op node would keep a dequantised
+        // weight alive until the gradients are detached after backward.
+        let g = grad.detach().reshape((m, n))?.matmul(&self.w.dense(grad.dtype())?)?; // (m, k)
         debug_assert_eq!(g.dim(1)?, k);
         Ok(Some(g.reshape(arg.shape())?))
     }
@@ -74,21 +107,16 @@ impl CustomOp1 for FrozenMatmul {
 
 /// `x @ w^T` where `w` is frozen (not tracked). Plain matmul when `x` is not tracked either.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    frozen_matmul_any(x, &FrozenWeight::Dense(w.clone()))
+}
+
+/// [`frozen_matmul`] for a dense or quantised weight.
+pub fn frozen_matmul_any(x: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
     let x = x.contiguous()?;
-    Ok(x.apply_op1_no_bwd_if_untracked(w)?)
-}
-
-trait ApplyFrozen {
-    fn apply_op1_no_bwd_if_untracked(&self, w: &Tensor) -> candle_core::Result<Tensor>;
-}
-
-impl ApplyFrozen for Tensor {
-    fn apply_op1_no_bwd_if_untracked(&self, w: &Tensor) -> candle_core::Result<Tensor> {
-        if self.track_op() {
-            self.apply_op1(FrozenMatmul { w: w.clone() })
-        } else {
-            self.broadcast_matmul(&w.t()?)
-        }
+    if x.track_op() {
+        Ok(x.apply_op1(FrozenMatmul { w: w.clone() })?)
+    } else {
+        Ok(x.broadcast_matmul(&w.dense(x.dtype())?.t()?)?)
     }
 }
 
@@ -236,7 +264,7 @@ fn closest<'a>(name: &str, valid: &[&'a str]) -> Option<&'a str> {
 
 #[derive(Clone, Debug)]
 pub struct Linear {
-    weight: Param,
+    weight: LinearWeight,
     bias: Option<Param>,
     lora: Option<Lora>,
     in_dim: usize,
@@ -244,10 +272,11 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Reads `weight` (out, in) and optionally `bias` under `pb`'s prefix.
+    /// Reads `weight` (out, in) and optionally `bias` under `pb`'s prefix; a frozen weight is
+    /// stored quantised when `pb` says so (`ParamBuilder::with_quant`).
     pub fn new(pb: &ParamBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let init = Init::torch_default(in_dim);
-        let weight = pb.get((out_dim, in_dim), "weight", init)?;
+        let weight = pb.get_linear(out_dim, in_dim, "weight", init)?;
         let bias = if bias { Some(pb.get(out_dim, "bias", init)?) } else { None };
         Ok(Self { weight, bias, lora: None, in_dim, out_dim })
     }
@@ -255,7 +284,7 @@ impl Linear {
     /// Builds from explicit parameters (e.g. a slice of a fused in_proj).
     pub fn from_params(weight: Param, bias: Option<Param>) -> Result<Self> {
         let (out_dim, in_dim) = weight.tensor().dims2()?;
-        Ok(Self { weight, bias, lora: None, in_dim, out_dim })
+        Ok(Self { weight: LinearWeight::Param(weight), bias, lora: None, in_dim, out_dim })
     }
 
     /// Attaches LoRA A (r, in) and B (out, r). `lora_pb` is rooted at the PEFT key of this
@@ -268,8 +297,19 @@ impl Linear {
         Ok(self)
     }
 
-    pub fn weight(&self) -> &Param {
-        &self.weight
+    /// The weight as read (None when it is stored quantised).
+    pub fn weight(&self) -> Option<&Param> {
+        match &self.weight {
+            LinearWeight::Param(p) => Some(p),
+            LinearWeight::Quant(_) => None,
+        }
+    }
+    /// The quantised weight, when it is stored so.
+    pub fn quantized(&self) -> Option<&QuantWeight> {
+        match &self.weight {
+            LinearWeight::Quant(q) => Some(q),
+            LinearWeight::Param(_) => None,
+        }
     }
     pub fn bias(&self) -> Option<&Param> {
         self.bias.as_ref()
@@ -277,12 +317,16 @@ impl Linear {
     pub fn lora(&self) -> Option<&Lora> {
         self.lora.as_ref()
     }
+    /// (in, out) features.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.in_dim, self.out_dim)
+    }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dt = x.dtype();
         let mut y = match &self.weight {
-            Param::Frozen(w) => frozen_matmul(x, &w.to_dtype(dt)?)?,
-            Param::Trained(w) => trained_matmul(x, &w.as_tensor().to_dtype(dt)?)?,
+            LinearWeight::Param(p) => linear_no_bias(x, p, dt)?,
+            LinearWeight::Quant(q) => frozen_matmul_any(x, &FrozenWeight::Quant(q.clone()))?,
         };
         if let Some(b) = &self.bias {
             y = add_any(&y, &b.cast(dt)?)?;

@@ -83,6 +83,7 @@ pub mod linear;
 pub mod norm;
 pub mod ops;
 pub mod param;
+pub mod quant;
 pub mod splice;
 pub mod upsample;
 

@@ -10,6 +10,8 @@ use candle_nn::VarBuilder;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
+use super::quant::{BaseQuant, QuantWeight};
+
 /// A weight as a module sees it.
 #[derive(Clone, Debug)]
 pub enum Param {
@@ -36,6 +38,13 @@ impl Param {
     pub fn is_trained(&self) -> bool {
         matches!(self, Param::Trained(_))
     }
+}
+
+/// A linear layer's weight: a parameter, or a frozen weight stored quantised.
+#[derive(Clone, Debug)]
+pub enum LinearWeight {
+    Param(Param),
+    Quant(QuantWeight),
 }
 
 /// What a registered trained tensor is for.
@@ -140,6 +149,8 @@ pub struct ParamBuilder<'a> {
     dtype: DType,
     device: Device,
     registry: TrainedParams,
+    /// Storage of frozen linear weights read with `get_linear` (`with_quant`).
+    quant: BaseQuant,
 }
 
 impl<'a> ParamBuilder<'a> {
@@ -162,6 +173,7 @@ impl<'a> ParamBuilder<'a> {
             dtype,
             device,
             registry: registry.clone(),
+            quant: BaseQuant::None,
         }
     }
 
@@ -175,6 +187,7 @@ impl<'a> ParamBuilder<'a> {
             dtype,
             device: device.clone(),
             registry: registry.clone(),
+            quant: BaseQuant::None,
         }
     }
 
@@ -204,6 +217,18 @@ impl<'a> ParamBuilder<'a> {
         let mut b = self.clone();
         b.group = Arc::new(group.to_string());
         b
+    }
+
+    /// The same builder storing the frozen linear weights of the subtree (those read with
+    /// [`ParamBuilder::get_linear`]) in `quant`.
+    pub fn with_quant(&self, quant: BaseQuant) -> Self {
+        let mut b = self.clone();
+        b.quant = quant;
+        b
+    }
+
+    pub fn quant(&self) -> BaseQuant {
+        self.quant
     }
 
     pub fn is_training(&self) -> bool {
@@ -263,6 +288,22 @@ impl<'a> ParamBuilder<'a> {
             Source::DeviceRandom => device_init_tensor(&shape, init, dtype, &self.device)?,
         };
         self.wrap(name, t, ParamKind::Weight)
+    }
+
+    /// A linear layer's (out, in) weight: `get`, then quantised when the subtree is frozen and
+    /// has a quantisation (`with_quant`); a weight whose in-features are not a multiple of the
+    /// format's block stays dense (see `QuantWeight::quantize`).
+    pub fn get_linear(&self, out_dim: usize, in_dim: usize, name: &str, init: Init) -> Result<LinearWeight> {
+        let p = self.get((out_dim, in_dim), name, init)?;
+        if self.train || self.quant == BaseQuant::None {
+            return Ok(LinearWeight::Param(p));
+        }
+        let q = QuantWeight::quantize(p.tensor(), self.quant)
+            .with_context(|| format!("quantising `{}` to {}", self.key(name), self.quant))?;
+        Ok(match q {
+            Some(q) => LinearWeight::Quant(q),
+            None => LinearWeight::Param(p),
+        })
     }
 
     /// A non-optimised state tensor (BatchNorm running statistics): a `Var` registered as a

@@ -169,7 +169,9 @@ pub fn load_prs_med(cfg: &Config, opts: &LoadOptions) -> Result<PrsMed> {
     let tinysam_vb = open_tinysam(&tinysam_path, dtype, dev)?;
     let tp = &cfg.model.trainable;
     let builders = Builders {
-        llava: frozen(base.vb.clone(), &what, "llm"),
+        // Only the LLM's projections are quantised (`Linear::new` reads them with `get_linear`);
+        // CLIP, the projector and everything trained keep the compute dtype.
+        llava: frozen(base.vb.clone(), &what, "llm").with_quant(cfg.model.base_quant),
         clip: frozen(clip_vb, &clip_what, "clip"),
         lora,
         projector: component(Component::MmProjector, tp.projector, Some((base.vb.pp(PROJECTOR_PREFIX), what.clone())))?,

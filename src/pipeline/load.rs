@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use super::device::{device_name, parse_device};
-use crate::config::{Config, ModelSection, Precision, PromptSection};
+use crate::config::{BaseQuant, Config, ModelSection, Precision, PromptSection};
 use crate::model::prs_med::{LlavaMedConfig, PrsMed};
 use crate::pipeline::build::{load_prs_med, read_llava_config, LoadOptions, Mode};
 use crate::tokenizer;
@@ -45,11 +45,48 @@ pub struct ModelArgs {
     /// Compute dtype; default: the configuration's on a GPU, f32 on the CPU.
     #[arg(long, value_enum)]
     pub dtype: Option<Precision>,
+    #[command(flatten)]
+    pub quant: BaseQuantArgs,
 }
 
 impl Default for ModelArgs {
     fn default() -> Self {
-        Self { base: None, config: None, tinysam: None, device: "auto".into(), dtype: None }
+        Self {
+            base: None,
+            config: None,
+            tinysam: None,
+            device: "auto".into(),
+            dtype: None,
+            quant: BaseQuantArgs::default(),
+        }
+    }
+}
+
+/// `--base-quant` and the spellings PEFT users know (shared by finetune, predict, evaluate).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct BaseQuantArgs {
+    /// Storage of the frozen LLM projections, quantised at load from the usual weights: none,
+    /// 8bit (ggml Q8_0) or 4bit (ggml Q4_K); default: the configuration's `model.base_quant`.
+    /// Adapters are the same whatever the base's storage.
+    #[arg(long, alias = "base_quant", value_enum)]
+    pub base_quant: Option<BaseQuant>,
+    /// Same as --base-quant 4bit.
+    #[arg(long = "load_in_4bit", alias = "load-in-4bit", conflicts_with_all = ["base_quant", "load_in_8bit"])]
+    pub load_in_4bit: bool,
+    /// Same as --base-quant 8bit.
+    #[arg(long = "load_in_8bit", alias = "load-in-8bit", conflicts_with = "base_quant")]
+    pub load_in_8bit: bool,
+}
+
+impl BaseQuantArgs {
+    /// The storage the flags ask for, if any.
+    pub fn get(&self) -> Option<BaseQuant> {
+        match (self.base_quant, self.load_in_4bit, self.load_in_8bit) {
+            (Some(q), _, _) => Some(q),
+            (None, true, _) => Some(BaseQuant::Int4),
+            (None, false, true) => Some(BaseQuant::Int8),
+            _ => None,
+        }
     }
 }
 
@@ -109,6 +146,9 @@ pub fn resolve_config(ckpt: &TrainedCheckpoint, args: &ModelArgs) -> Result<Conf
     };
     if let Some(b) = &args.base {
         cfg.model.base = b.clone();
+    }
+    if let Some(q) = args.quant.get() {
+        cfg.model.base_quant = q;
     }
     match (&args.tinysam, ckpt) {
         (Some(t), _) => cfg.model.tinysam = t.clone(),

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 
 use super::build::{read_llava_config, spec_from, Mode};
-use crate::config::{Config, InitSection};
+use crate::config::{BaseQuant, Config, InitSection};
 use crate::model::clip::ClipVisionConfig;
 use crate::model::mistral::MistralConfig;
 use crate::model::prs_med::{Builders, LlavaMedConfig, PrsMed, PrsMedSpec};
@@ -26,12 +26,15 @@ pub struct RandomOptions {
     /// the classifier always train in `Mode::Train`.
     pub train_tinysam: bool,
     pub train_projector: bool,
+    /// Storage of the frozen LLM projections (config `model.base_quant`).
+    pub base_quant: BaseQuant,
 }
 
 impl RandomOptions {
     pub fn from_config(cfg: &Config, device: Device, dtype: DType, mode: Mode, seed: u64) -> Self {
         let t = &cfg.model.trainable;
-        Self { device, dtype, mode, seed, train_tinysam: t.tinysam, train_projector: t.projector }
+        let (train_tinysam, train_projector) = (t.tinysam, t.projector);
+        Self { device, dtype, mode, seed, train_tinysam, train_projector, base_quant: cfg.model.base_quant }
     }
 }
 
@@ -96,7 +99,7 @@ pub fn random_prs_med(spec: &PrsMedSpec, opts: &RandomOptions) -> Result<PrsMed>
     // take minutes per build. Trained parts stay seeded.
     let frozen = |group: &str| ParamBuilder::device_random(group, false, dtype, dev, &reg);
     let builders = Builders {
-        llava: frozen("llm"),
+        llava: frozen("llm").with_quant(opts.base_quant),
         clip: frozen("clip"),
         lora: fresh(2, "lora", train),
         projector: fresh(3, "mm_projector", train && opts.train_projector),

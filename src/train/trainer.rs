@@ -238,7 +238,21 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
         seed: tc.seed,
     };
     let mut model = load_prs_med(&cfg, &load)?;
-    model.set_gradient_checkpointing(tc.gradient_checkpointing);
+    model.set_checkpointing(tc.gradient_checkpointing);
+    if cfg.model.base_quant != crate::config::BaseQuant::None {
+        let q = model.llm.quant_summary();
+        println!(
+            "base LLM: {} projections stored {} ({:.1} MB){}",
+            q.quantized,
+            cfg.model.base_quant,
+            q.bytes as f64 / 1e6,
+            if q.dense > 0 {
+                format!(", {} kept dense (in-features not a multiple of the block)", q.dense)
+            } else {
+                String::new()
+            }
+        );
+    }
     let n_trained = model.trained.num_weight_elements();
     println!(
         "plan: {} train / {} val rows ({:?}), {} micro-batches of {} per epoch, accumulation {} (effective batch {}), {} optimizer steps, {} trained parameters, compute {:?} on {:?}",

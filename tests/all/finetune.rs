@@ -18,7 +18,7 @@ use prs::pipeline::build::{load_prs_med, LoadOptions, Mode};
 use prs::train::optim::{AdamW, AdamWConfig};
 use prs::train::step::micro_backward;
 
-fn synth(dir: &Path, n_train: usize) -> PathBuf {
+pub fn synth(dir: &Path, n_train: usize) -> PathBuf {
     let data = dir.join("data");
     let cfg = prs::data::synth::SynthConfig { train: n_train, val: 2, test: 1, size: 64, seed: 5 };
     prs::data::synth::generate(&data, &cfg, false).unwrap();
@@ -127,26 +127,30 @@ fn gradient_checkpointing_gives_identical_gradients() {
     let s = samples(&cfg, &data, 3);
     let items: Vec<&PreparedSample> = s.iter().collect();
     let mb = collate(&items, &Device::Cpu).unwrap();
-    let grads = |ckpt: bool| {
+    let grads = |ckpt: prs::config::Checkpointing| {
         let mut m = model(&cfg);
         // Moved from init (LoRA B = 0 and MBConv's zero BatchNorm weight silence branches),
         // deterministically, so that every tensor has a gradient.
         for p in m.trained.weights() {
             p.var.set(&(p.var.as_tensor() + 0.01).unwrap()).unwrap();
         }
-        m.set_gradient_checkpointing(ckpt);
+        m.set_checkpointing(ckpt);
         let norm = LossNorm { images: 3, tokens: s.iter().map(|x| x.prompt.answer.len() + 1).sum() };
         let g = micro_backward(&m, &mb, &LossWeights::default(), norm, None, 5, false).unwrap().grads.unwrap();
         common::assert_grads_exactly_trained_except(&g, &m.trained, zero_by_design);
         m.trained.weights().iter().map(|p| g.get(p.var.as_tensor()).unwrap().copy().unwrap()).collect::<Vec<_>>()
     };
-    let (a, b) = (grads(false), grads(true));
-    let worst = a.iter().zip(b.iter()).map(|(x, y)| rel_err(y, x)).fold(0f32, f32::max);
-    println!("checkpointing on vs off: worst relative gradient difference {worst:.2e}");
-    assert!(worst <= 1e-6, "{worst}");
+    use prs::config::Checkpointing::{All, Llm, Off};
+    let a = grads(Off);
+    for mode in [All, Llm] {
+        let b = grads(mode);
+        let worst = a.iter().zip(b.iter()).map(|(x, y)| rel_err(y, x)).fold(0f32, f32::max);
+        println!("checkpointing {mode} vs off: worst relative gradient difference {worst:.2e}");
+        assert!(worst <= 1e-6, "{mode}: {worst}");
+    }
 }
 
-fn prs() -> Command {
+pub fn prs() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_prs"));
     c.env("PRS_TOKENIZER_MODEL", common::tokenizer_model());
     c
@@ -158,7 +162,7 @@ fn finetune(conf: &Path, out: &Path) -> std::process::Output {
 }
 
 /// A small finetune config file pointing at the test's model and data.
-fn write_config(dir: &Path, cfg: &Config, data: &Path, extra: &str) -> PathBuf {
+pub fn write_config(dir: &Path, cfg: &Config, data: &Path, extra: &str) -> PathBuf {
     let mut c = cfg.clone();
     c.data.root = Some(data.display().to_string());
     c.data.num_workers = 2;
@@ -200,12 +204,20 @@ fn sigkill_and_resume_equal_the_uninterrupted_run_bit_for_bit() {
     let cfg = tiny_model(dir.path());
     let data = synth(dir.path(), 4);
     let conf = write_config(dir.path(), &cfg, &data, "train.max_steps=10");
-    let full = dir.path().join("full");
+    let full = assert_kill_and_resume_equal_the_full_run(dir.path(), &conf);
+    check_predict_and_evaluate(dir.path(), &full, &data);
+}
+
+/// Runs `conf` uninterrupted into DIR/full, and again into DIR/cut killed (SIGKILL) once a
+/// mid-run checkpoint exists, then resumed; asserts both end with the same tensors bit for bit
+/// and the same metrics steps. Returns the full run's folder.
+pub fn assert_kill_and_resume_equal_the_full_run(dir: &Path, conf: &Path) -> PathBuf {
+    let (conf, full) = (conf.to_path_buf(), dir.join("full"));
     let st = prs().args(["finetune", "--quiet", "--config"]).arg(&conf).arg("--out").arg(&full).status().unwrap();
     assert!(st.success());
 
     // Same run, killed once its step-4 checkpoint exists (mid-epoch: 3 steps per epoch).
-    let cut = dir.path().join("cut");
+    let cut = dir.join("cut");
     let mut child = prs()
         .args(["finetune", "--quiet", "--config"])
         .arg(&conf)
@@ -244,11 +256,14 @@ fn sigkill_and_resume_equal_the_uninterrupted_run_bit_for_bit() {
     assert_eq!(steps(&full), steps(&cut));
     assert!(last(&full).join("optimizer.safetensors").exists());
     assert!(full.join("curves.png").exists() && full.join("best").join("prs_checkpoint.json").exists());
+    full
+}
 
-    // A finetune checkpoint feeds `prs predict` and `prs evaluate` directly.
+/// A finetune checkpoint feeds `prs predict` and `prs evaluate` directly.
+fn check_predict_and_evaluate(dir: &Path, full: &Path, data: &Path) {
     let image =
         std::fs::read_dir(data.join("brain_tumors_ct_scan/test_images")).unwrap().next().unwrap().unwrap().path();
-    let pred = dir.path().join("pred");
+    let pred = dir.join("pred");
     let st = prs()
         .args(["predict", "--checkpoint"])
         .arg(full.join("best"))
@@ -262,12 +277,12 @@ fn sigkill_and_resume_equal_the_uninterrupted_run_bit_for_bit() {
     for f in ["mask.png", "prob.png", "overlay.png", "result.json"] {
         assert!(pred.join(f).exists(), "predict wrote no {f}");
     }
-    let eval = dir.path().join("eval");
+    let eval = dir.join("eval");
     let st = prs()
         .args(["evaluate", "--checkpoint"])
         .arg(full.join("best"))
         .arg("--data-root")
-        .arg(&data)
+        .arg(data)
         .args(["--split", "test", "--out"])
         .arg(&eval)
         .status()
@@ -388,7 +403,7 @@ fn the_memory_guides_flag_spellings_parse() {
         (a.batch_size, a.gradient_accumulation_steps, a.num_epochs, a.image_size),
         (Some(4), Some(2), Some(3), Some(1024))
     );
-    assert!(a.gradient_checkpointing && a.use_amp && a.compile_model);
+    assert!(a.gradient_checkpointing == Some(prs::config::Checkpointing::All) && a.use_amp && a.compile_model);
     let cli = prs::cli::Cli::try_parse_from(["prs", "finetune", "--config", "c.toml", "--no-use_amp"]).unwrap();
     let prs::cli::Command::Finetune(a) = cli.command else { panic!() };
     assert!(a.no_amp);

@@ -25,6 +25,7 @@ mod predict;
 mod preprocess;
 mod profile_memory;
 mod prs_med;
+mod quant;
 mod report;
 mod tinysam;
 mod tokenizer;

@@ -40,15 +40,16 @@ fn rows(report: &Value) -> &Vec<Value> {
 
 fn print_rows(title: &str, report: &Value) {
     println!("{title}");
-    println!("batch accum prec ckpt   pred MB   meas MB  error%  step s  fits  note");
+    println!("batch accum prec quant ckpt   pred MB   meas MB  error%  step s  fits  note");
     for r in rows(report) {
         let mb = |v: &Value| v.as_f64().map(|x| format!("{:9.1}", x / 1e6)).unwrap_or_else(|| "        -".into());
         println!(
-            "{:5} {:5} {:4} {:4} {} {} {:>7} {:>7} {:5} {}",
+            "{:5} {:5} {:4} {:5} {:4} {} {} {:>7} {:>7} {:5} {}",
             r["batch"],
             r["accumulation"],
             r["precision"].as_str().unwrap(),
-            if r["checkpointing"].as_bool().unwrap() { "on" } else { "off" },
+            r["base_quant"].as_str().unwrap(),
+            r["checkpointing"].as_str().unwrap(),
             mb(&r["predicted_bytes"]),
             mb(&r["measured_bytes"]),
             r["error_pct"].as_f64().map(|e| format!("{e:.1}")).unwrap_or("-".into()),
@@ -147,10 +148,10 @@ fn tiny_sweep_predictions_within_15_percent_and_emitted_config_round_trips() {
         assert!(r["samples_per_s"].as_f64().unwrap() > 0.0);
     }
     // More samples cost more memory, measured and predicted alike.
-    for ck in [false, true] {
+    for ck in ["off", "all"] {
         let m: Vec<f64> = rs
             .iter()
-            .filter(|r| r["checkpointing"].as_bool() == Some(ck))
+            .filter(|r| r["checkpointing"].as_str() == Some(ck))
             .map(|r| r["measured_bytes"].as_f64().unwrap())
             .collect();
         assert!(m.windows(2).all(|w| w[1] > w[0]), "{m:?}");
@@ -174,7 +175,7 @@ fn tiny_sweep_predictions_within_15_percent_and_emitted_config_round_trips() {
     let t = &emitted.train;
     assert_eq!(t.batch_size as u64, b);
     assert_eq!(t.gradient_accumulation_steps as u64, acc);
-    assert_eq!(Some(t.gradient_checkpointing), rec["checkpointing"].as_bool());
+    assert_eq!(Some(t.gradient_checkpointing.as_str()), rec["checkpointing"].as_str());
     assert_eq!(t.precision, prs::config::Precision::F32);
     assert_eq!(emitted.model.compute_dtype, prs::config::Precision::F32);
     let orig = Config::load(&cfg_path).unwrap();
@@ -191,13 +192,13 @@ fn injected_allocation_failure_is_does_not_fit_and_the_search_continues() {
         &[(INJECT_OOM_ENV, "2")],
     );
     print_rows("search with an injected allocation failure above batch 2", &report);
-    let got: Vec<(u64, bool, bool)> = rows(&report)
+    let got: Vec<(u64, &str, bool)> = rows(&report)
         .iter()
-        .map(|r| (r["batch"].as_u64().unwrap(), r["checkpointing"].as_bool().unwrap(), r["fits"].as_bool().unwrap()))
+        .map(|r| (r["batch"].as_u64().unwrap(), r["checkpointing"].as_str().unwrap(), r["fits"].as_bool().unwrap()))
         .collect();
     // Doubling 1, 2, 4 (fails), bisection 3 (fails); then the checkpointing search runs too.
     let want = |ck| vec![(1, ck, true), (2, ck, true), (4, ck, false), (3, ck, false)];
-    assert_eq!(got, [want(false), want(true)].concat());
+    assert_eq!(got, [want("off"), want("all")].concat());
     for r in rows(&report).iter().filter(|r| !r["fits"].as_bool().unwrap()) {
         let note = r["note"].as_str().unwrap();
         assert!(note.starts_with("does not fit") && note.contains("memory allocation"), "{note}");
@@ -261,17 +262,17 @@ fn prs_med_7b_prediction_table() {
     );
     print_rows("PRS-Med 7B, bf16, sequence 640 (analytic)", &report);
     let rs = rows(&report);
-    let pred = |b: u64, ck: bool| {
-        rs.iter().find(|r| r["batch"].as_u64() == Some(b) && r["checkpointing"].as_bool() == Some(ck)).unwrap()
+    let pred = |b: u64, ck: &str| {
+        rs.iter().find(|r| r["batch"].as_u64() == Some(b) && r["checkpointing"].as_str() == Some(ck)).unwrap()
             ["predicted_bytes"]
             .as_f64()
             .unwrap()
     };
     for b in [1, 4, 8] {
-        assert!(pred(b, true) < pred(b, false), "checkpointing saves memory at batch {b}");
+        assert!(pred(b, "all") < pred(b, "off"), "checkpointing saves memory at batch {b}");
     }
     // Frozen bf16 weights alone are ~15 GB.
-    assert!(pred(1, true) > 15e9);
+    assert!(pred(1, "all") > 15e9);
 }
 
 #[test]

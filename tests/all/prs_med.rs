@@ -320,6 +320,7 @@ fn decoder_grid_and_upsampling_follow_tinysam_stride() {
             seed: 3,
             train_tinysam: false,
             train_projector: false,
+            base_quant: Default::default(),
         },
     )
     .unwrap();
