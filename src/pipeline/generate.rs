@@ -6,8 +6,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor, D};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use candle_transformers::generation::LogitsProcessor;
 use serde::{Deserialize, Serialize};
 
 use crate::model::mistral::KvCache;
@@ -51,64 +50,11 @@ impl GenerateOptions {
     }
 }
 
-/// Temperature / top-p sampling from host logits with a seeded RNG.
-pub struct Sampler {
-    rng: StdRng,
-    temperature: f64,
-    top_p: f64,
-}
-
-impl Sampler {
-    pub fn new(seed: u64, temperature: f64, top_p: f64) -> Self {
-        Self { rng: StdRng::seed_from_u64(seed), temperature, top_p }
-    }
-
-    /// Draws one token id from `logits` (V). Greedy (first maximum) when the temperature is 0.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let argmax = || {
-            let mut best = 0;
-            for (i, &l) in logits.iter().enumerate() {
-                if l > logits[best] {
-                    best = i;
-                }
-            }
-            best as u32
-        };
-        if self.temperature == 0.0 || logits.is_empty() {
-            return argmax();
-        }
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let mut probs: Vec<(u32, f64)> =
-            logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l as f64 - max) / self.temperature).exp())).collect();
-        let total: f64 = probs.iter().map(|p| p.1).sum();
-        if !(total.is_finite() && total > 0.0) {
-            return argmax();
-        }
-        // Highest first, ties by id, so the kept set is deterministic.
-        probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        let mut keep = probs.len();
-        if self.top_p < 1.0 {
-            let mut acc = 0.0;
-            for (i, p) in probs.iter().enumerate() {
-                acc += p.1 / total;
-                // Smallest prefix whose mass reaches top_p (at least one token).
-                if acc >= self.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-        }
-        let kept = &probs[..keep];
-        let mass: f64 = kept.iter().map(|p| p.1).sum();
-        let mut u = self.rng.gen::<f64>() * mass;
-        for &(id, p) in kept {
-            if u < p {
-                return id;
-            }
-            u -= p;
-        }
-        kept[keep - 1].0
-    }
+/// The sampler of one row: candle-transformers' logits processor (argmax at temperature 0,
+/// else temperature with top-p below 1), seeded so that a row's draws do not depend on its batch.
+pub fn sampler(opts: &GenerateOptions) -> LogitsProcessor {
+    let temperature = (!opts.greedy()).then_some(opts.temperature);
+    LogitsProcessor::new(opts.seed, temperature, (opts.top_p < 1.0).then_some(opts.top_p))
 }
 
 /// What one batch produced.
@@ -179,7 +125,7 @@ fn decode(model: &PrsMed, pre: Prefill, opts: &GenerateOptions) -> Result<Decode
     let dev = model.device();
     let Prefill { mut logits, mut cache, key_valid: mut valid, lens, padded, .. } = pre;
     let b = lens.len();
-    let mut samplers: Vec<Sampler> = (0..b).map(|_| Sampler::new(opts.seed, opts.temperature, opts.top_p)).collect();
+    let mut samplers: Vec<LogitsProcessor> = (0..b).map(|_| sampler(opts)).collect();
     let mut answers = vec![Vec::new(); b];
     let mut done = vec![false; b];
     let mut hit_eos = vec![false; b];
@@ -188,8 +134,8 @@ fn decode(model: &PrsMed, pre: Prefill, opts: &GenerateOptions) -> Result<Decode
         let next: Vec<u32> = if opts.greedy() {
             logits.argmax(D::Minus1)?.to_vec1::<u32>()?
         } else {
-            let host = logits.to_vec2::<f32>()?;
-            host.iter().zip(samplers.iter_mut()).map(|(l, s)| s.sample(l)).collect()
+            let host = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+            samplers.iter_mut().enumerate().map(|(i, s)| s.sample(&host.get(i)?)).collect::<candle_core::Result<_>>()?
         };
         let mut feed = vec![PAD_ID; b];
         for i in 0..b {

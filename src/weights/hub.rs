@@ -6,8 +6,8 @@
 //! hf-hub's own `CacheRepo::get` is not used for the lookup: it does not trim the ref file and
 //! cannot resolve a revision that is itself a commit hash.
 
-use anyhow::{bail, Context, Result};
-use hf_hub::api::sync::{ApiBuilder, ApiRepo};
+use anyhow::{bail, Result};
+use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -194,13 +194,23 @@ impl HubRepo {
             );
         }
         let api = self.api()?;
-        api.get(name).with_context(|| {
-            format!(
+        api.get(name).map_err(|e| match unreachable_hub(&e) {
+            // ureq's message repeats its cause at every level: say once what failed and what to do.
+            Some(cause) => anyhow::anyhow!(
+                "cannot reach the Hugging Face hub at {} to download `{name}` of {}@{} ({cause}). Use a local \
+                 model folder instead of the repo id, or download the repo once on a machine with network and \
+                 copy the cache ({}), then set HF_HUB_OFFLINE=1",
+                self.options.endpoint.as_deref().unwrap_or("https://huggingface.co"),
+                self.repo_id,
+                self.revision,
+                self.options.cache_dir.display()
+            ),
+            None => anyhow::Error::new(e).context(format!(
                 "downloading `{name}` of hub repo {}@{} into {}",
                 self.repo_id,
                 self.revision,
                 self.options.cache_dir.display()
-            )
+            )),
         })
     }
 
@@ -239,4 +249,29 @@ fn is_repo_id(id: &str) -> bool {
                 && !p.starts_with('.')
                 && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         })
+}
+
+/// The transport failure, named once, when the hub could not be reached at all (no DNS, no
+/// route, refused); None for errors the hub itself answered with.
+fn unreachable_hub(e: &ApiError) -> Option<String> {
+    match e {
+        ApiError::RequestError(r) => match r.as_ref() {
+            ureq::Error::Transport(t) => {
+                let what = match t.kind() {
+                    ureq::ErrorKind::Dns => "its name does not resolve",
+                    ureq::ErrorKind::ConnectionFailed => "the connection failed",
+                    ureq::ErrorKind::Io => "the connection broke",
+                    ureq::ErrorKind::ProxyConnect => "the proxy refused the connection",
+                    _ => return None,
+                };
+                Some(match t.url() {
+                    Some(u) => format!("{what}: {}", u.host_str().unwrap_or("?")),
+                    None => what.to_string(),
+                })
+            }
+            ureq::Error::Status(..) => None,
+        },
+        ApiError::TooManyRetries(inner) => unreachable_hub(inner),
+        _ => None,
+    }
 }

@@ -15,7 +15,7 @@ use infer_setup::{opts, project_checkpoint, s, setup, synth};
 use prs::data::preprocess::{clip_preprocess, load_image, sam_preprocess};
 use prs::model::prs_med::{ModelBatch, PrsMed};
 use prs::pipeline::build::{load_prs_med, Mode};
-use prs::pipeline::generate::{predict_batch, GenerateOptions, Sampler};
+use prs::pipeline::generate::{predict_batch, sampler, GenerateOptions};
 use prs::tokenizer;
 
 const Q: &str = "Where is the tumor located in this brain CT scan?";
@@ -226,25 +226,27 @@ fn batched_cached_generation_matches_one_by_one() {
 
 #[test]
 fn sampler_follows_temperature_and_top_p() {
-    let logits = [0.0f32, 3f32.ln(), -30.0];
+    let logits = Tensor::new(&[0.0f32, 3f32.ln(), -30.0], &Device::Cpu).unwrap();
+    let opts = |seed, temperature, top_p| GenerateOptions { seed, temperature, top_p, ..Default::default() };
+    let draws = |o: GenerateOptions, logits: &Tensor, n: usize| -> Vec<u32> {
+        let mut s = sampler(&o);
+        (0..n).map(|_| s.sample(logits).unwrap()).collect()
+    };
     // Greedy: the maximum.
-    assert_eq!(Sampler::new(0, 0.0, 1.0).sample(&logits), 1);
+    assert_eq!(draws(opts(0, 0.0, 1.0), &logits, 1), [1]);
     // T = 1: p = (0.25, 0.75, ~0).
-    let mut s = Sampler::new(42, 1.0, 1.0);
     let n = 20000;
-    let ones = (0..n).filter(|_| s.sample(&logits) == 1).count() as f64 / n as f64;
+    let ones = draws(opts(42, 1.0, 1.0), &logits, n).iter().filter(|&&t| t == 1).count() as f64 / n as f64;
     assert!((ones - 0.75).abs() < 0.015, "P(token 1) = {ones}");
     // top-p 0.5 keeps only the 0.75 token.
-    let mut s = Sampler::new(7, 1.0, 0.5);
-    assert!((0..500).all(|_| s.sample(&logits) == 1));
+    assert!(draws(opts(7, 1.0, 0.5), &logits, 500).iter().all(|&t| t == 1));
     // Seeded: identical draws.
-    let (mut a, mut b) = (Sampler::new(9, 2.0, 0.9), Sampler::new(9, 2.0, 0.9));
-    let (va, vb): (Vec<u32>, Vec<u32>) = (0..100).map(|_| (a.sample(&logits), b.sample(&logits))).unzip();
-    assert_eq!(va, vb);
+    let va = draws(opts(9, 2.0, 0.9), &logits, 100);
+    assert_eq!(va, draws(opts(9, 2.0, 0.9), &logits, 100));
     assert!(va.contains(&0) && va.contains(&1));
     // High temperature flattens: token 0 gets close to half.
-    let mut s = Sampler::new(3, 100.0, 1.0);
-    let zeros = (0..n).filter(|_| s.sample(&logits[..2]) == 0).count() as f64 / n as f64;
+    let two = logits.narrow(0, 0, 2).unwrap();
+    let zeros = draws(opts(3, 100.0, 1.0), &two, n).iter().filter(|&&t| t == 0).count() as f64 / n as f64;
     assert!((zeros - 0.497).abs() < 0.02, "P(token 0) at T=100: {zeros}");
 }
 

@@ -434,6 +434,21 @@ fn hub_resolves_from_cache_offline() -> Result<()> {
 }
 
 #[test]
+fn an_unreachable_hub_is_said_once_with_what_to_do() -> Result<()> {
+    let cache = tempfile::tempdir()?;
+    // Nothing listens on the discard port: the connection is refused at once.
+    let opts =
+        HubOptions { endpoint: Some("http://127.0.0.1:9".into()), ..HubOptions::with_cache(cache.path(), false) };
+    let src = ModelSource::parse_with("org/name", opts)?;
+    let e = err_text(src.file("config.json").err().unwrap());
+    assert_eq!(e.matches("cannot reach the Hugging Face hub at http://127.0.0.1:9").count(), 1, "{e}");
+    assert_eq!(e.matches("the connection failed").count(), 1, "{e}");
+    assert!(e.contains("`config.json` of org/name@main") && e.contains("HF_HUB_OFFLINE=1"), "{e}");
+    assert!(!e.contains("request error"), "ureq's nested message is not repeated: {e}");
+    Ok(())
+}
+
+#[test]
 fn hub_offline_miss_is_one_clear_error() -> Result<()> {
     let cache = tempfile::tempdir()?;
     fake_cache(cache.path(), "models--org--name", &[("config.json", b"{}")])?;
