@@ -19,6 +19,7 @@ pub enum Command {
     /// The whole pipeline on the embedded tiny model and a synthetic dataset (CPU, minutes).
     Demo(commands::demo::DemoArgs),
     /// LoRA fine-tuning of PRS-Med (LLM adapter, TinySAM, mask decoder).
+    #[command(visible_alias = "train")]
     Finetune(commands::finetune::FinetuneArgs),
     /// Mask, probability map, overlay and answer for one image (or a folder / CSV of them).
     Predict(commands::predict::PredictArgs),
@@ -32,6 +33,7 @@ pub enum Command {
     SynthData(commands::synth_data::SynthDataArgs),
     /// Predict and measure the peak memory of a training step; recommend batch, accumulation,
     /// precision and gradient checkpointing.
+    #[command(visible_alias = "memory-profile")]
     ProfileMemory(commands::profile_memory::ProfileMemoryArgs),
 }
 
