@@ -35,6 +35,10 @@ pub enum Command {
     /// precision and gradient checkpointing.
     #[command(visible_alias = "memory-profile")]
     ProfileMemory(commands::profile_memory::ProfileMemoryArgs),
+    /// Dataset tools: `prs data check` verifies every row and summarises the dataset.
+    Data(commands::data::DataArgs),
+    /// Write a trained checkpoint as a merged model folder (--merge-lora) or in the authors' layout.
+    Export(commands::export::ExportArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -48,5 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tokenize(a) => commands::tokenize::run(&a),
         Command::SynthData(a) => commands::synth_data::run(&a),
         Command::ProfileMemory(a) => commands::profile_memory::run(&a),
+        Command::Export(a) => commands::export::run(&a),
+        Command::Data(a) => commands::data::run(&a),
     }
 }
