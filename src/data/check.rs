@@ -154,25 +154,32 @@ pub fn check_dataset(source: &Path, opts: &DatasetOptions) -> Result<DataReport>
     })
 }
 
+/// One group's summary while rows are added, with its lesion areas and image paths.
+#[derive(Default)]
+struct Acc<'a> {
+    g: GroupSummary,
+    areas: Vec<f64>,
+    images: Vec<&'a Path>,
+}
+
 fn summarise(rows: &[Row], checks: &[RowCheck]) -> Vec<GroupSummary> {
-    let mut groups: BTreeMap<(String, u8, String), (GroupSummary, Vec<f64>, Vec<&Path>)> = BTreeMap::new();
+    // Keyed by modality, then split in train/val/test order.
+    let mut groups: BTreeMap<(String, u8), Acc> = BTreeMap::new();
     for (r, c) in rows.iter().zip(checks) {
-        let order = r.split as u8;
-        let (g, areas, images) = groups.entry((r.modality.clone(), order, r.split.to_string())).or_insert_with(|| {
-            let g = GroupSummary { modality: r.modality.clone(), split: r.split.to_string(), ..Default::default() };
-            (g, vec![], vec![])
-        });
+        let acc = groups.entry((r.modality.clone(), r.split as u8)).or_default();
+        let g = &mut acc.g;
+        (g.modality, g.split) = (r.modality.clone(), r.split.to_string());
         g.rows += 1;
-        images.push(&r.image);
         if let Some((w, h)) = c.size {
             *g.sizes.entry(format!("{w}x{h}")).or_default() += 1;
         }
         g.empty_masks += usize::from(c.empty_mask);
-        areas.extend(c.lesion_fraction.filter(|&a| a > 0.0));
+        acc.images.push(&r.image);
+        acc.areas.extend(c.lesion_fraction.filter(|&a| a > 0.0));
     }
     groups
         .into_values()
-        .map(|(mut g, mut areas, mut images)| {
+        .map(|Acc { mut g, mut areas, mut images }| {
             images.sort();
             images.dedup();
             g.images = images.len();

@@ -19,6 +19,8 @@ fn crc32c(data: &[u8]) -> u32 {
     !c
 }
 
+// Written as TFRecord's description states it, not as the writer does.
+#[allow(clippy::manual_rotate)]
 fn masked(data: &[u8]) -> u32 {
     let c = crc32c(data);
     ((c >> 15) | (c << 17)).wrapping_add(0xa282ead8)
