@@ -116,6 +116,8 @@ fn merged_export_predicts_what_the_adapter_does() {
     assert_eq!(u.answers, m.answers);
     let e = rel_err(&u.mask_logits, &m.mask_logits);
     assert!(e < 1e-5, "mask logits differ by {e} (relative)");
+    let d = (&u.mask_logits - &m.mask_logits).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    eprintln!("merged vs adapter: answers {:?}, mask logits max |diff| {d:.2e}, relative {e:.2e}", m.answers);
     // And through `prs predict --checkpoint`.
     let cli = <PredictCli as Parser>::try_parse_from([
         "prs",
