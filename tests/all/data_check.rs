@@ -111,4 +111,19 @@ fn every_problem_of_a_corrupted_copy_is_listed_with_file_and_line() {
     for (file, line, _) in &expected {
         assert!(err.contains(&format!("{}:{line}:", file.display())), "{err}");
     }
+    // `finetune --dry-run` runs the same check (training alone only warns about a position
+    // label, and never reads the test split), before any weight is read.
+    let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml");
+    let out = prs()
+        .args(["finetune", "--dry-run", "--quiet", "--config"])
+        .arg(&conf)
+        .arg("--data-root")
+        .arg(&data)
+        .arg("--out")
+        .arg(dir.path().join("run"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("6 problem(s)"), "{err}");
+    assert!(err.contains(&format!("{}:{}: position column says", csv.display(), relabel.line)), "{err}");
 }
