@@ -19,6 +19,7 @@ pub enum Command {
     /// The whole pipeline on the embedded tiny model and a synthetic dataset (CPU, minutes).
     Demo(commands::demo::DemoArgs),
     /// LoRA fine-tuning of PRS-Med (LLM adapter, TinySAM, mask decoder).
+    #[command(visible_alias = "train")]
     Finetune(commands::finetune::FinetuneArgs),
     /// Mask, probability map, overlay and answer for one image (or a folder / CSV of them).
     Predict(commands::predict::PredictArgs),
@@ -32,7 +33,12 @@ pub enum Command {
     SynthData(commands::synth_data::SynthDataArgs),
     /// Predict and measure the peak memory of a training step; recommend batch, accumulation,
     /// precision and gradient checkpointing.
+    #[command(visible_alias = "memory-profile")]
     ProfileMemory(commands::profile_memory::ProfileMemoryArgs),
+    /// Dataset tools: `prs data check` verifies every row and summarises the dataset.
+    Data(commands::data::DataArgs),
+    /// Write a trained checkpoint as a merged model folder (--merge-lora) or in the authors' layout.
+    Export(commands::export::ExportArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -46,5 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tokenize(a) => commands::tokenize::run(&a),
         Command::SynthData(a) => commands::synth_data::run(&a),
         Command::ProfileMemory(a) => commands::profile_memory::run(&a),
+        Command::Export(a) => commands::export::run(&a),
+        Command::Data(a) => commands::data::run(&a),
     }
 }

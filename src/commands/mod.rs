@@ -2,8 +2,10 @@
 
 pub mod args;
 pub mod bench;
+pub mod data;
 pub mod demo;
 pub mod evaluate;
+pub mod export;
 pub mod finetune;
 pub mod init;
 pub mod predict;

@@ -18,7 +18,6 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use image::{DynamicImage, GenericImageView, GrayImage};
-use rayon::prelude::*;
 
 use super::preprocess::decode_image;
 use crate::hash::{mix64, str_hash};
@@ -175,7 +174,7 @@ pub struct Problem {
 }
 
 impl Problem {
-    fn row(csv: &Path, line: usize, message: impl Into<String>) -> Self {
+    pub(crate) fn row(csv: &Path, line: usize, message: impl Into<String>) -> Self {
         Self { csv: csv.to_owned(), line, message: message.into(), fatal: false }
     }
 }
@@ -569,12 +568,13 @@ pub fn check_rows(rows: Vec<Row>, earlier: Vec<Problem>, skip_bad_rows: bool) ->
 
 /// [`check_rows`] plus the input index of every kept row.
 fn check_indexed(rows: Vec<Row>, earlier: Vec<Problem>, skip_bad_rows: bool) -> Result<(Checked, Vec<usize>)> {
-    let outcomes: Vec<(Vec<String>, Vec<String>)> = rows.par_iter().map(check_files).collect();
+    let outcomes = super::check::check_row_files(&rows);
     let mut problems = earlier;
     let mut checked = Checked::default();
     let mut kept = Vec::new();
-    for (i, (row, (errs, warns))) in rows.into_iter().zip(outcomes).enumerate() {
-        checked.warnings.extend(warns.into_iter().map(|w| Problem::row(&row.csv, row.line, w)));
+    for (i, (row, c)) in rows.into_iter().zip(outcomes).enumerate() {
+        checked.warnings.extend(c.warnings(&row).into_iter().map(|w| Problem::row(&row.csv, row.line, w)));
+        let errs = c.errors;
         if errs.is_empty() {
             checked.rows.push(row);
             kept.push(i);
@@ -591,32 +591,6 @@ fn check_indexed(rows: Vec<Row>, earlier: Vec<Problem>, skip_bad_rows: bool) -> 
     checked.skipped = bad.len();
     checked.dropped = problems;
     Ok((checked, kept))
-}
-
-/// (errors, warnings) for one row's files.
-fn check_files(row: &Row) -> (Vec<String>, Vec<String>) {
-    let (mut errs, mut warns) = (Vec::new(), Vec::new());
-    let image = decode_image(&row.image).map_err(|e| errs.push(format!("image: {e:#}"))).ok();
-    let mask = decode_image(&row.mask).map_err(|e| errs.push(format!("mask: {e:#}"))).ok();
-    if let (Some(i), Some(m)) = (&image, &mask) {
-        let ((iw, ih), (mw, mh)) = (i.dimensions(), m.dimensions());
-        if (iw, ih) != (mw, mh) {
-            errs.push(format!("image is {iw}x{ih} but mask is {mw}x{mh}"));
-        }
-    }
-    if let Some(m) = &mask {
-        match binarise_mask_with(m, row.mask_rule) {
-            Err(e) => errs.push(format!("mask {} {e}", row.mask.display())),
-            Ok(bin) => match (position_of_mask(&bin), row.position) {
-                (None, _) => warns.push(format!("mask {} is empty", row.mask.display())),
-                (Some(p), Some(q)) if p != q => {
-                    warns.push(format!("position column says {q:?} but the mask's box gives {p:?}"))
-                }
-                _ => {}
-            },
-        }
-    }
-    (errs, warns)
 }
 
 /// Where the validation rows came from.

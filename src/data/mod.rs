@@ -1,5 +1,6 @@
 //! Data: image preprocessing (CLIP and SAM), datasets and loaders.
 
+pub mod check;
 pub mod dataset;
 pub mod loader;
 pub mod position;

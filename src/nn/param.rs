@@ -98,6 +98,12 @@ impl TrainedParams {
         self.all().into_iter().filter(|p| p.group == group).collect()
     }
 
+    /// A registry of the same tensors (shared `Var`s) of the listed groups only.
+    pub fn only(&self, groups: &[&str]) -> TrainedParams {
+        let kept = self.all().into_iter().filter(|p| groups.contains(&p.group.as_str())).collect();
+        TrainedParams(Arc::new(Mutex::new(kept)))
+    }
+
     pub fn get(&self, group: &str, key: &str) -> Option<Var> {
         self.0.lock().unwrap().iter().find(|p| p.group == group && p.key == key).map(|p| p.var.clone())
     }

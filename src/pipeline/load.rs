@@ -144,6 +144,18 @@ pub fn resolve_config(ckpt: &TrainedCheckpoint, args: &ModelArgs) -> Result<Conf
             Config::parse(PAPER_CONFIG, &[]).context("the built-in configs/prs-med-7b.toml")?
         }
     };
+    if ckpt.is_merged() {
+        // A merged export is its own base model and carries its whole image encoder.
+        if args.base.is_some() {
+            bail!(
+                "{} is a merged export (the LoRA is folded into its own base weights): --base does not apply",
+                ckpt.dir().display()
+            );
+        }
+        cfg.model.base = ckpt.dir().display().to_string();
+        cfg.model.vision_tower = None;
+        cfg.model.tinysam = ckpt.dir().join(Component::ImageEncoder.file()).display().to_string();
+    }
     if let Some(b) = &args.base {
         cfg.model.base = b.clone();
     }
@@ -211,10 +223,14 @@ pub fn check_compat(ckpt: &TrainedCheckpoint, base: &str, llava: &LlavaMedConfig
         }
     }
     let adapter = match ckpt {
-        TrainedCheckpoint::Project { dir, .. } => dir.join(ADAPTER_FILE),
-        TrainedCheckpoint::Authors { dir } => dir.join("lora_adapter").join(ADAPTER_FILE),
+        _ if ckpt.is_merged() => None,
+        TrainedCheckpoint::Project { dir, .. } => Some(dir.join(ADAPTER_FILE)),
+        TrainedCheckpoint::Authors { dir } => Some(dir.join("lora_adapter").join(ADAPTER_FILE)),
     };
-    let header = read_safetensors_header(&adapter)?;
+    let header = match adapter {
+        Some(a) => read_safetensors_header(&a)?,
+        None => Default::default(),
+    };
     for (name, (_, shape)) in &header.tensors {
         let Some(rest) = name.split("model.layers.").nth(1).filter(|_| !name.contains("vision_tower")) else {
             continue;
@@ -257,6 +273,7 @@ pub fn load_model(checkpoint: &Path, args: &ModelArgs) -> Result<Loaded> {
     let model = load_prs_med(&cfg, &opts)
         .with_context(|| format!("loading checkpoint {} on base {}", checkpoint.display(), cfg.model.base))?;
     let (format, step) = match &ckpt {
+        TrainedCheckpoint::Project { meta, .. } if meta.is_merged() => ("merged", Some(meta.step)),
         TrainedCheckpoint::Project { meta, .. } => ("project", Some(meta.step)),
         TrainedCheckpoint::Authors { .. } => ("authors", None),
     };

@@ -7,6 +7,7 @@
 
 pub mod build;
 pub mod device;
+pub mod export;
 pub mod generate;
 pub mod load;
 pub mod masks;

@@ -1,6 +1,7 @@
 //! `RUN_DIR/metrics.jsonl`: one JSON object per line, one line per training log step or
 //! evaluation. Each line goes to the file in a single write, so a killed run keeps every
-//! finished line and at worst leaves one partial last line, which readers skip.
+//! finished line and at worst leaves one partial last line, which readers skip. Every line
+//! also goes to `metrics.csv` and a TensorBoard event file beside it ([`super::tfevents`]).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -9,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+
+use super::tfevents::Companions;
 
 /// File name of the log inside a run directory.
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -95,6 +98,7 @@ impl Record {
 pub struct MetricsLog {
     path: PathBuf,
     file: File,
+    companions: Companions,
 }
 
 impl MetricsLog {
@@ -103,7 +107,7 @@ impl MetricsLog {
         std::fs::create_dir_all(run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
         let path = run_dir.join(METRICS_FILE);
         File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        Self::append_to(path)
+        Self::append_to(path, Companions::create(run_dir, &[])?)
     }
 
     /// Reopens the log of a run resumed from the checkpoint taken after `step`: lines with a
@@ -142,7 +146,10 @@ impl MetricsLog {
         tmp.write_all(&kept)?;
         tmp.as_file().sync_all()?;
         tmp.persist(&path).with_context(|| format!("replacing {}", path.display()))?;
-        Self::append_to(path)
+        // The CSV and event file are rewritten from the kept lines.
+        let values: Vec<serde_json::Value> =
+            kept.split(|&b| b == b'\n').filter_map(|l| serde_json::from_slice(l).ok()).collect();
+        Self::append_to(path, Companions::create(run_dir, &values)?)
     }
 
     /// `create` for a fresh run, `resume(step)` for a resumed one.
@@ -153,12 +160,12 @@ impl MetricsLog {
         }
     }
 
-    fn append_to(path: PathBuf) -> Result<Self> {
+    fn append_to(path: PathBuf, companions: Companions) -> Result<Self> {
         let file = OpenOptions::new()
             .append(true)
             .open(&path)
             .with_context(|| format!("opening {} for appending", path.display()))?;
-        Ok(Self { path, file })
+        Ok(Self { path, file, companions })
     }
 
     pub fn path(&self) -> &Path {
@@ -182,12 +189,13 @@ impl MetricsLog {
         // One write of the whole line (File is unbuffered; O_APPEND keeps it in one piece).
         self.file.write_all(&line).with_context(|| format!("appending to {}", self.path.display()))?;
         self.file.flush()?;
-        Ok(())
+        self.companions.append(value)
     }
 
     /// Forces written lines to disk (they already survive a killed process without this).
     pub fn sync(&self) -> Result<()> {
-        self.file.sync_data().with_context(|| format!("syncing {}", self.path.display()))
+        self.file.sync_data().with_context(|| format!("syncing {}", self.path.display()))?;
+        self.companions.sync()
     }
 }
 

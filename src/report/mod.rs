@@ -4,11 +4,13 @@
 //! * [`metrics_log`]: append-per-line JSON log, truncated on resume, tolerant reader.
 //! * [`chart`]: line charts into an `RgbImage`, atomic PNG saving.
 //! * [`font`]: the 5x7 bitmap font.
+//! * [`tfevents`]: `metrics.csv` and the TensorBoard event file written beside the log.
 
 pub mod chart;
 pub mod font;
 pub mod metrics_log;
 pub mod overlay;
+pub mod tfevents;
 
 use std::path::Path;
 
@@ -57,6 +59,9 @@ pub fn training_charts(records: &[Record]) -> (LineChart, LineChart) {
     add(&mut loss, "train lm", Kind::Train, |r| r.loss_lm, PALETTE[4]);
     add(&mut loss, "train cls", Kind::Train, |r| r.loss_cls, PALETTE[6]);
     add(&mut loss, "val total", Kind::Eval, |r| r.val_loss, PALETTE[3]);
+    let ys: Vec<f64> = loss.series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).collect();
+    loss.y_log = wants_log_scale(&ys);
+    loss.y_label = if loss.y_log { "loss (log scale)" } else { "loss" }.into();
 
     let mut val = LineChart::new("Validation", "step");
     val.x_range = x_range;
@@ -66,6 +71,22 @@ pub fn training_charts(records: &[Record]) -> (LineChart, LineChart) {
     add(&mut val, "position acc", Kind::Eval, |r| r.position_acc, PALETTE[2]);
     (loss, val)
 }
+
+/// Whether a loss panel reads better on a log y-scale: the largest value dwarfs the typical
+/// one (max / median > [`LOG_SCALE_RATIO`]: the first steps of a run), and every finite
+/// value is positive (a log axis cannot show the others).
+pub fn wants_log_scale(values: &[f64]) -> bool {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.len() < 3 || v.iter().any(|&x| x <= 0.0) {
+        return false;
+    }
+    v.sort_by(f64::total_cmp);
+    let median = v[v.len() / 2];
+    v[v.len() - 1] / median > LOG_SCALE_RATIO
+}
+
+/// See [`wants_log_scale`].
+pub const LOG_SCALE_RATIO: f64 = 20.0;
 
 /// Renders both panels stacked into one `width` x `height` image.
 pub fn training_curves_image(records: &[Record], width: u32, height: u32) -> RgbImage {

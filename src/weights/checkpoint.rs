@@ -17,6 +17,10 @@ use crate::nn::linear::LoraConfig;
 use crate::nn::param::TrainedParams;
 
 pub const META_FILE: &str = "prs_checkpoint.json";
+/// `format` of a project checkpoint. A merged export (`prs export --merge-lora`) says
+/// [`MERGED_FORMAT`]: the folder is its own base model, with the LoRA folded into it.
+pub const PROJECT_FORMAT: &str = "prs-checkpoint";
+pub const MERGED_FORMAT: &str = "prs-merged";
 pub const ADAPTER_FILE: &str = "adapter_model.safetensors";
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 /// PEFT prefixes adapter keys with this (the model wrapper + the causal-LM wrapper).
@@ -86,7 +90,7 @@ pub struct CheckpointMeta {
 impl CheckpointMeta {
     pub fn new(base_model: &str, tinysam: &str, model_config: String) -> Self {
         Self {
-            format: "prs-checkpoint".into(),
+            format: PROJECT_FORMAT.into(),
             version: 1,
             base_model: base_model.into(),
             tinysam: tinysam.into(),
@@ -95,6 +99,11 @@ impl CheckpointMeta {
             step: 0,
             extra: BTreeMap::new(),
         }
+    }
+
+    /// A merged export: no adapter, the base model is the checkpoint folder itself.
+    pub fn is_merged(&self) -> bool {
+        self.format == MERGED_FORMAT
     }
 }
 
@@ -205,7 +214,7 @@ impl TrainedCheckpoint {
                 std::fs::read_to_string(&meta_path).with_context(|| format!("reading {}", meta_path.display()))?;
             let meta: CheckpointMeta =
                 serde_json::from_str(&text).with_context(|| format!("parsing {}", meta_path.display()))?;
-            if meta.format != "prs-checkpoint" {
+            if meta.format != PROJECT_FORMAT && !meta.is_merged() {
                 bail!("{}: format `{}` is not a prs checkpoint", meta_path.display(), meta.format);
             }
             for c in &meta.components {
@@ -233,8 +242,19 @@ impl TrainedCheckpoint {
         }
     }
 
-    /// LoRA settings and tensors, rooted at PEFT's `base_model.model`.
+    /// Whether this is a merged export (its own base, no adapter).
+    pub fn is_merged(&self) -> bool {
+        matches!(self, Self::Project { meta, .. } if meta.is_merged())
+    }
+
+    /// LoRA settings and tensors, rooted at PEFT's `base_model.model`. A merged export has
+    /// none: its LoRA targets no module, so the model is built without adapters.
     pub fn adapter(&self, dtype: DType, device: &Device) -> Result<(LoraConfig, ComponentSource)> {
+        if self.is_merged() {
+            let none = LoraConfig { r: 1, alpha: 1.0, dropout: 0.0, target_modules: vec![] };
+            let vb = VarBuilder::zeros(dtype, device);
+            return Ok((none, ComponentSource { vb, what: format!("{} (LoRA merged)", self.dir().display()) }));
+        }
         let folder = match self {
             Self::Project { dir, .. } => dir.clone(),
             Self::Authors { dir } => dir.join("lora_adapter"),
@@ -258,20 +278,17 @@ impl TrainedCheckpoint {
                 Ok(Some(ComponentSource { vb: st.vb, what: file.display().to_string() }))
             }
             Self::Authors { dir } => {
-                let (file, root) = match c {
-                    Component::ImageEncoder => ("image_encoder.pth", Some("image_encoder")),
-                    Component::MaskDecoder => ("mask_decoder.pth", None),
-                    Component::Classifier => ("cls.pth", None),
-                    Component::Lora | Component::MmProjector => return Ok(None),
+                let Some((_, file, prefixes)) = AUTHORS_FILES.iter().find(|(k, ..)| *k == c) else {
+                    return Ok(None);
                 };
                 let path = dir.join(file);
                 if !path.exists() {
                     bail!("the authors' checkpoint {} lacks {file}", dir.display());
                 }
                 let vb = open_pth(&path, dtype, device)?;
-                let vb = match root {
-                    Some(r) => vb.pp(r),
-                    None => vb,
+                let vb = match prefixes[0].trim_end_matches('.') {
+                    "" => vb,
+                    root => vb.pp(root),
                 };
                 Ok(Some(ComponentSource { vb, what: path.display().to_string() }))
             }
@@ -322,12 +339,60 @@ pub fn save_checkpoint_with(
             meta.components.push(c);
             files::crash_point("checkpoint:partial");
         }
-        let ac = AdapterConfig::from_lora(lora, &meta.base_model);
-        files::write_atomic(&tmp.join(ADAPTER_CONFIG), |f| Ok(serde_json::to_writer_pretty(f, &ac)?))?;
+        // A merged export has no adapter (transformers would try to load one it finds).
+        if !meta.is_merged() {
+            let ac = AdapterConfig::from_lora(lora, &meta.base_model);
+            files::write_atomic(&tmp.join(ADAPTER_CONFIG), |f| Ok(serde_json::to_writer_pretty(f, &ac)?))?;
+        }
         extra(tmp)?;
         files::write_atomic(&tmp.join(META_FILE), |f| Ok(serde_json::to_writer_pretty(f, &meta)?))
     })
     .with_context(|| format!("writing checkpoint {}", dir.display()))
+}
+
+/// The authors' release file of each component they ship, and the key prefixes its tensors
+/// carry there (their image_encoder.pth holds the encoder twice: alone and inside `sam`).
+pub const AUTHORS_FILES: [(Component, &str, &[&str]); 3] = [
+    (Component::ImageEncoder, "image_encoder.pth", &["image_encoder.", "sam.image_encoder."]),
+    (Component::MaskDecoder, "mask_decoder.pth", &[""]),
+    (Component::Classifier, "cls.pth", &[""]),
+];
+
+/// Writes the trained tensors in the authors' release layout (`lora_adapter/` in PEFT's format,
+/// `image_encoder.pth`, `mask_decoder.pth`, `cls.pth`) into the folder `dir`, which the caller
+/// builds atomically. Their layout has no place for a trained projector: the caller checks.
+pub fn save_authors(dir: &Path, trained: &TrainedParams, lora: &LoraConfig, base: &str) -> Result<()> {
+    let group = |c: Component| -> Result<Vec<(String, Tensor)>> {
+        let params = trained.group(c.group());
+        if params.is_empty() {
+            bail!("the model has no trained {:?} tensors to export", c);
+        }
+        params
+            .iter()
+            .map(|p| {
+                let t = p.var.as_tensor().detach();
+                check_finite(&t, c.group(), &p.key)?;
+                Ok((p.key.clone(), t))
+            })
+            .collect()
+    };
+    let adapter_dir = dir.join("lora_adapter");
+    std::fs::create_dir_all(&adapter_dir).with_context(|| format!("creating {}", adapter_dir.display()))?;
+    let lora_t: Vec<(String, Tensor)> =
+        group(Component::Lora)?.into_iter().map(|(k, t)| (format!("{PEFT_PREFIX}{k}"), t)).collect();
+    let md: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    write_safetensors_atomic(&adapter_dir.join(ADAPTER_FILE), &lora_t, Some(md))?;
+    let ac = AdapterConfig::from_lora(lora, base);
+    files::write_atomic(&adapter_dir.join(ADAPTER_CONFIG), |f| Ok(serde_json::to_writer_pretty(f, &ac)?))?;
+    for (c, file, prefixes) in AUTHORS_FILES {
+        let tensors = group(c)?;
+        let all: Vec<(String, Tensor)> = prefixes
+            .iter()
+            .flat_map(|pre| tensors.iter().map(move |(k, t)| (format!("{pre}{k}"), t.clone())))
+            .collect();
+        super::pth::write_pth_atomic(&dir.join(file), &all)?;
+    }
+    Ok(())
 }
 
 fn check_finite(t: &Tensor, group: &str, key: &str) -> Result<()> {

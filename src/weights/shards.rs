@@ -217,7 +217,7 @@ pub fn read_index(path: &Path) -> Result<ShardIndex> {
 }
 
 /// The validated header of one safetensors file.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SafetensorsHeader {
     pub metadata: HashMap<String, String>,
     /// name -> (dtype, shape)
@@ -349,30 +349,46 @@ pub fn write_safetensors_atomic(
     tensors: &[(String, Tensor)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<()> {
-    write_safetensors_with(path, tensors, metadata, |t| Ok(t.clone()), None)
+    let plan: Vec<PlannedTensor> = tensors
+        .iter()
+        .map(|(n, t)| PlannedTensor { name: n.clone(), dims: t.dims().to_vec(), dtype: t.dtype() })
+        .collect();
+    write_planned(path, &plan, metadata, |i| Ok(tensors[i].1.clone()))
 }
 
-/// Stream a safetensors file, transforming each tensor with `prepare` (e.g. a dtype cast) only
-/// when its bytes are written, so at most one converted tensor is alive.
-fn write_safetensors_with(
+/// A tensor to be written: its name, shape and stored dtype, the data produced only when
+/// its bytes are due (so a file can be written from tensors that are never all in memory).
+#[derive(Clone, Debug)]
+pub struct PlannedTensor {
+    pub name: String,
+    pub dims: Vec<usize>,
+    pub dtype: DType,
+}
+
+impl PlannedTensor {
+    fn bytes(&self) -> u64 {
+        (self.dims.iter().product::<usize>() * self.dtype.size_in_bytes()) as u64
+    }
+}
+
+/// Writes one safetensors file atomically; `fetch(i)` gives the data of `plan[i]` (which must
+/// have the planned shape and dtype) when it is written.
+fn write_planned(
     path: &Path,
-    tensors: &[(String, Tensor)],
+    plan: &[PlannedTensor],
     metadata: Option<HashMap<String, String>>,
-    prepare: impl Fn(&Tensor) -> Result<Tensor>,
-    out_dtype: Option<DType>,
+    fetch: impl Fn(usize) -> Result<Tensor>,
 ) -> Result<()> {
     let mut seen = std::collections::HashSet::new();
-    for (name, _) in tensors {
-        ensure!(seen.insert(name.as_str()), "tensor `{name}` given twice for {}", path.display());
+    for p in plan {
+        ensure!(seen.insert(p.name.as_str()), "tensor `{}` given twice for {}", p.name, path.display());
     }
     // Data in safetensors' own order (larger dtypes first, then by name) keeps every tensor
     // aligned to its element size.
-    let dtype_of = |t: &Tensor| out_dtype.unwrap_or(t.dtype());
-    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    let mut order: Vec<usize> = (0..plan.len()).collect();
     order.sort_by(|&a, &b| {
-        let (na, ta) = &tensors[a];
-        let (nb, tb) = &tensors[b];
-        dtype_of(tb).size_in_bytes().cmp(&dtype_of(ta).size_in_bytes()).then(na.cmp(nb))
+        let (pa, pb) = (&plan[a], &plan[b]);
+        pb.dtype.size_in_bytes().cmp(&pa.dtype.size_in_bytes()).then(pa.name.cmp(&pb.name))
     });
     let mut header = serde_json::Map::new();
     if let Some(m) = metadata {
@@ -380,18 +396,16 @@ fn write_safetensors_with(
     }
     let mut offset = 0u64;
     for &i in &order {
-        let (name, t) = &tensors[i];
-        let dtype = dtype_of(t);
-        let bytes = (t.elem_count() * dtype.size_in_bytes()) as u64;
+        let p = &plan[i];
         header.insert(
-            name.clone(),
+            p.name.clone(),
             serde_json::json!({
-                "dtype": st_dtype(dtype).with_context(|| format!("tensor `{name}` for {}", path.display()))?,
-                "shape": t.dims(),
-                "data_offsets": [offset, offset + bytes],
+                "dtype": st_dtype(p.dtype).with_context(|| format!("tensor `{}` for {}", p.name, path.display()))?,
+                "shape": p.dims,
+                "data_offsets": [offset, offset + p.bytes()],
             }),
         );
-        offset += bytes;
+        offset += p.bytes();
     }
     let mut header = serde_json::to_vec(&header)?;
     header.resize(header.len().next_multiple_of(8), b' ');
@@ -400,10 +414,18 @@ fn write_safetensors_with(
         w.write_all(&(header.len() as u64).to_le_bytes())?;
         w.write_all(&header)?;
         for &i in &order {
-            let (name, t) = &tensors[i];
-            let t = prepare(t).with_context(|| format!("preparing tensor `{name}`"))?;
-            ensure!(t.dtype() == dtype_of(&tensors[i].1), "tensor `{name}` changed dtype while being written");
-            write_tensor_le(&mut w, &t).with_context(|| format!("writing tensor `{name}`"))?;
+            let p = &plan[i];
+            let t = fetch(i).with_context(|| format!("preparing tensor `{}`", p.name))?;
+            ensure!(
+                t.dtype() == p.dtype && t.dims() == p.dims.as_slice(),
+                "tensor `{}` is {:?} {:?} but {:?} {:?} was planned",
+                p.name,
+                t.dtype(),
+                t.dims(),
+                p.dtype,
+                p.dims
+            );
+            write_tensor_le(&mut w, &t).with_context(|| format!("writing tensor `{}`", p.name))?;
         }
         w.flush()?;
         Ok(())
@@ -425,39 +447,47 @@ pub fn write_sharded(
     max_shard_bytes: u64,
     dtype: DType,
 ) -> Result<ShardIndex> {
-    ensure!(!tensors.is_empty(), "no tensors to write to {}", dir.display());
     st_dtype(dtype)?;
+    let plan: Vec<PlannedTensor> =
+        tensors.iter().map(|(n, t)| PlannedTensor { name: n.clone(), dims: t.dims().to_vec(), dtype }).collect();
+    write_sharded_planned(dir, &plan, max_shard_bytes, |i| Ok(tensors[i].1.to_dtype(dtype)?))
+}
+
+/// [`write_sharded`] for planned tensors, each stored in its own dtype; `fetch(i)` produces
+/// `plan[i]` when its bytes are due, so at most one tensor of the model is in memory.
+pub fn write_sharded_planned(
+    dir: &Path,
+    plan: &[PlannedTensor],
+    max_shard_bytes: u64,
+    fetch: impl Fn(usize) -> Result<Tensor>,
+) -> Result<ShardIndex> {
+    ensure!(!plan.is_empty(), "no tensors to write to {}", dir.display());
     let mut seen = std::collections::HashSet::new();
-    for (name, _) in tensors {
-        ensure!(seen.insert(name.as_str()), "tensor `{name}` given twice for {}", dir.display());
+    for p in plan {
+        ensure!(seen.insert(p.name.as_str()), "tensor `{}` given twice for {}", p.name, dir.display());
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut shards: Vec<Vec<(String, Tensor)>> = vec![vec![]];
+    // Indices into `plan`, shard by shard.
+    let mut shards: Vec<Vec<usize>> = vec![vec![]];
     let mut current = 0u64;
     let mut total = 0u64;
-    for (name, t) in tensors {
-        let bytes = (t.elem_count() * dtype.size_in_bytes()) as u64;
-        if current > 0 && current + bytes > max_shard_bytes {
+    for (i, p) in plan.iter().enumerate() {
+        if current > 0 && current + p.bytes() > max_shard_bytes {
             shards.push(vec![]);
             current = 0;
         }
-        shards.last_mut().expect("one shard").push((name.clone(), t.clone()));
-        current += bytes;
-        total += bytes;
+        shards.last_mut().expect("one shard").push(i);
+        current += p.bytes();
+        total += p.bytes();
     }
     let n = shards.len();
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     let mut index = ShardIndex { metadata: IndexMetadata { total_size: Some(total) }, weight_map: BTreeMap::new() };
     for (k, shard) in shards.iter().enumerate() {
         let name = shard_file_name(k + 1, n);
-        write_safetensors_with(
-            &dir.join(&name),
-            shard,
-            Some(metadata.clone()),
-            |t| Ok(t.to_dtype(dtype)?),
-            Some(dtype),
-        )?;
-        index.weight_map.extend(shard.iter().map(|(t, _)| (t.clone(), name.clone())));
+        let sub: Vec<PlannedTensor> = shard.iter().map(|&i| plan[i].clone()).collect();
+        write_planned(&dir.join(&name), &sub, Some(metadata.clone()), |j| fetch(shard[j]))?;
+        index.weight_map.extend(sub.iter().map(|p| (p.name.clone(), name.clone())));
     }
     let json = serde_json::to_vec_pretty(&index)?;
     write_atomic(&dir.join("model.safetensors.index.json"), |f| Ok(f.write_all(&json)?))?;

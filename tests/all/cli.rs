@@ -193,3 +193,21 @@ fn init_never_writes_random_weights_over_a_folder_it_did_not_make() {
     assert!(init(&fresh).status.success());
     assert!(fresh.join("tinysam.pth").exists() && fresh.join("config.json").exists());
 }
+
+#[test]
+fn train_and_memory_profile_are_listed_aliases_of_finetune_and_profile_memory() {
+    use clap::{CommandFactory, Parser};
+    use prs::cli::{Cli, Command as Sub};
+    let help = Cli::command().render_help().to_string();
+    for (name, alias) in [("finetune", "train"), ("profile-memory", "memory-profile")] {
+        let line = help.lines().find(|l| l.trim_start().starts_with(name)).unwrap_or_else(|| panic!("{help}"));
+        assert!(line.contains(alias), "`prs --help` does not list {alias} beside {name}: {line}");
+    }
+    let cli = Cli::try_parse_from(["prs", "train", "--config", "c.toml", "--batch-size", "3", "--dry-run"]).unwrap();
+    assert!(matches!(cli.command, Sub::Finetune(ref a) if a.batch_size == Some(3) && a.dry_run));
+    let cli = Cli::try_parse_from(["prs", "memory-profile", "--config", "c.toml"]).unwrap();
+    assert!(matches!(cli.command, Sub::ProfileMemory(_)));
+    // And through the binary: the alias runs the same command (the same error for a missing file).
+    let o = prs().args(["train", "--config", "/nonexistent/c.toml"]).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("/nonexistent/c.toml"));
+}

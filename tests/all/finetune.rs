@@ -469,6 +469,12 @@ fn the_demo_runs_every_stage_on_the_cpu_and_refuses_an_existing_folder() {
     for f in ["tiny.toml", "run/curves.png", "run/metrics.jsonl", "run/best", "eval/summary.json", "eval/summary.md"] {
         assert!(out.join(f).exists(), "missing {f}");
     }
+    // The trainer's log in the forms people open: a CSV and a TensorBoard event file.
+    assert!(std::fs::read_to_string(out.join("run/metrics.csv")).unwrap().lines().count() > 1);
+    let events = std::fs::read_dir(out.join("run")).unwrap().filter_map(|e| e.ok()).find(|e| {
+        e.file_name().to_string_lossy().starts_with("events.out.tfevents.") && e.metadata().unwrap().len() > 100
+    });
+    assert!(events.is_some(), "no TensorBoard event file with records in the run folder");
     let overlays = walk(&out.join("predict")).into_iter().filter(|p| p.ends_with("overlay.png")).count();
     assert_eq!(overlays, 1, "one predicted image");
     // A second run into the same folder stops before touching it.

@@ -112,8 +112,12 @@ fn resume_truncates_to_the_checkpoint_step() {
         log.append(&r).unwrap();
     }
     assert_eq!(std::fs::read(b.join(METRICS_FILE)).unwrap(), want);
-    // The rewrite leaves no temp file.
-    assert_eq!(std::fs::read_dir(&b).unwrap().count(), 1);
+    // The rewrite leaves no temp file: the log, its CSV and its TensorBoard event file only.
+    let mut names: Vec<String> =
+        std::fs::read_dir(&b).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(names[0].starts_with("events.out.tfevents.") && names[1..] == ["metrics.csv", "metrics.jsonl"]);
 
     // Resuming where no log exists starts one; open() dispatches.
     let c = dir.path().join("c");
