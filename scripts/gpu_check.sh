@@ -7,7 +7,7 @@
 #                                with Mistral's tokenizer.model (for the tiny model)
 #   scripts/gpu_check.sh run [SECONDS] [OUT]
 #                                on the GPU machine: runs the steps below (PRS_GPU_STEPS names a
-#                                subset, in its order: model upsample train-bN[-ckpt] predict
+#                                subset, in its order: model upsample pytorch train-bN[-off|-llm|-all][-4bit|-8bit] predict
 #                                profile demo), in this order, until SECONDS (default
 #                                480) are spent, each step under its own time limit, logging to
 #                                OUT/gpu_check.log (default dist/gpu/out):
@@ -16,9 +16,10 @@
 #        could run
 #     2. examples/gpu_upsample_check: mask-upsampling kernels and fused ops vs CPU, then timings
 #        against candle's composite and the card's copy bandwidth
-#     3. prs bench train, 7B with random weights, batch 1/4/8 with and without checkpointing
+#     3. the PyTorch reference step (../shared/bench), then prs bench train, 7B with random weights, per
+#        batch x checkpointing (off/llm/all) x base storage (none/4bit)
 #     4. prs bench predict, 7B
-#     5. prs profile-memory, 7B, batch 1,2,4,8 x checkpointing on/off, predicted vs measured
+#     5. prs profile-memory, 7B, batch 1,2,4,8 x checkpointing off/llm/all x base none/4bit, predicted vs measured
 #     6. prs demo (the embedded default, on CUDA)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,13 @@ build() {
     xz -T2 -6 -f "$DIST/$b"
   done
   cp "${PRS_TOKENIZER_MODEL:-.cache/assets/tokenizer.model.v1}" "$DIST/tokenizer.model.v1"
+  # The PyTorch reference step and the TinyViT code it loads (../shared/bench/README.md).
+  if [[ -f ../shared/bench/pytorch_prsmed_step.py ]]; then
+    cp ../shared/bench/pytorch_prsmed_step.py "$DIST/"
+    local w; w=$(mktemp -d)
+    python3 -m pip download -q --no-deps -d "$w" mobilesam-mirror==1.0.0 &&
+      mkdir -p "$DIST/pylib" && unzip -q -o "$w"/mobilesam_mirror-1.0.0-py3-none-any.whl 'mobile_sam/*' -d "$DIST/pylib"
+  fi
   echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo ' + uncommitted changes')" >"$DIST/COMMIT"
   ls -l "$DIST"
 }
@@ -79,7 +87,7 @@ run() {
     (( rc == 0 )) || failed=$((failed + 1))
     return $rc
   }
-  local steps="${PRS_GPU_STEPS:-model upsample train-b1 train-b4 train-b8 train-b1-ckpt train-b4-ckpt train-b8-ckpt predict profile demo}"
+  local steps="${PRS_GPU_STEPS:-model upsample pytorch train-b1 train-b8-llm train-b8-all train-b1-all-4bit train-b4-all-4bit train-b1-off-4bit predict profile demo}"
   for name in $steps; do
     case $name in
       model)
@@ -89,14 +97,29 @@ run() {
         fi ;;
       upsample) step upsample-check 90 gpu_upsample_check ;;
       train-b*)
-        local b=${name#train-b} ck=""
-        [[ $b == *-ckpt ]] && { b=${b%-ckpt}; ck=--gradient-checkpointing; }
-        step "bench train b$b ${ck:-no-ckpt}" 90 prs bench train --config $cfg --random-weights --device $dev \
-          --batch-size $b $ck --warmup 1 --steps 3 --phases ;;
+        # train-bN[-off|-llm|-all|-ckpt][-4bit|-8bit]: batch, checkpointing (-ckpt = all), base storage.
+        local spec=${name#train-b} b ck=off q=none
+        b=${spec%%-*}
+        [[ $spec == *-llm* ]] && ck=llm
+        [[ $spec == *-all* || $spec == *-ckpt* ]] && ck=all
+        [[ $spec == *-4bit* ]] && q=4bit
+        [[ $spec == *-8bit* ]] && q=8bit
+        step "bench train b$b ckpt $ck base $q" 120 prs bench train --config $cfg --random-weights --device $dev \
+          --batch-size $b --gradient-checkpointing $ck --base-quant $q --warmup 1 --steps 3 --phases ;;
+      pytorch)
+        # The PyTorch reference step, in the same session (speed and memory claims are ratios to it).
+        local py
+        py=$(ls /opt/*/.venv/bin/python 2>/dev/null | head -1); py=${py:-python3}
+        if [[ -f "$DIST/pytorch_prsmed_step.py" ]] && "$py" -c 'import torch, transformers, peft' 2>/dev/null; then
+          OUT="$out" BATCHES="${PRS_GPU_TORCH_BATCHES:-1,8}" CKPT=both step "pytorch reference" 240 "$py" "$DIST/pytorch_prsmed_step.py"
+        else
+          echo "== pytorch reference: skipped (no $DIST/pytorch_prsmed_step.py, or no torch + transformers + peft)"
+        fi ;;
       predict) step "bench predict" 60 prs bench predict --config $cfg --random-weights --device $dev --warmup 1 --steps 3 ;;
       profile)
         step profile-memory 240 prs profile-memory --config $cfg --device $dev --batch-sizes 1,2,4,8 --precision bf16 \
-          --checkpointing both --seq-len 640 --measure --json --emit-config "$out/recommended.toml" >"$out/profile-memory.json"
+          --checkpointing off,llm,all --base-quant none,4bit --seq-len 640 --measure --json \
+          --emit-config "$out/recommended.toml" >"$out/profile-memory.json"
         head -c 4000 "$out/profile-memory.json"; echo ;;
       demo)
         if step demo 150 prs demo --device cuda --out "$work/demo" --tokenizer "$DIST/tokenizer.model.v1"; then

@@ -6,11 +6,12 @@ use std::time::Instant;
 use anyhow::Result;
 
 use super::args::{at_least_one, positive};
-use crate::config::Config;
+use crate::config::{Checkpointing, Config};
 use crate::memory::measure::{synthetic_batch, train_step};
 use crate::memory::{Precision, SeqShape};
 use crate::pipeline::build::Mode;
 use crate::pipeline::generate::{predict_batch, GenerateOptions};
+use crate::pipeline::load::BaseQuantArgs;
 use crate::pipeline::random::{random_prs_med, spec_for_config, RandomOptions};
 use crate::train::optim::{AdamW, AdamWConfig, LossScaler};
 
@@ -26,8 +27,12 @@ pub struct BenchArgs {
     pub random_weights: bool,
     #[arg(long, alias = "batch_size", default_value_t = 1, value_parser = at_least_one)]
     pub batch_size: usize,
-    #[arg(long, alias = "gradient_checkpointing")]
-    pub gradient_checkpointing: bool,
+    /// Gradient checkpointing: off, llm (the LLM decoder layers: PyTorch's reference setting) or
+    /// all (also TinySAM blocks and the mask decoder's attention); the bare flag means all.
+    #[arg(long, alias = "gradient_checkpointing", value_enum, default_value_t = Checkpointing::Off, num_args = 0..=1, default_missing_value = "all")]
+    pub gradient_checkpointing: Checkpointing,
+    #[command(flatten)]
+    pub quant: BaseQuantArgs,
     /// LLM sequence length (BOS + image tokens + prompt + answer + EOS).
     #[arg(long, default_value_t = 640, value_parser = at_least_one)]
     pub seq_len: usize,
@@ -73,7 +78,10 @@ fn llm_matmul_weights(c: &crate::model::mistral::MistralConfig) -> f64 {
 }
 
 pub fn run(a: &BenchArgs) -> Result<()> {
-    let cfg = Config::load(&a.config)?;
+    let mut cfg = Config::load(&a.config)?;
+    if let Some(q) = a.quant.get() {
+        cfg.model.base_quant = q;
+    }
     let device = crate::pipeline::device::parse_device(&a.device)?;
     let dtype = a.precision.compute_dtype_on(&device);
     let spec = spec_for_config(&cfg)?;
@@ -85,7 +93,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let seq = SeqShape::from_total(a.seq_len, n_img)?;
     match a.what {
         BenchWhat::Train => {
-            m.set_gradient_checkpointing(a.gradient_checkpointing);
+            m.set_checkpointing(a.gradient_checkpointing);
             let batch = synthetic_batch(&m, a.batch_size, &seq, 1)?;
             let mut opt = AdamW::new(m.trained.weights(), AdamWConfig::default())?;
             let mut scaler = (dtype == Precision::F16.dtype()).then(LossScaler::default);
@@ -118,10 +126,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             // 2 + 2 FLOPs per weight of its matmuls per token.
             let flops = 4.0 * llm_matmul_weights(&spec.llava.llm) * tokens;
             println!(
-                "train: batch {} seq {} ckpt {}: step {:.3} s (median of {}), {:.2} samples/s, {:.0} tokens/s, LLM {:.1} TFLOP/s = {:.1}% of {} TFLOP/s, peak {:.2} GB ({})",
+                "train: batch {} seq {} ckpt {} base {}: step {:.3} s (median of {}), {:.2} samples/s, {:.0} tokens/s, LLM {:.1} TFLOP/s = {:.1}% of {} TFLOP/s, peak {:.2} GB ({})",
                 a.batch_size,
                 a.seq_len,
                 a.gradient_checkpointing,
+                cfg.model.base_quant,
                 step,
                 a.steps,
                 a.batch_size as f64 / step,

@@ -107,8 +107,8 @@ enum Source {
         entries: Arc<BTreeMap<String, TensorEntry>>,
         files: Vec<PathBuf>,
     },
-    /// A PyTorch state dict.
-    Pth { pth: candle_core::pickle::PthTensors, path: PathBuf },
+    /// A memory-mapped PyTorch state dict.
+    Pth { pth: super::pth::MappedPth, path: PathBuf },
 }
 
 /// A `VarBuilder` backend that reads through candle and checks dtype and values (see the
@@ -131,9 +131,8 @@ impl CheckedTensors {
     }
 
     /// Over a PyTorch state dict.
-    pub(crate) fn pth(path: PathBuf) -> candle_core::Result<Self> {
-        let pth = candle_core::pickle::PthTensors::new(&path, None)?;
-        Ok(Self { source: Source::Pth { pth, path } })
+    pub(crate) fn pth(pth: super::pth::MappedPth, path: PathBuf) -> Self {
+        Self { source: Source::Pth { pth, path } }
     }
 
     /// The tensor as stored and the file it is in (for messages); checks the stored dtype
@@ -188,8 +187,7 @@ impl SimpleBackend for CheckedTensors {
     fn contains_tensor(&self, name: &str) -> bool {
         match &self.source {
             Source::Safetensors { entries, .. } => entries.contains_key(name),
-            // From the pickle's index: PthTensors' own check would read the data.
-            Source::Pth { pth, .. } => pth.tensor_infos().contains_key(name),
+            Source::Pth { pth, .. } => pth.contains(name),
         }
     }
 }

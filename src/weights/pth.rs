@@ -7,6 +7,7 @@ use crate::files::write_atomic;
 use crate::weights::checked::CheckedTensors;
 use crate::weights::shards::write_tensor_le;
 use anyhow::{bail, ensure, Context, Result};
+use candle_core::pickle::TensorInfo;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::HashMap;
@@ -60,20 +61,80 @@ pub fn write_pth_atomic(path: &Path, tensors: &[(String, Tensor)]) -> Result<()>
 /// tensor records are all present and long enough (candle's own errors name neither). Tensors
 /// read through it are checked for a float dtype and finite values ([`super::checked`]).
 pub fn open_pth(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-    check_pth(path)?;
-    let backend = CheckedTensors::pth(path.to_path_buf())
+    let index = check_pth(path)?;
+    // SAFETY: checkpoints must not change while a model loads from them (as for safetensors).
+    let pth = unsafe { MappedPth::open(path, index) }
         .with_context(|| format!("opening PyTorch checkpoint {}", path.display()))?;
-    Ok(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
+    Ok(VarBuilder::from_backend(Box::new(CheckedTensors::pth(pth, path.to_path_buf())), dtype, device.clone()))
 }
 
 /// Tensor names of a `.pth` state dict, sorted.
 pub fn pth_tensor_names(path: &Path) -> Result<Vec<String>> {
-    let mut names: Vec<String> = check_pth(path)?.into_iter().map(|i| i.name).collect();
+    let mut names: Vec<String> = check_pth(path)?.infos.into_iter().map(|i| i.name).collect();
     names.sort();
     Ok(names)
 }
 
-fn check_pth(path: &Path) -> Result<Vec<candle_core::pickle::TensorInfo>> {
+/// What [`check_pth`] found: the pickled tensor descriptions and where each record's bytes lie
+/// in the file.
+struct PthIndex {
+    infos: Vec<TensorInfo>,
+    /// Record path -> (offset of its data in the file, length).
+    records: HashMap<String, (usize, usize)>,
+}
+
+/// A `.pth` state dict mapped into memory. torch.save stores tensor records uncompressed, so
+/// each tensor is copied straight out of the mapping, and the zip directory is parsed once
+/// (candle's `PthTensors` re-opens and re-parses the zip for every tensor).
+pub(crate) struct MappedPth {
+    map: memmap2::Mmap,
+    infos: HashMap<String, TensorInfo>,
+    records: HashMap<String, (usize, usize)>,
+}
+
+impl MappedPth {
+    /// # Safety
+    /// The file must not change while mapped.
+    unsafe fn open(path: &Path, index: PthIndex) -> Result<Self> {
+        let file = std::fs::File::open(path)?;
+        let map = unsafe { memmap2::Mmap::map(&file)? };
+        let infos = index.infos.into_iter().map(|i| (i.name.clone(), i)).collect();
+        Ok(Self { map, infos, records: index.records })
+    }
+
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.infos.contains_key(name)
+    }
+
+    /// The tensor on the CPU, in its stored dtype; None when the state dict has no such key.
+    pub(crate) fn get(&self, name: &str) -> candle_core::Result<Option<Tensor>> {
+        let Some(info) = self.infos.get(name) else { return Ok(None) };
+        let &(start, len) = self
+            .records
+            .get(&info.path)
+            .ok_or_else(|| candle_core::Error::Msg(format!("record {} of `{name}` was not indexed", info.path)))?;
+        let layout = &info.layout;
+        // candle keeps the storage offset in bytes for pth tensors; check_pth checked the length.
+        let n = layout.shape().elem_count() * info.dtype.size_in_bytes();
+        let from = start + layout.start_offset();
+        let bytes = self
+            .map
+            .get(from..from + n)
+            .filter(|_| layout.start_offset() + n <= len)
+            .ok_or_else(|| candle_core::Error::Msg(format!("record {} of `{name}` is truncated", info.path)))?;
+        let dims = layout.dims();
+        if layout.is_contiguous() || dims.len() < 2 {
+            return Ok(Some(Tensor::from_raw_buffer(bytes, info.dtype, dims, &Device::Cpu)?));
+        }
+        // Column-major (check_pth allows only the two layouts): stored as the reversed shape.
+        let reversed: Vec<usize> = dims.iter().rev().copied().collect();
+        let t = Tensor::from_raw_buffer(bytes, info.dtype, &reversed, &Device::Cpu)?;
+        let order: Vec<usize> = (0..dims.len()).rev().collect();
+        Ok(Some(t.permute(order)?.contiguous()?))
+    }
+}
+
+fn check_pth(path: &Path) -> Result<PthIndex> {
     let shown = path.display();
     let file = std::fs::File::open(path).with_context(|| format!("opening PyTorch checkpoint {shown}"))?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| {
@@ -89,6 +150,7 @@ fn check_pth(path: &Path) -> Result<Vec<candle_core::pickle::TensorInfo>> {
         !infos.is_empty(),
         "{shown} holds no tensors at its top level (a state dict nested under a key such as `model` is not supported)"
     );
+    let mut records = HashMap::new();
     for info in &infos {
         let layout = &info.layout;
         ensure!(
@@ -99,8 +161,18 @@ fn check_pth(path: &Path) -> Result<Vec<candle_core::pickle::TensorInfo>> {
         );
         // candle keeps the storage offset in bytes for pth tensors.
         let need = (layout.start_offset() + layout.shape().elem_count() * info.dtype.size_in_bytes()) as u64;
-        let have = match zip.by_name(&info.path) {
-            Ok(f) => f.size(),
+        let (have, start) = match zip.by_name(&info.path) {
+            Ok(f) => {
+                ensure!(
+                    f.compression() == zip::CompressionMethod::Stored,
+                    "{shown}: record {} of tensor `{}` is compressed ({}); torch.save stores records \
+                     uncompressed: re-save the state dict with torch.save",
+                    info.path,
+                    info.name,
+                    f.compression()
+                );
+                (f.size(), f.data_start())
+            }
             Err(_) => bail!("{shown}: record {} of tensor `{}` is missing", info.path, info.name),
         };
         ensure!(
@@ -109,8 +181,10 @@ fn check_pth(path: &Path) -> Result<Vec<candle_core::pickle::TensorInfo>> {
             info.name,
             info.path
         );
+        let start = start.with_context(|| format!("{shown}: no data offset for record {}", info.path))?;
+        records.insert(info.path.clone(), (start as usize, have as usize));
     }
-    Ok(infos)
+    Ok(PthIndex { infos, records })
 }
 
 fn storage_class(dtype: DType) -> Result<&'static str> {

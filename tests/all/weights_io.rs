@@ -358,6 +358,35 @@ fn torch_saved_pth_reads_as_expected() -> Result<()> {
     let vb = open_pth(&path, DType::F32, &cpu())?;
     let w = vb.get((2, 6), "cls.proj.weight")?;
     assert_identical(&w, &expected["cls.proj.weight"], "fortran-order tensor")?;
+    // Every tensor read from the memory map equals torch's values, in the stored dtype.
+    for (name, t) in &expected {
+        let got = open_pth(&path, t.dtype(), &cpu())?.get(t.shape(), name)?;
+        assert_identical(&got, t, name)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_compressed_pth_record_is_refused_by_name() -> Result<()> {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir()?;
+    let stored = dir.path().join("stored.pth");
+    write_pth_atomic(&stored, &[("w".into(), ramp(&[8, 8], 0.0, DType::F32)?)])?;
+    // The same archive with every entry deflated (torch.save never compresses).
+    let mut src = zip::ZipArchive::new(std::fs::File::open(&stored)?)?;
+    let deflated = dir.path().join("deflated.pth");
+    let mut out = zip::ZipWriter::new(std::fs::File::create(&deflated)?);
+    for i in 0..src.len() {
+        let mut f = src.by_index(i)?;
+        let mut data = Vec::new();
+        f.read_to_end(&mut data)?;
+        let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        out.start_file(f.name()?.to_string(), opts)?;
+        out.write_all(&data)?;
+    }
+    out.finish()?;
+    let e = err_text(open_pth(&deflated, DType::F32, &cpu()).err().unwrap());
+    assert!(e.contains(&deflated.display().to_string()) && e.contains("is compressed"), "{e}");
     Ok(())
 }
 
