@@ -2,10 +2,7 @@
 //! intermediate for backward; as one autograd node it keeps only its output (its inputs are kept
 //! by whatever produced them) and backward recomputes what it needs from the inputs.
 //!
-//! - Attention softmax `softmax(scale * scores + mask)` in f32, returned in the scores' dtype.
-//!   Composed, the scaled and masked copies, the f32 cast, the exponentials and the f32 result
-//!   cost about 24 bytes per score in bf16, half of the 7B model's predicted LLM activations.
-//!   Backward needs the output alone: `dx = scale * p * (g - sum(g * p))`.
+//! - Attention softmax `softmax(scale * scores + mask)`: `nn::softmax`, re-exported here.
 //! - RMS normalisation `x / sqrt(mean(x^2) + eps)` (Mistral).
 //! - Affine normalisation with statistics over chosen dimensions: training BatchNorm (TinySAM)
 //!   and LayerNorm (decoder, TinySAM, CLIP); frozen affine parameters get no gradient entry.
@@ -16,107 +13,12 @@
 
 use anyhow::{ensure, Result};
 use candle_core::backend::BackendStorage;
-use candle_core::op::{Add, Div, Exp, Mul, ReduceOp, Silu, Sqr, Sqrt, Sub};
+use candle_core::op::{Add, Div, Mul, ReduceOp, Silu, Sqr, Sqrt, Sub};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
-struct MaskedSoftmax {
-    scale: f64,
-}
-
-/// The forward on one backend: `mask`, when present, broadcasts to the scores' shape.
-fn softmax_forward<S: BackendStorage>(
-    scale: f64,
-    s: &S,
-    l: &Layout,
-    mask: Option<(&S, &Layout)>,
-) -> candle_core::Result<(S, Shape)> {
-    let shape = l.shape().clone();
-    let last = shape.rank() - 1;
-    let full = Layout::contiguous(&shape);
-    let mut x = s.to_dtype(l, DType::F32)?;
-    if scale != 1.0 {
-        x = x.affine(&full, scale, 0.0)?;
-    }
-    if let Some((m, ml)) = mask {
-        let m = m.to_dtype(ml, DType::F32)?;
-        let ml = Layout::contiguous(ml.shape()).broadcast_as(&shape)?;
-        x = x.binary_impl::<Add>(&m, &full, &ml)?;
-    }
-    let mut row_dims = shape.dims().to_vec();
-    row_dims[last] = 1;
-    let per_row = Layout::contiguous(row_dims).broadcast_as(&shape)?;
-    // Subtracting the row maximum keeps exp finite; it cancels in the ratio.
-    let max = x.reduce_op(ReduceOp::Max, &full, &[last])?;
-    let e = x.binary_impl::<Sub>(&max, &full, &per_row)?.unary_impl::<Exp>(&full)?;
-    let sum = e.reduce_op(ReduceOp::Sum, &full, &[last])?;
-    let p = e.binary_impl::<Div>(&sum, &full, &per_row)?;
-    Ok((p.to_dtype(&full, s.dtype())?, shape))
-}
-
-/// Gradient with respect to the scores, from the output `p` and its gradient `g`.
-fn softmax_backward(scale: f64, scores: &Tensor, p: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
-    let p = p.detach().to_dtype(DType::F32)?;
-    let g = g.to_dtype(DType::F32)?;
-    let dot = (&g * &p)?.sum_keepdim(D::Minus1)?;
-    let dx = (g.broadcast_sub(&dot)? * p)?;
-    let dx = if scale != 1.0 { (dx * scale)? } else { dx };
-    dx.to_dtype(scores.dtype())
-}
-
-impl CustomOp1 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        "scaled-softmax"
-    }
-
-    same_forward_on_every_backend!(|op: &Self, s, l| softmax_forward(op.scale, s, l, None));
-
-    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(softmax_backward(self.scale, x, res, grad)?))
-    }
-}
-
-impl CustomOp2 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        "scaled-masked-softmax"
-    }
-
-    same_forward_on_every_backend!(two: |op: &Self, (s, l), mask| softmax_forward(op.scale, s, l, Some(mask)));
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _mask: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        // The mask is a constant: no gradient.
-        Ok((Some(softmax_backward(self.scale, x, res, grad)?), None))
-    }
-}
-
-/// `softmax(scale * scores + mask)` over the last dimension, in f32, returned in the scores'
-/// dtype. `mask` (additive, never differentiated) broadcasts to the scores' shape, its
-/// trailing dimensions aligned as in numpy; every row needs at least one finite entry.
-pub fn scaled_masked_softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
-    let op = MaskedSoftmax { scale };
-    Ok(match mask {
-        None => scores.apply_op1(op)?,
-        Some(m) => {
-            ensure!(
-                m.rank() <= scores.rank(),
-                "mask {:?} has more dimensions than scores {:?}",
-                m.dims(),
-                scores.dims()
-            );
-            // Leading size-1 dimensions so the mask has the scores' rank; `forward` checks
-            // that it broadcasts.
-            let mut dims = vec![1; scores.rank() - m.rank()];
-            dims.extend_from_slice(m.dims());
-            let m = m.reshape(dims)?.contiguous()?;
-            scores.apply_op2(&m.detach(), op)?
-        }
-    })
-}
+pub use super::softmax::{
+    scaled_masked_softmax, scaled_masked_softmax_causal, scaled_masked_softmax_composite, scaled_softmax_backward,
+};
 
 struct RmsNormalize {
     eps: f64,

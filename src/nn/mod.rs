@@ -58,6 +58,7 @@ pub mod linear;
 pub mod norm;
 pub mod ops;
 pub mod param;
+pub mod softmax;
 pub mod splice;
 pub mod upsample;
 

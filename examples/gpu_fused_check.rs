@@ -1,0 +1,239 @@
+//! GPU check of `kernels/fused.cu` (run by scripts/gpu_check.sh, step `fused`): each fused
+//! kernel against candle's composite of the same function on CUDA (full training shapes) and
+//! against the CPU reference (a slice of them), value and gradient, bf16 and f32; then timings,
+//! kernel vs composite, median of 20, with the bytes each must move and the achieved GB/s.
+//! Exits non-zero when a comparison fails. Needs `--features cuda`.
+//!
+//! Shapes: the LLM's attention scores (b 8, 32 heads, 640 x 640, causal, key padding), the mask
+//! decoder's (16 heads x 4096 x 4096 per sample, key mask), and the LLM's rows for RMSNorm
+//! (8 x 640 x 4096) and the SwiGLU gate (8 x 640 x 14336).
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use prs::nn::fused::{scaled_masked_softmax_causal, scaled_masked_softmax_composite, scaled_softmax_backward};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::time::Instant;
+
+fn random(dims: &[usize], dt: DType, seed: u64, range: f32, dev: &Device) -> Result<Tensor> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-range..range)).collect();
+    Ok(Tensor::from_vec(v, dims, &Device::Cpu)?.to_dtype(dt)?.to_device(dev)?)
+}
+
+/// Key mask (B, 1, ..., 1, K) of `rank` dims in `dt`: the last `k / 8 * (b % 3)` keys of sample
+/// b hidden with `mask_min(F32)`, as the LLM's padding and the decoder's key mask do.
+fn key_mask(b: usize, k: usize, rank: usize, dt: DType, dev: &Device) -> Result<Tensor> {
+    let neg = prs::nn::ops::mask_min(DType::F32) as f32;
+    let v: Vec<f32> = (0..b * k).map(|i| if i % k >= k - k / 8 * ((i / k) % 3) { neg } else { 0.0 }).collect();
+    let mut dims = vec![1; rank];
+    (dims[0], dims[rank - 1]) = (b, k);
+    Ok(Tensor::from_vec(v, dims, &Device::Cpu)?.to_dtype(dt)?.to_device(dev)?)
+}
+
+/// Unit roundoff of the stored dtype.
+fn eps(dt: DType) -> f64 {
+    match dt {
+        DType::F16 => 2f64.powi(-11),
+        DType::BF16 => 2f64.powi(-8),
+        _ => 2f64.powi(-24),
+    }
+}
+
+struct Report {
+    failures: usize,
+}
+
+impl Report {
+    /// Max |a - b| and that relative to max |b|, against `tol` (relative): a few roundings of the
+    /// output, more in f32 where sums of thousands of terms run in another order.
+    fn check(&mut self, what: &str, a: &Tensor, b: &Tensor) -> Result<()> {
+        let dt = b.dtype();
+        let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let abs = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64;
+        let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64;
+        let rel = abs / scale.max(1e-30);
+        let tol = 4.0 * eps(dt).max(2f64.powi(-18));
+        let ok = rel <= tol && abs.is_finite();
+        if !ok {
+            self.failures += 1;
+        }
+        let verdict = if ok { "ok" } else { "FAIL" };
+        println!("{what:<64} max abs {abs:>9.2e}  rel {rel:>9.2e} (tol {tol:.1e})  {verdict}");
+        Ok(())
+    }
+}
+
+/// Output and input gradient of `f` at `x` for the upstream gradient `r` (dtype of the output).
+fn value_and_grad(x: &Tensor, r: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<(Tensor, Tensor)> {
+    let v = Var::from_tensor(x)?;
+    let y = f(v.as_tensor())?;
+    let g = (&y * r)?.sum_all()?.backward()?;
+    Ok((y, g.get(v.as_tensor()).expect("gradient").clone()))
+}
+
+/// One attention-softmax case: the kernel (`scaled_masked_softmax_causal` or plain) against the
+/// composite on CUDA at `dims`, and against the CPU at `cpu_dims` (a slice of them).
+struct SoftmaxCase {
+    name: &'static str,
+    dims: Vec<usize>,
+    cpu_dims: Vec<usize>,
+    causal: bool,
+    /// The key mask's dtype relative to the scores: f32 exercises the widened-mask variant.
+    mask_f32: bool,
+}
+
+impl SoftmaxCase {
+    fn scale(&self) -> f64 {
+        if self.causal {
+            1.0 / (128f64).sqrt()
+        } else {
+            1.0
+        }
+    }
+
+    fn inputs(&self, dims: &[usize], dt: DType, dev: &Device) -> Result<(Tensor, Tensor, Tensor)> {
+        let (r, k) = (dims.len(), dims[dims.len() - 1]);
+        // Scores of a few units after scaling: peaked rows, as trained attention has.
+        let s = random(dims, dt, 1, if self.causal { 30.0 } else { 8.0 }, dev)?;
+        let g = random(dims, dt, 2, 1.0, dev)?;
+        let m = key_mask(dims[0], k, r, if self.mask_f32 { DType::F32 } else { dt }, dev)?;
+        Ok((s, g, m))
+    }
+
+    fn run(&self, s: &Tensor, m: &Tensor, composite: bool) -> Result<Tensor> {
+        let past = if self.causal { Some(s.dim(s.rank() - 1)? - s.dim(s.rank() - 2)?) } else { None };
+        match (composite, past) {
+            (false, Some(p)) => scaled_masked_softmax_causal(s, self.scale(), Some(m), p),
+            (false, None) => prs::nn::fused::scaled_masked_softmax(s, self.scale(), Some(m)),
+            (true, _) => scaled_masked_softmax_composite(s, self.scale(), Some(m), past),
+        }
+    }
+
+    fn check(&self, gpu: &Device, rep: &mut Report) -> Result<()> {
+        for dt in [DType::BF16, DType::F32] {
+            let (s, g, m) = self.inputs(&self.dims, dt, gpu)?;
+            let (y, dx) = value_and_grad(&s, &g, |t| self.run(t, &m, false))?;
+            let (yc, dxc) = value_and_grad(&s, &g, |t| self.run(t, &m, true))?;
+            let tag = format!("{} {:?} {dt:?}", self.name, self.dims);
+            rep.check(&format!("softmax kernel vs CUDA composite {tag}"), &y, &yc)?;
+            rep.check(&format!("softmax kernel vs CUDA composite dX {tag}"), &dx, &dxc)?;
+            drop((y, dx, yc, dxc));
+            let (s, g, m) = self.inputs(&self.cpu_dims, dt, &Device::Cpu)?;
+            let (yc, dxc) = value_and_grad(&s, &g, |t| self.run(t, &m, false))?;
+            let (y, dx) =
+                value_and_grad(&s.to_device(gpu)?, &g.to_device(gpu)?, |t| self.run(t, &m.to_device(gpu)?, false))?;
+            let tag = format!("{} {:?} {dt:?}", self.name, self.cpu_dims);
+            rep.check(&format!("softmax kernel vs CPU {tag}"), &y, &yc)?;
+            rep.check(&format!("softmax kernel vs CPU dX {tag}"), &dx, &dxc)?;
+        }
+        Ok(())
+    }
+
+    fn bench(&self, gpu: &Device) -> Result<()> {
+        for dt in [DType::BF16, DType::F32] {
+            let (s, g, m) = self.inputs(&self.dims, dt, gpu)?;
+            let p = self.run(&s, &m, false)?;
+            let bytes = (s.elem_count() * dt.size_in_bytes()) as f64;
+            let tag = format!("{} {dt:?}", self.name);
+            // Forward reads the scores and writes the output; backward reads p and g, writes dx.
+            timing_pair(
+                gpu,
+                &format!("softmax fwd {tag}"),
+                2.0 * bytes,
+                || self.run(&s, &m, false),
+                || self.run(&s, &m, true),
+            )?;
+            timing_pair(
+                gpu,
+                &format!("softmax bwd {tag}"),
+                3.0 * bytes,
+                || scaled_softmax_backward(&p, &g, self.scale(), false),
+                || scaled_softmax_backward(&p, &g, self.scale(), true),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Median seconds of 20 runs of `f` (after 3 warm-ups), synchronising around each.
+fn time(dev: &Device, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    dev.synchronize()?;
+    let mut t = Vec::with_capacity(20);
+    for _ in 0..20 {
+        let s = Instant::now();
+        let y = f()?;
+        dev.synchronize()?;
+        t.push(s.elapsed().as_secs_f64());
+        drop(y);
+    }
+    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Ok(t[10])
+}
+
+/// One timing line: kernel and composite medians, GB/s of the bytes the kernel must move, and
+/// the speed-up.
+fn timing_pair(
+    dev: &Device,
+    what: &str,
+    bytes: f64,
+    kernel: impl FnMut() -> Result<Tensor>,
+    composite: impl FnMut() -> Result<Tensor>,
+) -> Result<()> {
+    let (k, c) = (time(dev, kernel)?, time(dev, composite)?);
+    println!(
+        "{what:<44} kernel {:>8.3} ms {:>7.1} GB/s | composite {:>8.3} ms {:>7.1} GB/s | x{:.2}",
+        k * 1e3,
+        bytes / k / 1e9,
+        c * 1e3,
+        bytes / c / 1e9,
+        c / k
+    );
+    Ok(())
+}
+
+fn softmax_cases() -> Vec<SoftmaxCase> {
+    vec![
+        SoftmaxCase {
+            name: "LLM causal + padding",
+            dims: vec![8, 32, 640, 640],
+            cpu_dims: vec![2, 4, 640, 640],
+            causal: true,
+            mask_f32: false,
+        },
+        SoftmaxCase {
+            name: "decoder key mask (f32 mask)",
+            dims: vec![1, 16, 4096, 4096],
+            cpu_dims: vec![1, 1, 256, 4096],
+            causal: false,
+            mask_f32: true,
+        },
+    ]
+}
+
+fn main() -> Result<()> {
+    let gpu = Device::new_cuda(0)?;
+    let mut rep = Report { failures: 0 };
+    let softmax = softmax_cases();
+    for c in &softmax {
+        c.check(&gpu, &mut rep)?;
+    }
+    if rep.failures == 0 {
+        println!("all comparisons passed");
+    }
+    // Timings even after a failed comparison: they are independent of it.
+    if !std::env::args().any(|a| a == "--no-bench") {
+        println!("\ntimings, median of 20 (GB/s of the bytes the fused kernel must move)");
+        for c in &softmax {
+            c.bench(&gpu)?;
+        }
+    }
+    if rep.failures > 0 {
+        bail!("{} comparison(s) failed", rep.failures);
+    }
+    Ok(())
+}
