@@ -195,25 +195,39 @@ impl Attention {
             None => (k, v),
         };
         let past = k.dim(2)? - t;
-        let rep = self.num_heads / self.num_kv_heads;
-        let k = repeat_kv(&k, rep)?;
-        let v = repeat_kv(&v, rep)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        // Causal masking from positions: on CUDA the softmax kernel computes it from indices.
-        let probs = scaled_masked_softmax_causal(&q.matmul(&k.t()?)?, scale, pad, past)?;
-        let y = probs.matmul(&v)?; // (b, nh, t, hd)
+        let y = grouped_attention(&q, &k, &v, pad, past, scale)?; // (b, nh, t, hd)
         let y = y.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&y)
     }
 }
 
-/// (B, n_kv, T, D) -> (B, n_kv * rep, T, D), each kv head repeated `rep` times consecutively.
-fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
-    if rep == 1 {
-        return Ok(x.clone());
+/// Causal grouped-query attention without copying K and V per query head. `q` (B, H, T, D)
+/// with H = G x KV heads, head h reading kv head h / G (HF's `repeat_kv` order); `k`, `v`
+/// (B, KV, P+T, D) with P cached positions; `pad` the additive key-padding mask (B,1,1,P+T).
+/// `q` is viewed as (B, KV, G*T, D), so one product per kv head covers all its query heads; the
+/// scores are viewed as (B, KV, G, T, P+T), which keeps the query index on the second-to-last
+/// axis, so causal masking applies per group. Returns (B, H, T, D).
+pub fn grouped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pad: Option<&Tensor>,
+    past: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, nh, t, d) = q.dims4()?;
+    let (_, nkv, tk, _) = k.dims4()?;
+    if nkv == 0 || nh % nkv != 0 || tk != past + t {
+        bail!("grouped attention: q {:?}, k {:?}, {past} cached positions", q.dims(), k.dims());
     }
-    let (b, n, t, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?.expand((b, n, rep, t, d))?.reshape((b, n * rep, t, d))?)
+    let g = nh / nkv;
+    let q = q.contiguous()?.reshape((b, nkv, g * t, d))?;
+    let scores = q.matmul(&k.t()?)?.reshape((b, nkv, g, t, tk))?;
+    let pad = pad.map(|m| m.reshape((b, 1, 1, 1, tk))).transpose()?;
+    // Causal masking from positions: on CUDA the softmax kernel computes it from indices.
+    let probs = scaled_masked_softmax_causal(&scores, scale, pad.as_ref(), past)?;
+    Ok(probs.reshape((b, nkv, g * t, tk))?.matmul(v)?.reshape((b, nh, t, d))?)
 }
 
 #[derive(Clone, Debug)]

@@ -1,5 +1,6 @@
 //! The attention softmax with causal masking computed from indices (`scaled_masked_softmax_causal`,
-//! what the CUDA kernel does) against the same softmax with the mask written out by hand.
+//! what the CUDA kernel does) against the same softmax with the mask written out by hand, and
+//! grouped-query attention without repeated K/V against the repeat_kv form.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
@@ -104,6 +105,48 @@ fn causal_softmax_equals_the_written_out_mask() -> Result<()> {
                     }
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// Grouped-query attention with K/V shared across each group equals the repeat_kv form (K/V
+/// copied per query head, the 4-D softmax with the causal mask written out), value and the
+/// gradients of q, k and v, with and without cached positions.
+#[test]
+fn grouped_attention_equals_the_repeat_kv_form() -> Result<()> {
+    use prs::model::mistral::grouped_attention;
+    let (b, nh, nkv, d) = (2, 6, 2, 8);
+    let scale = 1.0 / (d as f64).sqrt();
+    for (t, past) in [(5, 0), (3, 4), (1, 6)] {
+        let tk = t + past;
+        let q = randn(&[b, nh, t, d], 10)?;
+        let k = randn(&[b, nkv, tk, d], 11)?;
+        let v = randn(&[b, nkv, tk, d], 12)?;
+        let r = randn(&[b, nh, t, d], 13)?;
+        let pad = padding(b, tk, 4, &[0, 2.min(past)], DType::F32)?;
+        let vars = [&q, &k, &v].map(|x| Var::from_tensor(x).unwrap());
+        let [qv, kv, vv] = [0, 1, 2].map(|i| vars[i].as_tensor().clone());
+        let grouped = grouped_attention(&qv, &kv, &vv, Some(&pad), past, scale)?;
+        let rep = |x: &Tensor| -> Result<Tensor> {
+            let (_, n, s, dd) = x.dims4()?;
+            Ok(x.unsqueeze(2)?.expand((b, n, nh / nkv, s, dd))?.reshape((b, nh, s, dd))?)
+        };
+        let scores = qv.matmul(&rep(&kv)?.t()?)?;
+        let probs = scaled_masked_softmax(&scores, scale, Some(&explicit_mask(&pad, t, past)?))?;
+        let want = probs.matmul(&rep(&vv)?)?;
+        let tag = format!("t {t} past {past}");
+        let close = |a: &Tensor, b: &Tensor, what: &str| -> Result<()> {
+            let e = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let s = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(e <= 1e-5 * s.max(1.0), "{tag}: {what} differs by {e} (scale {s})");
+            Ok(())
+        };
+        close(&grouped, &want, "value")?;
+        let g1 = (&grouped * &r)?.sum_all()?.backward()?;
+        let g2 = (&want * &r)?.sum_all()?.backward()?;
+        for (name, x) in [("dq", &qv), ("dk", &kv), ("dv", &vv)] {
+            close(g1.get(x).expect("gradient"), g2.get(x).expect("gradient"), name)?;
         }
     }
     Ok(())
