@@ -10,7 +10,10 @@
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use prs::nn::fused::{scaled_masked_softmax_causal, scaled_masked_softmax_composite, scaled_softmax_backward};
+use prs::nn::fused::{
+    rms_normalize, rms_normalize_composite, scaled_masked_softmax_causal, scaled_masked_softmax_composite,
+    scaled_softmax_backward, silu_mul, silu_mul_composite,
+};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::time::Instant;
 
@@ -196,6 +199,110 @@ fn timing_pair(
     Ok(())
 }
 
+/// Output and the gradients of every input of `f` for the upstream gradient `r`.
+fn value_and_grads(xs: &[Tensor], r: &Tensor, f: OpFn) -> Result<(Tensor, Vec<Tensor>)> {
+    let vars: Vec<Var> = xs.iter().map(Var::from_tensor).collect::<candle_core::Result<_>>()?;
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&ts)?;
+    let g = (&y * r)?.sum_all()?.backward()?;
+    Ok((y, ts.iter().map(|t| g.get(t).expect("gradient").clone()).collect()))
+}
+
+type OpFn = fn(&[Tensor]) -> Result<Tensor>;
+
+/// A row-wise or element-wise fused op: kernel and composite of the same function of `inputs`
+/// tensors of `dims`; `fwd_bytes` / `bwd_bytes` elements moved per output element.
+struct OpCase {
+    name: &'static str,
+    dims: Vec<usize>,
+    cpu_dims: Vec<usize>,
+    inputs: usize,
+    kernel: OpFn,
+    composite: OpFn,
+    fwd_bytes: usize,
+    bwd_bytes: usize,
+}
+
+impl OpCase {
+    fn inputs(&self, dims: &[usize], dt: DType, dev: &Device) -> Result<(Vec<Tensor>, Tensor)> {
+        let xs = (0..self.inputs).map(|i| random(dims, dt, 40 + i as u64, 4.0, dev)).collect::<Result<Vec<_>>>()?;
+        Ok((xs, random(dims, dt, 50, 1.0, dev)?))
+    }
+
+    fn check(&self, gpu: &Device, rep: &mut Report) -> Result<()> {
+        for dt in [DType::BF16, DType::F32] {
+            let (xs, r) = self.inputs(&self.dims, dt, gpu)?;
+            let (y, g) = value_and_grads(&xs, &r, self.kernel)?;
+            let (yc, gc) = value_and_grads(&xs, &r, self.composite)?;
+            let tag = format!("{} {:?} {dt:?}", self.name, self.dims);
+            rep.check(&format!("{tag} kernel vs CUDA composite"), &y, &yc)?;
+            for (i, (a, b)) in g.iter().zip(&gc).enumerate() {
+                rep.check(&format!("{tag} kernel vs CUDA composite d{i}"), a, b)?;
+            }
+            let (xs, r) = self.inputs(&self.cpu_dims, dt, &Device::Cpu)?;
+            let (yc, gc) = value_and_grads(&xs, &r, self.composite)?;
+            let on_gpu = xs.iter().map(|x| x.to_device(gpu)).collect::<candle_core::Result<Vec<_>>>()?;
+            let (y, g) = value_and_grads(&on_gpu, &r.to_device(gpu)?, self.kernel)?;
+            let tag = format!("{} {:?} {dt:?}", self.name, self.cpu_dims);
+            rep.check(&format!("{tag} kernel vs CPU"), &y, &yc)?;
+            for (i, (a, b)) in g.iter().zip(&gc).enumerate() {
+                rep.check(&format!("{tag} kernel vs CPU d{i}"), a, b)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn bench(&self, gpu: &Device) -> Result<()> {
+        for dt in [DType::BF16, DType::F32] {
+            let (xs, r) = self.inputs(&self.dims, dt, gpu)?;
+            let bytes = (r.elem_count() * dt.size_in_bytes()) as f64;
+            let tag = format!("{} {dt:?}", self.name);
+            timing_pair(
+                gpu,
+                &format!("{tag} fwd"),
+                self.fwd_bytes as f64 * bytes,
+                || (self.kernel)(&xs),
+                || (self.composite)(&xs),
+            )?;
+            // Forward and backward through autograd: the backward alone is the difference.
+            let both = (self.fwd_bytes + self.bwd_bytes) as f64 * bytes;
+            timing_pair(
+                gpu,
+                &format!("{tag} fwd+bwd"),
+                both,
+                || Ok(value_and_grads(&xs, &r, self.kernel)?.0),
+                || Ok(value_and_grads(&xs, &r, self.composite)?.0),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn op_cases() -> Vec<OpCase> {
+    vec![
+        OpCase {
+            name: "rms normalise 8x640x4096",
+            dims: vec![8, 640, 4096],
+            cpu_dims: vec![2, 64, 4096],
+            inputs: 1,
+            kernel: |x| rms_normalize(&x[0], 1e-5),
+            composite: |x| rms_normalize_composite(&x[0], 1e-5),
+            fwd_bytes: 2,
+            bwd_bytes: 3,
+        },
+        OpCase {
+            name: "silu(gate) * up 8x640x14336",
+            dims: vec![8, 640, 14336],
+            cpu_dims: vec![2, 64, 14336],
+            inputs: 2,
+            kernel: |x| silu_mul(&x[0], &x[1]),
+            composite: |x| silu_mul_composite(&x[0], &x[1]),
+            fwd_bytes: 3,
+            bwd_bytes: 5,
+        },
+    ]
+}
+
 fn softmax_cases() -> Vec<SoftmaxCase> {
     vec![
         SoftmaxCase {
@@ -219,7 +326,11 @@ fn main() -> Result<()> {
     let gpu = Device::new_cuda(0)?;
     let mut rep = Report { failures: 0 };
     let softmax = softmax_cases();
+    let ops = op_cases();
     for c in &softmax {
+        c.check(&gpu, &mut rep)?;
+    }
+    for c in &ops {
         c.check(&gpu, &mut rep)?;
     }
     if rep.failures == 0 {
@@ -229,6 +340,9 @@ fn main() -> Result<()> {
     if !std::env::args().any(|a| a == "--no-bench") {
         println!("\ntimings, median of 20 (GB/s of the bytes the fused kernel must move)");
         for c in &softmax {
+            c.bench(&gpu)?;
+        }
+        for c in &ops {
             c.bench(&gpu)?;
         }
     }

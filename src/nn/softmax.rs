@@ -217,8 +217,10 @@ fn causal_mask(scores: &Tensor, mask: Option<&Tensor>, past: usize, dt: DType, f
     Ok(allowed.broadcast_as(&shape)?.where_cond(&keep, &hidden)?)
 }
 
-fn use_kernel(scores: &Tensor) -> bool {
-    cfg!(feature = "cuda") && scores.device().is_cuda() && fused_kernel_dtype(scores.dtype()) && scores.elem_count() > 0
+/// Whether `t` goes to the kernels of `kernels/fused.cu`: built (feature `cuda`), a CUDA
+/// tensor of a kernel dtype, not empty.
+pub(super) fn use_kernel(t: &Tensor) -> bool {
+    cfg!(feature = "cuda") && t.device().is_cuda() && fused_kernel_dtype(t.dtype()) && t.elem_count() > 0
 }
 
 fn softmax_impl(
