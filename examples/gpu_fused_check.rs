@@ -6,7 +6,8 @@
 //!
 //! Shapes: the LLM's attention scores (b 8, 32 heads, 640 x 640, causal, key padding), the mask
 //! decoder's (16 heads x 4096 x 4096 per sample, key mask), and the LLM's rows for RMSNorm
-//! (8 x 640 x 4096) and the SwiGLU gate (8 x 640 x 14336).
+//! (8 x 640 x 4096) and the SwiGLU gate (8 x 640 x 14336). Last, the Mistral attention core with
+//! grouped K/V and the fused softmax against the repeat_kv + composite form it replaced.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -304,6 +305,57 @@ fn op_cases() -> Vec<OpCase> {
     ]
 }
 
+/// The Mistral attention core at the 7B's shape (b 8, 32 query heads on 8 kv heads, 640
+/// tokens, head dim 128, key padding), forward and backward through autograd: grouped-query
+/// attention (K/V shared per group, the fused softmax) against K/V copied per head with
+/// candle's composite softmax, the form before session 10.
+fn gqa(gpu: &Device, rep: &mut Report, bench: bool) -> Result<()> {
+    use prs::model::mistral::grouped_attention;
+    let (b, nh, nkv, t, d) = (8, 32, 8, 640, 128);
+    let scale = 1.0 / (d as f64).sqrt();
+    let dt = DType::BF16;
+    let xs = [(nh, 3.0), (nkv, 3.0), (nkv, 1.0)]
+        .iter()
+        .map(|&(h, r)| random(&[b, h, t, d], dt, r, gpu))
+        .collect::<Result<Vec<_>>>()?;
+    let r = random(&[b, nh, t, d], dt, 1.0, gpu)?;
+    let pad = key_mask(b, t, 4, dt, gpu)?;
+    let grouped = |x: &[Tensor]| grouped_attention(&x[0], &x[1], &x[2], Some(&pad), 0, scale);
+    let copied = |x: &[Tensor]| -> Result<Tensor> {
+        let rep = |y: &Tensor| -> Result<Tensor> {
+            Ok(y.unsqueeze(2)?.expand((b, nkv, nh / nkv, t, d))?.reshape((b, nh, t, d))?)
+        };
+        let s = x[0].matmul(&rep(&x[1])?.t()?)?;
+        Ok(scaled_masked_softmax_composite(&s, scale, Some(&pad), Some(0))?.matmul(&rep(&x[2])?)?)
+    };
+    let run = |f: &dyn Fn(&[Tensor]) -> Result<Tensor>| -> Result<(Tensor, Vec<Tensor>)> {
+        let vars: Vec<Var> = xs.iter().map(Var::from_tensor).collect::<candle_core::Result<_>>()?;
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts)?;
+        let g = (&y * &r)?.sum_all()?.backward()?;
+        Ok((y, ts.iter().map(|t| g.get(t).expect("gradient").clone()).collect()))
+    };
+    if !bench {
+        let ((y, g), (yc, gc)) = (run(&grouped)?, run(&copied)?);
+        let tag = "attention 8x32(8 kv)x640x128 BF16 grouped vs repeat_kv";
+        rep.check(tag, &y, &yc)?;
+        for (name, (a, c)) in ["dq", "dk", "dv"].iter().zip(g.iter().zip(&gc)) {
+            rep.check(&format!("{tag} {name}"), a, c)?;
+        }
+        return Ok(());
+    }
+    // Bytes: q, k, v, the output and the scores once each way; a floor, not what either moves.
+    let scores = (b * nh * t * t * 2) as f64;
+    let qkv = ((b * nh * t * d + 2 * b * nkv * t * d + b * nh * t * d) * 2) as f64;
+    timing_pair(
+        gpu,
+        "attention fwd+bwd 8x32x640 BF16 (grouped | copies)",
+        3.0 * (qkv + scores),
+        || Ok(run(&grouped)?.0),
+        || Ok(run(&copied)?.0),
+    )
+}
+
 fn softmax_cases() -> Vec<SoftmaxCase> {
     vec![
         SoftmaxCase {
@@ -334,6 +386,7 @@ fn main() -> Result<()> {
     for c in &ops {
         c.check(&gpu, &mut rep)?;
     }
+    gqa(&gpu, &mut rep, false)?;
     if rep.failures == 0 {
         println!("all comparisons passed");
     }
@@ -346,6 +399,7 @@ fn main() -> Result<()> {
         for c in &ops {
             c.bench(&gpu)?;
         }
+        gqa(&gpu, &mut rep, true)?;
     }
     if rep.failures > 0 {
         bail!("{} comparison(s) failed", rep.failures);
