@@ -48,7 +48,7 @@ fn rms_forward<S: BackendStorage>(eps: f64, s: &S, l: &Layout) -> candle_core::R
 }
 
 /// The error of a kernel-only op's CPU path, which the wrappers never take.
-fn cuda_only<T>(what: &str) -> candle_core::Result<T> {
+pub(super) fn cuda_only<T>(what: &str) -> candle_core::Result<T> {
     Err(candle_core::Error::Msg(format!("{what}: the fused kernel runs on CUDA only (the CPU path is the composite)")))
 }
 

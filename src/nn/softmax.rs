@@ -74,7 +74,7 @@ fn softmax_backward(op: &MaskedSoftmax, scores: &Tensor, p: &Tensor, g: &Tensor)
 impl MaskedSoftmax {
     fn composite_only(&self) -> candle_core::Result<()> {
         if self.kernel || self.causal.is_some() {
-            candle_core::bail!("the softmax kernel runs on CUDA only (the CPU path is the composite)");
+            return super::fused::cuda_only("scaled-softmax");
         }
         Ok(())
     }
@@ -168,7 +168,7 @@ impl CustomOp2 for SoftmaxGrad {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the softmax gradient kernel runs on CUDA only (the CPU path is the composite)")
+        super::fused::cuda_only("scaled-softmax-grad")
     }
 
     #[cfg(feature = "cuda")]
