@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, built here and run on a machine with a GPU (no Rust there).
 #
-#   scripts/gpu_check.sh build   on the build machine (no GPU needed): builds `prs` and the two
+#   scripts/gpu_check.sh build   on the build machine (no GPU needed): builds `prs` and the three
 #                                check examples with `--features cuda` (toolkit from
 #                                `make cuda-toolkit`), strips and xz-compresses them into dist/gpu/
 #                                with Mistral's tokenizer.model (for the tiny model)
 #   scripts/gpu_check.sh run [SECONDS] [OUT]
 #                                on the GPU machine: runs the steps below (PRS_GPU_STEPS names a
-#                                subset, in its order: model upsample pytorch train-bN[-off|-llm|-all][-4bit|-8bit] predict
-#                                profile demo), in this order, until SECONDS (default
+#                                subset, in its order: model upsample fused pytorch
+#                                train-bN[-off|-llm|-all][-4bit|-8bit] predict profile demo), in
+#                                this order, until SECONDS (default
 #                                480) are spent, each step under its own time limit, logging to
 #                                OUT/gpu_check.log (default dist/gpu/out):
 #     1. examples/gpu_model_check: the tiny model on CUDA vs CPU (losses, every gradient, AdamW,
@@ -16,22 +17,25 @@
 #        could run
 #     2. examples/gpu_upsample_check: mask-upsampling kernels and fused ops vs CPU, then timings
 #        against candle's composite and the card's copy bandwidth
-#     3. the PyTorch reference step (../shared/bench), then prs bench train, 7B with random weights, per
+#     3. examples/gpu_fused_check: the fused softmax / RMSNorm / SiLU-gate kernels vs candle's
+#        composite on CUDA and vs CPU, value and gradient, then kernel vs composite timings
+#     4. the PyTorch reference step (../shared/bench), then prs bench train, 7B with random weights, per
 #        batch x checkpointing (off/llm/all) x base storage (none/4bit)
-#     4. prs bench predict, 7B
-#     5. prs profile-memory, 7B, batch 1,2,4,8 x checkpointing off/llm/all x base none/4bit, predicted vs measured
-#     6. prs demo (the embedded default, on CUDA)
+#     5. prs bench predict, 7B
+#     6. prs profile-memory, 7B, batch 1,2,4,8 x checkpointing off/llm/all x base none/4bit, predicted vs measured
+#     7. prs demo (the embedded default, on CUDA)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DIST="${PRS_GPU_DIST:-dist/gpu}"
-BINS="prs gpu_model_check gpu_upsample_check"
+BINS="prs gpu_model_check gpu_upsample_check gpu_fused_check"
 
 build() {
   set -e
   [[ -f .cache/cuda/env.sh ]] && . .cache/cuda/env.sh
   export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-2}"
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/cuda}"
-  cargo build --release --features cuda --bin prs --example gpu_model_check --example gpu_upsample_check
+  cargo build --release --features cuda --bin prs --example gpu_model_check --example gpu_upsample_check \
+    --example gpu_fused_check
   mkdir -p "$DIST"
   for b in $BINS; do
     src="$CARGO_TARGET_DIR/release/$b"
@@ -87,7 +91,7 @@ run() {
     (( rc == 0 )) || failed=$((failed + 1))
     return $rc
   }
-  local steps="${PRS_GPU_STEPS:-model upsample pytorch train-b1 train-b8-llm train-b8-all train-b1-all-4bit train-b4-all-4bit train-b1-off-4bit predict profile demo}"
+  local steps="${PRS_GPU_STEPS:-model upsample fused pytorch train-b1 train-b8-llm train-b8-all train-b1-all-4bit train-b4-all-4bit train-b1-off-4bit predict profile demo}"
   for name in $steps; do
     case $name in
       model)
@@ -96,6 +100,7 @@ run() {
           echo "the tiny model does not run on CUDA: stopping before the 7B steps"; exit 1
         fi ;;
       upsample) step upsample-check 90 gpu_upsample_check ;;
+      fused) step fused-check 120 gpu_fused_check ;;
       train-b*)
         # train-bN[-off|-llm|-all|-ckpt][-4bit|-8bit]: batch, checkpointing (-ckpt = all), base storage.
         local spec=${name#train-b} b ck=off q=none

@@ -14,7 +14,7 @@ use crate::nn::consts::add_any;
 use crate::nn::linear::{frozen_matmul, Linear, LoraConfig};
 use crate::nn::ops;
 use crate::nn::param::{Init, Param, ParamBuilder};
-use crate::nn::scaled_masked_softmax;
+use crate::nn::softmax::scaled_masked_softmax_causal;
 
 /// The fields of HF's `MistralConfig` (LLaVA-Med's `config.json`) that the decoder needs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -178,7 +178,7 @@ impl Attention {
         &self,
         x: &Tensor,
         rope: &(Tensor, Tensor),
-        mask: &Tensor,
+        pad: Option<&Tensor>,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -194,24 +194,40 @@ impl Attention {
             Some((c, layer)) => c.append(layer, &k, &v)?,
             None => (k, v),
         };
-        let rep = self.num_heads / self.num_kv_heads;
-        let k = repeat_kv(&k, rep)?;
-        let v = repeat_kv(&v, rep)?;
+        let past = k.dim(2)? - t;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let probs = scaled_masked_softmax(&q.matmul(&k.t()?)?, scale, Some(mask))?;
-        let y = probs.matmul(&v)?; // (b, nh, t, hd)
+        let y = grouped_attention(&q, &k, &v, pad, past, scale)?; // (b, nh, t, hd)
         let y = y.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&y)
     }
 }
 
-/// (B, n_kv, T, D) -> (B, n_kv * rep, T, D), each kv head repeated `rep` times consecutively.
-fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
-    if rep == 1 {
-        return Ok(x.clone());
+/// Causal grouped-query attention without copying K and V per query head. `q` (B, H, T, D)
+/// with H = G x KV heads, head h reading kv head h / G (HF's `repeat_kv` order); `k`, `v`
+/// (B, KV, P+T, D) with P cached positions; `pad` the additive key-padding mask (B,1,1,P+T).
+/// `q` is viewed as (B, KV, G*T, D), so one product per kv head covers all its query heads; the
+/// scores are viewed as (B, KV, G, T, P+T), which keeps the query index on the second-to-last
+/// axis, so causal masking applies per group. Returns (B, H, T, D).
+pub fn grouped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pad: Option<&Tensor>,
+    past: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, nh, t, d) = q.dims4()?;
+    let (_, nkv, tk, _) = k.dims4()?;
+    if nkv == 0 || nh % nkv != 0 || tk != past + t {
+        bail!("grouped attention: q {:?}, k {:?}, {past} cached positions", q.dims(), k.dims());
     }
-    let (b, n, t, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?.expand((b, n, rep, t, d))?.reshape((b, n * rep, t, d))?)
+    let g = nh / nkv;
+    let q = q.contiguous()?.reshape((b, nkv, g * t, d))?;
+    let scores = q.matmul(&k.t()?)?.reshape((b, nkv, g, t, tk))?;
+    let pad = pad.map(|m| m.reshape((b, 1, 1, 1, tk))).transpose()?;
+    // Causal masking from positions: on CUDA the softmax kernel computes it from indices.
+    let probs = scaled_masked_softmax_causal(&scores, scale, pad.as_ref(), past)?;
+    Ok(probs.reshape((b, nkv, g * t, tk))?.matmul(v)?.reshape((b, nh, t, d))?)
 }
 
 #[derive(Clone, Debug)]
@@ -267,17 +283,18 @@ impl DecoderLayer {
         [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
     }
 
-    /// `x` (B,T,H) -> (B,T,H). `mask` is additive, broadcastable to (B,heads,T,T_keys).
+    /// `x` (B,T,H) -> (B,T,H), causal over the cached and new positions. `pad` is the additive
+    /// key-padding mask (B,1,1,T_keys) of [`Mistral::key_padding_mask`].
     pub fn forward(
         &self,
         x: &Tensor,
         rope: &(Tensor, Tensor),
-        mask: &Tensor,
+        pad: Option<&Tensor>,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let dt = x.dtype();
         let h = ops::rms_norm(x, &self.input_layernorm.cast(dt)?, self.eps)?;
-        let x = add_any(x, &self.self_attn.forward(&h, rope, mask, cache)?)?;
+        let x = add_any(x, &self.self_attn.forward(&h, rope, pad, cache)?)?;
         let h = ops::rms_norm(&x, &self.post_attention_layernorm.cast(dt)?, self.eps)?;
         add_any(&x, &self.mlp.forward(&h)?)
     }
@@ -363,28 +380,19 @@ impl Mistral {
         Ok(w.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?)
     }
 
-    /// Additive attention mask (B,1,T,P+T): causal over the P cached + T new positions, and
-    /// key padding from `key_valid` (B,P+T), 1 = real token. Masked entries get a large
-    /// negative (not -inf, so a fully masked padding row stays finite).
-    pub fn attention_mask(&self, key_valid: Option<&Tensor>, b: usize, t: usize, past: usize) -> Result<Tensor> {
-        let dev = self.embed_tokens.tensor().device();
-        let tk = past + t;
-        let neg = ops::mask_min(DType::F32) as f32;
-        let causal: Vec<f32> =
-            (0..t).flat_map(|i| (0..tk).map(move |j| if j <= past + i { 0.0 } else { neg })).collect();
-        let causal = Tensor::from_vec(causal, (1, 1, t, tk), dev)?;
-        let mask = match key_valid {
-            None => causal,
-            Some(kv) => {
-                let kv = kv.to_dtype(DType::F32)?;
-                if kv.dims() != [b, tk] {
-                    bail!("attention mask has shape {:?}, expected ({b}, {tk})", kv.dims());
-                }
-                let pad = ((kv - 1.0)? * (-(neg as f64)))?.reshape((b, 1, 1, tk))?; // 0 or neg
-                causal.broadcast_add(&pad)?.clamp(neg, 0f32)?
-            }
-        };
-        Ok(mask.to_dtype(self.dtype)?)
+    /// Additive key-padding mask (B,1,1,P+T) from `key_valid` (B,P+T), 1 = real token, in the
+    /// compute dtype; None without `key_valid`. Padding keys get a large negative (not -inf,
+    /// so a fully masked padding row stays finite; in f16 it rounds to -inf). The layers add
+    /// causal masking over the P cached + T new positions (the same value for hidden keys).
+    pub fn key_padding_mask(&self, key_valid: Option<&Tensor>, b: usize, tk: usize) -> Result<Option<Tensor>> {
+        let Some(kv) = key_valid else { return Ok(None) };
+        let kv = kv.to_dtype(DType::F32)?;
+        if kv.dims() != [b, tk] {
+            bail!("attention mask has shape {:?}, expected ({b}, {tk})", kv.dims());
+        }
+        let neg = ops::mask_min(DType::F32);
+        let pad = ((kv - 1.0)? * (-neg))?.clamp(neg as f32, 0f32)?; // 0 or neg
+        Ok(Some(pad.reshape((b, 1, 1, tk))?.to_dtype(self.dtype)?))
     }
 
     /// Runs the layers over input embeddings (B,T,H) and returns the final-norm hidden states
@@ -415,16 +423,16 @@ impl Mistral {
         }
         let (b, t, _) = embeds.dims3()?;
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-        let mask = self.attention_mask(key_valid, b, t, past)?;
+        let pad = self.key_padding_mask(key_valid, b, past + t)?;
         let rope = ops::rope_tables(position_ids, self.cfg.head_dim(), self.cfg.rope_theta, self.dtype)?;
         let mut x = embeds.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = match ckpt {
                 Some(c) if c.is_enabled() => {
-                    let (layer, rope, mask) = (layer.clone(), rope.clone(), mask.clone());
-                    c.run(&x, move |x| layer.forward(x, &rope, &mask, None))?
+                    let (layer, rope, pad) = (layer.clone(), rope.clone(), pad.clone());
+                    c.run(&x, move |x| layer.forward(x, &rope, pad.as_ref(), None))?
                 }
-                _ => layer.forward(&x, &rope, &mask, cache.as_deref_mut().map(|c| (c, i)))?,
+                _ => layer.forward(&x, &rope, pad.as_ref(), cache.as_deref_mut().map(|c| (c, i)))?,
             };
         }
         ops::rms_norm(&x, &self.norm.cast(self.dtype)?, self.cfg.rms_norm_eps)

@@ -2,124 +2,32 @@
 //! intermediate for backward; as one autograd node it keeps only its output (its inputs are kept
 //! by whatever produced them) and backward recomputes what it needs from the inputs.
 //!
-//! - Attention softmax `softmax(scale * scores + mask)` in f32, returned in the scores' dtype.
-//!   Composed, the scaled and masked copies, the f32 cast, the exponentials and the f32 result
-//!   cost about 24 bytes per score in bf16, half of the 7B model's predicted LLM activations.
-//!   Backward needs the output alone: `dx = scale * p * (g - sum(g * p))`.
+//! - Attention softmax `softmax(scale * scores + mask)`: `nn::softmax`, re-exported here.
 //! - RMS normalisation `x / sqrt(mean(x^2) + eps)` (Mistral).
 //! - Affine normalisation with statistics over chosen dimensions: training BatchNorm (TinySAM)
 //!   and LayerNorm (decoder, TinySAM, CLIP); frozen affine parameters get no gradient entry.
 //! - The gated MLP product `silu(gate) * up` (Mistral).
 //!
-//! Each forward is written once over candle's `BackendStorage` operations, so the CPU and CUDA
-//! paths run the same sequence of candle kernels (no kernel of ours to keep in step).
+//! Each forward is written once over candle's `BackendStorage` operations (the composite: the
+//! CPU path and the reference). The softmax, RMS normalisation and the SiLU gate also have one
+//! CUDA kernel per direction (`kernels/fused.cu`, f32 math), used for CUDA tensors; the
+//! `*_composite` functions keep candle's kernels on every device for the GPU check.
 
 use anyhow::{ensure, Result};
 use candle_core::backend::BackendStorage;
-use candle_core::op::{Add, Div, Exp, Mul, ReduceOp, Silu, Sqr, Sqrt, Sub};
+use candle_core::op::{Add, Div, Mul, ReduceOp, Silu, Sqr, Sqrt, Sub};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
-struct MaskedSoftmax {
-    scale: f64,
-}
+use super::softmax::use_kernel;
+pub use super::softmax::{
+    scaled_masked_softmax, scaled_masked_softmax_causal, scaled_masked_softmax_composite, scaled_softmax_backward,
+};
 
-/// The forward on one backend: `mask`, when present, broadcasts to the scores' shape.
-fn softmax_forward<S: BackendStorage>(
-    scale: f64,
-    s: &S,
-    l: &Layout,
-    mask: Option<(&S, &Layout)>,
-) -> candle_core::Result<(S, Shape)> {
-    let shape = l.shape().clone();
-    let last = shape.rank() - 1;
-    let full = Layout::contiguous(&shape);
-    let mut x = s.to_dtype(l, DType::F32)?;
-    if scale != 1.0 {
-        x = x.affine(&full, scale, 0.0)?;
-    }
-    if let Some((m, ml)) = mask {
-        let m = m.to_dtype(ml, DType::F32)?;
-        let ml = Layout::contiguous(ml.shape()).broadcast_as(&shape)?;
-        x = x.binary_impl::<Add>(&m, &full, &ml)?;
-    }
-    let mut row_dims = shape.dims().to_vec();
-    row_dims[last] = 1;
-    let per_row = Layout::contiguous(row_dims).broadcast_as(&shape)?;
-    // Subtracting the row maximum keeps exp finite; it cancels in the ratio.
-    let max = x.reduce_op(ReduceOp::Max, &full, &[last])?;
-    let e = x.binary_impl::<Sub>(&max, &full, &per_row)?.unary_impl::<Exp>(&full)?;
-    let sum = e.reduce_op(ReduceOp::Sum, &full, &[last])?;
-    let p = e.binary_impl::<Div>(&sum, &full, &per_row)?;
-    Ok((p.to_dtype(&full, s.dtype())?, shape))
-}
-
-/// Gradient with respect to the scores, from the output `p` and its gradient `g`.
-fn softmax_backward(scale: f64, scores: &Tensor, p: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
-    let p = p.detach().to_dtype(DType::F32)?;
-    let g = g.to_dtype(DType::F32)?;
-    let dot = (&g * &p)?.sum_keepdim(D::Minus1)?;
-    let dx = (g.broadcast_sub(&dot)? * p)?;
-    let dx = if scale != 1.0 { (dx * scale)? } else { dx };
-    dx.to_dtype(scores.dtype())
-}
-
-impl CustomOp1 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        "scaled-softmax"
-    }
-
-    same_forward_on_every_backend!(|op: &Self, s, l| softmax_forward(op.scale, s, l, None));
-
-    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(softmax_backward(self.scale, x, res, grad)?))
-    }
-}
-
-impl CustomOp2 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        "scaled-masked-softmax"
-    }
-
-    same_forward_on_every_backend!(two: |op: &Self, (s, l), mask| softmax_forward(op.scale, s, l, Some(mask)));
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _mask: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        // The mask is a constant: no gradient.
-        Ok((Some(softmax_backward(self.scale, x, res, grad)?), None))
-    }
-}
-
-/// `softmax(scale * scores + mask)` over the last dimension, in f32, returned in the scores'
-/// dtype. `mask` (additive, never differentiated) broadcasts to the scores' shape, its
-/// trailing dimensions aligned as in numpy; every row needs at least one finite entry.
-pub fn scaled_masked_softmax(scores: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
-    let op = MaskedSoftmax { scale };
-    Ok(match mask {
-        None => scores.apply_op1(op)?,
-        Some(m) => {
-            ensure!(
-                m.rank() <= scores.rank(),
-                "mask {:?} has more dimensions than scores {:?}",
-                m.dims(),
-                scores.dims()
-            );
-            // Leading size-1 dimensions so the mask has the scores' rank; `forward` checks
-            // that it broadcasts.
-            let mut dims = vec![1; scores.rank() - m.rank()];
-            dims.extend_from_slice(m.dims());
-            let m = m.reshape(dims)?.contiguous()?;
-            scores.apply_op2(&m.detach(), op)?
-        }
-    })
-}
-
+#[derive(Clone, Copy)]
 struct RmsNormalize {
     eps: f64,
+    /// Run the CUDA kernels (set only for contiguous CUDA tensors of a kernel dtype).
+    kernel: bool,
 }
 
 /// `x / sqrt(mean(x^2) + eps)` over the last dimension in f32, cast back to `x`'s dtype.
@@ -139,14 +47,36 @@ fn rms_forward<S: BackendStorage>(eps: f64, s: &S, l: &Layout) -> candle_core::R
     Ok((y.to_dtype(&full, s.dtype())?, shape))
 }
 
+/// The error of a kernel-only op's CPU path, which the wrappers never take.
+pub(super) fn cuda_only<T>(what: &str) -> candle_core::Result<T> {
+    Err(candle_core::Error::Msg(format!("{what}: the fused kernel runs on CUDA only (the CPU path is the composite)")))
+}
+
 impl CustomOp1 for RmsNormalize {
     fn name(&self) -> &'static str {
         "rms-normalize"
     }
 
-    same_forward_on_every_backend!(|op: &Self, s, l| rms_forward(op.eps, s, l));
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        rms_forward(self.eps, s, l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        if !self.kernel {
+            return rms_forward(self.eps, s, l);
+        }
+        Ok((crate::kernels::rms_fwd(s, l, self.eps)?, l.shape().clone()))
+    }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if self.kernel && grad.dtype() == x.dtype() {
+            return Ok(Some(x.detach().apply_op2_no_bwd(&grad.contiguous()?, self)?));
+        }
         // y = x * r with r = (mean(x^2) + eps)^-1/2: dx = r * (g - y * mean(g * y)).
         let x32 = x.detach().to_dtype(DType::F32)?;
         let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
@@ -158,10 +88,47 @@ impl CustomOp1 for RmsNormalize {
     }
 }
 
+/// The backward kernel, as an op of (x, output gradient).
+impl CustomOp2 for RmsNormalize {
+    fn name(&self) -> &'static str {
+        "rms-normalize-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cuda_only("rms-normalize-grad")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::kernels::rms_bwd(x, xl, g, gl, self.eps)?, xl.shape().clone()))
+    }
+}
+
 /// RMS normalisation over the last dimension, in f32, returned in `x`'s dtype (HF Mistral's
-/// `RMSNorm` before its weight).
+/// `RMSNorm` before its weight). One kernel per direction on CUDA.
 pub fn rms_normalize(x: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(x.apply_op1(RmsNormalize { eps })?)
+    if use_kernel(x) {
+        return Ok(x.contiguous()?.apply_op1(RmsNormalize { eps, kernel: true })?);
+    }
+    rms_normalize_composite(x, eps)
+}
+
+/// `rms_normalize` through candle's kernels on every device (the CPU path; the reference the
+/// CUDA kernels are checked and timed against).
+pub fn rms_normalize_composite(x: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(x.apply_op1(RmsNormalize { eps, kernel: false })?)
 }
 
 /// Where a reduction over `dims` (sorted, deduplicated) of a tensor of dimensions `d` splits:
@@ -374,14 +341,40 @@ pub fn layer_norm_f32(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Te
     Ok(x.to_dtype(DType::F32)?.apply_op3(&w, &b, op)?)
 }
 
-struct SiluMul;
+#[derive(Clone, Copy)]
+struct SiluMul {
+    /// Run the CUDA kernels (set only for contiguous CUDA tensors of a kernel dtype).
+    kernel: bool,
+}
 
 impl CustomOp2 for SiluMul {
     fn name(&self) -> &'static str {
         "silu-mul"
     }
 
-    same_forward_on_every_backend!(two: |_: &Self, gate, up| silu_mul_forward(gate, up));
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        u: &CpuStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        silu_mul_forward((g, gl), (u, ul))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+        u: &candle_core::CudaStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        if !self.kernel {
+            return silu_mul_forward((g, gl), (u, ul));
+        }
+        Ok((crate::kernels::silu_mul_fwd(g, gl, u, ul)?, gl.shape().clone()))
+    }
 
     fn bwd(
         &self,
@@ -390,6 +383,11 @@ impl CustomOp2 for SiluMul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.kernel && grad.dtype() == gate.dtype() {
+            // One (2, ...) result: d_gate, then d_up; both halves are views.
+            let both = gate.detach().apply_op3_no_bwd(&up.detach(), &grad.contiguous()?, self)?;
+            return Ok((Some(both.get(0)?), Some(both.get(1)?)));
+        }
         // silu(a) = a * s(a); silu'(a) = s(a) * (1 + a * (1 - s(a))), computed in f32.
         let a = gate.detach().to_dtype(DType::F32)?;
         let sig = candle_nn::ops::sigmoid(&a)?;
@@ -400,6 +398,40 @@ impl CustomOp2 for SiluMul {
         let d_gate = (&g * u)?.mul(&dsilu)?.to_dtype(gate.dtype())?;
         let d_up = (g * silu)?.to_dtype(up.dtype())?;
         Ok((Some(d_gate), Some(d_up)))
+    }
+}
+
+/// The backward kernel, as an op of (gate, up, output gradient) -> (2, ...).
+impl CustomOp3 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        cuda_only("silu-mul-grad")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        u: &candle_core::CudaStorage,
+        ul: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let mut dims = vec![2];
+        dims.extend_from_slice(al.dims());
+        Ok((crate::kernels::silu_mul_bwd(a, al, u, ul, g, gl)?, Shape::from(dims)))
     }
 }
 
@@ -414,8 +446,18 @@ fn silu_mul_forward<S: BackendStorage>(
 }
 
 /// `silu(gate) * up` (Mistral's gated MLP) as one node: keeps the product only, its backward
-/// recomputes the activation from `gate`.
+/// recomputes the activation from `gate`. One kernel per direction on CUDA (math in f32).
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    silu_mul_impl(gate, up, true)
+}
+
+/// `silu_mul` through candle's kernels on every device (the CPU path; the reference the CUDA
+/// kernels are checked and timed against).
+pub fn silu_mul_composite(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    silu_mul_impl(gate, up, false)
+}
+
+fn silu_mul_impl(gate: &Tensor, up: &Tensor, allow_kernel: bool) -> Result<Tensor> {
     ensure!(
         gate.dims() == up.dims() && gate.dtype() == up.dtype(),
         "silu_mul: gate {:?} {:?} vs up {:?} {:?}",
@@ -424,5 +466,8 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         up.dims(),
         up.dtype()
     );
-    Ok(gate.apply_op2(up, SiluMul)?)
+    if allow_kernel && use_kernel(gate) {
+        return Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul { kernel: true })?);
+    }
+    Ok(gate.apply_op2(up, SiluMul { kernel: false })?)
 }

@@ -84,6 +84,7 @@ pub mod norm;
 pub mod ops;
 pub mod param;
 pub mod quant;
+pub mod softmax;
 pub mod splice;
 pub mod upsample;
 

@@ -202,7 +202,7 @@ fn tiny_mistral(reg: &TrainedParams, dropout: f32) -> Mistral {
 struct LayerInputs {
     x: Tensor,
     rope: (Tensor, Tensor),
-    mask: Tensor,
+    mask: Option<Tensor>,
     r: Tensor,
 }
 
@@ -211,7 +211,7 @@ fn layer_inputs(m: &Mistral) -> LayerInputs {
     let pos = Tensor::arange(0f32, t as f32, &Device::Cpu).unwrap().unsqueeze(0).unwrap().repeat((b, 1)).unwrap();
     let rope = ops::rope_tables(&pos, m.config().head_dim(), m.config().rope_theta, DType::F32).unwrap();
     let valid = Tensor::new(&[[1f32; 6], [1., 1., 1., 1., 0., 0.]], &Device::Cpu).unwrap();
-    let mask = m.attention_mask(Some(&valid), b, t, 0).unwrap();
+    let mask = m.key_padding_mask(Some(&valid), b, t).unwrap();
     LayerInputs { x: randn(&[b, t, h], 30), rope, mask, r: randn(&[b, t, h], 31) }
 }
 
@@ -220,10 +220,10 @@ fn mistral_run(m: &Mistral, inp: &LayerInputs, ckpt: Option<&Checkpointer>) -> (
     let mut x = inp.x.clone();
     for layer in m.layers() {
         x = match ckpt {
-            None => layer.forward(&x, &inp.rope, &inp.mask, None).unwrap(),
+            None => layer.forward(&x, &inp.rope, inp.mask.as_ref(), None).unwrap(),
             Some(c) => {
                 let (layer, rope, mask) = (layer.clone(), inp.rope.clone(), inp.mask.clone());
-                c.run(&x, move |x| layer.forward(x, &rope, &mask, None)).unwrap()
+                c.run(&x, move |x| layer.forward(x, &rope, mask.as_ref(), None)).unwrap()
             }
         };
     }
@@ -272,7 +272,7 @@ fn dropout_masks_reproduce_under_recomputation() {
         let _t = TrainingMode::enter(seed);
         for layer in m.layers() {
             let (layer, rope, mask) = (layer.clone(), inp.rope.clone(), inp.mask.clone());
-            x = ck.run(&x, move |x| layer.forward(x, &rope, &mask, None)).unwrap();
+            x = ck.run(&x, move |x| layer.forward(x, &rope, mask.as_ref(), None)).unwrap();
         }
     }
     assert!(!ops::is_training());

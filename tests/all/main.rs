@@ -5,6 +5,7 @@
 // Test code indexes and spells out tuples where that reads more plainly than the lint's form.
 #![allow(clippy::type_complexity, clippy::needless_range_loop, clippy::explicit_counter_loop)]
 
+mod attention;
 mod cli;
 mod clip;
 mod common;

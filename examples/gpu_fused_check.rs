@@ -1,0 +1,408 @@
+//! GPU check of `kernels/fused.cu` (run by scripts/gpu_check.sh, step `fused`): each fused
+//! kernel against candle's composite of the same function on CUDA (full training shapes) and
+//! against the CPU reference (a slice of them), value and gradient, bf16 and f32; then timings,
+//! kernel vs composite, median of 20, with the bytes each must move and the achieved GB/s.
+//! Exits non-zero when a comparison fails. Needs `--features cuda`.
+//!
+//! Shapes: the LLM's attention scores (b 8, 32 heads, 640 x 640, causal, key padding), the mask
+//! decoder's (16 heads x 4096 x 4096 per sample, key mask), and the LLM's rows for RMSNorm
+//! (8 x 640 x 4096) and the SwiGLU gate (8 x 640 x 14336). Last, the Mistral attention core with
+//! grouped K/V and the fused softmax against the repeat_kv + composite form it replaced.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use prs::nn::fused::{
+    rms_normalize, rms_normalize_composite, scaled_masked_softmax_causal, scaled_masked_softmax_composite,
+    scaled_softmax_backward, silu_mul, silu_mul_composite,
+};
+use std::time::Instant;
+
+/// Uniform values in (-range, range), drawn on `dev` (curand on the GPU: the full shapes have
+/// up to 268 M elements).
+fn random(dims: &[usize], dt: DType, range: f32, dev: &Device) -> Result<Tensor> {
+    Ok(Tensor::rand(-range, range, dims, dev)?.to_dtype(dt)?)
+}
+
+/// Key mask (B, 1, ..., 1, K) of `rank` dims in `dt`: the last `k / 8 * (b % 3)` keys of sample
+/// b hidden with `mask_min(F32)`, as the LLM's padding and the decoder's key mask do.
+fn key_mask(b: usize, k: usize, rank: usize, dt: DType, dev: &Device) -> Result<Tensor> {
+    let neg = prs::nn::ops::mask_min(DType::F32) as f32;
+    let v: Vec<f32> = (0..b * k).map(|i| if i % k >= k - k / 8 * ((i / k) % 3) { neg } else { 0.0 }).collect();
+    let mut dims = vec![1; rank];
+    (dims[0], dims[rank - 1]) = (b, k);
+    Ok(Tensor::from_vec(v, dims, &Device::Cpu)?.to_dtype(dt)?.to_device(dev)?)
+}
+
+/// Unit roundoff of the stored dtype.
+fn eps(dt: DType) -> f64 {
+    match dt {
+        DType::F16 => 2f64.powi(-11),
+        DType::BF16 => 2f64.powi(-8),
+        _ => 2f64.powi(-24),
+    }
+}
+
+struct Report {
+    failures: usize,
+}
+
+impl Report {
+    /// Max |a - b| and that relative to max |b|, against `tol` (relative): a few roundings of the
+    /// output, more in f32 where sums of thousands of terms run in another order.
+    fn check(&mut self, what: &str, a: &Tensor, b: &Tensor) -> Result<()> {
+        let dt = b.dtype();
+        // On `b`'s device: the GPU for GPU-vs-GPU pairs (no transfer of the full shapes).
+        let a = a.to_device(b.device())?.to_dtype(DType::F32)?;
+        let b = b.to_dtype(DType::F32)?;
+        let max = |t: Tensor| -> Result<f64> { Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64) };
+        let abs = max((&a - &b)?)?;
+        let nans = a.ne(&a)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        let scale = max(b)?;
+        let rel = abs / scale.max(1e-30);
+        let tol = 4.0 * eps(dt).max(2f64.powi(-18));
+        let ok = rel <= tol && abs.is_finite() && nans == 0.0;
+        if !ok {
+            self.failures += 1;
+        }
+        let verdict = if ok { "ok" } else { "FAIL" };
+        println!("{what:<64} max abs {abs:>9.2e}  rel {rel:>9.2e} (tol {tol:.1e}) NaN {nans}  {verdict}");
+        Ok(())
+    }
+}
+
+/// Output and input gradient of `f` at `x` for the upstream gradient `r` (dtype of the output).
+fn value_and_grad(x: &Tensor, r: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<(Tensor, Tensor)> {
+    let v = Var::from_tensor(x)?;
+    let y = f(v.as_tensor())?;
+    let g = (&y * r)?.sum_all()?.backward()?;
+    Ok((y, g.get(v.as_tensor()).expect("gradient").clone()))
+}
+
+/// One attention-softmax case: the kernel (`scaled_masked_softmax_causal` or plain) against the
+/// composite on CUDA at `dims`, and against the CPU at `cpu_dims` (a slice of them).
+struct SoftmaxCase {
+    name: &'static str,
+    dims: Vec<usize>,
+    cpu_dims: Vec<usize>,
+    causal: bool,
+    /// The key mask's dtype relative to the scores: f32 exercises the widened-mask variant.
+    mask_f32: bool,
+}
+
+impl SoftmaxCase {
+    fn scale(&self) -> f64 {
+        if self.causal {
+            1.0 / (128f64).sqrt()
+        } else {
+            1.0
+        }
+    }
+
+    fn inputs(&self, dims: &[usize], dt: DType, dev: &Device) -> Result<(Tensor, Tensor, Tensor)> {
+        let (r, k) = (dims.len(), dims[dims.len() - 1]);
+        // Scores of a few units after scaling: peaked rows, as trained attention has.
+        let s = random(dims, dt, if self.causal { 30.0 } else { 8.0 }, dev)?;
+        let g = random(dims, dt, 1.0, dev)?;
+        let m = key_mask(dims[0], k, r, if self.mask_f32 { DType::F32 } else { dt }, dev)?;
+        Ok((s, g, m))
+    }
+
+    fn run(&self, s: &Tensor, m: &Tensor, composite: bool) -> Result<Tensor> {
+        let past = if self.causal { Some(s.dim(s.rank() - 1)? - s.dim(s.rank() - 2)?) } else { None };
+        match (composite, past) {
+            (false, Some(p)) => scaled_masked_softmax_causal(s, self.scale(), Some(m), p),
+            (false, None) => prs::nn::fused::scaled_masked_softmax(s, self.scale(), Some(m)),
+            (true, _) => scaled_masked_softmax_composite(s, self.scale(), Some(m), past),
+        }
+    }
+
+    fn check(&self, gpu: &Device, rep: &mut Report) -> Result<()> {
+        for dt in [DType::BF16, DType::F32] {
+            let (s, g, m) = self.inputs(&self.dims, dt, gpu)?;
+            let (y, dx) = value_and_grad(&s, &g, |t| self.run(t, &m, false))?;
+            let (yc, dxc) = value_and_grad(&s, &g, |t| self.run(t, &m, true))?;
+            let tag = format!("{} {:?} {dt:?}", self.name, self.dims);
+            rep.check(&format!("softmax kernel vs CUDA composite {tag}"), &y, &yc)?;
+            rep.check(&format!("softmax kernel vs CUDA composite dX {tag}"), &dx, &dxc)?;
+            drop((y, dx, yc, dxc));
+            let (s, g, m) = self.inputs(&self.cpu_dims, dt, &Device::Cpu)?;
+            let (yc, dxc) = value_and_grad(&s, &g, |t| self.run(t, &m, false))?;
+            let (y, dx) =
+                value_and_grad(&s.to_device(gpu)?, &g.to_device(gpu)?, |t| self.run(t, &m.to_device(gpu)?, false))?;
+            let tag = format!("{} {:?} {dt:?}", self.name, self.cpu_dims);
+            rep.check(&format!("softmax kernel vs CPU {tag}"), &y, &yc)?;
+            rep.check(&format!("softmax kernel vs CPU dX {tag}"), &dx, &dxc)?;
+        }
+        Ok(())
+    }
+
+    fn bench(&self, gpu: &Device) -> Result<()> {
+        for dt in [DType::BF16, DType::F32] {
+            let (s, g, m) = self.inputs(&self.dims, dt, gpu)?;
+            let p = self.run(&s, &m, false)?;
+            let bytes = (s.elem_count() * dt.size_in_bytes()) as f64;
+            let tag = format!("{} {dt:?}", self.name);
+            // Forward reads the scores and writes the output; backward reads p and g, writes dx.
+            timing_pair(
+                gpu,
+                &format!("softmax fwd {tag}"),
+                2.0 * bytes,
+                || self.run(&s, &m, false),
+                || self.run(&s, &m, true),
+            )?;
+            timing_pair(
+                gpu,
+                &format!("softmax bwd {tag}"),
+                3.0 * bytes,
+                || scaled_softmax_backward(&p, &g, self.scale(), false),
+                || scaled_softmax_backward(&p, &g, self.scale(), true),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Median seconds of 20 runs of `f` (after 3 warm-ups), synchronising around each.
+fn time(dev: &Device, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    dev.synchronize()?;
+    let mut t = Vec::with_capacity(20);
+    for _ in 0..20 {
+        let s = Instant::now();
+        let y = f()?;
+        dev.synchronize()?;
+        t.push(s.elapsed().as_secs_f64());
+        drop(y);
+    }
+    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Ok(t[10])
+}
+
+/// One timing line: kernel and composite medians, GB/s of the bytes the kernel must move, and
+/// the speed-up.
+fn timing_pair(
+    dev: &Device,
+    what: &str,
+    bytes: f64,
+    kernel: impl FnMut() -> Result<Tensor>,
+    composite: impl FnMut() -> Result<Tensor>,
+) -> Result<()> {
+    let (k, c) = (time(dev, kernel)?, time(dev, composite)?);
+    println!(
+        "{what:<44} kernel {:>8.3} ms {:>7.1} GB/s | composite {:>8.3} ms {:>7.1} GB/s | x{:.2}",
+        k * 1e3,
+        bytes / k / 1e9,
+        c * 1e3,
+        bytes / c / 1e9,
+        c / k
+    );
+    Ok(())
+}
+
+/// Output and the gradients of every input of `f` for the upstream gradient `r`.
+fn value_and_grads(xs: &[Tensor], r: &Tensor, f: OpFn) -> Result<(Tensor, Vec<Tensor>)> {
+    let vars: Vec<Var> = xs.iter().map(Var::from_tensor).collect::<candle_core::Result<_>>()?;
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&ts)?;
+    let g = (&y * r)?.sum_all()?.backward()?;
+    Ok((y, ts.iter().map(|t| g.get(t).expect("gradient").clone()).collect()))
+}
+
+type OpFn = fn(&[Tensor]) -> Result<Tensor>;
+
+/// A row-wise or element-wise fused op: kernel and composite of the same function of `inputs`
+/// tensors of `dims`; `fwd_bytes` / `bwd_bytes` elements moved per output element.
+struct OpCase {
+    name: &'static str,
+    dims: Vec<usize>,
+    cpu_dims: Vec<usize>,
+    inputs: usize,
+    kernel: OpFn,
+    composite: OpFn,
+    fwd_bytes: usize,
+    bwd_bytes: usize,
+}
+
+impl OpCase {
+    fn inputs(&self, dims: &[usize], dt: DType, dev: &Device) -> Result<(Vec<Tensor>, Tensor)> {
+        let xs = (0..self.inputs).map(|_| random(dims, dt, 4.0, dev)).collect::<Result<Vec<_>>>()?;
+        Ok((xs, random(dims, dt, 1.0, dev)?))
+    }
+
+    fn check(&self, gpu: &Device, rep: &mut Report) -> Result<()> {
+        for dt in [DType::BF16, DType::F32] {
+            let (xs, r) = self.inputs(&self.dims, dt, gpu)?;
+            let (y, g) = value_and_grads(&xs, &r, self.kernel)?;
+            let (yc, gc) = value_and_grads(&xs, &r, self.composite)?;
+            let tag = format!("{} {:?} {dt:?}", self.name, self.dims);
+            rep.check(&format!("{tag} kernel vs CUDA composite"), &y, &yc)?;
+            for (i, (a, b)) in g.iter().zip(&gc).enumerate() {
+                rep.check(&format!("{tag} kernel vs CUDA composite d{i}"), a, b)?;
+            }
+            let (xs, r) = self.inputs(&self.cpu_dims, dt, &Device::Cpu)?;
+            let (yc, gc) = value_and_grads(&xs, &r, self.composite)?;
+            let on_gpu = xs.iter().map(|x| x.to_device(gpu)).collect::<candle_core::Result<Vec<_>>>()?;
+            let (y, g) = value_and_grads(&on_gpu, &r.to_device(gpu)?, self.kernel)?;
+            let tag = format!("{} {:?} {dt:?}", self.name, self.cpu_dims);
+            rep.check(&format!("{tag} kernel vs CPU"), &y, &yc)?;
+            for (i, (a, b)) in g.iter().zip(&gc).enumerate() {
+                rep.check(&format!("{tag} kernel vs CPU d{i}"), a, b)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn bench(&self, gpu: &Device) -> Result<()> {
+        for dt in [DType::BF16, DType::F32] {
+            let (xs, r) = self.inputs(&self.dims, dt, gpu)?;
+            let bytes = (r.elem_count() * dt.size_in_bytes()) as f64;
+            let tag = format!("{} {dt:?}", self.name);
+            timing_pair(
+                gpu,
+                &format!("{tag} fwd"),
+                self.fwd_bytes as f64 * bytes,
+                || (self.kernel)(&xs),
+                || (self.composite)(&xs),
+            )?;
+            // Forward and backward through autograd: the backward alone is the difference.
+            let both = (self.fwd_bytes + self.bwd_bytes) as f64 * bytes;
+            timing_pair(
+                gpu,
+                &format!("{tag} fwd+bwd"),
+                both,
+                || Ok(value_and_grads(&xs, &r, self.kernel)?.0),
+                || Ok(value_and_grads(&xs, &r, self.composite)?.0),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn op_cases() -> Vec<OpCase> {
+    vec![
+        OpCase {
+            name: "rms normalise 8x640x4096",
+            dims: vec![8, 640, 4096],
+            cpu_dims: vec![2, 64, 4096],
+            inputs: 1,
+            kernel: |x| rms_normalize(&x[0], 1e-5),
+            composite: |x| rms_normalize_composite(&x[0], 1e-5),
+            fwd_bytes: 2,
+            bwd_bytes: 3,
+        },
+        OpCase {
+            name: "silu(gate) * up 8x640x14336",
+            dims: vec![8, 640, 14336],
+            cpu_dims: vec![2, 64, 14336],
+            inputs: 2,
+            kernel: |x| silu_mul(&x[0], &x[1]),
+            composite: |x| silu_mul_composite(&x[0], &x[1]),
+            fwd_bytes: 3,
+            bwd_bytes: 5,
+        },
+    ]
+}
+
+/// The Mistral attention core at the 7B's shape (b 8, 32 query heads on 8 kv heads, 640
+/// tokens, head dim 128, key padding), forward and backward through autograd: grouped-query
+/// attention (K/V shared per group, the fused softmax) against K/V copied per head with
+/// candle's composite softmax, the form before session 10.
+fn gqa(gpu: &Device, rep: &mut Report, bench: bool) -> Result<()> {
+    use prs::model::mistral::grouped_attention;
+    let (b, nh, nkv, t, d) = (8, 32, 8, 640, 128);
+    let scale = 1.0 / (d as f64).sqrt();
+    let dt = DType::BF16;
+    let xs = [(nh, 3.0), (nkv, 3.0), (nkv, 1.0)]
+        .iter()
+        .map(|&(h, r)| random(&[b, h, t, d], dt, r, gpu))
+        .collect::<Result<Vec<_>>>()?;
+    let r = random(&[b, nh, t, d], dt, 1.0, gpu)?;
+    let pad = key_mask(b, t, 4, dt, gpu)?;
+    let grouped = |x: &[Tensor]| grouped_attention(&x[0], &x[1], &x[2], Some(&pad), 0, scale);
+    let copied = |x: &[Tensor]| -> Result<Tensor> {
+        let rep = |y: &Tensor| -> Result<Tensor> {
+            Ok(y.unsqueeze(2)?.expand((b, nkv, nh / nkv, t, d))?.reshape((b, nh, t, d))?)
+        };
+        let s = x[0].matmul(&rep(&x[1])?.t()?)?;
+        Ok(scaled_masked_softmax_composite(&s, scale, Some(&pad), Some(0))?.matmul(&rep(&x[2])?)?)
+    };
+    let run = |f: &dyn Fn(&[Tensor]) -> Result<Tensor>| -> Result<(Tensor, Vec<Tensor>)> {
+        let vars: Vec<Var> = xs.iter().map(Var::from_tensor).collect::<candle_core::Result<_>>()?;
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts)?;
+        let g = (&y * &r)?.sum_all()?.backward()?;
+        Ok((y, ts.iter().map(|t| g.get(t).expect("gradient").clone()).collect()))
+    };
+    if !bench {
+        let ((y, g), (yc, gc)) = (run(&grouped)?, run(&copied)?);
+        let tag = "attention 8x32(8 kv)x640x128 BF16 grouped vs repeat_kv";
+        rep.check(tag, &y, &yc)?;
+        for (name, (a, c)) in ["dq", "dk", "dv"].iter().zip(g.iter().zip(&gc)) {
+            rep.check(&format!("{tag} {name}"), a, c)?;
+        }
+        return Ok(());
+    }
+    // Bytes: q, k, v, the output and the scores once each way; a floor, not what either moves.
+    let scores = (b * nh * t * t * 2) as f64;
+    let qkv = ((b * nh * t * d + 2 * b * nkv * t * d + b * nh * t * d) * 2) as f64;
+    timing_pair(
+        gpu,
+        "attention fwd+bwd 8x32x640 BF16 (grouped | copies)",
+        3.0 * (qkv + scores),
+        || Ok(run(&grouped)?.0),
+        || Ok(run(&copied)?.0),
+    )
+}
+
+fn softmax_cases() -> Vec<SoftmaxCase> {
+    vec![
+        SoftmaxCase {
+            name: "LLM causal + padding",
+            dims: vec![8, 32, 640, 640],
+            cpu_dims: vec![2, 4, 640, 640],
+            causal: true,
+            mask_f32: false,
+        },
+        SoftmaxCase {
+            name: "decoder key mask (f32 mask)",
+            dims: vec![1, 16, 4096, 4096],
+            cpu_dims: vec![1, 1, 256, 4096],
+            causal: false,
+            mask_f32: true,
+        },
+    ]
+}
+
+fn main() -> Result<()> {
+    let gpu = Device::new_cuda(0)?;
+    let mut rep = Report { failures: 0 };
+    let softmax = softmax_cases();
+    let ops = op_cases();
+    for c in &softmax {
+        c.check(&gpu, &mut rep)?;
+    }
+    for c in &ops {
+        c.check(&gpu, &mut rep)?;
+    }
+    gqa(&gpu, &mut rep, false)?;
+    if rep.failures == 0 {
+        println!("all comparisons passed");
+    }
+    // Timings even after a failed comparison: they are independent of it.
+    if !std::env::args().any(|a| a == "--no-bench") {
+        println!("\ntimings, median of 20 (GB/s of the bytes the fused kernel must move)");
+        for c in &softmax {
+            c.bench(&gpu)?;
+        }
+        for c in &ops {
+            c.bench(&gpu)?;
+        }
+        gqa(&gpu, &mut rep, true)?;
+    }
+    if rep.failures > 0 {
+        bail!("{} comparison(s) failed", rep.failures);
+    }
+    Ok(())
+}
