@@ -6,6 +6,7 @@
 #![allow(clippy::type_complexity, clippy::needless_range_loop, clippy::explicit_counter_loop)]
 
 mod cli;
+mod cli_help;
 mod clip;
 mod common;
 mod data;
