@@ -385,7 +385,7 @@ impl Config {
     pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {
         let mut doc: toml::Table = toml::from_str(text)?;
         for o in overrides {
-            apply_override(&mut doc, o)?;
+            apply_override(&mut doc, o).map_err(crate::exit::input)?;
         }
         let cfg: Config = toml::Value::Table(doc).try_into()?;
         Ok(cfg)
@@ -398,6 +398,10 @@ impl Config {
     /// Range checks of every number, so a zero, negative or NaN value is one message naming
     /// the key before anything loads (and never a panic deep inside a step).
     pub fn validate(&self) -> Result<()> {
+        self.check_values().map_err(crate::exit::input)
+    }
+
+    fn check_values(&self) -> Result<()> {
         let t = &self.train;
         let finite = |key: &str, v: f64, ok: bool, want: &str| -> Result<()> {
             ensure!(v.is_finite() && ok, "train.{key} = {v}: must be {want}");

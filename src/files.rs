@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::exit::InputError;
+
 /// Marker file in every output folder prs creates; its content names what the folder holds.
 pub const OWNER_MARKER: &str = ".prs-output";
 
@@ -200,12 +202,12 @@ pub fn claim_output_root(dir: &Path, kind: &str, flag: &str) -> Result<()> {
             mark_output(dir, kind)
         }
         Existing::Ours => Ok(()),
-        Existing::Foreign(found) => bail!(
+        Existing::Foreign(found) => bail!(InputError(format!(
             "{flag} {} already exists and was not written by prs (it holds {}); give a new or empty folder \
              so that nothing of yours is overwritten",
             dir.display(),
             found.join(", ")
-        ),
+        ))),
     }
 }
 

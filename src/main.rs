@@ -1,19 +1,20 @@
 use clap::Parser;
 
+use prs::cli::exit_kind;
+use prs::exit::{ExitKind, OOM_HINT};
+
 fn main() {
     prs::process::keep_freed_memory();
+    // clap exits by itself on bad usage (status 2) and for --help / --version (0).
     let cli = prs::cli::Cli::parse();
+    prs::logging::init(cli.verbose, cli.quiet);
     if let Err(e) = prs::cli::run(cli) {
-        // One message, with its causes, and a non-zero exit.
-        let msg = format!("{e:#}");
-        eprintln!("error: {msg}");
-        if msg.contains("CUDA_ERROR_OUT_OF_MEMORY") {
-            eprintln!(
-                "hint: this step does not fit in the GPU's memory. `prs profile-memory --config FILE --device cuda:0` \
-                 measures what fits; a smaller --batch-size with more --gradient-accumulation-steps keeps the \
-                 effective batch, and --gradient-checkpointing trades time for memory"
-            );
+        // One message, with its causes, and a status that says what kind of failure it was.
+        eprintln!("error: {e:#}");
+        let kind = exit_kind(&e);
+        if kind == ExitKind::OutOfMemory {
+            eprintln!("{OOM_HINT}");
         }
-        std::process::exit(1);
+        std::process::exit(kind as i32);
     }
 }

@@ -20,11 +20,13 @@ pub struct BenchArgs {
     /// `train` (forward + backward + AdamW step) or `predict` (mask + answer).
     #[arg(value_enum)]
     pub what: BenchWhat,
+    /// Model configuration (TOML), e.g. configs/tiny.toml; its weights are random.
     #[arg(long)]
     pub config: std::path::PathBuf,
     /// Random weights built on the device (the only mode: no checkpoint is read).
     #[arg(long, default_value_t = true)]
     pub random_weights: bool,
+    /// Images per step.
     #[arg(long, alias = "batch_size", default_value_t = 1, value_parser = at_least_one)]
     pub batch_size: usize,
     /// Gradient checkpointing: off, llm (the LLM decoder layers: PyTorch's reference setting) or
@@ -36,13 +38,16 @@ pub struct BenchArgs {
     /// LLM sequence length (BOS + image tokens + prompt + answer + EOS).
     #[arg(long, default_value_t = 640, value_parser = at_least_one)]
     pub seq_len: usize,
+    /// Compute precision (a CPU computes in f32 whatever this says).
     #[arg(long, value_enum, default_value_t = Precision::Bf16)]
     pub precision: Precision,
     /// auto (CUDA when built with it and a GPU is present), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Untimed steps first (kernel selection, allocator warm-up).
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// Timed steps (the report is their mean).
     #[arg(long, default_value_t = 5, value_parser = at_least_one)]
     pub steps: usize,
     /// New tokens for `predict`.
@@ -78,17 +83,22 @@ fn llm_matmul_weights(c: &crate::model::mistral::MistralConfig) -> f64 {
 }
 
 pub fn run(a: &BenchArgs) -> Result<()> {
+    let device = crate::pipeline::device::parse_device(&a.device)?;
     let mut cfg = Config::load(&a.config)?;
     if let Some(q) = a.quant.get() {
         cfg.model.base_quant = q;
     }
-    let device = crate::pipeline::device::parse_device(&a.device)?;
     let dtype = a.precision.compute_dtype_on(&device);
     let spec = spec_for_config(&cfg)?;
     let t0 = Instant::now();
     let mode = if a.what == BenchWhat::Train { Mode::Train } else { Mode::Infer };
     let mut m = random_prs_med(&spec, &RandomOptions::from_config(&cfg, device.clone(), dtype, mode, 0))?;
-    println!("built {} with random weights on {:?} in {:.1} s", a.config.display(), device, t0.elapsed().as_secs_f64());
+    tracing::info!(
+        "built {} with random weights on {:?} in {:.1} s",
+        a.config.display(),
+        device,
+        t0.elapsed().as_secs_f64()
+    );
     let n_img = m.image_tokens()?;
     let seq = SeqShape::from_total(a.seq_len, n_img)?;
     match a.what {

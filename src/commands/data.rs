@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 
 use crate::data::check::{check_dataset, DataReport};
 use crate::data::dataset::{DatasetOptions, MaskRule};
+use crate::exit::InputError;
 use crate::files::write_atomic;
 
 #[derive(clap::Args, Debug)]
@@ -18,7 +19,9 @@ pub struct DataArgs {
 #[derive(clap::Subcommand, Debug)]
 pub enum DataCommand {
     /// Check every row of a dataset (files, sizes, binary masks, columns, splits, duplicates,
-    /// position labels) and summarise it per modality and split; exits non-zero on problems.
+    /// position labels) and summarise it per modality and split; exits with status 3 on problems.
+    #[command(after_help = "Examples:\n  prs data check --data-root data/synth\n  \
+                            prs data check --data-root my_data.csv --mask-nonzero-is-lesion --json report.json")]
     Check(DataCheckArgs),
 }
 
@@ -67,7 +70,7 @@ pub fn check_and_report(root: &Path, opts: &DatasetOptions, json: Option<&Path>,
         rows.len()
     );
     if fail {
-        bail!("{head}:\n{}", report.problem_list().trim_end());
+        bail!(InputError(format!("{head}:\n{}", report.problem_list().trim_end())));
     }
     println!("{head} (rows with problems are skipped):\n{}", report.problem_list().trim_end());
     Ok(())

@@ -33,7 +33,7 @@ pub struct DemoArgs {
 
 /// Prints a subcommand's command line, as a user would type it, and runs it in this process.
 fn step<A: clap::Args + clap::FromArgMatches>(args: &[String], run: impl FnOnce(&A) -> Result<()>) -> Result<()> {
-    println!("\n$ prs {}", args.join(" "));
+    tracing::info!("\n$ prs {}", args.join(" "));
     // The subcommand's name stands where clap expects the program's.
     let matches = A::augment_args(clap::Command::new("prs")).try_get_matches_from(args)?;
     run(&A::from_arg_matches(&matches)?)

@@ -52,14 +52,18 @@ pub struct EvaluateArgs {
     /// Dataset in the authors' layout (DATA_ROOT/annotations/*.csv).
     #[arg(long)]
     pub data_root: PathBuf,
+    /// Split to score: train, val or test (the `split` column).
     #[arg(long, default_value = "test")]
     pub split: String,
+    /// Output folder for the scores (summary.json, summary.md, per_image.csv), the predictions
+    /// and the worst cases' overlays.
     #[arg(long, default_value = "prs-eval")]
     pub out: PathBuf,
     /// Score existing probability PNGs instead of predicting: DIR/<id>/prob.png (ours), or
     /// DIR[/<modality>]/<mask file name | image stem>.png.
     #[arg(long)]
     pub pred_dir: Option<PathBuf>,
+    /// Mask threshold on the probability.
     #[arg(long, default_value_t = 0.5, value_parser = super::args::unit_interval_f32)]
     pub threshold: f32,
     /// Score of an image with an empty ground truth: ignore (excluded from the means), one, zero.
@@ -77,6 +81,7 @@ pub struct EvaluateArgs {
     /// Overlays of this many worst cases by Dice.
     #[arg(long, default_value_t = 8)]
     pub worst: usize,
+    /// Images per forward.
     #[arg(long, default_value_t = 4, value_parser = super::args::at_least_one)]
     pub batch_size: usize,
     #[command(flatten)]
@@ -204,7 +209,7 @@ fn split_rows(args: &EvaluateArgs) -> Result<Vec<Row>> {
     // Problems of rows we cannot place in a split are reported, not fatal (they may be train rows).
     let (fatal, other): (Vec<_>, Vec<_>) = read.problems.into_iter().partition(|p| p.fatal);
     if !other.is_empty() {
-        eprintln!("warning: {} dataset row(s) could not be read (any split); first: {}", other.len(), other[0]);
+        tracing::warn!("{} dataset row(s) could not be read (any split); first: {}", other.len(), other[0]);
     }
     let mut rows: Vec<Row> = read.rows.into_iter().filter(|r| r.split == split).collect();
     if let Some(n) = args.limit {
@@ -212,7 +217,7 @@ fn split_rows(args: &EvaluateArgs) -> Result<Vec<Row>> {
     }
     let checked = check_rows(rows, fatal, args.skip_bad_rows)?;
     if checked.skipped > 0 {
-        eprintln!("skipped {} bad row(s) (--skip-bad-rows)", checked.skipped);
+        tracing::warn!("skipped {} bad row(s) (--skip-bad-rows)", checked.skipped);
     }
     ensure!(!checked.rows.is_empty(), "no {} rows in {}", args.split, args.data_root.display());
     Ok(checked.rows)

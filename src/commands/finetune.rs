@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 
 use super::args::{at_least_one, positive};
 use crate::config::{Checkpointing, Config, Precision};
+use crate::exit::InputError;
 use crate::model::losses::LossCompat;
 use crate::pipeline::load::BaseQuantArgs;
 use crate::train::state::RunDir;
@@ -29,8 +30,10 @@ pub struct FinetuneArgs {
     /// `section.key=value` overrides (repeatable), e.g. --set train.learning_rate=3e-4.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Images per micro-batch (train.batch_size).
     #[arg(long, alias = "batch_size", value_parser = at_least_one)]
     pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step (train.gradient_accumulation_steps).
     #[arg(long, alias = "gradient_accumulation_steps", value_parser = at_least_one)]
     pub gradient_accumulation_steps: Option<usize>,
     /// Gradient checkpointing: off, llm (the LLM decoder layers: PyTorch's setting) or all (also
@@ -48,18 +51,22 @@ pub struct FinetuneArgs {
     /// Mixed precision (the default on a GPU; accepted for the guide's command lines).
     #[arg(long = "use_amp", alias = "use-amp")]
     pub use_amp: bool,
+    /// Peak learning rate of the cosine schedule (train.learning_rate).
     #[arg(long, alias = "learning_rate", alias = "lr", value_parser = positive)]
     pub learning_rate: Option<f64>,
+    /// Passes over the training split (train.num_epochs).
     #[arg(long, alias = "num_epochs", value_parser = clap::value_parser!(u64).range(1..))]
     pub num_epochs: Option<u64>,
     /// SAM input (and mask) resolution.
     #[arg(long, alias = "image_size", value_parser = at_least_one)]
     pub image_size: Option<usize>,
+    /// Threads preparing batches (data.num_workers).
     #[arg(long, alias = "num_workers")]
     pub num_workers: Option<usize>,
     /// auto (CUDA when built with it and a GPU is present), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Seed of initialisation, shuffling and dropout (train.seed).
     #[arg(long)]
     pub seed: Option<u64>,
     /// Stop after this many optimizer steps (0 = all epochs).
@@ -81,9 +88,6 @@ pub struct FinetuneArgs {
     /// Accepted from the guide's command lines; has no effect here (see the notice).
     #[arg(long = "compile_model", alias = "compile-model", hide = true)]
     pub compile_model: bool,
-    /// No progress bar (logs only).
-    #[arg(long)]
-    pub quiet: bool,
 }
 
 use crate::pipeline::device::parse_device;
@@ -96,8 +100,9 @@ pub fn resolve_config(args: &FinetuneArgs) -> Result<Config> {
         (None, Some(c)) => c.clone(),
         (None, None) => bail!("give --config FILE (or --resume RUN_DIR)"),
     };
-    let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
-    let mut cfg = Config::parse(&text, &args.set).map_err(|e| e.context(format!("in config {}", path.display())))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| InputError(format!("reading config {}", path.display())))?;
+    let mut cfg = Config::parse(&text, &args.set).with_context(|| format!("in config {}", path.display()))?;
     let (t, d) = (&mut cfg.train, &mut cfg.data);
     if let Some(v) = &args.data_root {
         d.root = Some(v.clone());
@@ -153,13 +158,15 @@ pub fn resolve_config(args: &FinetuneArgs) -> Result<Config> {
 
 pub fn run(args: &FinetuneArgs) -> Result<()> {
     if args.compile_model {
-        println!("note: --compile_model has no effect: prs is compiled ahead of time (there is no torch.compile step)");
+        tracing::info!(
+            "note: --compile_model has no effect: prs is compiled ahead of time (there is no torch.compile step)"
+        );
     }
     if args.use_amp && args.no_amp {
         bail!("--use_amp and --no-amp contradict each other");
     }
     let cfg = resolve_config(args)?;
-    println!("resolved configuration:\n{}", cfg.to_toml()?);
+    tracing::info!("resolved configuration:\n{}", cfg.to_toml()?);
     if args.dry_run {
         // The whole dataset, every split, as `prs data check` sees it.
         let root = cfg.data.root.as_deref().context("no dataset: give --data-root (or data.root in the config)")?;
@@ -178,7 +185,7 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         device: parse_device(&args.device)?,
         resume: args.resume.is_some(),
         dry_run: args.dry_run,
-        progress: !args.quiet,
+        progress: crate::logging::progress_enabled(),
     })?;
     if args.dry_run {
         println!("dry run: configuration, weights and dataset are valid");

@@ -30,8 +30,10 @@ pub struct GenArgs {
     /// Nucleus sampling mass in (0, 1].
     #[arg(long, default_value_t = 1.0, value_parser = positive)]
     pub top_p: f64,
+    /// Longest answer, in tokens.
     #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub max_new_tokens: usize,
+    /// Sampling seed (with --temperature above 0).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }

@@ -76,6 +76,7 @@ pub struct ProfileMemoryArgs {
     /// Training steps per trial (the time is the last one's).
     #[arg(long, default_value_t = 2, value_parser = at_least_one)]
     pub steps: usize,
+    /// Seed of the trials' random weights and batches.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Print the report as JSON.
@@ -243,12 +244,18 @@ pub fn run(args: &ProfileMemoryArgs) -> Result<()> {
     if let Some(json) = &args.trial {
         return trial_main(json);
     }
+    let device = args.device.clone().unwrap_or_else(default_device);
+    let measure = !args.predict_only;
+    // Trials and the memory query need the device; the analytic prediction for a given
+    // --gpu-memory does not (a CPU build may plan a GPU run).
+    if measure || args.gpu_memory.is_none() {
+        crate::pipeline::device::check_built_for(&device)
+            .map_err(|e| anyhow::anyhow!("{e}; --predict-only with --gpu-memory SIZE predicts without the device"))?;
+    }
     let path = args.config.as_ref().context("--config is required")?;
     let cfg = Config::load(path)?;
     let spec: PrsMedSpec = spec_for_config(&cfg)?;
-    let device = args.device.clone().unwrap_or_else(default_device);
     let kind = if device == "cpu" { DeviceKind::Cpu } else { DeviceKind::Cuda };
-    let measure = !args.predict_only;
     let budget = match &args.gpu_memory {
         Some(s) => parse_bytes(s)?,
         None => total_memory(&device)?,
@@ -330,7 +337,7 @@ pub fn run(args: &ProfileMemoryArgs) -> Result<()> {
         |b, set| spawn_trial(&exe, &trial(b, set, args.steps)),
         |r| {
             if !quiet {
-                eprintln!(
+                tracing::info!(
                     "batch {} {} base {} checkpointing {}: predicted {:.3} GB{}{}",
                     r.batch,
                     r.setting.precision,

@@ -24,6 +24,7 @@ pub struct SynthDataArgs {
     /// Image side in pixels.
     #[arg(long, default_value_t = 128)]
     pub size: u32,
+    /// Seed of the blobs and their positions.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Replace OUT if it exists.

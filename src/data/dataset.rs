@@ -20,6 +20,7 @@ use anyhow::{bail, Context, Result};
 use image::{DynamicImage, GenericImageView, GrayImage};
 
 use super::preprocess::decode_image;
+use crate::exit::InputError;
 use crate::hash::{mix64, str_hash};
 
 pub use super::position::{position_and_nearness, position_of_mask, Position};
@@ -221,13 +222,13 @@ pub fn read_rows(source: &Path, opts: &DatasetOptions) -> Result<ReadRows> {
     if source.is_dir() {
         let ann = source.join("annotations");
         let mut csvs: Vec<PathBuf> = std::fs::read_dir(&ann)
-            .with_context(|| format!("reading {} (expected the authors' layout)", ann.display()))?
+            .with_context(|| InputError(format!("reading {} (expected the authors' layout)", ann.display())))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")))
             .collect();
         csvs.sort();
         if csvs.is_empty() {
-            bail!("no *.csv files in {}", ann.display());
+            bail!(InputError(format!("no *.csv files in {}", ann.display())));
         }
         for csv in csvs {
             read_csv(&csv, source, Layout::Authors, opts, &mut out)?;

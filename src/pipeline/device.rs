@@ -5,15 +5,22 @@
 use anyhow::{bail, Result};
 use candle_core::Device;
 
-/// The device `--device` names: auto (CUDA when this binary has it and a GPU is present), cpu,
-/// cuda or cuda:N.
-pub fn parse_device(s: &str) -> Result<Device> {
+/// Refuses a CUDA device name at once in a binary built without CUDA, saying how to get one
+/// (commands that spend time before opening the device call this first).
+pub fn check_built_for(s: &str) -> Result<()> {
     if s.starts_with("cuda") && !cfg!(feature = "cuda") {
         bail!(
             "--device {s}: this prs binary was built without CUDA; build one with `make build-cuda` \
              (docs/cuda.md), or use --device cpu"
         );
     }
+    Ok(())
+}
+
+/// The device `--device` names: auto (CUDA when this binary has it and a GPU is present), cpu,
+/// cuda or cuda:N.
+pub fn parse_device(s: &str) -> Result<Device> {
+    check_built_for(s)?;
     let dev = match s {
         "auto" => Device::cuda_if_available(0)?,
         "cpu" => Device::Cpu,
@@ -29,6 +36,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
     if dev.is_cuda() {
         pool::Pool::new(&dev)?;
     }
+    tracing::debug!("--device {s}: {dev:?}");
     Ok(dev)
 }
 

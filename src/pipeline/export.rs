@@ -21,6 +21,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::build::{load_prs_med, read_llava_config, LoadOptions, Mode};
 use super::load::{check_compat, load_tokenizer, resolve_config, ModelArgs};
 use crate::config::Config;
+use crate::exit::InputError;
 use crate::files::{self, Existing};
 use crate::model::llava::{CLIP_PREFIX, PROJECTOR_PREFIX};
 use crate::model::prs_med::PrsMed;
@@ -109,14 +110,17 @@ fn check_out(out: &Path, format: ExportFormat, overwrite: bool) -> Result<()> {
         Existing::Absent | Existing::Empty => Ok(()),
         Existing::Ours if overwrite => Ok(()),
         Existing::Ours => {
-            bail!("--out {} holds an earlier export; pass --overwrite to replace it", out.display())
+            bail!(InputError(format!(
+                "--out {} holds an earlier export; pass --overwrite to replace it",
+                out.display()
+            )))
         }
-        Existing::Foreign(found) => bail!(
+        Existing::Foreign(found) => bail!(InputError(format!(
             "--out {} already exists and was not written by prs export (it holds {}); give a new or empty \
              folder so that nothing of yours is overwritten",
             out.display(),
             found.join(", ")
-        ),
+        ))),
     }
 }
 

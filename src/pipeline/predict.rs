@@ -177,9 +177,9 @@ fn write_item(dir: &Path, p: &Prepared, prob: &[f32], logits: Option<&Tensor>, r
     })
 }
 
-/// A progress bar on stderr (hidden when stderr is not a terminal).
+/// A progress bar on stderr (hidden when stderr is not a terminal, and with -q).
 pub fn progress(len: usize, msg: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len as u64);
+    let pb = if crate::logging::progress_enabled() { ProgressBar::new(len as u64) } else { ProgressBar::hidden() };
     pb.set_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})")
             .expect("valid template")
@@ -220,7 +220,7 @@ pub fn predict_items(
                 Ok(p) => ready.push((i, p)),
                 Err(e) if opts.fail_fast => return Err(e.context(format!("input `{}`", items[i].id))),
                 Err(e) => {
-                    pb.println(format!("skipped input `{}`: {e:#}", items[i].id));
+                    pb.suspend(|| tracing::warn!("skipped input `{}`: {e:#}", items[i].id));
                     report.failures.push((i, format!("{e:#}")));
                     pb.inc(1);
                 }

@@ -136,8 +136,8 @@ impl MetricsLog {
             }
         }
         if dropped_bad > 0 {
-            eprintln!(
-                "warning: {}: dropped {dropped_bad} unreadable line(s) while resuming at step {step}",
+            tracing::warn!(
+                "{}: dropped {dropped_bad} unreadable line(s) while resuming at step {step}",
                 path.display()
             );
         }
@@ -234,7 +234,7 @@ pub fn read_metrics_file(path: &Path) -> Result<MetricsFile> {
 pub fn read_metrics(path: &Path) -> Result<Vec<Record>> {
     let f = read_metrics_file(path)?;
     if f.skipped > 0 {
-        eprintln!("warning: {}: skipped {} unreadable line(s)", path.display(), f.skipped);
+        tracing::warn!("{}: skipped {} unreadable line(s)", path.display(), f.skipped);
     }
     Ok(f.records)
 }

@@ -18,6 +18,7 @@ use crate::config::{BatchNormMode, Config, Precision, TrainSection};
 use crate::data::dataset::{prepare, PrepareOptions, Row, ValSource};
 use crate::data::loader::{BatchPlan, Loader, LoaderOptions, PlanConfig};
 use crate::data::sample::{check_prompt_lengths, collate, PreparedSample, SampleBuilder};
+use crate::exit::InputError;
 use crate::files;
 use crate::metrics::position::{parse_position, PositionLabel};
 use crate::metrics::seg::{Confusion, ImageScores};
@@ -78,10 +79,10 @@ impl TrainData {
         let root = cfg.data.root.as_deref().context("no dataset: give --data-root (or data.root in the config)")?;
         let prep = prepare(Path::new(root), &PrepareOptions::from_config(cfg))?;
         if prep.skipped > 0 {
-            println!("skipped {} bad rows (--skip-bad-rows)", prep.skipped);
+            tracing::warn!("skipped {} bad rows (--skip-bad-rows)", prep.skipped);
         }
         for w in prep.warnings.iter().take(5) {
-            println!("warning: {}:{}: {}", w.csv.display(), w.line, w.message);
+            tracing::warn!("{}:{}: {}", w.csv.display(), w.line, w.message);
         }
         ensure!(!prep.train.is_empty(), "no training rows in {root}");
         let base = open_base(&cfg.model.base)?;
@@ -98,7 +99,7 @@ impl TrainData {
         let val = check_prompt_lengths(prep.val, &builder, limits, true, skip)?;
         let dropped = train.dropped.len() + val.dropped.len();
         if dropped > 0 {
-            println!("skipped {dropped} rows whose prompt is too long (--skip-bad-rows)");
+            tracing::warn!("skipped {dropped} rows whose prompt is too long (--skip-bad-rows)");
         }
         let tc = &cfg.train;
         let plan = BatchPlan::new(
@@ -218,7 +219,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     let _lock = if opts.dry_run { None } else { Some(open_run_folder(&run, opts.resume)?) };
     let dtype = tc.precision.compute_dtype_on(&opts.device);
     if opts.device.is_cpu() && tc.precision != Precision::F32 {
-        println!("note: precision {} applies on a GPU; the CPU computes in f32", tc.precision);
+        tracing::info!("note: precision {} applies on a GPU; the CPU computes in f32", tc.precision);
     }
 
     // ---- data, and where the run stands ----
@@ -241,7 +242,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     model.set_checkpointing(tc.gradient_checkpointing);
     if cfg.model.base_quant != crate::config::BaseQuant::None {
         let q = model.llm.quant_summary();
-        println!(
+        tracing::info!(
             "base LLM: {} projections stored {} ({:.1} MB){}",
             q.quantized,
             cfg.model.base_quant,
@@ -254,7 +255,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
         );
     }
     let n_trained = model.trained.num_weight_elements();
-    println!(
+    tracing::info!(
         "plan: {} train / {} val rows ({:?}), {} micro-batches of {} per epoch, accumulation {} (effective batch {}), {} optimizer steps, {} trained parameters, compute {:?} on {:?}",
         data.train_rows.len(),
         data.val_rows.len(),
@@ -281,7 +282,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     // ---- optimizer, schedule, logs ----
     let (mut optim, mut scaler) = build_optimizer(&model, tc, dtype, ckpt.as_deref())?;
     if let Some(c) = &ckpt {
-        println!(
+        tracing::info!(
             "resumed from {} at step {} (epoch {}, batch {})",
             c.display(),
             state.step,
@@ -304,13 +305,15 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     let validate = |step: u64, epoch: u64, log: &mut MetricsLog| -> Result<EvalResult> {
         let e = evaluate(&model, &data.builder, &data.val_rows, &cfg, &opts.device)?;
         log_eval(log, step, epoch, &e)?;
-        say(
-            &bar,
-            format!(
+        bar.suspend(|| {
+            tracing::info!(
                 "step {step}: val loss {:.4}  dice {:.3}  iou {:.3}  position acc {:.3}",
-                e.loss, e.dice, e.iou, e.position_accuracy
-            ),
-        );
+                e.loss,
+                e.dice,
+                e.iou,
+                e.position_accuracy
+            )
+        });
         Ok(e)
     };
 
@@ -394,7 +397,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
             if out.skipped.is_some() {
                 // The weights are those of the last applied step: nothing new to judge or save.
                 if done {
-                    say(&bar, format!("the last step was skipped. {}", saved_so_far(&run)));
+                    bar.suspend(|| tracing::warn!("the last step was skipped. {}", saved_so_far(&run)));
                     break 'epochs;
                 }
                 continue;
@@ -422,10 +425,12 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
                 break 'epochs;
             }
             if tc.early_stopping_patience > 0 && state.evals_since_best >= tc.early_stopping_patience {
-                say(
-                    &bar,
-                    format!("early stopping: no better validation Dice in {} evaluations", state.evals_since_best),
-                );
+                bar.suspend(|| {
+                    tracing::info!(
+                        "early stopping: no better validation Dice in {} evaluations",
+                        state.evals_since_best
+                    )
+                });
                 break 'epochs;
             }
         }
@@ -475,7 +480,7 @@ fn count_step(
         Some(why) => {
             state.skipped_steps += 1;
             state.consecutive_skipped += 1;
-            say(bar, format!("step {}: skipped ({why})", state.step + 1));
+            bar.suspend(|| tracing::warn!("step {}: skipped ({why})", state.step + 1));
             if state.consecutive_skipped >= max_skipped {
                 bail!(
                     "{} consecutive steps were skipped (last: {why}); stopping. {} Lower the learning rate, use \
@@ -503,7 +508,7 @@ fn judge_evaluation(state: &mut TrainerState, e: &EvalResult, bar: &ProgressBar)
         return true;
     }
     if !finite {
-        say(bar, format!("step {}: validation is not finite; it cannot become `best`", state.step));
+        bar.suspend(|| tracing::warn!("step {}: validation is not finite; it cannot become `best`", state.step));
     }
     state.evals_since_best += 1;
     false
@@ -518,11 +523,11 @@ fn open_run_folder(run: &RunDir, resume: bool) -> Result<files::DirLock> {
     if !resume {
         if let files::Existing::Foreign(found) = files::inspect_output(&run.0, RUN_KIND, None)? {
             if !run.has_run() {
-                bail!(
+                bail!(InputError(format!(
                     "--out {} already exists and is not a prs run folder (it holds {}); give a new or empty folder",
                     run.0.display(),
                     found.join(", ")
-                );
+                )));
             }
         }
     }
@@ -530,15 +535,20 @@ fn open_run_folder(run: &RunDir, resume: bool) -> Result<files::DirLock> {
     if !resume {
         ensure!(
             !run.has_run(),
-            "{} already holds a run; use --resume {} or another --out",
-            run.0.display(),
-            run.0.display()
+            InputError(format!(
+                "{} already holds a run; use --resume {} or another --out",
+                run.0.display(),
+                run.0.display()
+            ))
         );
         files::mark_output(&run.0, RUN_KIND)?;
     }
     let removed = run.remove_stale_temporaries()?;
     if removed > 0 {
-        println!("removed {removed} half-written temporary file(s) left by an interrupted run in {}", run.0.display());
+        tracing::info!(
+            "removed {removed} half-written temporary file(s) left by an interrupted run in {}",
+            run.0.display()
+        );
     }
     Ok(lock)
 }
@@ -552,15 +562,6 @@ fn saved_so_far(run: &RunDir) -> String {
         (None, _) => "No checkpoint was saved yet.".into(),
         (Some(l), None) => format!("The newest checkpoint is {}.", l.display()),
         (Some(l), Some(b)) => format!("The newest checkpoint is {} and the best {}.", l.display(), b.display()),
-    }
-}
-
-/// A line above the progress bar, or plain stdout when there is none (--quiet).
-fn say(bar: &ProgressBar, msg: String) {
-    if bar.is_hidden() {
-        println!("{msg}");
-    } else {
-        bar.println(msg);
     }
 }
 

@@ -35,8 +35,14 @@ fn is_weight_dtype(dtype: DType) -> bool {
     matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
 }
 
+/// A weight file that cannot be used: an I/O `InvalidData` error inside candle's, so the
+/// command exits with the bad-input status (`crate::exit`) and the message is unchanged.
+fn bad_weights(msg: String) -> candle_core::Error {
+    candle_core::Error::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, msg))
+}
+
 fn dtype_error(name: &str, file: &str, stored: &str) -> candle_core::Error {
-    candle_core::Error::Msg(format!(
+    bad_weights(format!(
         "tensor `{name}` in {file} is stored as {stored}, but a weight must be a float tensor ({}); \
          the file does not hold the weights this model expects here",
         FLOAT_DTYPES.join(", ")
@@ -74,14 +80,14 @@ pub fn check_finite(t: &Tensor, name: &str, file: &str, source: Option<&Tensor>)
     if let Some(src) = source.filter(|s| s.dtype() != dt) {
         if count_nonfinite(src)?.1 == 0 {
             let max = src.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            return Err(candle_core::Error::Msg(format!(
+            return Err(bad_weights(format!(
                 "tensor `{name}` in {file}: {nonfinite} of its {n} values overflow {dt:?} when converted from \
                  {:?} (largest magnitude {max:e}); use a wider compute dtype (bf16 or f32)",
                 src.dtype()
             )));
         }
     }
-    Err(candle_core::Error::Msg(format!(
+    Err(bad_weights(format!(
         "tensor `{name}` in {file} holds {nan} NaN and {} infinite value(s) among its {n}: the file is corrupt \
          or was saved from a diverged run",
         nonfinite - nan

@@ -105,7 +105,7 @@ fn every_problem_of_a_corrupted_copy_is_listed_with_file_and_line() {
     assert_eq!(r.problems.len(), expected.len(), "{:#?}", r.problems);
 
     let out = prs().args(["data", "check", "--data-root"]).arg(&data).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3), "bad input");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("6 problem(s)"), "{err}");
     for (file, line, _) in &expected {

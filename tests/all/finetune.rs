@@ -303,18 +303,13 @@ fn non_finite_steps_are_skipped_and_three_stop_the_run() {
         &data,
         "train.learning_rate=1e30 train.warmup_steps=0 train.max_grad_norm=0.0 train.save_every=1",
     );
-    let out = prs()
-        .args(["finetune", "--quiet", "--config"])
-        .arg(&conf)
-        .arg("--out")
-        .arg(dir.path().join("run"))
-        .output()
-        .unwrap();
+    // Not -q: a skipped step is a warning on stderr.
+    let out =
+        prs().args(["finetune", "--config"]).arg(&conf).arg("--out").arg(dir.path().join("run")).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("consecutive steps were skipped") && err.contains("non-finite"), "{err}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("skipped"), "{stdout}");
+    assert!(err.lines().any(|l| l.starts_with("warning: step ") && l.contains(": skipped (")), "{err}");
     // A skipped step saves and prunes nothing: only step 1 (applied) was written.
     if let Ok(rd) = std::fs::read_dir(dir.path().join("run/checkpoints")) {
         let names: Vec<String> = rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
@@ -360,14 +355,15 @@ fn bad_rows_are_all_reported_with_file_and_line() {
     assert!(err.contains(&format!("{name}:2")), "error does not name {name}:2: {err}");
     // --skip-bad-rows goes on and says how many were dropped.
     let out = prs()
-        .args(["finetune", "--dry-run", "--quiet", "--skip-bad-rows", "--config"])
+        .args(["finetune", "--dry-run", "--skip-bad-rows", "--config"])
         .arg(&conf)
         .arg("--out")
         .arg(dir.path().join("r2"))
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("skipped 1 bad rows"));
+    // A warning (stderr), which -q would leave out.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("warning: skipped 1 bad rows"));
     lines.truncate(1);
     let _ = lines;
 }
@@ -463,7 +459,8 @@ fn the_demo_runs_every_stage_on_the_cpu_and_refuses_an_existing_folder() {
     let res = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&res.stdout);
     assert!(res.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&res.stderr));
-    assert!(stdout.contains("compute F32 on Cpu"), "the demo's default device is the CPU:\n{stdout}");
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(stderr.contains("compute F32 on Cpu"), "the demo's default device is the CPU:\n{stderr}");
     let last = stdout.lines().rev().find(|l| l.starts_with("demo finished")).expect("a final line");
     assert!(last.contains("held-out test Dice") && last.contains("position accuracy"), "{last}");
     for f in ["tiny.toml", "run/curves.png", "run/metrics.jsonl", "run/best", "eval/summary.json", "eval/summary.md"] {
@@ -616,21 +613,19 @@ fn the_divergence_guard_skips_spikes_without_saving_and_keeps_the_good_checkpoin
     let run = dir.path().join("run");
     assert!(finetune(&conf, &run).status.success());
     let best_before = assert_loadable(&run, "best");
-    let out = prs()
-        .args(["finetune", "--quiet", "--learning-rate", "1", "--max-steps", "24", "--resume"])
-        .arg(&run)
-        .output()
-        .unwrap();
+    let out =
+        prs().args(["finetune", "--learning-rate", "1", "--max-steps", "24", "--resume"]).arg(&run).output().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stderr.contains("consecutive steps were skipped") && stderr.contains("its running level"), "{stderr}");
     assert!(stderr.contains("The newest checkpoint is") && stderr.contains("and the best"), "{stderr}");
-    let skipped: Vec<u64> = stdout
+    // Skipped steps are warnings on stderr (not -q, which leaves them out).
+    let skipped: Vec<u64> = stderr
         .lines()
-        .filter(|l| l.contains(": skipped ("))
-        .map(|l| l.trim_start_matches("step ").split(':').next().unwrap().parse().unwrap())
+        .filter_map(|l| l.strip_prefix("warning: step ").filter(|l| l.contains(": skipped (")))
+        .map(|l| l.split(':').next().unwrap().parse().unwrap())
         .collect();
-    assert_eq!(skipped.len(), 3, "{stdout}");
+    assert_eq!(skipped.len(), 3, "{stderr}");
     for s in &skipped {
         assert!(!run.join(format!("checkpoints/step-{s:07}")).exists(), "skipped step {s} was saved");
     }

@@ -7,6 +7,7 @@
 
 mod attention;
 mod cli;
+mod cli_help;
 mod clip;
 mod common;
 mod data;

@@ -314,7 +314,6 @@ fn emitted_config_runs_in_finetune() {
         data_root: Some(data.display().to_string()),
         set: vec![format!("model.base={:?}", base.model.base), format!("model.tinysam={:?}", base.model.tinysam)],
         dry_run: true,
-        quiet: true,
         out: Some(dir.path().join("run")),
         device: "cpu".into(),
         ..Default::default()
