@@ -11,10 +11,8 @@
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use prs::nn::fused::{
-    rms_normalize, rms_normalize_composite, scaled_masked_softmax_causal, scaled_masked_softmax_composite,
-    scaled_softmax_backward, silu_mul, silu_mul_composite,
-};
+use prs::nn::fused::{rms_normalize, rms_normalize_composite, silu_mul, silu_mul_composite};
+use prs::nn::softmax::{scaled_masked_softmax_causal, scaled_masked_softmax_composite, scaled_softmax_backward};
 use std::time::Instant;
 
 /// Uniform values in (-range, range), drawn on `dev` (curand on the GPU: the full shapes have
@@ -26,7 +24,7 @@ fn random(dims: &[usize], dt: DType, range: f32, dev: &Device) -> Result<Tensor>
 /// Key mask (B, 1, ..., 1, K) of `rank` dims in `dt`: the last `k / 8 * (b % 3)` keys of sample
 /// b hidden with `mask_min(F32)`, as the LLM's padding and the decoder's key mask do.
 fn key_mask(b: usize, k: usize, rank: usize, dt: DType, dev: &Device) -> Result<Tensor> {
-    let neg = prs::nn::ops::mask_min(DType::F32) as f32;
+    let neg = prs::nn::softmax::mask_min(DType::F32) as f32;
     let v: Vec<f32> = (0..b * k).map(|i| if i % k >= k - k / 8 * ((i / k) % 3) { neg } else { 0.0 }).collect();
     let mut dims = vec![1; rank];
     (dims[0], dims[rank - 1]) = (b, k);
@@ -111,7 +109,7 @@ impl SoftmaxCase {
         let past = if self.causal { Some(s.dim(s.rank() - 1)? - s.dim(s.rank() - 2)?) } else { None };
         match (composite, past) {
             (false, Some(p)) => scaled_masked_softmax_causal(s, self.scale(), Some(m), p),
-            (false, None) => prs::nn::fused::scaled_masked_softmax(s, self.scale(), Some(m)),
+            (false, None) => prs::nn::softmax::scaled_masked_softmax(s, self.scale(), Some(m)),
             (true, _) => scaled_masked_softmax_composite(s, self.scale(), Some(m), past),
         }
     }

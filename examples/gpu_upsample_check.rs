@@ -134,7 +134,8 @@ fn correctness(gpu: &Device, rep: &mut Report) -> Result<()> {
 /// CUDA against CPU: the same candle kernels in the same order, so one rounding of the output
 /// apart at most (reductions may sum in another order).
 fn fused_ops(gpu: &Device, rep: &mut Report) -> Result<()> {
-    use prs::nn::fused::{rms_normalize, scaled_masked_softmax};
+    use prs::nn::fused::rms_normalize;
+    use prs::nn::softmax::scaled_masked_softmax;
     for dt in [DType::F32, DType::BF16, DType::F16] {
         let s = random((2, 4, 33, 37), dt, 11, &Device::Cpu)?;
         let r = random((2, 4, 33, 37), DType::F32, 12, &Device::Cpu)?;

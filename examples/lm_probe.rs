@@ -17,7 +17,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use prs::data::dataset::{prepare, PrepareOptions};
+use prs::data::prepare::{prepare, PrepareOptions};
 use prs::data::sample::{collate, PreparedSample, SampleBuilder};
 use prs::metrics::position::parse_position;
 use prs::pipeline::build::{load_prs_med, LoadOptions, Mode};

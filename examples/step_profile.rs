@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use prs::data::dataset::{prepare, PrepareOptions};
+use prs::data::prepare::{prepare, PrepareOptions};
 use prs::data::sample::{collate, PreparedSample, SampleBuilder};
 use prs::model::prs_med::LossWeights;
 use prs::pipeline::build::{load_prs_med, LoadOptions, Mode};

@@ -23,7 +23,8 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::predict::GenArgs;
-use crate::data::dataset::{check_rows, load_mask_with, read_rows, DatasetOptions, MaskRule, Row, Split};
+use crate::data::dataset::{load_mask_with, read_rows, DatasetOptions, MaskRule, Row, Split};
+use crate::data::prepare::check_rows;
 use crate::data::preprocess::load_image;
 use crate::files::{self, write_atomic, write_png_atomic};
 use crate::metrics::hd95::hd95;

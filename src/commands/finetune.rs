@@ -170,7 +170,7 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
     if args.dry_run {
         // The whole dataset, every split, as `prs data check` sees it.
         let root = cfg.data.root.as_deref().context("no dataset: give --data-root (or data.root in the config)")?;
-        let opts = crate::data::dataset::PrepareOptions::from_config(&cfg).dataset;
+        let opts = crate::data::prepare::PrepareOptions::from_config(&cfg).dataset;
         super::data::check_and_report(std::path::Path::new(root), &opts, None, !cfg.data.skip_bad_rows)?;
     }
     let run_dir = match (&args.resume, &args.out) {

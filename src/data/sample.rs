@@ -80,7 +80,7 @@ pub struct CheckedRows {
 /// Checks that every row's LLM input fits the model's positions
 /// ([`crate::tokenizer::check_prompt_length`]; refused, never truncated): `with_answer` for
 /// training sequences (prompt, image vectors, answer, EOS), else the inference prompt. Like
-/// [`super::dataset::check_rows`], every over-long row is reported at once, naming CSV and row;
+/// [`super::prepare::check_rows`], every over-long row is reported at once, naming CSV and row;
 /// without `skip_bad_rows` any is an error, with it they are dropped. Tokenises each row once,
 /// in parallel, and keeps the counts so that nobody tokenises again.
 pub fn check_prompt_lengths(

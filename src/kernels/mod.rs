@@ -99,6 +99,17 @@ impl RowMap {
     }
 }
 
+/// Whether `t` goes to the kernels of `kernels/fused.cu`: built (feature `cuda`), a CUDA
+/// tensor of a kernel dtype, not empty.
+pub fn use_fused_kernel(t: &candle_core::Tensor) -> bool {
+    cfg!(feature = "cuda") && t.device().is_cuda() && fused_kernel_dtype(t.dtype()) && t.elem_count() > 0
+}
+
+/// The error of a kernel-only op's CPU path, which the wrappers never take.
+pub fn cuda_only<T>(what: &str) -> candle_core::Result<T> {
+    Err(candle_core::Error::Msg(format!("{what}: the fused kernel runs on CUDA only (the CPU path is the composite)")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::RowMap;

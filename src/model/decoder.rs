@@ -333,7 +333,7 @@ fn key_bias(key_mask: &Tensor, b: usize, t: usize) -> Result<Tensor> {
         bail!("decoder: key_mask has shape {:?}, expected ({b}, {t})", key_mask.dims());
     }
     let rows = key_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    let neg = ops::mask_min(DType::F32) as f32;
+    let neg = crate::nn::softmax::mask_min(DType::F32) as f32;
     let mut bias = Vec::with_capacity(b * t);
     for (i, row) in rows.iter().enumerate() {
         if !row.iter().any(|&m| m > 0.5) {

@@ -390,7 +390,7 @@ impl Mistral {
         if kv.dims() != [b, tk] {
             bail!("attention mask has shape {:?}, expected ({b}, {tk})", kv.dims());
         }
-        let neg = ops::mask_min(DType::F32);
+        let neg = crate::nn::softmax::mask_min(DType::F32);
         let pad = ((kv - 1.0)? * (-neg))?.clamp(neg as f32, 0f32)?; // 0 or neg
         Ok(Some(pad.reshape((b, 1, 1, tk))?.to_dtype(self.dtype)?))
     }

@@ -18,10 +18,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::op::{Add, Div, Mul, ReduceOp, Silu, Sqr, Sqrt, Sub};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
-use super::softmax::use_kernel;
-pub use super::softmax::{
-    scaled_masked_softmax, scaled_masked_softmax_causal, scaled_masked_softmax_composite, scaled_softmax_backward,
-};
+use crate::kernels::{cuda_only, use_fused_kernel as use_kernel};
 
 #[derive(Clone, Copy)]
 struct RmsNormalize {
@@ -45,11 +42,6 @@ fn rms_forward<S: BackendStorage>(eps: f64, s: &S, l: &Layout) -> candle_core::R
     let rms = sum.affine(&rows, 1.0 / h as f64, eps)?.unary_impl::<Sqrt>(&rows)?;
     let y = x.binary_impl::<Div>(&rms, &full, &per_row)?;
     Ok((y.to_dtype(&full, s.dtype())?, shape))
-}
-
-/// The error of a kernel-only op's CPU path, which the wrappers never take.
-pub(super) fn cuda_only<T>(what: &str) -> candle_core::Result<T> {
-    Err(candle_core::Error::Msg(format!("{what}: the fused kernel runs on CUDA only (the CPU path is the composite)")))
 }
 
 impl CustomOp1 for RmsNormalize {

@@ -89,6 +89,7 @@ pub mod splice;
 pub mod upsample;
 
 pub use consts::{add_any, add_const, masked_add, mul_any, mul_const};
-pub use fused::{rms_normalize, scaled_masked_softmax};
+pub use fused::rms_normalize;
 pub use linear::{frozen_matmul, Linear};
 pub use param::{Param, ParamBuilder, TrainedParams};
+pub use softmax::scaled_masked_softmax;

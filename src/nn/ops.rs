@@ -129,11 +129,3 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
     Ok((mul_const(x, cos)? + mul_const(&rot, sin)?)?)
 }
-
-/// Additive mask value that survives f16 (−inf would turn fully masked rows into NaN).
-pub fn mask_min(dtype: DType) -> f64 {
-    match dtype {
-        DType::F16 => -65504.0,
-        _ => -1e30_f32 as f64,
-    }
-}

@@ -17,7 +17,7 @@ use candle_core::op::{Add, Div, Exp, ReduceOp, Sub};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 use half::{bf16, f16};
 
-use crate::kernels::{fused_kernel_dtype, CausalFill};
+use crate::kernels::{cuda_only, use_fused_kernel as use_kernel, CausalFill};
 
 #[derive(Clone, Copy, Debug)]
 struct MaskedSoftmax {
@@ -74,7 +74,7 @@ fn softmax_backward(op: &MaskedSoftmax, scores: &Tensor, p: &Tensor, g: &Tensor)
 impl MaskedSoftmax {
     fn composite_only(&self) -> candle_core::Result<()> {
         if self.kernel || self.causal.is_some() {
-            return super::fused::cuda_only("scaled-softmax");
+            return cuda_only("scaled-softmax");
         }
         Ok(())
     }
@@ -168,7 +168,7 @@ impl CustomOp2 for SoftmaxGrad {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        super::fused::cuda_only("scaled-softmax-grad")
+        cuda_only("scaled-softmax-grad")
     }
 
     #[cfg(feature = "cuda")]
@@ -186,7 +186,7 @@ impl CustomOp2 for SoftmaxGrad {
 /// The additive value of a causally hidden key: `mask_min(F32)` as `Mistral`'s mask stores it
 /// in `dt` (a large negative; -inf in f16).
 fn causal_fill(dt: DType) -> f32 {
-    let v = super::ops::mask_min(DType::F32) as f32;
+    let v = mask_min(DType::F32) as f32;
     match dt {
         DType::BF16 => bf16::from_f32(v).to_f32(),
         DType::F16 => f16::from_f32(v).to_f32(),
@@ -215,12 +215,6 @@ fn causal_mask(scores: &Tensor, mask: Option<&Tensor>, past: usize, dt: DType, f
     };
     let hidden = Tensor::new(fill, dev)?.to_dtype(dt)?.broadcast_as(&shape)?;
     Ok(allowed.broadcast_as(&shape)?.where_cond(&keep, &hidden)?)
-}
-
-/// Whether `t` goes to the kernels of `kernels/fused.cu`: built (feature `cuda`), a CUDA
-/// tensor of a kernel dtype, not empty.
-pub(super) fn use_kernel(t: &Tensor) -> bool {
-    cfg!(feature = "cuda") && t.device().is_cuda() && fused_kernel_dtype(t.dtype()) && t.elem_count() > 0
 }
 
 fn softmax_impl(
@@ -301,4 +295,12 @@ pub fn scaled_softmax_backward(p: &Tensor, g: &Tensor, scale: f64, composite: bo
     ensure!(p.dims() == g.dims(), "softmax backward: output {:?} vs gradient {:?}", p.dims(), g.dims());
     let op = MaskedSoftmax { scale, causal: None, kernel: !composite && use_kernel(p) };
     Ok(softmax_backward(&op, p, p, g)?)
+}
+
+/// Additive mask value that survives f16 (−inf would turn fully masked rows into NaN).
+pub fn mask_min(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => -65504.0,
+        _ => -1e30_f32 as f64,
+    }
 }

@@ -114,7 +114,7 @@ enum Source {
         files: Vec<PathBuf>,
     },
     /// A memory-mapped PyTorch state dict.
-    Pth { pth: super::pth::MappedPth, path: PathBuf },
+    Pth { pth: super::pth_map::MappedPth, path: PathBuf },
 }
 
 /// A `VarBuilder` backend that reads through candle and checks dtype and values (see the
@@ -137,7 +137,7 @@ impl CheckedTensors {
     }
 
     /// Over a PyTorch state dict.
-    pub(crate) fn pth(pth: super::pth::MappedPth, path: PathBuf) -> Self {
+    pub(crate) fn pth(pth: super::pth_map::MappedPth, path: PathBuf) -> Self {
         Self { source: Source::Pth { pth, path } }
     }
 

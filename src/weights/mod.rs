@@ -5,4 +5,5 @@ pub mod checked;
 pub mod checkpoint;
 pub mod hub;
 pub mod pth;
+mod pth_map;
 pub mod shards;

@@ -5,8 +5,9 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use half::{bf16, f16};
-use prs::nn::fused::{scaled_masked_softmax, scaled_masked_softmax_causal, scaled_masked_softmax_composite};
-use prs::nn::ops::mask_min;
+use prs::nn::softmax::{
+    mask_min, scaled_masked_softmax, scaled_masked_softmax_causal, scaled_masked_softmax_composite,
+};
 
 const CPU: Device = Device::Cpu;
 

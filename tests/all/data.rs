@@ -8,10 +8,11 @@ use std::sync::Arc;
 use anyhow::{anyhow, Result};
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use prs::data::dataset::{
-    check_rows, image_candidates, load_mask, modality_class, position_of_mask, prepare, read_rows, train_val,
-    DatasetOptions, Position, PrepareOptions, Row, Split, ValSource, ValidationError,
+    image_candidates, load_mask, modality_class, position_of_mask, read_rows, DatasetOptions, Position, Row, Split,
+    ValidationError,
 };
 use prs::data::loader::{BatchPlan, Loader, LoaderOptions, PlanConfig};
+use prs::data::prepare::{check_rows, prepare, train_val, PrepareOptions, ValSource};
 use prs::data::synth::{generate, SynthConfig};
 
 fn synth(dir: &Path, seed: u64) -> PathBuf {

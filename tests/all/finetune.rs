@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use common::{rel_err, tiny_model};
 use prs::config::Config;
-use prs::data::dataset::{prepare, PrepareOptions};
+use prs::data::prepare::{prepare, PrepareOptions};
 use prs::data::sample::{collate, PreparedSample, SampleBuilder};
 use prs::model::prs_med::{LossNorm, LossWeights, PrsMed};
 use prs::pipeline::build::{load_prs_med, LoadOptions, Mode};

@@ -10,9 +10,10 @@ use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use image::{DynamicImage, GrayImage, ImageBuffer, ImageFormat, Luma, Rgb, RgbImage};
 use prs::data::dataset::{
-    binarise_mask, binarise_mask_with, check_rows, load_mask, load_mask_with, prepare, read_rows, DatasetOptions,
-    MaskError, MaskRule, PrepareOptions, ValidationError,
+    binarise_mask, binarise_mask_with, load_mask, load_mask_with, read_rows, DatasetOptions, MaskError, MaskRule,
+    ValidationError,
 };
+use prs::data::prepare::{check_rows, prepare, PrepareOptions};
 use prs::data::preprocess::{decode_image, load_image};
 use prs::data::sample::{check_prompt_lengths, SampleBuilder};
 use prs::pipeline::build::{load_prs_med, read_llava_config, LoadOptions, Mode};

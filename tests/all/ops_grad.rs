@@ -8,9 +8,11 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
-use prs::nn::fused::{rms_normalize, scaled_masked_softmax};
+use prs::nn::fused::rms_normalize;
 use prs::nn::linear::{frozen_matmul, masked_add};
-use prs::nn::ops::{mask_min, softmax_last_dim};
+use prs::nn::ops::softmax_last_dim;
+use prs::nn::softmax::mask_min;
+use prs::nn::softmax::scaled_masked_softmax;
 use prs::nn::upsample::{upsample_bilinear_ac, upsample_bilinear_ac_backward, upsample_bilinear_ac_composite};
 
 const CPU: Device = Device::Cpu;
