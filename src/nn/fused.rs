@@ -18,7 +18,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::op::{Add, Div, Mul, ReduceOp, Silu, Sqr, Sqrt, Sub};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
-use crate::kernels::{cuda_only, use_fused_kernel as use_kernel};
+use crate::kernels::use_fused_kernel as use_kernel;
 
 #[derive(Clone, Copy)]
 struct RmsNormalize {
@@ -86,26 +86,9 @@ impl CustomOp2 for RmsNormalize {
         "rms-normalize-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cuda_only("rms-normalize-grad")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        xl: &Layout,
-        g: &candle_core::CudaStorage,
-        gl: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((crate::kernels::rms_bwd(x, xl, g, gl, self.eps)?, xl.shape().clone()))
-    }
+    kernel_only_forward!(two: "rms-normalize-grad", |op: &Self, (x, xl), (g, gl)| -> candle_core::Result<_> {
+        Ok((crate::kernels::rms_bwd(x, xl, g, gl, op.eps)?, Layout::shape(xl).clone()))
+    });
 }
 
 /// RMS normalisation over the last dimension, in f32, returned in `x`'s dtype (HF Mistral's
@@ -399,32 +382,11 @@ impl CustomOp3 for SiluMul {
         "silu-mul-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cuda_only("silu-mul-grad")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        a: &candle_core::CudaStorage,
-        al: &Layout,
-        u: &candle_core::CudaStorage,
-        ul: &Layout,
-        g: &candle_core::CudaStorage,
-        gl: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    kernel_only_forward!(three: "silu-mul-grad", |_: &Self, (a, al), (u, ul), (g, gl)| -> candle_core::Result<_> {
         let mut dims = vec![2];
-        dims.extend_from_slice(al.dims());
+        dims.extend_from_slice(Layout::dims(al));
         Ok((crate::kernels::silu_mul_bwd(a, al, u, ul, g, gl)?, Shape::from(dims)))
-    }
+    });
 }
 
 fn silu_mul_forward<S: BackendStorage>(

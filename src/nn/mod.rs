@@ -49,6 +49,60 @@ macro_rules! same_forward_on_every_backend {
     };
 }
 
+/// `cpu_fwd` / `cuda_fwd` of an op that only our CUDA kernels compute (a fused backward, whose
+/// CPU path is the composite and never builds this op): the CPU forward is an error, the CUDA
+/// one a closure over the inputs' storages and layouts, `two:` or `three:` of them.
+macro_rules! kernel_only_forward {
+    (two: $name:expr, $fwd:expr) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            crate::kernels::cuda_only($name)
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            a: &candle_core::CudaStorage,
+            al: &candle_core::Layout,
+            b: &candle_core::CudaStorage,
+            bl: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            $fwd(self, (a, al), (b, bl))
+        }
+    };
+    (three: $name:expr, $fwd:expr) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            crate::kernels::cuda_only($name)
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            a: &candle_core::CudaStorage,
+            al: &candle_core::Layout,
+            b: &candle_core::CudaStorage,
+            bl: &candle_core::Layout,
+            c: &candle_core::CudaStorage,
+            cl: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            $fwd(self, (a, al), (b, bl), (c, cl))
+        }
+    };
+}
+
 /// The storage of a tensor an op holds (a constant operand, a saved output) on the backend the
 /// op runs on, so that one generic forward serves every backend.
 pub(crate) trait OnBackend: candle_core::backend::BackendStorage {

@@ -161,26 +161,9 @@ impl CustomOp2 for SoftmaxGrad {
         "scaled-softmax-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        cuda_only("scaled-softmax-grad")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        p: &candle_core::CudaStorage,
-        pl: &Layout,
-        g: &candle_core::CudaStorage,
-        gl: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((crate::kernels::softmax_bwd(p, pl, g, gl, self.scale as f32)?, pl.shape().clone()))
-    }
+    kernel_only_forward!(two: "scaled-softmax-grad", |op: &Self, (p, pl), (g, gl)| -> candle_core::Result<_> {
+        Ok((crate::kernels::softmax_bwd(p, pl, g, gl, op.scale as f32)?, Layout::shape(pl).clone()))
+    });
 }
 
 /// The additive value of a causally hidden key: `mask_min(F32)` as `Mistral`'s mask stores it
