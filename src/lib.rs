@@ -9,6 +9,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod files;
 pub mod hash;
 pub mod kernels;

@@ -7,6 +7,8 @@ use anyhow::{bail, Context, Result};
 
 use super::args::{at_least_one, positive};
 use crate::config::{Checkpointing, Config, Precision};
+use crate::dist::launch::{from_env, Launch};
+use crate::dist::spawn::run_ranks;
 use crate::model::losses::LossCompat;
 use crate::pipeline::load::BaseQuantArgs;
 use crate::train::state::RunDir;
@@ -84,6 +86,11 @@ pub struct FinetuneArgs {
     /// No progress bar (logs only).
     #[arg(long)]
     pub quiet: bool,
+    /// Data parallel on this machine: start N ranks of this command (one per GPU, cuda:0 to
+    /// cuda:N-1, or N CPU processes with --device cpu). Under torchrun or srun leave it out:
+    /// the ranks come from their environment (README, "Several GPUs").
+    #[arg(long, alias = "nproc_per_node", value_parser = at_least_one)]
+    pub nproc_per_node: Option<usize>,
 }
 
 use crate::pipeline::device::parse_device;
@@ -152,28 +159,45 @@ pub fn resolve_config(args: &FinetuneArgs) -> Result<Config> {
 }
 
 pub fn run(args: &FinetuneArgs) -> Result<()> {
-    if args.compile_model {
+    // Which rank this is, checked before anything loads.
+    let rank = match from_env(&|k| std::env::var(k).ok(), args.nproc_per_node)? {
+        Launch::Spawn(n) => return run_ranks(n),
+        Launch::Run(r) => r,
+    };
+    if args.compile_model && rank.rank == 0 {
         println!("note: --compile_model has no effect: prs is compiled ahead of time (there is no torch.compile step)");
     }
     if args.use_amp && args.no_amp {
         bail!("--use_amp and --no-amp contradict each other");
     }
     let cfg = resolve_config(args)?;
-    println!("resolved configuration:\n{}", cfg.to_toml()?);
+    if rank.rank == 0 {
+        println!("resolved configuration:\n{}", cfg.to_toml()?);
+    }
     let run_dir = match (&args.resume, &args.out) {
         (Some(r), _) => r.clone(),
         (None, Some(o)) => o.clone(),
         (None, None) => PathBuf::from("runs")
             .join(format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs())),
     };
+    let device = parse_device(&rank.device_flag(&args.device)?)?;
+    if rank.world > 1 {
+        println!("rank {} of {} on {}", rank.rank, rank.world, crate::pipeline::device::device_name(&device));
+    }
+    let ranks = if args.dry_run { crate::dist::single() } else { crate::dist::connect(&rank, &device)? };
     let summary = train(TrainOptions {
         cfg,
         run_dir: run_dir.clone(),
-        device: parse_device(&args.device)?,
+        device,
         resume: args.resume.is_some(),
         dry_run: args.dry_run,
         progress: !args.quiet,
+        ranks,
+        poison_step: None,
     })?;
+    if rank.rank > 0 {
+        return Ok(());
+    }
     if args.dry_run {
         println!("dry run: configuration, weights and dataset are valid");
         return Ok(());

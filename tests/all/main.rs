@@ -10,6 +10,7 @@ mod clip;
 mod common;
 mod data;
 mod decoder;
+mod dist;
 mod dropout;
 mod evaluate;
 mod finetune;
