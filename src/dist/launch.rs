@@ -217,7 +217,7 @@ mod tests {
             None,
         );
         assert_eq!((r.rank, r.world, r.local_rank, r.local_world), (5, 8, 1, 4));
-        assert_eq!((r.master, r.launcher), (Some(("node1".into(), 29500)), Launcher::Torchrun));
+        assert_eq!((r.master.clone(), r.launcher), (Some(("node1".into(), 29500)), Launcher::Torchrun));
         assert_eq!(r.device_flag("auto").unwrap().as_str(), if cfg!(feature = "cuda") { "cuda:1" } else { "cpu" });
         assert_eq!(r.device_flag("cuda").unwrap(), "cuda:1");
         assert!(r.device_flag("cuda:3").unwrap_err().to_string().contains("cuda:LOCAL_RANK"));
@@ -262,7 +262,8 @@ mod tests {
 
     #[test]
     fn conflicts_are_refused_naming_the_variables() {
-        let cases: &[(&[(&str, &str)], Option<usize>, &[&str])] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], Option<usize>, &'a [&'a str]);
+        let cases: &[Case] = &[
             (&[("RANK", "1"), ("WORLD_SIZE", "2")], None, &["RANK and WORLD_SIZE", "LOCAL_RANK"]),
             (&[("LOCAL_RANK", "0")], None, &["only LOCAL_RANK"]),
             (

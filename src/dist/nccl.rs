@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
-use candle_core::cuda_backend::CudaStorage;
+use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
+use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp};
+use candle_core::cuda_backend::{CudaDType, CudaStorage};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 use super::{Collective, Op};
@@ -96,7 +97,7 @@ struct Call<'a> {
 }
 
 impl Call<'_> {
-    fn on<T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::nccl::safe::NcclType>(
+    fn on<T: CudaDType + DeviceRepr + NcclType>(
         &self,
         s: &CudaStorage,
         l: &Layout,

@@ -261,7 +261,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     let n_trained = model.trained.num_weight_elements();
     let world = match ranks.world() {
         1 => String::new(),
-        w => format!(" over {w} ranks"),
+        w => format!(" x {w} ranks"),
     };
     if main {
         println!(
@@ -272,7 +272,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
             data.val_source,
             micro_per_epoch,
             tc.batch_size,
-            accum,
+            tc.gradient_accumulation_steps,
             tc.batch_size * accum,
             total_steps,
             n_trained,

@@ -154,7 +154,25 @@ fn two_ranks_equal_one_rank_with_doubled_accumulation_and_resume_on_one_rank() {
         poison_step: None,
     })
     .unwrap_err();
-    assert!(format!("{e:#}").contains("gradient accumulation 2 -> 3"), "{e:#}");
+    assert!(format!("{e:#}").contains("gradient accumulation x ranks 2 -> 3"), "{e:#}");
+}
+
+#[test]
+fn four_ranks_with_short_last_groups_equal_one_rank() {
+    // 6 micro-batches per epoch in groups of 4: the second group of each epoch has 2, so
+    // ranks 2 and 3 contribute zeros there.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), "train.max_steps=4 train.num_epochs=2 train.batchnorm=frozen train.eval_every=0");
+    let one = train_ranks(&cfg, &dir.path().join("one"), 1, 4, false, None).remove(0);
+    let four = train_ranks(&cfg, &dir.path().join("four"), 4, 1, false, None);
+    assert_eq!((one.state.step, one.state.epoch), (4, 2));
+    for r in &four {
+        assert_eq!(max_diff(&r.trained, &four[0].trained), 0.0, "the ranks' weights differ");
+        assert_eq!((r.state.step, r.state.samples_seen), (one.state.step, one.state.samples_seen));
+    }
+    let d = max_diff(&one.trained, &four[0].trained);
+    println!("4 ranks x accumulation 1 vs 1 rank x accumulation 4: max |weight difference| {d:e}");
+    assert!(d <= 1e-6, "{d}");
 }
 
 #[test]
@@ -179,9 +197,11 @@ fn ranks_agree_on_a_non_finite_step_and_on_early_stopping() {
         .collect();
     assert_eq!(finite, vec![1, 3, 4]);
 
-    // A learning rate too small to change a prediction: the second evaluation is no better,
-    // and with patience 1 both ranks stop there together.
+    // A learning rate too small to change a prediction (and BatchNorm on its running
+    // statistics, which then do not move): the second evaluation is no better, and with
+    // patience 1 both ranks stop there together.
     let mut c = cfg.clone();
+    c.train.batchnorm = prs::config::BatchNormMode::Frozen;
     c.train.learning_rate = 1e-12;
     c.train.min_learning_rate = 0.0;
     c.train.eval_every = 1;
