@@ -14,6 +14,8 @@ use anyhow::{bail, ensure, Context, Result};
 
 pub const PRS_RANK: &str = "PRS_RANK";
 pub const PRS_WORLD_SIZE: &str = "PRS_WORLD_SIZE";
+/// A sanity limit on `--nproc-per-node` (a typo must not start thousands of processes).
+const MAX_LOCAL_RANKS: usize = 256;
 
 /// Who started this process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,6 +110,7 @@ pub fn from_env(env: &dyn Fn(&str) -> Option<String>, nproc_per_node: Option<usi
             );
         }
         ensure!(n >= 1, "--nproc-per-node must be at least 1");
+        ensure!(n <= MAX_LOCAL_RANKS, "--nproc-per-node {n}: more than {MAX_LOCAL_RANKS} ranks on one machine");
         if n > 1 {
             return Ok(Launch::Spawn(n));
         }
@@ -253,6 +256,7 @@ mod tests {
     #[test]
     fn ours() {
         assert_eq!(launch(&[], Some(4)).unwrap(), Launch::Spawn(4));
+        assert!(err(&[], Some(100_000)).contains("more than 256 ranks"));
         assert_eq!(run(&[], Some(1)), Rank::single());
         assert_eq!(run(&[], None), Rank::single());
         let child = [(PRS_RANK, "1"), (PRS_WORLD_SIZE, "4"), MASTER[0], MASTER[1]];

@@ -69,22 +69,32 @@ fn train_ranks(
             .map(|c| {
                 let cfg = cfg.clone();
                 s.spawn(move || {
-                    let rank = c.rank();
-                    train(TrainOptions {
-                        cfg,
-                        run_dir: run.to_path_buf(),
-                        device: Device::Cpu,
-                        resume,
-                        dry_run: false,
-                        progress: false,
-                        ranks: std::sync::Arc::new(c),
-                        poison_step: poison.filter(|p| p.0 == rank).map(|p| p.1),
-                    })
+                    let poison = poison.filter(|p| p.0 == c.rank()).map(|p| p.1);
+                    train(options(cfg, run, resume, std::sync::Arc::new(c), poison))
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
     })
+}
+
+fn options(
+    cfg: Config,
+    run: &Path,
+    resume: bool,
+    ranks: std::sync::Arc<dyn Collective>,
+    poison_step: Option<u64>,
+) -> TrainOptions {
+    TrainOptions {
+        cfg,
+        run_dir: run.to_path_buf(),
+        device: Device::Cpu,
+        resume,
+        dry_run: false,
+        progress: false,
+        ranks,
+        poison_step,
+    }
 }
 
 /// Largest |a - b| over all tensors of two summaries (same keys in the same order).
@@ -143,17 +153,7 @@ fn two_ranks_equal_one_rank_with_doubled_accumulation_and_resume_on_one_rank() {
     // Another accumulation on resume (a different global group) is refused.
     let mut c3 = cfg.clone();
     c3.train.gradient_accumulation_steps = 3;
-    let e = train(TrainOptions {
-        cfg: c3,
-        run_dir: two_dir,
-        device: Device::Cpu,
-        resume: true,
-        dry_run: false,
-        progress: false,
-        ranks: prs::dist::single(),
-        poison_step: None,
-    })
-    .unwrap_err();
+    let e = train(options(c3, &two_dir, true, prs::dist::single(), None)).unwrap_err();
     assert!(format!("{e:#}").contains("gradient accumulation x ranks 2 -> 3"), "{e:#}");
 }
 
