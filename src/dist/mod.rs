@@ -191,10 +191,16 @@ pub fn any(c: &dyn Collective, yes: bool) -> Result<bool> {
 /// `nccl`), TCP between CPU processes. Connecting waits for every rank (up to [`timeout`]).
 ///
 /// Rank 0 listens on MASTER_PORT, except under torchrun, whose agent may serve its own
-/// rendezvous store there: then on MASTER_PORT + 1.
+/// rendezvous store there: then on MASTER_PORT + 1. `PRS_DIST_FORCE=1` uses the backend even
+/// for one process, on a free local port: a 1-rank run must equal the plain run bit for bit
+/// (the GPU check of the NCCL path).
 pub fn connect(r: &launch::Rank, device: &candle_core::Device) -> Result<Arc<dyn Collective>> {
-    let Some((addr, port)) = r.master.as_ref().filter(|_| r.world > 1) else { return Ok(single()) };
-    let port = if r.launcher == launch::Launcher::Torchrun { port + 1 } else { *port };
+    let forced = r.world == 1 && std::env::var("PRS_DIST_FORCE").is_ok_and(|v| v == "1");
+    let (addr, port) = match &r.master {
+        Some((a, p)) if r.world > 1 => (a.as_str(), if r.launcher == launch::Launcher::Torchrun { p + 1 } else { *p }),
+        _ if forced => ("127.0.0.1", std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port()),
+        _ => return Ok(single()),
+    };
     if device.is_cuda() {
         #[cfg(feature = "nccl")]
         return Ok(Arc::new(nccl::Nccl::connect(r.rank, r.world, addr, port, device, timeout())?));

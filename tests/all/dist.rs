@@ -217,6 +217,25 @@ fn last_checkpoint(run: &Path) -> PathBuf {
     run.join(std::fs::read_to_string(run.join("last")).unwrap().trim())
 }
 
+/// Largest |a - b| over the tensors of two runs' last checkpoints.
+fn checkpoint_diff(a: &Path, b: &Path) -> f32 {
+    let (a, b) = (last_checkpoint(a), last_checkpoint(b));
+    let mut worst = 0f32;
+    for f in
+        ["adapter_model.safetensors", "image_encoder.safetensors", "mask_decoder.safetensors", "classifier.safetensors"]
+    {
+        let ta = candle_core::safetensors::load(a.join(f), &Device::Cpu).unwrap();
+        let tb = candle_core::safetensors::load(b.join(f), &Device::Cpu).unwrap();
+        assert_eq!(ta.len(), tb.len(), "{f}");
+        for (k, x) in &ta {
+            let d =
+                (x - &tb[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            worst = worst.max(d);
+        }
+    }
+    worst
+}
+
 #[test]
 fn nproc_per_node_2_on_the_cpu_equals_one_process_with_doubled_accumulation() {
     let dir = tempfile::tempdir().unwrap();
@@ -246,22 +265,21 @@ fn nproc_per_node_2_on_the_cpu_equals_one_process_with_doubled_accumulation() {
     assert!(!text.contains("[rank 1] finished"), "only rank 0 reports: {text}");
     let (ok, text) = run("one", &["--gradient-accumulation-steps", "2"]);
     assert!(ok, "{text}");
-    let (a, b) = (last_checkpoint(&dir.path().join("one")), last_checkpoint(&dir.path().join("two")));
-    let mut worst = 0f32;
-    for f in
-        ["adapter_model.safetensors", "image_encoder.safetensors", "mask_decoder.safetensors", "classifier.safetensors"]
-    {
-        let ta = candle_core::safetensors::load(a.join(f), &Device::Cpu).unwrap();
-        let tb = candle_core::safetensors::load(b.join(f), &Device::Cpu).unwrap();
-        assert_eq!(ta.len(), tb.len(), "{f}");
-        for (k, x) in &ta {
-            let d =
-                (x - &tb[k]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-            worst = worst.max(d);
-        }
-    }
+    let worst = checkpoint_diff(&dir.path().join("one"), &dir.path().join("two"));
     println!("prs finetune --nproc-per-node 2 vs 1 process x accumulation 2: max |difference| {worst:e}");
     assert!(worst <= 1e-6, "{worst}");
+    // One rank through the TCP backend (PRS_DIST_FORCE=1, the GPU check's route for NCCL)
+    // equals the plain run bit for bit.
+    let o = prs()
+        .args(["finetune", "--quiet", "--device", "cpu", "--gradient-accumulation-steps", "2", "--config"])
+        .arg(&conf)
+        .arg("--out")
+        .arg(dir.path().join("forced"))
+        .env("PRS_DIST_FORCE", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(checkpoint_diff(&dir.path().join("one"), &dir.path().join("forced")), 0.0);
 
     // A rank that dies (rank 0 is killed once it has written a checkpoint) ends the job,
     // naming it; the other rank is stopped.
