@@ -75,14 +75,18 @@ CUDA_ENV = if [ -f $(CUDA_PREFIX)/env.sh ]; then . $(CUDA_PREFIX)/env.sh; fi; \
 cuda-toolkit:
 	@if [ -z "$(CUDA_FROM_PIP)" ] && { [ -x "$$CUDA_HOME/bin/nvcc" ] || command -v nvcc >/dev/null; }; then \
 		echo "system CUDA: $$( { [ -x "$$CUDA_HOME/bin/nvcc" ] && echo $$CUDA_HOME/bin/nvcc; } || command -v nvcc) (CUDA_FROM_PIP=1 forces the pip toolkit)"; \
+		ldconfig -p 2>/dev/null | grep -q 'libnccl\.so ' || NCCL_ONLY=1 bash scripts/cuda_toolkit.sh $(CUDA_PREFIX); \
 	else \
 		bash scripts/cuda_toolkit.sh $(CUDA_PREFIX); \
 	fi
 
+# CUDA_FEATURES=cuda,nccl builds multi-GPU training too (needs libnccl at run time; README).
+CUDA_FEATURES ?= cuda
 build-cuda:
-	$(CUDA_ENV) cargo build --release --features cuda
+	$(CUDA_ENV) cargo build --release --features $(CUDA_FEATURES)
 
-# Full (debug-profile) build of every `cfg(feature = "cuda")` path, the GPU check example included:
-# compiles the kernels to PTX and links against the CUDA libraries.
+# Full (debug-profile) build of every `cfg(feature = "cuda")` and `cfg(feature = "nccl")` path,
+# the GPU check example included: compiles the kernels to PTX and links against the CUDA
+# libraries and NCCL.
 check-cuda: cuda-toolkit
-	$(CUDA_ENV) cargo build --features cuda --lib --bins --examples
+	$(CUDA_ENV) cargo build --features cuda,nccl --lib --bins --examples

@@ -9,6 +9,15 @@ fn main() {
     if let Err(e) = cuda::build_ptx() {
         panic!("compiling kernels/*.cu to PTX failed: {e}");
     }
+    // NCCL from the pip wheel (scripts/cuda_toolkit.sh) lives outside the loader's paths:
+    // record its folder in the binary so that it runs without LD_LIBRARY_PATH.
+    #[cfg(feature = "nccl")]
+    {
+        println!("cargo::rerun-if-env-changed=NCCL_LIB_DIR");
+        if let Ok(dir) = std::env::var("NCCL_LIB_DIR") {
+            println!("cargo::rustc-link-arg=-Wl,-rpath,{dir}");
+        }
+    }
 }
 
 #[cfg(feature = "cuda")]

@@ -2,13 +2,14 @@
 //!
 //! Data flows one way: `cli` -> `commands` (one file per subcommand) -> `memory`, `train` ->
 //! `pipeline` (loading, generation, prediction) -> `metrics`, `data`, `model` -> `weights`
-//! (checkpoint I/O) -> `nn` (differentiable building blocks candle lacks). docs/architecture.md
-//! draws it.
+//! (checkpoint I/O) -> `nn` (differentiable building blocks candle lacks); `dist` (ranks and
+//! collectives for data-parallel training) sits under `train`. docs/architecture.md draws it.
 
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod exit;
 pub mod files;
 pub mod hash;

@@ -7,6 +7,8 @@ use anyhow::{bail, Context, Result};
 
 use super::args::{at_least_one, positive};
 use crate::config::{Checkpointing, Config, Precision};
+use crate::dist::launch::{from_env, Launch};
+use crate::dist::spawn::run_ranks;
 use crate::exit::InputError;
 use crate::model::losses::LossCompat;
 use crate::pipeline::load::BaseQuantArgs;
@@ -88,6 +90,11 @@ pub struct FinetuneArgs {
     /// Accepted from the guide's command lines; has no effect here (see the notice).
     #[arg(long = "compile_model", alias = "compile-model", hide = true)]
     pub compile_model: bool,
+    /// Data parallel on this machine: start N ranks of this command (one per GPU, cuda:0 to
+    /// cuda:N-1, or N CPU processes with --device cpu). Under torchrun or srun leave it out:
+    /// the ranks come from their environment (README, "Several GPUs").
+    #[arg(long, alias = "nproc_per_node", value_parser = at_least_one)]
+    pub nproc_per_node: Option<usize>,
 }
 
 use crate::pipeline::device::parse_device;
@@ -157,7 +164,12 @@ pub fn resolve_config(args: &FinetuneArgs) -> Result<Config> {
 }
 
 pub fn run(args: &FinetuneArgs) -> Result<()> {
-    if args.compile_model {
+    // Which rank this is, checked before anything loads.
+    let rank = match from_env(&|k| std::env::var(k).ok(), args.nproc_per_node)? {
+        Launch::Spawn(n) => return run_ranks(n),
+        Launch::Run(r) => r,
+    };
+    if args.compile_model && rank.rank == 0 {
         tracing::info!(
             "note: --compile_model has no effect: prs is compiled ahead of time (there is no torch.compile step)"
         );
@@ -166,8 +178,10 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         bail!("--use_amp and --no-amp contradict each other");
     }
     let cfg = resolve_config(args)?;
-    tracing::info!("resolved configuration:\n{}", cfg.to_toml()?);
-    if args.dry_run {
+    if rank.rank == 0 {
+        tracing::info!("resolved configuration:\n{}", cfg.to_toml()?);
+    }
+    if args.dry_run && rank.rank == 0 {
         // The whole dataset, every split, as `prs data check` sees it.
         let root = cfg.data.root.as_deref().context("no dataset: give --data-root (or data.root in the config)")?;
         let opts = crate::data::prepare::PrepareOptions::from_config(&cfg).dataset;
@@ -179,14 +193,24 @@ pub fn run(args: &FinetuneArgs) -> Result<()> {
         (None, None) => PathBuf::from("runs")
             .join(format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs())),
     };
+    let device = parse_device(&rank.device_flag(&args.device)?)?;
+    if rank.world > 1 {
+        tracing::info!("rank {} of {} on {}", rank.rank, rank.world, crate::pipeline::device::device_name(&device));
+    }
+    let ranks = if args.dry_run { crate::dist::single() } else { crate::dist::connect(&rank, &device)? };
     let summary = train(TrainOptions {
         cfg,
         run_dir: run_dir.clone(),
-        device: parse_device(&args.device)?,
+        device,
         resume: args.resume.is_some(),
         dry_run: args.dry_run,
         progress: crate::logging::progress_enabled(),
+        ranks,
+        poison_step: None,
     })?;
+    if rank.rank > 0 {
+        return Ok(());
+    }
     if args.dry_run {
         println!("dry run: configuration, weights and dataset are valid");
         return Ok(());

@@ -102,6 +102,22 @@ impl BatchPlan {
     }
 }
 
+/// The micro-batches rank `rank` of `world` runs in an epoch of `n`, from `start` on.
+/// Optimizer steps take groups of `group` micro-batches (aligned at multiples of `group`,
+/// fewer at the epoch's end); in each group the rank takes positions rank, rank + world, ...
+/// So W ranks with accumulation A run exactly the micro-batches of one rank with accumulation
+/// W x A, step by step (a rank may have none in a short last group).
+pub fn rank_share(n: usize, start: usize, group: usize, rank: usize, world: usize) -> Vec<usize> {
+    let mut out = vec![];
+    let mut at = start;
+    while at < n {
+        let end = (at - at % group + group).min(n);
+        out.extend((at + rank..end).step_by(world));
+        at = end;
+    }
+    out
+}
+
 /// Something a loader can hand to a transform; `location` goes into error messages.
 pub trait Sample: Send + Sync + 'static {
     fn location(&self) -> String;

@@ -132,8 +132,15 @@ pub fn train_step(
     scaler: Option<&mut LossScaler>,
     seed: u64,
 ) -> Result<f64> {
-    let mut stepper =
-        Stepper { model: m, optim: opt, scaler, guard: DivergenceGuard { factor: 0.0 }, bn_frozen: false };
+    let mut stepper = Stepper {
+        model: m,
+        optim: opt,
+        scaler,
+        guard: DivergenceGuard { factor: 0.0 },
+        bn_frozen: false,
+        ranks: &crate::dist::Single,
+        poison: false,
+    };
     let out = stepper.step(
         [Ok((batch.clone(), seed))],
         LossNorm::of(batch),

@@ -7,3 +7,4 @@ pub mod schedule;
 pub mod state;
 pub mod step;
 pub mod trainer;
+pub mod validate;

@@ -50,7 +50,8 @@ pub struct TrainerState {
     pub weight_norm_level: Option<f64>,
 }
 
-/// What fixes the order of micro-batches: rows, batch size, accumulation, seed.
+/// What fixes the order of micro-batches: rows, batch size, accumulation (over all ranks:
+/// micro-batches per optimizer step), seed.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct PlanRecord {
     pub train_rows: usize,
@@ -70,7 +71,12 @@ impl PlanRecord {
         };
         cmp("training rows", self.train_rows as u64, now.train_rows as u64);
         cmp("batch size", self.batch_size as u64, now.batch_size as u64);
-        cmp("gradient accumulation", self.gradient_accumulation_steps as u64, now.gradient_accumulation_steps as u64);
+        // Micro-batches per step over all ranks: a run may resume on another number of ranks.
+        cmp(
+            "gradient accumulation x ranks",
+            self.gradient_accumulation_steps as u64,
+            now.gradient_accumulation_steps as u64,
+        );
         cmp("seed", self.seed, now.seed);
         anyhow::ensure!(
             changed.is_empty(),

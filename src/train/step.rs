@@ -4,6 +4,11 @@
 //! (their gradients summed), checks the losses and the gradient norm against the divergence
 //! guard, and applies AdamW; a step that is not applied changes nothing (BatchNorm running
 //! statistics included).
+//!
+//! Data parallel: each rank runs its share of the group's micro-batches; then the ranks agree
+//! on the losses (one small all-reduce: a non-finite loss anywhere skips the step everywhere)
+//! and sum their gradients in one bucketed all-reduce, so AdamW sees the same gradients, and
+//! makes the same decisions, on every rank. With one process both are no-ops.
 
 use anyhow::Result;
 use candle_core::backprop::GradStore;
@@ -12,6 +17,7 @@ use candle_core::{Tensor, Var};
 use super::guard::DivergenceGuard;
 use super::optim::{AdamW, LossScaler, StepStatus};
 use super::state::TrainerState;
+use crate::dist::{all_reduce_step, Collective, Op};
 use crate::model::prs_med::{LossNorm, LossWeights, ModelBatch, PrsMed};
 use crate::model::tinysam::FrozenBatchNormStats;
 use crate::nn::ops::TrainingMode;
@@ -49,12 +55,17 @@ pub struct Stepper<'a> {
     pub guard: DivergenceGuard,
     /// TinySAM BatchNorm uses its running statistics (`train.batchnorm = "frozen"`).
     pub bn_frozen: bool,
+    /// The other ranks ([`crate::dist::Single`] for one process).
+    pub ranks: &'a dyn Collective,
+    /// Test hook: this rank's loss is NaN in this step (the ranks must agree to skip it).
+    pub poison: bool,
 }
 
 impl Stepper<'_> {
     /// One optimizer step over `micro` (each micro-batch with its dropout seed, produced one at
     /// a time so that only one micro-batch's activations are alive). `norm` counts the images
-    /// and supervised tokens of the whole group; the guard reads and updates `state`.
+    /// and supervised tokens of the whole group (on every rank, whatever its share); the guard
+    /// reads and updates `state`.
     pub fn step(
         &mut self,
         micro: impl IntoIterator<Item = Result<(ModelBatch, u64)>>,
@@ -80,7 +91,10 @@ impl Stepper<'_> {
                 .iter()
                 .map(|p| p.before_image.len() + p.after_image.len() + p.answer.len() + 1)
                 .sum::<usize>();
-            let m = micro_backward(self.model, &mb, weights, norm, self.scaler.as_deref(), seed, self.bn_frozen)?;
+            let mut m = micro_backward(self.model, &mb, weights, norm, self.scaler.as_deref(), seed, self.bn_frozen)?;
+            if self.poison {
+                m = MicroStep { grads: None, parts: [f64::NAN; 4] };
+            }
             for (p, v) in out.parts.iter_mut().zip(m.parts) {
                 *p += v;
             }
@@ -95,10 +109,23 @@ impl Stepper<'_> {
                 (Some(g), None) => grads = Some(g),
             }
         }
+        if self.ranks.world() > 1 {
+            // The group's losses are the sums of the ranks' shares; a non-finite one anywhere
+            // skips the step everywhere.
+            let mine = [out.parts.as_slice(), &[out.skipped.is_some() as u8 as f64, out.tokens as f64]].concat();
+            let all = self.ranks.all_reduce_values(&mine, Op::Sum)?;
+            out.parts.copy_from_slice(&all[..4]);
+            out.tokens = all[5] as usize;
+            if all[4] > 0.0 && out.skipped.is_none() {
+                out.skipped = Some(format!("non-finite loss on {} other rank(s)", all[4]));
+            }
+        }
         if out.skipped.is_none() {
             out.skipped = self.guard.loss_spike(state, out.parts[0]);
         }
-        if let (None, Some(g)) = (&out.skipped, grads) {
+        if out.skipped.is_none() {
+            let (vars, bufs) = trained_vars(self.model);
+            let g = all_reduce_step(self.ranks, grads, &vars, &bufs)?;
             self.optim.set_norm_limit(self.guard.grad_norm_limit(state));
             let report = match self.scaler.as_deref_mut() {
                 Some(s) => self.optim.step_scaled(&g, s)?,
@@ -180,6 +207,13 @@ fn global_norm(model: &PrsMed) -> Result<f64> {
         return Ok(0.0);
     }
     Ok(Tensor::stack(&sq, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt())
+}
+
+/// The trained weights and the BatchNorm running buffers, in the model's fixed order.
+fn trained_vars(model: &PrsMed) -> (Vec<Var>, Vec<Var>) {
+    let all = model.trained.all();
+    let pick = |k: ParamKind| all.iter().filter(|p| p.kind == k).map(|p| p.var.clone()).collect();
+    (pick(ParamKind::Weight), pick(ParamKind::Buffer))
 }
 
 fn snapshot_buffers(model: &PrsMed) -> Result<Vec<(Var, Tensor)>> {

@@ -14,20 +14,19 @@ use super::optim::{AdamW, AdamWConfig, LossScaler};
 use super::schedule::LrSchedule;
 use super::state::{PlanRecord, RunDir, TrainerState, OPTIMIZER_FILE};
 use super::step::{StepOutcome, Stepper};
+pub use super::validate::EvalResult;
+use super::validate::{evaluate, log_eval};
 use crate::config::{BatchNormMode, Config, Precision, TrainSection};
 use crate::data::dataset::Row;
-use crate::data::loader::{BatchPlan, Loader, LoaderOptions, PlanConfig};
+use crate::data::loader::{rank_share, BatchPlan, Loader, LoaderOptions, PlanConfig};
 use crate::data::prepare::{prepare, PrepareOptions, ValSource};
 use crate::data::sample::{check_prompt_lengths, collate, PreparedSample, SampleBuilder};
+use crate::dist::Collective;
 use crate::exit::InputError;
 use crate::files;
-use crate::metrics::position::{parse_position, PositionLabel};
-use crate::metrics::seg::{Confusion, ImageScores};
 use crate::model::prs_med::{LossNorm, LossWeights, ModelBatch, PrsMed};
-use crate::nn::ops::EvalMode;
 use crate::nn::param::seed_for;
 use crate::pipeline::build::{load_prs_med, LoadOptions, Mode};
-use crate::pipeline::generate::{generate_answers, GenerateOptions};
 use crate::pipeline::load::open_base;
 use crate::report::{read_metrics, training_curves, MetricsLog, Record};
 use crate::weights::checkpoint::{save_checkpoint_with, CheckpointMeta};
@@ -42,15 +41,11 @@ pub struct TrainOptions {
     pub dry_run: bool,
     /// Show a progress bar (off in tests).
     pub progress: bool,
-}
-
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct EvalResult {
-    pub loss: f64,
-    pub dice: f64,
-    pub iou: f64,
-    pub position_accuracy: f64,
-    pub n: usize,
+    /// The other ranks of a data-parallel job ([`crate::dist::single`] for one process).
+    /// Rank 0 alone writes the run folder; every rank trains.
+    pub ranks: Arc<dyn Collective>,
+    /// Test hook: this rank's loss is NaN at this optimizer step (1-based).
+    pub poison_step: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -60,6 +55,8 @@ pub struct TrainSummary {
     pub first_eval: Option<EvalResult>,
     pub last_checkpoint: Option<PathBuf>,
     pub trained_parameters: usize,
+    /// The trained tensors (weights and buffers) as the run ended, by `group/key`.
+    pub trained: Vec<(String, candle_core::Tensor)>,
 }
 
 /// The data side of a run: the checked rows, how they are prepared, and the batch plan.
@@ -117,32 +114,35 @@ impl TrainData {
         })
     }
 
-    /// What a resumed run must share with the run it continues.
-    fn plan_record(&self, tc: &TrainSection) -> PlanRecord {
+    /// What a resumed run must share with the run it continues: `accum` counts the
+    /// micro-batches of a step over all ranks, so a run may resume on another number of ranks.
+    fn plan_record(&self, tc: &TrainSection, accum: usize) -> PlanRecord {
         PlanRecord {
             train_rows: self.train_rows.len(),
             batch_size: tc.batch_size,
-            gradient_accumulation_steps: tc.gradient_accumulation_steps,
+            gradient_accumulation_steps: accum,
             seed: tc.seed,
         }
     }
 
-    /// The epoch's micro-batches from `start` on, prepared by worker threads.
-    fn loader(&self, batches: &[Vec<usize>], start: usize, cfg: &Config) -> Result<Loader<PreparedSample>> {
+    /// The epoch's micro-batches `mine` (indices into `batches`), prepared by worker threads;
+    /// a batch's `index` is its position in `mine`.
+    fn loader(&self, batches: &[Vec<usize>], mine: &[usize], cfg: &Config) -> Result<Loader<PreparedSample>> {
         let builder = self.builder.clone();
         Loader::new(
             self.train_rows.clone(),
-            batches[start..].to_vec(),
-            start,
+            mine.iter().map(|&i| batches[i].clone()).collect(),
+            0,
             move |r: &Row| builder.prepare(r, true),
             &LoaderOptions { workers: cfg.data.num_workers.max(1), prefetch: cfg.data.prefetch.max(1) },
         )
     }
 }
 
-/// Optimizer steps of the whole run: epochs x steps per epoch, capped by `max_steps`.
-fn total_steps(tc: &TrainSection, micro_per_epoch: usize) -> u64 {
-    let steps = micro_per_epoch.div_ceil(tc.gradient_accumulation_steps) as u64 * tc.num_epochs;
+/// Optimizer steps of the whole run: epochs x steps per epoch (of `accum` micro-batches over
+/// all ranks), capped by `max_steps`.
+fn total_steps(tc: &TrainSection, micro_per_epoch: usize, accum: usize) -> u64 {
+    let steps = micro_per_epoch.div_ceil(accum) as u64 * tc.num_epochs;
     if tc.max_steps > 0 {
         steps.min(tc.max_steps)
     } else {
@@ -216,20 +216,23 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     cfg.validate()?;
     let tc = &cfg.train;
     let run = RunDir(opts.run_dir.clone());
-    // One process per run folder; nothing half-written left from a killed one.
-    let _lock = if opts.dry_run { None } else { Some(open_run_folder(&run, opts.resume)?) };
+    let ranks = &*opts.ranks;
+    let main = ranks.is_main();
+    // One process per run folder (rank 0's); nothing half-written left from a killed one.
+    let _lock = if opts.dry_run || !main { None } else { Some(open_run_folder(&run, opts.resume)?) };
     let dtype = tc.precision.compute_dtype_on(&opts.device);
-    if opts.device.is_cpu() && tc.precision != Precision::F32 {
+    if main && opts.device.is_cpu() && tc.precision != Precision::F32 {
         tracing::info!("note: precision {} applies on a GPU; the CPU computes in f32", tc.precision);
     }
 
     // ---- data, and where the run stands ----
     let data = TrainData::load(&cfg)?;
     let micro_per_epoch = data.plan.batches_per_epoch();
-    let accum = tc.gradient_accumulation_steps;
-    let total_steps = total_steps(tc, micro_per_epoch);
+    // Micro-batches per optimizer step, over all ranks.
+    let accum = tc.gradient_accumulation_steps * ranks.world();
+    let total_steps = total_steps(tc, micro_per_epoch, accum);
     let Start { mut state, checkpoint: ckpt } =
-        starting_point(&run, opts.resume, data.plan_record(tc), micro_per_epoch)?;
+        starting_point(&run, opts.resume, data.plan_record(tc, accum), micro_per_epoch)?;
 
     // ---- model ----
     let load = LoadOptions {
@@ -241,7 +244,9 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     };
     let mut model = load_prs_med(&cfg, &load)?;
     model.set_checkpointing(tc.gradient_checkpointing);
-    if cfg.model.base_quant != crate::config::BaseQuant::None {
+    // Every rank starts from rank 0's trained weights and buffers.
+    crate::dist::broadcast_vars(ranks, &model.trained.all().into_iter().map(|p| p.var).collect::<Vec<_>>())?;
+    if main && cfg.model.base_quant != crate::config::BaseQuant::None {
         let q = model.llm.quant_summary();
         tracing::info!(
             "base LLM: {} projections stored {} ({:.1} MB){}",
@@ -256,20 +261,27 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
         );
     }
     let n_trained = model.trained.num_weight_elements();
-    tracing::info!(
-        "plan: {} train / {} val rows ({:?}), {} micro-batches of {} per epoch, accumulation {} (effective batch {}), {} optimizer steps, {} trained parameters, compute {:?} on {:?}",
-        data.train_rows.len(),
-        data.val_rows.len(),
-        data.val_source,
-        micro_per_epoch,
-        tc.batch_size,
-        accum,
-        tc.batch_size * accum,
-        total_steps,
-        n_trained,
-        dtype,
-        opts.device
-    );
+    let world = match ranks.world() {
+        1 => String::new(),
+        w => format!(" x {w} ranks"),
+    };
+    if main {
+        tracing::info!(
+            "plan: {} train / {} val rows ({:?}), {} micro-batches of {} per epoch, accumulation {}{world} \
+             (effective batch {}), {} optimizer steps, {} trained parameters, compute {:?} on {:?}",
+            data.train_rows.len(),
+            data.val_rows.len(),
+            data.val_source,
+            micro_per_epoch,
+            tc.batch_size,
+            tc.gradient_accumulation_steps,
+            tc.batch_size * accum,
+            total_steps,
+            n_trained,
+            dtype,
+            opts.device
+        );
+    }
     if opts.dry_run {
         return Ok(TrainSummary {
             state,
@@ -277,12 +289,13 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
             first_eval: None,
             last_checkpoint: None,
             trained_parameters: n_trained,
+            trained: vec![],
         });
     }
 
     // ---- optimizer, schedule, logs ----
     let (mut optim, mut scaler) = build_optimizer(&model, tc, dtype, ckpt.as_deref())?;
-    if let Some(c) = &ckpt {
+    if let Some(c) = ckpt.as_ref().filter(|_| main) {
         tracing::info!(
             "resumed from {} at step {} (epoch {}, batch {})",
             c.display(),
@@ -294,27 +307,26 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
     let schedule = LrSchedule::cosine(tc.learning_rate, tc.min_learning_rate, tc.warmup_steps, total_steps);
     schedule.validate()?;
     let guard = DivergenceGuard { factor: tc.divergence_factor };
-    if !opts.resume {
+    if !opts.resume && main {
         files::write_bytes_atomic(&run.config(), cfg.to_toml()?.as_bytes())?;
     }
-    let mut log = MetricsLog::open(&run.0, opts.resume.then_some(state.step))?;
-    let bar = if opts.progress { ProgressBar::new(total_steps) } else { ProgressBar::hidden() };
+    // Rank 0 alone logs, draws and saves.
+    let mut log = if main { Some(MetricsLog::open(&run.0, opts.resume.then_some(state.step))?) } else { None };
+    let bar = if opts.progress && main { ProgressBar::new(total_steps) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template(
         "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
     )?);
     bar.set_position(state.step);
-    let validate = |step: u64, epoch: u64, log: &mut MetricsLog| -> Result<EvalResult> {
-        let e = evaluate(&model, &data.builder, &data.val_rows, &cfg, &opts.device)?;
-        log_eval(log, step, epoch, &e)?;
-        bar.suspend(|| {
-            tracing::info!(
-                "step {step}: val loss {:.4}  dice {:.3}  iou {:.3}  position acc {:.3}",
-                e.loss,
-                e.dice,
-                e.iou,
-                e.position_accuracy
-            )
-        });
+    let con = Console { bar: bar.clone(), silent: !main };
+    let validate = |step: u64, epoch: u64, log: &mut Option<MetricsLog>| -> Result<EvalResult> {
+        let e = evaluate(&model, &data.builder, &data.val_rows, &cfg, &opts.device, ranks)?;
+        if let Some(log) = log {
+            log_eval(log, step, epoch, &e)?;
+        }
+        con.say(format!(
+            "step {step}: val loss {:.4}  dice {:.3}  iou {:.3}  position acc {:.3}",
+            e.loss, e.dice, e.iou, e.position_accuracy
+        ));
         Ok(e)
     };
 
@@ -329,7 +341,9 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
         let epoch = state.epoch;
         let batches = data.plan.epoch(epoch);
         let mut bi = state.batch_in_epoch;
-        let mut loader = data.loader(&batches, bi, &cfg)?;
+        let (rank, world) = (ranks.rank(), ranks.world());
+        let mine = rank_share(batches.len(), bi, accum, rank, world);
+        let mut loader = data.loader(&batches, &mine, &cfg)?;
         let weights = LossWeights {
             seg: tc.seg_loss_weight,
             lm: tc.lm_loss_weight,
@@ -346,11 +360,12 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
                 images: group.iter().map(|b| b.len()).sum(),
                 tokens: group.iter().flatten().map(|&i| data.supervised[i]).sum(),
             };
-            // Micro-batches are collated one at a time, as the step consumes them.
-            let micro = group.iter().map(|_| -> Result<(ModelBatch, u64)> {
+            // This rank's share of the group (rank_share's), collated one at a time as the step
+            // consumes them; the dropout seed follows the micro-batch's place in the plan.
+            let micro = (bi + rank..bi + group.len()).step_by(world).map(|_| -> Result<(ModelBatch, u64)> {
                 let batch = loader.next().context("data loader ended early")??;
                 let items: Vec<&PreparedSample> = batch.items.iter().collect();
-                Ok((collate(&items, &opts.device)?, seed_for(tc.seed, &format!("{epoch}/{}", batch.index))))
+                Ok((collate(&items, &opts.device)?, seed_for(tc.seed, &format!("{epoch}/{}", mine[batch.index]))))
             });
             let mut stepper = Stepper {
                 model: &model,
@@ -358,15 +373,19 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
                 scaler: scaler.as_mut(),
                 guard,
                 bn_frozen: tc.batchnorm == BatchNormMode::Frozen,
+                ranks,
+                poison: opts.poison_step == Some(state.step + 1),
             };
             let out = stepper.step(micro, norm, &weights, &mut state)?;
             bi += group.len();
 
             // A skipped step still counts: the schedule and the data move on.
             state.batch_in_epoch = bi;
-            count_step(&mut state, &out, tc.max_consecutive_nonfinite, &run, &bar)?;
+            count_step(&mut state, &out, tc.max_consecutive_nonfinite, &run, &con)?;
             let secs = t0.elapsed().as_secs_f64();
-            log_step(&mut log, &state, epoch, &out, lr, secs, started, &opts.device)?;
+            if let Some(log) = log.as_mut() {
+                log_step(log, &state, epoch, &out, lr, secs, started, &opts.device)?;
+            }
             bar.set_position(state.step);
             bar.set_message(format!(
                 "loss {:.4} lr {:.2e} {:.1} samples/s",
@@ -398,7 +417,7 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
             if out.skipped.is_some() {
                 // The weights are those of the last applied step: nothing new to judge or save.
                 if done {
-                    bar.suspend(|| tracing::warn!("the last step was skipped. {}", saved_so_far(&run)));
+                    con.warn(format!("the last step was skipped. {}", saved_so_far(&run)));
                     break 'epochs;
                 }
                 continue;
@@ -406,38 +425,43 @@ pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
             let mut improved = false;
             if std::mem::take(&mut eval_pending) && !data.val_rows.is_empty() {
                 let e = validate(state.step, epoch, &mut log)?;
-                training_curves(&read_metrics(&run.metrics())?, &run.curves())?;
-                improved = judge_evaluation(&mut state, &e, &bar);
+                if main {
+                    training_curves(&read_metrics(&run.metrics())?, &run.curves())?;
+                }
+                improved = judge_evaluation(&mut state, &e, &con);
                 last_eval = Some(e);
             }
             if std::mem::take(&mut save_pending) || improved {
                 let dir = run.checkpoint(state.step);
-                save_training_checkpoint(&dir, &model, &optim, scaler.as_ref(), &state, &cfg)?;
-                files::crash_point("checkpoint:written");
-                // Pointers move only once the checkpoint is complete; pruning comes last.
-                run.set_last(&dir)?;
-                if improved {
-                    run.set_best(&dir)?;
+                if main {
+                    save_training_checkpoint(&dir, &model, &optim, scaler.as_ref(), &state, &cfg)?;
+                    files::crash_point("checkpoint:written");
+                    // Pointers move only once the checkpoint is complete; pruning comes last.
+                    run.set_last(&dir)?;
+                    if improved {
+                        run.set_best(&dir)?;
+                    }
+                    run.prune(KEEP_CHECKPOINTS)?;
                 }
-                run.prune(KEEP_CHECKPOINTS)?;
                 last_checkpoint = Some(dir);
             }
             if done {
                 break 'epochs;
             }
             if tc.early_stopping_patience > 0 && state.evals_since_best >= tc.early_stopping_patience {
-                bar.suspend(|| {
-                    tracing::info!(
-                        "early stopping: no better validation Dice in {} evaluations",
-                        state.evals_since_best
-                    )
-                });
+                con.say(format!("early stopping: no better validation Dice in {} evaluations", state.evals_since_best));
                 break 'epochs;
             }
         }
     }
     bar.finish_and_clear();
-    Ok(TrainSummary { state, last_eval, first_eval, last_checkpoint, trained_parameters: n_trained })
+    let trained = model
+        .trained
+        .all()
+        .into_iter()
+        .map(|p| (format!("{}/{}", p.group, p.key), p.var.as_tensor().clone()))
+        .collect();
+    Ok(TrainSummary { state, last_eval, first_eval, last_checkpoint, trained_parameters: n_trained, trained })
 }
 
 /// One line of `metrics.jsonl` for a finished optimizer step.
@@ -475,13 +499,13 @@ fn count_step(
     out: &StepOutcome,
     max_skipped: u32,
     run: &RunDir,
-    bar: &ProgressBar,
+    con: &Console,
 ) -> Result<()> {
     match &out.skipped {
         Some(why) => {
             state.skipped_steps += 1;
             state.consecutive_skipped += 1;
-            bar.suspend(|| tracing::warn!("step {}: skipped ({why})", state.step + 1));
+            con.warn(format!("step {}: skipped ({why})", state.step + 1));
             if state.consecutive_skipped >= max_skipped {
                 bail!(
                     "{} consecutive steps were skipped (last: {why}); stopping. {} Lower the learning rate, use \
@@ -500,7 +524,7 @@ fn count_step(
 
 /// Whether an evaluation is the run's best so far (only a finite one can be); updates the
 /// early-stopping count.
-fn judge_evaluation(state: &mut TrainerState, e: &EvalResult, bar: &ProgressBar) -> bool {
+fn judge_evaluation(state: &mut TrainerState, e: &EvalResult, con: &Console) -> bool {
     let finite = e.loss.is_finite() && e.dice.is_finite();
     if finite && state.best_dice.is_none_or(|b| e.dice > b) {
         state.best_dice = Some(e.dice);
@@ -509,7 +533,7 @@ fn judge_evaluation(state: &mut TrainerState, e: &EvalResult, bar: &ProgressBar)
         return true;
     }
     if !finite {
-        bar.suspend(|| tracing::warn!("step {}: validation is not finite; it cannot become `best`", state.step));
+        con.warn(format!("step {}: validation is not finite; it cannot become `best`", state.step));
     }
     state.evals_since_best += 1;
     false
@@ -566,6 +590,27 @@ fn saved_so_far(run: &RunDir) -> String {
     }
 }
 
+/// Where the run's messages go: the log (stderr), above the progress bar; nowhere on ranks
+/// other than 0.
+struct Console {
+    bar: ProgressBar,
+    silent: bool,
+}
+
+impl Console {
+    fn say(&self, msg: String) {
+        if !self.silent {
+            self.bar.suspend(|| tracing::info!("{msg}"));
+        }
+    }
+
+    fn warn(&self, msg: String) {
+        if !self.silent {
+            self.bar.suspend(|| tracing::warn!("{msg}"));
+        }
+    }
+}
+
 fn save_training_checkpoint(
     dir: &Path,
     model: &PrsMed,
@@ -592,79 +637,6 @@ fn save_training_checkpoint(
     })
 }
 
-/// How validation generates its answers: greedy, up to 32 tokens.
-const VALIDATION_ANSWERS: GenerateOptions =
-    GenerateOptions { max_new_tokens: 32, temperature: 0.0, top_p: 1.0, seed: 0, stop_at_eos: true };
-
-/// Validation: loss, Dice/IoU at the model resolution (threshold 0.5), and position accuracy
-/// of greedily generated answers.
-pub fn evaluate(
-    model: &PrsMed,
-    builder: &SampleBuilder,
-    rows: &[Row],
-    cfg: &Config,
-    device: &Device,
-) -> Result<EvalResult> {
-    let _eval = EvalMode::enter();
-    let n = if cfg.train.max_eval_samples > 0 { rows.len().min(cfg.train.max_eval_samples) } else { rows.len() };
-    let rows = &rows[..n];
-    let weights = LossWeights { compat: cfg.train.loss_compat, ..Default::default() };
-    let (mut loss, mut dice, mut iou, mut n_scored, mut correct) = (0f64, 0f64, 0f64, 0usize, 0usize);
-    for chunk in rows.chunks(cfg.train.batch_size.max(1)) {
-        let prepared: Vec<PreparedSample> = chunk.iter().map(|r| builder.prepare(r, true)).collect::<Result<_>>()?;
-        let items: Vec<&PreparedSample> = prepared.iter().collect();
-        let mb = collate(&items, device)?;
-        // The image embeddings serve both the loss forward and the generated answers.
-        let image = model.encode_image(&mb.clip_pixels)?;
-        let out = model.forward_from_image(&mb, &image, true)?;
-        let l = model.losses(&mb, &out, &weights)?;
-        loss += l.total.to_scalar::<f32>()? as f64 * chunk.len() as f64;
-        let pred = out.mask_logits.ge(0f64)?.to_dtype(DType::U8)?.to_device(&Device::Cpu)?;
-        let gt = mb.masks.as_ref().expect("prepared with masks").to_device(&Device::Cpu)?;
-        for i in 0..chunk.len() {
-            let p: Vec<bool> = pred.get(i)?.flatten_all()?.to_vec1::<u8>()?.into_iter().map(|v| v > 0).collect();
-            let g: Vec<bool> = gt.get(i)?.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|v| v > 0.5).collect();
-            let s = ImageScores::from_confusion(&Confusion::from_masks(&p, &g)?, cfg.data.empty_masks);
-            // `ignore` scores an empty ground truth NaN: left out of the means, as evaluate does.
-            if !s.dice.is_nan() {
-                dice += s.dice;
-                iou += s.iou;
-                n_scored += 1;
-            }
-        }
-        // Answers: greedy generation, one sample at a time (KV cache), from the prompt alone.
-        for (i, (r, s)) in chunk.iter().zip(prepared.iter()).enumerate() {
-            let mut prompt = s.prompt.clone();
-            prompt.answer.clear();
-            let ids = generate_answers(model, &[prompt], &image.narrow(0, i, 1)?, &VALIDATION_ANSWERS)?.remove(0);
-            let text = builder.tokenizer.decode(&ids, true).map_err(|e| anyhow::anyhow!("decoding an answer: {e}"))?;
-            let truth = r.position.map(PositionLabel::from);
-            if truth.is_some_and(|t| t == parse_position(&text)) {
-                correct += 1;
-            }
-        }
-    }
-    let nf = n.max(1) as f64;
-    Ok(EvalResult {
-        loss: loss / nf,
-        dice: dice / n_scored.max(1) as f64,
-        iou: iou / n_scored.max(1) as f64,
-        position_accuracy: correct as f64 / nf,
-        n,
-    })
-}
-
-fn log_eval(log: &mut MetricsLog, step: u64, epoch: u64, e: &EvalResult) -> Result<()> {
-    log.append(&Record {
-        epoch: Some(epoch),
-        val_loss: Some(e.loss),
-        dice: Some(e.dice),
-        iou: Some(e.iou),
-        position_acc: Some(e.position_accuracy),
-        ..Record::eval(step)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -675,7 +647,7 @@ mod tests {
 
     #[test]
     fn only_a_finite_evaluation_can_become_best() {
-        let bar = ProgressBar::hidden();
+        let bar = Console { bar: ProgressBar::hidden(), silent: false };
         let mut s = TrainerState::default();
         assert!(!judge_evaluation(&mut s, &eval(f64::NAN, 0.9), &bar), "NaN loss");
         assert!(!judge_evaluation(&mut s, &eval(0.5, f64::NAN), &bar), "NaN Dice");

@@ -64,6 +64,7 @@ fn no_hostile_value_of_any_flag_makes_a_command_panic() {
             "--max-steps",
             "--num-workers",
             "--seed",
+            "--nproc-per-node",
         ] {
             add(&[&ft[..], &[flag, v]].concat());
         }

@@ -432,6 +432,8 @@ fn the_tiny_model_learns() {
         resume: false,
         dry_run: false,
         progress: false,
+        ranks: prs::dist::single(),
+        poison_step: None,
     })
     .unwrap();
     let records = prs::report::read_metrics(&dir.path().join("run/metrics.jsonl")).unwrap();

@@ -13,6 +13,7 @@ mod common;
 mod data;
 mod data_check;
 mod decoder;
+mod dist;
 mod dropout;
 mod evaluate;
 mod export;
