@@ -244,8 +244,9 @@ fn nproc_per_node_2_on_the_cpu_equals_one_process_with_doubled_accumulation() {
     // Frozen BatchNorm: the checkpoint's running statistics are then the same too.
     let conf = write_config(dir.path(), &cfg, &data, "train.batch_size=2 train.max_steps=4 train.batchnorm=frozen");
     let run = |out: &str, extra: &[&str]| {
+        // Not --quiet: rank 1's only line ("rank 1 of 2 on cpu") is an info line.
         let o = prs()
-            .args(["finetune", "--quiet", "--device", "cpu", "--config"])
+            .args(["finetune", "--device", "cpu", "--config"])
             .arg(&conf)
             .arg("--out")
             .arg(dir.path().join(out))
