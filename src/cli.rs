@@ -76,6 +76,11 @@ pub enum Command {
         after_help = "Examples:\n  prs profile-memory --config configs/prs-med-7b.toml --device cuda:0 --gpu-memory 24GiB --emit-config fits.toml\n  prs profile-memory --config configs/tiny.toml --predict-only --json"
     )]
     ProfileMemory(commands::profile_memory::ProfileMemoryArgs),
+    /// A local web page and HTTP API for a trained model: drop a scan, ask, see the mask.
+    #[command(
+        after_help = "Examples:\n  prs serve --checkpoint runs/tiny/best\n  prs serve --checkpoint runs/7b/best --device cuda:0 --port 8080 --save-dir served\n  PRS_SERVE_TOKEN=change-me prs serve --checkpoint runs/7b/best --host 0.0.0.0"
+    )]
+    Serve(commands::serve::ServeArgs),
     /// Dataset tools: `prs data check` verifies every row and summarises the dataset.
     #[command(after_help = "Examples:\n  prs data check --data-root data/synth --json report.json")]
     Data(commands::data::DataArgs),
@@ -107,6 +112,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::SynthData(a) => commands::synth_data::run(&a),
         Command::ProfileMemory(a) => commands::profile_memory::run(&a),
         Command::Export(a) => commands::export::run(&a),
+        Command::Serve(a) => commands::serve::run(&a),
         Command::Data(a) => commands::data::run(&a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "prs", &mut std::io::stdout());

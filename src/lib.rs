@@ -23,6 +23,7 @@ pub mod phases;
 pub mod pipeline;
 pub mod process;
 pub mod report;
+pub mod serve;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;

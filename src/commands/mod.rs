@@ -10,5 +10,6 @@ pub mod finetune;
 pub mod init;
 pub mod predict;
 pub mod profile_memory;
+pub mod serve;
 pub mod synth_data;
 pub mod tokenize;

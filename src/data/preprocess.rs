@@ -55,18 +55,31 @@ pub fn decode_image(path: &Path) -> Result<DynamicImage> {
     let decode = || -> Result<DynamicImage> {
         // One read: the structure check and the decoder see the same bytes.
         let bytes = std::fs::read(path)?;
-        let mut reader = image::ImageReader::new(std::io::Cursor::new(&bytes));
-        // The extension's format when the content gives none (as `ImageReader::open`), so the
-        // decoder says what is wrong with, say, a text file named .png.
-        if let Ok(f) = image::ImageFormat::from_path(path) {
-            reader.set_format(f);
-        }
-        let reader = reader.with_guessed_format()?;
-        let Some(format) = reader.format() else { bail!("unrecognised image format (expected PNG or JPEG)") };
-        check_complete(&bytes, format)?;
-        Ok(reader.decode()?)
+        decode_image_bytes(&bytes, Some(path))
     };
     decode().with_context(|| format!("cannot load image {}", path.display()))
+}
+
+/// Decodes an encoded image held in memory (an upload); `name`'s extension gives the format
+/// when the content gives none (as `ImageReader::open`), so the decoder says what is wrong
+/// with, say, a text file named .png.
+pub fn decode_image_bytes(bytes: &[u8], name: Option<&Path>) -> Result<DynamicImage> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes));
+    if let Some(f) = name.and_then(|n| image::ImageFormat::from_path(n).ok()) {
+        reader.set_format(f);
+    }
+    let reader = reader.with_guessed_format()?;
+    let Some(format) = reader.format() else { bail!("unrecognised image format (expected PNG or JPEG)") };
+    check_complete(bytes, format)?;
+    Ok(reader.decode()?)
+}
+
+/// 8-bit RGB, as every model input starts (see [`load_image`]).
+pub fn to_rgb(img: DynamicImage) -> DynamicImage {
+    match img {
+        DynamicImage::ImageRgb8(_) => img,
+        other => DynamicImage::ImageRgb8(other.to_rgb8()),
+    }
 }
 
 /// Checks that an encoded PNG, JPEG or BMP file is complete (not cut short); other formats, and
@@ -167,11 +180,7 @@ fn bmp_complete(b: &[u8]) -> Result<()> {
 /// to 8 bits (PIL would clip 16-bit greyscale to 255 instead; we keep the image usable).
 /// The format is detected from the content, not the extension.
 pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage> {
-    let img = decode_image(path.as_ref())?;
-    Ok(match img {
-        DynamicImage::ImageRgb8(_) => img,
-        other => DynamicImage::ImageRgb8(other.to_rgb8()),
-    })
+    Ok(to_rgb(decode_image(path.as_ref())?))
 }
 
 /// LLaVA's `expand2square` background: `tuple(int(x * 255) for x in image_mean)` = (122, 116, 104).

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
-use image::{GrayImage, RgbImage};
+use image::{DynamicImage, GrayImage, RgbImage};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::generate::{predict_batch, GenerateOptions};
 use super::load::{Loaded, ModelInfo};
 use super::masks::{mask_stats, prob_map, prob_to_u8, threshold_mask, MaskStats};
-use crate::data::preprocess::{clip_preprocess, load_image, sam_preprocess};
+use crate::data::preprocess::{clip_preprocess, load_image, sam_preprocess, to_rgb};
 use crate::files::{self, write_atomic, write_png_atomic, Existing};
 use crate::metrics::{parse_position, position_from_mask};
 use crate::model::prs_med::ModelBatch;
@@ -95,23 +95,124 @@ pub struct PredictReport {
     pub kept: usize,
 }
 
-struct Prepared {
+/// One input ready for the model: its tensors and the original image (outputs are drawn at its
+/// resolution).
+pub struct Prepared {
     clip: Tensor,
     sam: Tensor,
     prompt: PromptIds,
-    image: RgbImage,
+    pub image: RgbImage,
 }
 
-fn prepare(loaded: &Loaded, item: &Item) -> Result<Prepared> {
-    let img = load_image(&item.image)?;
+/// Prepares a decoded image and its question; `what` names the input in errors.
+pub fn prepare_image(loaded: &Loaded, img: DynamicImage, question: &str, what: &str) -> Result<Prepared> {
+    let img = to_rgb(img);
     let clip_size = loaded.model.spec.llava.vision_config()?.image_size;
     let clip = clip_preprocess(&img, clip_size)?;
     let sam = sam_preprocess(&img, loaded.cfg.model.sam_image_size)?;
-    let prompt = encode_prompt(&loaded.tokenizer, &loaded.cfg.prompt.template, &item.question, None)
-        .with_context(|| format!("question for {}", item.image.display()))?;
-    check_prompt_length(&prompt, loaded.model.prompt_limits()?)
-        .with_context(|| format!("question for {}", item.image.display()))?;
+    let prompt = encode_prompt(&loaded.tokenizer, &loaded.cfg.prompt.template, question, None)
+        .with_context(|| format!("question for {what}"))?;
+    check_prompt_length(&prompt, loaded.model.prompt_limits()?).with_context(|| format!("question for {what}"))?;
     Ok(Prepared { clip, sam, prompt, image: img.into_rgb8() })
+}
+
+fn prepare(loaded: &Loaded, item: &Item) -> Result<Prepared> {
+    prepare_image(loaded, load_image(&item.image)?, &item.question, &item.image.display().to_string())
+}
+
+/// What a prediction's result names besides the model's output.
+#[derive(Clone, Debug)]
+pub struct ItemMeta {
+    pub id: String,
+    /// The image as the result names it (a path, or an upload's file name).
+    pub image: String,
+    pub question: String,
+    pub threshold: f32,
+}
+
+/// One input predicted, in memory.
+pub struct Prediction {
+    pub result: ItemResult,
+    /// Probability per pixel of the original image, row-major.
+    pub prob: Vec<f32>,
+    /// The model-resolution mask logits (1,1,S,S), on the model's device.
+    pub logits: Tensor,
+}
+
+/// Runs the model once on a batch of prepared inputs (one generation loop for all of them).
+pub fn predict_prepared(
+    loaded: &Loaded,
+    inputs: &[(&Prepared, ItemMeta)],
+    gen: &GenerateOptions,
+) -> Result<Vec<Prediction>> {
+    ensure!(!inputs.is_empty(), "no inputs to predict");
+    let dev = loaded.model.device().clone();
+    let stack = |f: fn(&Prepared) -> &Tensor| -> Result<Tensor> {
+        let ts: Vec<&Tensor> = inputs.iter().map(|(p, _)| f(p)).collect();
+        Ok(Tensor::stack(&ts, 0)?.to_device(&dev)?)
+    };
+    let batch = ModelBatch {
+        clip_pixels: stack(|p| &p.clip)?,
+        sam_pixels: stack(|p| &p.sam)?,
+        prompts: inputs.iter().map(|(p, _)| p.prompt.clone()).collect(),
+        masks: None,
+        modality: None,
+    };
+    let out = predict_batch(&loaded.model, &batch, gen)?;
+    let n = inputs.len();
+    let mut predictions = Vec::with_capacity(n);
+    for (k, (p, meta)) in inputs.iter().enumerate() {
+        let (w, h) = p.image.dimensions();
+        let logits = out.mask_logits.narrow(0, k, 1)?;
+        let prob = prob_map(&logits, w, h)?;
+        let stats = mask_stats(&prob, w, h, meta.threshold)?;
+        let mask = threshold_mask(&prob, meta.threshold);
+        let ids = &out.answers[k];
+        let answer = loaded.tokenizer.decode(ids, true).map_err(|e| anyhow::anyhow!("decoding the answer: {e}"))?;
+        let result = ItemResult {
+            id: meta.id.clone(),
+            image: meta.image.clone(),
+            question: meta.question.clone(),
+            position: parse_position(&answer).as_str().into(),
+            mask_position: position_from_mask(&mask, h as usize, w as usize).0.as_str().into(),
+            answer,
+            answer_ids: ids.clone(),
+            stopped_at_eos: out.hit_eos[k],
+            mask: stats,
+            model: loaded.info.clone(),
+            generation: gen.clone(),
+            timings: Timings {
+                load_s: loaded.load_secs,
+                encode_s: out.encode_secs / n as f64,
+                decode_s: out.decode_secs / n as f64,
+                generated_tokens: ids.len(),
+                decode_per_token_s: (out.decode_steps > 0).then(|| out.decode_secs / out.decode_steps as f64),
+                batch_size: n,
+            },
+        };
+        predictions.push(Prediction { result, prob, logits });
+    }
+    Ok(predictions)
+}
+
+/// The pictures of a prediction: the mask (0/255), the 8-bit probability and the overlay.
+pub struct Rendered {
+    pub mask: GrayImage,
+    pub prob: GrayImage,
+    pub overlay: RgbImage,
+}
+
+/// Draws a prediction at the image's resolution with `threshold`.
+pub fn render(image: &RgbImage, prob: &[f32], threshold: f32) -> Result<Rendered> {
+    let (w, h) = image.dimensions();
+    let mask = threshold_mask(prob, threshold);
+    let mask_u8: Vec<u8> = mask.iter().map(|&m| if m { 255 } else { 0 }).collect();
+    let grey = |v: Vec<u8>| GrayImage::from_raw(w, h, v).context("probability map and image sizes differ");
+    Ok(Rendered {
+        mask: grey(mask_u8)?,
+        prob: grey(prob_to_u8(prob))?,
+        overlay: overlay_mask(image, &mask, PRED_COLOUR, 0.4)?,
+    })
 }
 
 /// The files a prediction folder may hold (besides the ownership marker).
@@ -160,15 +261,28 @@ pub fn check_targets(dirs: &[PathBuf], opts: &PredictOptions) -> Result<Vec<bool
 }
 
 /// Writes an item's files into a temporary sibling folder and renames it to `dir`.
-fn write_item(dir: &Path, p: &Prepared, prob: &[f32], logits: Option<&Tensor>, res: &ItemResult) -> Result<()> {
+fn write_item(dir: &Path, image: &RgbImage, prob: &[f32], logits: Option<&Tensor>, res: &ItemResult) -> Result<()> {
+    write_prediction_dir(dir, image, prob, logits, res, &[])
+}
+
+/// A prediction folder (see the module's notes), with `extra` files (name, bytes) beside the
+/// usual ones: `prs serve --save-dir` keeps the upload there.
+pub fn write_prediction_dir(
+    dir: &Path,
+    image: &RgbImage,
+    prob: &[f32],
+    logits: Option<&Tensor>,
+    res: &ItemResult,
+    extra: &[(&str, &[u8])],
+) -> Result<()> {
     files::write_dir_atomic(dir, |tmp| {
-        let (w, h) = p.image.dimensions();
-        let mask = threshold_mask(prob, res.mask.threshold);
-        let mask_u8: Vec<u8> = mask.iter().map(|&m| if m { 255 } else { 0 }).collect();
-        let grey = |v: Vec<u8>| GrayImage::from_raw(w, h, v).context("probability map and image sizes differ");
-        write_png_atomic(&grey(mask_u8)?, &tmp.join("mask.png"))?;
-        write_png_atomic(&grey(prob_to_u8(prob))?, &tmp.join("prob.png"))?;
-        write_png_atomic(&overlay_mask(&p.image, &mask, PRED_COLOUR, 0.4)?, &tmp.join("overlay.png"))?;
+        for (name, bytes) in extra {
+            files::write_bytes_atomic(&tmp.join(name), bytes)?;
+        }
+        let pictures = render(image, prob, res.mask.threshold)?;
+        write_png_atomic(&pictures.mask, &tmp.join("mask.png"))?;
+        write_png_atomic(&pictures.prob, &tmp.join("prob.png"))?;
+        write_png_atomic(&pictures.overlay, &tmp.join("overlay.png"))?;
         if let Some(l) = logits {
             write_safetensors_atomic(&tmp.join("mask_logits.safetensors"), &[("mask_logits".into(), l.clone())], None)?;
         }
@@ -212,7 +326,6 @@ pub fn predict_items(
     let todo: Vec<usize> = (0..items.len()).filter(|&i| !keep[i]).collect();
     let pb = progress(items.len(), "predict");
     pb.inc(report.kept as u64);
-    let dev = loaded.model.device().clone();
     for chunk in todo.chunks(opts.batch_size) {
         let mut ready = Vec::with_capacity(chunk.len());
         for (&i, p) in chunk.iter().zip(chunk.par_iter().map(|&i| prepare(loaded, &items[i])).collect::<Vec<_>>()) {
@@ -229,52 +342,24 @@ pub fn predict_items(
         if ready.is_empty() {
             continue;
         }
-        let stack = |f: fn(&Prepared) -> &Tensor| -> Result<Tensor> {
-            let ts: Vec<&Tensor> = ready.iter().map(|(_, p)| f(p)).collect();
-            Ok(Tensor::stack(&ts, 0)?.to_device(&dev)?)
-        };
-        let batch = ModelBatch {
-            clip_pixels: stack(|p| &p.clip)?,
-            sam_pixels: stack(|p| &p.sam)?,
-            prompts: ready.iter().map(|(_, p)| p.prompt.clone()).collect(),
-            masks: None,
-            modality: None,
-        };
-        let out = predict_batch(&loaded.model, &batch, &opts.gen)?;
-        let n = ready.len();
-        for (k, (i, p)) in ready.iter().enumerate() {
-            let i = *i;
-            let (w, h) = p.image.dimensions();
-            let logits = out.mask_logits.narrow(0, k, 1)?;
-            let prob = prob_map(&logits, w, h)?;
-            let stats = mask_stats(&prob, w, h, opts.threshold)?;
-            let mask = threshold_mask(&prob, opts.threshold);
-            let ids = &out.answers[k];
-            let answer = loaded.tokenizer.decode(ids, true).map_err(|e| anyhow::anyhow!("decoding the answer: {e}"))?;
-            let res = ItemResult {
-                id: items[i].id.clone(),
-                image: items[i].image.display().to_string(),
-                question: items[i].question.clone(),
-                position: parse_position(&answer).as_str().into(),
-                mask_position: position_from_mask(&mask, h as usize, w as usize).0.as_str().into(),
-                answer,
-                answer_ids: ids.clone(),
-                stopped_at_eos: out.hit_eos[k],
-                mask: stats,
-                model: loaded.info.clone(),
-                generation: opts.gen.clone(),
-                timings: Timings {
-                    load_s: loaded.load_secs,
-                    encode_s: out.encode_secs / n as f64,
-                    decode_s: out.decode_secs / n as f64,
-                    generated_tokens: ids.len(),
-                    decode_per_token_s: (out.decode_steps > 0).then(|| out.decode_secs / out.decode_steps as f64),
-                    batch_size: n,
-                },
-            };
-            let l = if opts.save_logits { Some(logits.to_device(&Device::Cpu)?) } else { None };
-            write_item(&dirs[i], p, &prob, l.as_ref(), &res)?;
-            report.results[i] = Some(res);
+        let inputs: Vec<(&Prepared, ItemMeta)> = ready
+            .iter()
+            .map(|(i, p)| {
+                let it = &items[*i];
+                let meta = ItemMeta {
+                    id: it.id.clone(),
+                    image: it.image.display().to_string(),
+                    question: it.question.clone(),
+                    threshold: opts.threshold,
+                };
+                (p, meta)
+            })
+            .collect();
+        let predictions = predict_prepared(loaded, &inputs, &opts.gen)?;
+        for ((i, p), pred) in ready.iter().zip(predictions) {
+            let l = if opts.save_logits { Some(pred.logits.to_device(&Device::Cpu)?) } else { None };
+            write_item(&dirs[*i], &p.image, &pred.prob, l.as_ref(), &pred.result)?;
+            report.results[*i] = Some(pred.result);
             report.written += 1;
             pb.inc(1);
         }

@@ -33,6 +33,7 @@ mod profile_memory;
 mod prs_med;
 mod quant;
 mod report;
+mod serve;
 mod tinysam;
 mod tokenizer;
 mod upsample_epilogue;
