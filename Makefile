@@ -5,7 +5,7 @@ ASSETS := .cache/assets
 TOKENIZER_MODEL := $(ASSETS)/tokenizer.model.v1
 MISTRAL_COMMON := mistral-common==1.13.1
 
-.PHONY: all build test lint test-cpu assets fixtures demo bench clean-assets cuda-toolkit build-cuda check-cuda
+.PHONY: all build test lint test-cpu assets fixtures demo bench clean-assets cuda-toolkit build-cuda check-cuda browser-deps browser-test
 
 all: build
 
@@ -22,9 +22,10 @@ $(TOKENIZER_MODEL):
 	$(PYTHON) -c "import zipfile,glob,shutil; w=sorted(glob.glob('.cache/wheels/mistral_common-*.whl'))[-1]; z=zipfile.ZipFile(w); shutil.copyfileobj(z.open('mistral_common/data/tokenizer.model.v1'), open('$(TOKENIZER_MODEL).tmp','wb'))"
 	mv $(TOKENIZER_MODEL).tmp $(TOKENIZER_MODEL)
 
-# The test command (README, .ci/run): formatting and clippy, the CPU test suite, then a full
-# compile of the CUDA build (no GPU needed) so that `cfg(feature = "cuda")` code cannot rot.
-test: lint test-cpu check-cuda
+# The test command (README, .ci/run): formatting and clippy, the CPU test suite, the page of
+# `prs serve` in headless Chromium, then a full compile of the CUDA build (no GPU needed) so
+# that `cfg(feature = "cuda")` code cannot rot.
+test: lint test-cpu browser-test check-cuda
 
 lint:
 	cargo fmt --check
@@ -32,6 +33,19 @@ lint:
 
 test-cpu: assets
 	PRS_TOKENIZER_MODEL=$(CURDIR)/$(TOKENIZER_MODEL) cargo test --no-fail-fast
+
+# Debian's Chromium (as root, or through sudo) and playwright-core (npm, pinned by
+# tests/browser/package-lock.json) for the browser check.
+browser-deps:
+	command -v chromium >/dev/null || { $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq --no-install-recommends chromium; }
+	test -d tests/browser/node_modules/playwright-core || npm ci --prefix tests/browser --no-audit --no-fund
+
+# prs serve's page in a real browser: upload, overlay, answer, history, phone width (screenshots
+# in runs/browser).
+browser-test: assets browser-deps
+	cargo build
+	PRS_TOKENIZER_MODEL=$(CURDIR)/$(TOKENIZER_MODEL) bash scripts/browser_check.sh
 
 # The main job on the embedded default: tiny PRS-Med + synthetic data, init -> finetune ->
 # evaluate -> predict, on the CPU. Output in runs/demo (curves.png, eval/summary.md, predict/).

@@ -7,19 +7,19 @@
 //! (predict repetitions, default 5), BENCH_IMAGES (test images per modality, three modalities,
 //! default 10), BENCH_BATCH (evaluate batch size, default 4).
 
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use anyhow::Result;
+use candle_core::Tensor;
 use clap::Parser;
-use prs::config::Config;
 use prs::data::preprocess::{clip_preprocess, load_image, sam_preprocess};
 use prs::model::prs_med::ModelBatch;
-use prs::pipeline::build::{load_prs_med, LoadOptions, Mode};
 use prs::pipeline::generate::{predict_batch, GenerateOptions};
 use prs::pipeline::load::{load_model, ModelArgs};
-use prs::weights::checkpoint::{save_checkpoint, CheckpointMeta};
+
+#[path = "support/tiny.rs"]
+mod tiny;
+use tiny::tiny;
 
 #[derive(Parser)]
 struct EvalCli {
@@ -34,27 +34,6 @@ fn env_usize(name: &str, default: usize) -> usize {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-/// The tiny base model and an (untrained) project checkpoint in `dir`.
-fn tiny(dir: &Path) -> Result<(Config, PathBuf)> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let tok = std::env::var("PRS_TOKENIZER_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join(".cache/assets/tokenizer.model.v1"));
-    let mut cfg = Config::load(&root.join("configs/tiny.toml"))?;
-    cfg.model.base = dir.join("llava").display().to_string();
-    cfg.model.tinysam = dir.join("tinysam.pth").display().to_string();
-    let init = cfg.init.clone().context("tiny.toml has [init]")?;
-    prs::commands::init::write_llava(&dir.join("llava"), &init, &tok, 8 << 20)
-        .with_context(|| format!("tokenizer {} (run `make assets`)", tok.display()))?;
-    prs::commands::init::write_tinysam(&dir.join("tinysam.pth"), &cfg, init.seed)?;
-    let opts = LoadOptions { device: Device::Cpu, dtype: DType::F32, mode: Mode::Train, checkpoint: None, seed: 1 };
-    let m = load_prs_med(&cfg, &opts)?;
-    let ckpt = dir.join("ckpt");
-    let meta = CheckpointMeta::new(&cfg.model.base, &cfg.model.tinysam, toml::to_string(&cfg.model)?);
-    save_checkpoint(&ckpt, &m.trained, &m.spec.lora, meta)?;
-    Ok((cfg, ckpt))
 }
 
 fn main() -> Result<()> {

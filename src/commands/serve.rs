@@ -86,10 +86,16 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         keep_results: args.keep_results,
         checkpoint: args.checkpoint.display().to_string(),
     };
-    println!("prs serve: {} on {} ({}), listening on http://{addr}", opts.checkpoint, loaded.info.device, loaded.info.dtype);
-    std::io::stdout().flush()?;
+    let mut out = std::io::stdout();
+    writeln!(
+        out,
+        "prs serve: {} on {} ({}), listening on http://{addr}",
+        opts.checkpoint, loaded.info.device, loaded.info.dtype
+    )?;
+    out.flush()?;
     serve::run(listener, loaded, opts)?;
-    println!("prs serve: stopped");
+    // Whoever read the address may have closed stdout since (`prs serve | head -1`).
+    let _ = writeln!(std::io::stdout(), "prs serve: stopped");
     Ok(())
 }
 

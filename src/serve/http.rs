@@ -167,8 +167,15 @@ struct Form {
     gen: crate::pipeline::generate::GenerateOptions,
 }
 
+/// A request refused while its form is read: the status and the message.
+struct Refusal(StatusCode, String);
+
+fn invalid(msg: impl Into<String>) -> Refusal {
+    Refusal(StatusCode::BAD_REQUEST, msg.into())
+}
+
 /// Reads and checks the multipart form; the error is the response to send.
-async fn read_form(mut mp: Multipart, opts: &ServeOptions) -> Result<Form, Response> {
+async fn read_form(mut mp: Multipart, opts: &ServeOptions) -> Result<Form, Refusal> {
     let mut image: Option<(Bytes, String)> = None;
     let mut question: Option<String> = None;
     let mut threshold = opts.threshold;
@@ -180,7 +187,7 @@ async fn read_form(mut mp: Multipart, opts: &ServeOptions) -> Result<Form, Respo
         } else {
             format!("malformed multipart body: {}", e.body_text())
         };
-        error(status, msg)
+        Refusal(status, msg)
     };
     while let Some(field) = mp.next_field().await.map_err(multipart_err)? {
         let name = field.name().unwrap_or("").to_string();
@@ -188,9 +195,13 @@ async fn read_form(mut mp: Multipart, opts: &ServeOptions) -> Result<Form, Respo
             let file_name = field.file_name().unwrap_or("upload").to_string();
             let bytes = field.bytes().await.map_err(multipart_err)?;
             if bytes.len() > opts.max_upload_bytes {
-                return Err(error(
+                return Err(Refusal(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("image `{file_name}` has {} bytes, over the limit of {}", bytes.len(), opts.max_upload_bytes),
+                    format!(
+                        "image `{file_name}` has {} bytes, over the limit of {}",
+                        bytes.len(),
+                        opts.max_upload_bytes
+                    ),
                 ));
             }
             image = Some((bytes, file_name));
@@ -198,19 +209,19 @@ async fn read_form(mut mp: Multipart, opts: &ServeOptions) -> Result<Form, Respo
         }
         let text = field.text().await.map_err(multipart_err)?;
         let value = text.trim();
-        let number = |what: &str| -> Result<f64, Response> {
+        let number = |what: &str| -> Result<f64, Refusal> {
             value
                 .parse::<f64>()
                 .ok()
                 .filter(|v| v.is_finite())
-                .ok_or_else(|| bad_request(format!("field `{what}`: `{value}` is not a finite number")))
+                .ok_or_else(|| invalid(format!("field `{what}`: `{value}` is not a finite number")))
         };
         match name.as_str() {
             "question" => question = Some(text),
             "threshold" => {
                 let v = number("threshold")?;
                 if !(0.0..=1.0).contains(&v) {
-                    return Err(bad_request(format!("field `threshold`: {v} is not in [0, 1]")));
+                    return Err(invalid(format!("field `threshold`: {v} is not in [0, 1]")));
                 }
                 threshold = v as f32;
             }
@@ -220,7 +231,7 @@ async fn read_form(mut mp: Multipart, opts: &ServeOptions) -> Result<Form, Respo
                     .ok()
                     .filter(|v| (1..=MAX_NEW_TOKENS_LIMIT).contains(v))
                     .ok_or_else(|| {
-                        bad_request(format!(
+                        invalid(format!(
                             "field `max_new_tokens`: `{value}` is not a whole number in 1..={MAX_NEW_TOKENS_LIMIT}"
                         ))
                     })?;
@@ -230,25 +241,25 @@ async fn read_form(mut mp: Multipart, opts: &ServeOptions) -> Result<Form, Respo
             "seed" => {
                 gen.seed = value
                     .parse()
-                    .map_err(|_| bad_request(format!("field `seed`: `{value}` is not a whole number")))?
+                    .map_err(|_| invalid(format!("field `seed`: `{value}` is not a whole number")))?
             }
             other => {
-                return Err(bad_request(format!(
+                return Err(invalid(format!(
                     "unknown field `{other}` (expected image, question, threshold, max_new_tokens, temperature, top_p, seed)"
                 )))
             }
         }
     }
-    gen.validate().map_err(|e| bad_request(format!("{e:#}")))?;
+    gen.validate().map_err(|e| invalid(format!("{e:#}")))?;
     let Some((image, file_name)) = image else {
-        return Err(bad_request("missing field `image` (a PNG or JPEG file)"));
+        return Err(invalid("missing field `image` (a PNG or JPEG file)"));
     };
     if image.is_empty() {
-        return Err(bad_request(format!("image `{file_name}` is empty")));
+        return Err(invalid(format!("image `{file_name}` is empty")));
     }
-    let Some(question) = question else { return Err(bad_request("missing field `question`")) };
+    let Some(question) = question else { return Err(invalid("missing field `question`")) };
     if question.trim().is_empty() {
-        return Err(bad_request("field `question` is empty"));
+        return Err(invalid("field `question` is empty"));
     }
     Ok(Form { image, file_name, question, threshold, gen })
 }
@@ -299,7 +310,11 @@ async fn predict_inner(
     if declared.is_some_and(|n| n > opts.max_upload_bytes + 64 * 1024) {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the request has {} bytes, over the server's limit of {}", declared.unwrap(), opts.max_upload_bytes),
+            format!(
+                "the request has {} bytes, over the server's limit of {}",
+                declared.unwrap(),
+                opts.max_upload_bytes
+            ),
         );
     }
     let mp = match mp {
@@ -307,11 +322,11 @@ async fn predict_inner(
         Err(e) => return bad_request(format!("expected a multipart/form-data body: {}", e.body_text())),
     };
     let Ok(_permit) = state.admission.clone().try_acquire_owned() else {
-        return busy(state.queue.stats.batch_ms.load(Ordering::Relaxed));
+        return busy(state.queue.retry_after_s());
     };
     let form = match read_form(mp, opts).await {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(Refusal(status, msg)) => return error(status, msg),
     };
     // Decoding and resizing take CPU time: off the HTTP threads.
     let loaded = state.loaded.clone();
@@ -337,7 +352,7 @@ async fn predict_inner(
     let job = Job { prepared, meta, gen: form.gen.clone(), queued_at: Instant::now(), reply };
     match state.queue.submit(job) {
         Ok(()) => tracing::debug!("predict {id}: queued ({} waiting)", state.queue.waiting()),
-        Err(Refused::Full { retry_after_s }) => return busy(retry_after_s * 1000),
+        Err(Refused::Full { retry_after_s }) => return busy(retry_after_s),
         Err(Refused::Stopped) => return error(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down"),
     }
     let done = match answer.await {
@@ -356,21 +371,14 @@ async fn predict_inner(
 }
 
 /// 503 with a Retry-After of about one batch time per batch ahead.
-fn busy(retry_after_ms: u64) -> Response {
-    let secs = retry_after_ms.div_ceil(1000).max(1);
+fn busy(secs: u64) -> Response {
     let mut r = error(StatusCode::SERVICE_UNAVAILABLE, format!("the queue is full: retry in about {secs} s"));
     r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
     r
 }
 
 /// Draws and encodes the pictures, keeps them for their URLs (and on disk with --save-dir).
-fn finish(
-    state: &AppState,
-    id: &str,
-    done: Done,
-    upload: &[u8],
-    t0: Instant,
-) -> anyhow::Result<PredictResponse> {
+fn finish(state: &AppState, id: &str, done: Done, upload: &[u8], t0: Instant) -> anyhow::Result<PredictResponse> {
     let Done { prediction: Prediction { result, prob, .. }, image, run } = done;
     let pictures = render(&image, &prob, result.mask.threshold)?;
     let png = |img: &dyn Fn(&mut std::io::Cursor<Vec<u8>>) -> image::ImageResult<()>| -> anyhow::Result<Vec<u8>> {
@@ -384,7 +392,8 @@ fn finish(
     let overlay_png = png(&|c| pictures.overlay.write_to(c, fmt))?;
     if let Some(dir) = &state.opts.save_dir {
         let ext = Path::new(&result.image).extension().and_then(|e| e.to_str()).unwrap_or("bin").to_lowercase();
-        let upload_name = format!("upload.{}", if ext.chars().all(|c| c.is_ascii_alphanumeric()) { &ext } else { "bin" });
+        let upload_name =
+            format!("upload.{}", if ext.chars().all(|c| c.is_ascii_alphanumeric()) { &ext } else { "bin" });
         write_prediction_dir(&dir.join(id), &image, &prob, None, &result, &[(upload_name.as_str(), upload)])?;
     }
     let url = |f: &str| format!("/v1/results/{id}/{f}");
@@ -411,17 +420,29 @@ fn finish(
 async fn result_file(State(state): State<Arc<AppState>>, UrlPath((id, file)): UrlPath<(String, String)>) -> Response {
     let store = state.results.lock().unwrap_or_else(|e| e.into_inner());
     let Some(r) = store.get(&id) else {
-        return error(StatusCode::NOT_FOUND, format!("no result `{id}` (results are kept while the server runs, the newest {} of them)", state.opts.keep_results));
+        return error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no result `{id}` (results are kept while the server runs, the newest {} of them)",
+                state.opts.keep_results
+            ),
+        );
     };
     let (bytes, kind) = match file.as_str() {
         "mask.png" => (&r.mask_png, "image/png"),
         "prob.png" => (&r.prob_png, "image/png"),
         "overlay.png" => (&r.overlay_png, "image/png"),
         "result.json" => (&r.json, "application/json"),
-        _ => return error(StatusCode::NOT_FOUND, format!("no file `{file}`: mask.png, prob.png, overlay.png or result.json")),
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("no file `{file}`: mask.png, prob.png, overlay.png or result.json"),
+            )
+        }
     };
     let disposition = format!("inline; filename=\"{id}-{file}\"");
-    ([(header::CONTENT_TYPE, kind.to_string()), (header::CONTENT_DISPOSITION, disposition)], bytes.clone()).into_response()
+    ([(header::CONTENT_TYPE, kind.to_string()), (header::CONTENT_DISPOSITION, disposition)], bytes.clone())
+        .into_response()
 }
 
 /// A random id: it names the result's URLs, so it is not guessable.

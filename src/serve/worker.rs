@@ -94,7 +94,7 @@ impl Queue {
     }
 
     /// About when the queue will have room: the batches ahead times a batch's mean time.
-    fn retry_after_s(&self) -> u64 {
+    pub fn retry_after_s(&self) -> u64 {
         let batch_ms = self.stats.batch_ms.load(Ordering::Relaxed).max(100);
         let batches_ahead = (self.waiting() / self.max_batch + 1) as u64;
         (batch_ms * batches_ahead).div_ceil(1000).max(1)

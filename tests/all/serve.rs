@@ -31,9 +31,13 @@ fn scan(path: &Path, size: u32, k: u32) {
 }
 
 fn server(st: &Setup, opts: ServeOptions) -> ServerHandle {
-    let args = ModelArgs { device: "cpu".into(), ..Default::default() };
-    let loaded = load_model(&st.project, &args).unwrap();
-    start(bind("127.0.0.1:0").unwrap(), loaded, ServeOptions { checkpoint: s(&st.project), ..opts }).unwrap()
+    server_of(&st.project, None, opts)
+}
+
+fn server_of(checkpoint: &Path, config: Option<&Path>, opts: ServeOptions) -> ServerHandle {
+    let args = ModelArgs { device: "cpu".into(), config: config.map(Path::to_path_buf), ..Default::default() };
+    let loaded = load_model(checkpoint, &args).unwrap();
+    start(bind("127.0.0.1:0").unwrap(), loaded, ServeOptions { checkpoint: s(checkpoint), ..opts }).unwrap()
 }
 
 /// A part of a multipart/form-data body: (field name, file name, bytes).
@@ -111,41 +115,49 @@ fn decode_mask(png: &[u8]) -> Vec<u8> {
     image::load_from_memory(png).unwrap().into_luma8().into_raw()
 }
 
-#[test]
-fn a_prediction_equals_prs_predict_and_its_files_are_served() {
-    let st = setup();
-    let img = st.dir.path().join("scan.png");
-    scan(&img, 96, 3);
-    let out = st.dir.path().join("pred");
-    let cli = [
-        "predict",
-        "--checkpoint",
-        &s(&st.project),
-        "--image",
-        &s(&img),
-        "--question",
-        Q,
-        "--out",
-        &s(&out),
-        "--device",
-        "cpu",
-    ];
-    prs::cli::run(<prs::cli::Cli as clap::Parser>::try_parse_from(std::iter::once("prs").chain(cli)).unwrap()).unwrap();
+fn prs(args: &[&str]) {
+    let cli = <prs::cli::Cli as clap::Parser>::try_parse_from(std::iter::once("prs").chain(args.iter().copied()));
+    prs::cli::run(cli.unwrap()).unwrap();
+}
+
+/// `prs predict` on `img`, then the same image and question through the server: the same
+/// answer ids, figures and mask. Returns the server's JSON and the mask PNG.
+fn same_as_prs_predict(
+    h: &ServerHandle,
+    checkpoint: &Path,
+    extra: &[&str],
+    img: &Path,
+    out: &Path,
+) -> (Value, Vec<u8>) {
+    let (ck, im, o) = (s(checkpoint), s(img), s(out));
+    let mut args =
+        vec!["predict", "--checkpoint", &ck, "--image", &im, "--question", Q, "--out", &o, "--device", "cpu"];
+    args.extend(extra);
+    prs(&args);
     let want: Value = serde_json::from_str(&std::fs::read_to_string(out.join("result.json")).unwrap()).unwrap();
     let want_mask = decode_mask(&std::fs::read(out.join("mask.png")).unwrap());
-
-    let h = server(&st, ServeOptions::default());
-    let r = post(&h, &image_parts("scan.png", std::fs::read(&img).unwrap(), Q));
+    let r = post(h, &image_parts("scan.png", std::fs::read(img).unwrap(), Q));
     assert_eq!(r.status, 200, "{}", r.text());
     let got = r.json();
     assert_eq!(got["answer_ids"], want["answer_ids"]);
     assert_eq!(got["answer"], want["answer"]);
-    for k in ["position", "mask_position", "area_px", "bbox", "threshold", "width", "height", "generation"] {
+    for k in ["position", "mask_position", "area_px", "bbox", "threshold", "width", "height", "generation", "model"] {
         assert_eq!(got[k], want[k], "{k}");
     }
     assert_eq!(got["image"], "scan.png");
     let png = base64::engine::general_purpose::STANDARD.decode(got["mask_png_base64"].as_str().unwrap()).unwrap();
     assert_eq!(decode_mask(&png), want_mask, "the mask differs from prs predict's");
+    (got, png)
+}
+
+#[test]
+fn a_prediction_equals_prs_predict_and_its_files_are_served() {
+    let st = setup();
+    let img = st.dir.path().join("scan.png");
+    scan(&img, 96, 3);
+    let h = server(&st, ServeOptions::default());
+    let (got, png) = same_as_prs_predict(&h, &st.project, &[], &img, &st.dir.path().join("pred"));
+    let want = &got;
     // The result's URLs serve the same mask, the picture files and the JSON.
     let mask = get(&h, got["mask_url"].as_str().unwrap());
     assert_eq!((mask.status, mask.content_type.as_str()), (200, "image/png"));
@@ -181,6 +193,26 @@ fn a_prediction_equals_prs_predict_and_its_files_are_served() {
     h.stop().unwrap();
 }
 
+/// The authors' release layout and a merged export serve as `prs predict` runs them.
+#[test]
+fn the_authors_release_and_a_merged_export_serve_too() {
+    let st = setup();
+    let img = st.dir.path().join("scan.png");
+    scan(&img, 80, 7);
+    let cfg = s(&st.config_file);
+    let h = server_of(&st.authors, Some(&st.config_file), ServeOptions::default());
+    let (got, _) = same_as_prs_predict(&h, &st.authors, &["--config", &cfg], &img, &st.dir.path().join("p1"));
+    assert_eq!(got["model"]["checkpoint_format"], "authors");
+    h.stop().unwrap();
+    let merged = st.dir.path().join("merged");
+    prs(&["export", "--checkpoint", &s(&st.project), "--merge-lora", "--out", &s(&merged)]);
+    let h = server_of(&merged, None, ServeOptions::default());
+    let (got, _) = same_as_prs_predict(&h, &merged, &[], &img, &st.dir.path().join("p2"));
+    assert_eq!(got["model"]["checkpoint_format"], "merged");
+    assert_eq!(get(&h, "/v1/info").json()["model"], got["model"]);
+    h.stop().unwrap();
+}
+
 #[test]
 fn bad_requests_get_their_status_and_a_message_and_the_server_lives_on() {
     let st = setup();
@@ -211,7 +243,12 @@ fn bad_requests_get_their_status_and_a_message_and_the_server_lives_on() {
         ("unknown field", with(vec![("colour", None, b"red".to_vec())]), 400, "unknown field `colour`"),
         ("over-long question", image_parts("scan.png", png.clone(), &long_question), 400, "question for image"),
         ("file over the limit", image_parts("big.png", vec![0u8; limit + 10_000], Q), 413, "over the limit"),
-        ("request over the limit", image_parts("big.png", vec![0u8; limit + 70_000], Q), 413, "over the server's limit"),
+        (
+            "request over the limit",
+            image_parts("big.png", vec![0u8; limit + 70_000], Q),
+            413,
+            "over the server's limit",
+        ),
     ];
     for (what, parts, status, msg) in cases {
         let r = post(&h, &parts);
@@ -325,7 +362,11 @@ fn two_hundred_requests_from_eight_clients_each_get_their_own_answer() {
         .collect();
     let masks: Vec<Vec<u8>> = alone
         .iter()
-        .map(|v| decode_mask(&base64::engine::general_purpose::STANDARD.decode(v["mask_png_base64"].as_str().unwrap()).unwrap()))
+        .map(|v| {
+            decode_mask(
+                &base64::engine::general_purpose::STANDARD.decode(v["mask_png_base64"].as_str().unwrap()).unwrap(),
+            )
+        })
         .collect();
     for i in 1..n_images {
         assert_ne!(masks[i], masks[0], "images 0 and {i} have the same mask: a mix-up could not be seen");
@@ -355,7 +396,9 @@ fn two_hundred_requests_from_eight_clients_each_get_their_own_answer() {
             let v = r.json();
             assert_eq!(v["image"], alone[i]["image"], "an answer for another image");
             assert_eq!(v["answer_ids"], alone[i]["answer_ids"], "image {i}: another answer than alone");
-            let m = decode_mask(&base64::engine::general_purpose::STANDARD.decode(v["mask_png_base64"].as_str().unwrap()).unwrap());
+            let m = decode_mask(
+                &base64::engine::general_purpose::STANDARD.decode(v["mask_png_base64"].as_str().unwrap()).unwrap(),
+            );
             // Batching may move a pixel that sits on the threshold, never a mask to another image.
             let differ = |a: &[u8], b: &[u8]| a.iter().zip(b).filter(|(x, y)| x != y).count();
             let own = differ(&m, &masks[i]);
@@ -431,7 +474,8 @@ fn sigterm_finishes_the_requests_in_flight() {
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     stdout.read_line(&mut line).unwrap();
-    let base = line.split("listening on ").nth(1).unwrap_or_else(|| panic!("no address in `{line}`")).trim().to_string();
+    let base =
+        line.split("listening on ").nth(1).unwrap_or_else(|| panic!("no address in `{line}`")).trim().to_string();
     let (queued_tx, queued_rx) = std::sync::mpsc::channel();
     let stderr = BufReader::new(child.stderr.take().unwrap());
     let log = std::thread::spawn(move || {
@@ -467,4 +511,44 @@ fn sigterm_finishes_the_requests_in_flight() {
     std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
     assert!(rest.contains("stopped"), "{rest}");
     assert!(log.iter().any(|l| l.contains("finishing the requests in flight")), "{}", log.join("\n"));
+}
+
+/// Listening beyond localhost warns; PRS_SERVE_TOKEN then guards the API; a short token and a
+/// taken port are refused before the model loads.
+#[cfg(unix)]
+#[test]
+fn binding_beyond_localhost_warns_and_the_token_comes_from_the_environment() {
+    let st = setup();
+    let prs_bin = env!("CARGO_BIN_EXE_prs");
+    let mut child = std::process::Command::new(prs_bin)
+        .args(["serve", "--checkpoint", &s(&st.project), "--device", "cpu", "--host", "0.0.0.0", "--port", "0"])
+        .env("PRS_SERVE_TOKEN", "token-from-the-environment")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let port = line.trim().rsplit(':').next().unwrap().to_string();
+    let info = format!("http://127.0.0.1:{port}/v1/info");
+    assert_eq!(send(agent().get(&info), None).status, 401);
+    let ok = send(agent().get(&info).set("Authorization", "Bearer token-from-the-environment"), None);
+    assert_eq!(ok.status, 200);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("not on localhost"), "no warning: {err}");
+    assert!(!err.contains("set --token"), "the token was given: {err}");
+
+    let refused = |args: &[&str]| {
+        let o = std::process::Command::new(prs_bin).arg("serve").args(args).output().unwrap();
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let ck = s(&st.project);
+    assert!(refused(&["--checkpoint", &ck, "--token", "short"]).contains("at least 8 characters"));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    assert!(refused(&["--checkpoint", &ck, "--port", &port]).contains("cannot listen on"));
 }
