@@ -56,12 +56,14 @@ demo: assets
 	PRS_TOKENIZER_MODEL=$(CURDIR)/$(TOKENIZER_MODEL) ./target/release/prs demo --out $(DEMO_DIR)
 
 # Numbers, never pass/fail: tiny-model training (samples/s and peak RSS per batch size x
-# accumulation x checkpointing, measured in child processes) and inference latency.
+# accumulation x checkpointing, measured in child processes), inference latency, and prs serve
+# under 8 concurrent clients (p50/p95 latency, throughput, with and without batching).
 bench: assets
 	cargo build --release --examples
 	./target/release/prs profile-memory --config configs/tiny.toml --device cpu --batch-sizes 2,4,8 \
 		--precision f32 --checkpointing both --effective-batch 8 --measure
 	PRS_TOKENIZER_MODEL=$(CURDIR)/$(TOKENIZER_MODEL) ./target/release/examples/bench_infer
+	PRS_TOKENIZER_MODEL=$(CURDIR)/$(TOKENIZER_MODEL) ./target/release/examples/bench_serve
 
 # Regenerates the PyTorch parity fixtures under tests/fixtures (needs torch; CPU only).
 # Not part of `make test`: the fixtures are committed.

@@ -72,9 +72,11 @@ fn main() -> Result<()> {
     )?;
     let mut scans = vec![];
     for m in ["brain_tumors_ct_scan", "lung_Xray", "skin_rgbimage"] {
-        for k in 0..3 {
-            let name = format!("{m}-{k}.png");
-            scans.push((name, std::fs::read(data.join(format!("{m}/test_images/{k}.png")))?));
+        let mut files: Vec<_> = std::fs::read_dir(data.join(m).join("test_images"))?.flatten().map(|e| e.path()).collect();
+        files.sort();
+        for f in files {
+            let name = format!("{m}-{}", f.file_name().unwrap().to_string_lossy());
+            scans.push((name, std::fs::read(&f)?));
         }
     }
     scans.truncate(8);
