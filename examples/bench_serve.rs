@@ -72,7 +72,8 @@ fn main() -> Result<()> {
     )?;
     let mut scans = vec![];
     for m in ["brain_tumors_ct_scan", "lung_Xray", "skin_rgbimage"] {
-        let mut files: Vec<_> = std::fs::read_dir(data.join(m).join("test_images"))?.flatten().map(|e| e.path()).collect();
+        let mut files: Vec<_> =
+            std::fs::read_dir(data.join(m).join("test_images"))?.flatten().map(|e| e.path()).collect();
         files.sort();
         for f in files {
             let name = format!("{m}-{}", f.file_name().unwrap().to_string_lossy());

@@ -41,6 +41,9 @@ pub struct ServeArgs {
     /// Largest upload, in MiB (413 above).
     #[arg(long, default_value_t = 20, value_parser = at_least_one)]
     pub max_upload_mb: usize,
+    /// Largest image, in megapixels (checked from its header before it is decoded).
+    #[arg(long, default_value_t = 40.0, value_parser = super::args::positive)]
+    pub max_megapixels: f64,
     /// Results whose files stay downloadable from the server (newest first).
     #[arg(long, default_value_t = 100)]
     pub keep_results: usize,
@@ -81,6 +84,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         queue_size: args.queue_size,
         max_batch: args.max_batch,
         max_upload_bytes: args.max_upload_mb << 20,
+        max_pixels: (args.max_megapixels * 1e6) as u64,
         token: args.token.clone(),
         save_dir: args.save_dir.clone(),
         keep_results: args.keep_results,

@@ -141,6 +141,7 @@ async fn info(State(state): State<Arc<AppState>>) -> Response {
         },
         "limits": {
             "max_upload_bytes": o.max_upload_bytes,
+            "max_pixels": o.max_pixels,
             "max_new_tokens": MAX_NEW_TOKENS_LIMIT,
             "queue_size": state.queue.capacity(),
             "max_batch": o.max_batch,
@@ -331,7 +332,15 @@ async fn predict_inner(
     // Decoding and resizing take CPU time: off the HTTP threads.
     let loaded = state.loaded.clone();
     let (bytes, name, question) = (form.image.clone(), form.file_name.clone(), form.question.clone());
+    let max_pixels = opts.max_pixels;
     let prepared = tokio::task::spawn_blocking(move || {
+        if let Some((w, h)) = image_dimensions(&bytes) {
+            if w as u64 * h as u64 > max_pixels {
+                return Err(format!(
+                    "image `{name}` is {w}x{h}: more than the server's limit of {max_pixels} pixels (--max-megapixels)"
+                ));
+            }
+        }
         let img = decode_image_bytes(&bytes, Some(Path::new(&name)))
             .map_err(|e| format!("image `{name}` cannot be decoded: {e:#}"))?;
         prepare_image(&loaded, img, &question, &format!("image `{name}`")).map_err(|e| format!("{e:#}"))
@@ -368,6 +377,11 @@ async fn predict_inner(
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("writing the result failed: {e:#}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("writing the result failed: {e}")),
     }
+}
+
+/// The size an encoded image states in its header (None: the decoder will say what is wrong).
+fn image_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
+    image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().ok()?.into_dimensions().ok()
 }
 
 /// 503 with a Retry-After of about one batch time per batch ahead.

@@ -36,6 +36,9 @@ pub struct ServeOptions {
     pub max_batch: usize,
     /// Largest request body, in bytes (413 above).
     pub max_upload_bytes: usize,
+    /// Largest image, in pixels, checked from its header before decoding (a small file can
+    /// claim a huge image; outputs are drawn at the image's size).
+    pub max_pixels: u64,
     /// Bearer token every API call must carry (the page asks for it).
     pub token: Option<String>,
     /// Where each request's upload and prediction folder are kept; none: nothing is written.
@@ -54,6 +57,7 @@ impl Default for ServeOptions {
             queue_size: 16,
             max_batch: 4,
             max_upload_bytes: 20 << 20,
+            max_pixels: 40_000_000,
             token: None,
             save_dir: None,
             keep_results: 100,

@@ -111,6 +111,36 @@ fn image_parts<'a>(name: &'a str, bytes: Vec<u8>, question: &str) -> Vec<Part<'a
     vec![("image", Some(name), bytes), ("question", None, question.as_bytes().to_vec())]
 }
 
+/// A PNG signature, an IHDR stating `w` x `h` (8-bit grey), a token IDAT and IEND: the header
+/// of a decompression bomb without its payload.
+fn png_claiming(w: u32, h: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = 0xFFFF_FFFFu32;
+        for &b in bytes {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+        }
+        !c
+    }
+    let chunk = |kind: &[u8], data: &[u8]| {
+        let mut out = (data.len() as u32).to_be_bytes().to_vec();
+        let body: Vec<u8> = kind.iter().chain(data).copied().collect();
+        out.extend(&body);
+        out.extend(crc32(&body).to_be_bytes());
+        out
+    };
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend(h.to_be_bytes());
+    ihdr.extend([8, 0, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &ihdr));
+    png.extend(chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]));
+    png.extend(chunk(b"IEND", &[]));
+    png
+}
+
 fn decode_mask(png: &[u8]) -> Vec<u8> {
     image::load_from_memory(png).unwrap().into_luma8().into_raw()
 }
@@ -228,6 +258,8 @@ fn bad_requests_get_their_status_and_a_message_and_the_server_lives_on() {
         p
     };
     let long_question = "where is the lesion ".repeat(400);
+    // A PNG whose header claims 20000 x 20000 pixels (1.2 GB as RGB): refused from its header.
+    let bomb = png_claiming(20_000, 20_000);
     let cases: Vec<(&str, Vec<Part>, u16, &str)> = vec![
         ("no image", vec![("question", None, q.clone())], 400, "missing field `image`"),
         ("no question", vec![("image", Some("scan.png"), png.clone())], 400, "missing field `question`"),
@@ -242,19 +274,35 @@ fn bad_requests_get_their_status_and_a_message_and_the_server_lives_on() {
         ("negative temperature", with(vec![("temperature", None, b"-1".to_vec())]), 400, "temperature"),
         ("unknown field", with(vec![("colour", None, b"red".to_vec())]), 400, "unknown field `colour`"),
         ("over-long question", image_parts("scan.png", png.clone(), &long_question), 400, "question for image"),
-        ("file over the limit", image_parts("big.png", vec![0u8; limit + 10_000], Q), 413, "over the limit"),
         (
-            "request over the limit",
-            image_parts("big.png", vec![0u8; limit + 70_000], Q),
-            413,
-            "over the server's limit",
+            "a small file claiming a huge image",
+            image_parts("bomb.png", bomb.clone(), Q),
+            400,
+            "more than the server's limit",
         ),
+        ("file over the limit", image_parts("big.png", vec![0u8; limit + 10_000], Q), 413, "over the limit"),
     ];
     for (what, parts, status, msg) in cases {
         let r = post(&h, &parts);
         assert_eq!(r.status, status, "{what}: {}", r.text());
         let e = r.error();
         assert!(e.contains(msg), "{what}: `{e}` does not say `{msg}`");
+    }
+    // A request whose Content-Length is over the limit is refused from its headers, before its
+    // body is sent (a raw socket: an HTTP client would still be writing the body).
+    {
+        use std::io::Write;
+        let mut sock = std::net::TcpStream::connect(h.addr).unwrap();
+        let head = format!(
+            "POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            50 * limit
+        );
+        sock.write_all(head.as_bytes()).unwrap();
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut sock, &mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("over the server's limit"), "{answer}");
     }
     // Bodies that are not a multipart form at all.
     let url = h.url("/v1/predict");
