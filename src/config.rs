@@ -282,6 +282,21 @@ pub struct ModelSection {
     pub decoder: DecoderSection,
     #[serde(default = "default_num_classes")]
     pub num_modalities: usize,
+    /// The mask branch (TinySAM, the mask decoder, the modality classifier): `compute` runs it
+    /// in the compute dtype, as PyTorch's autocast does; `f32` keeps it in f32 (twice its
+    /// activation memory, and slower on a GPU). Either way trained weights and AdamW state stay
+    /// f32, and norm statistics, softmax and the mask logits are computed in f32.
+    #[serde(default)]
+    pub mask_precision: MaskPrecision,
+}
+
+/// See `model.mask_precision`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MaskPrecision {
+    #[default]
+    Compute,
+    F32,
 }
 
 fn default_sam_size() -> usize {

@@ -11,7 +11,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::{Precision, SeqShape};
-use crate::config::{BaseQuant, Checkpointing};
+use crate::config::{BaseQuant, Checkpointing, MaskPrecision};
 use crate::model::llava::ProjectorKind;
 use crate::model::prs_med::PrsMedSpec;
 
@@ -240,7 +240,8 @@ fn llm_layer_bytes_per_token(spec: &PrsMedSpec, s: u64, t: u64) -> f64 {
 /// gradient store's zeros-plus-add for dx and the allocator's high-water slack.
 const DEPTHWISE_BACKWARD: f64 = 4.4;
 
-/// TinySAM's graph when it trains (f32), elements per sample.
+/// TinySAM's graph when it trains, elements per sample in the mask branch's dtype (see
+/// `norm_units`).
 struct TinySamElems {
     /// Kept for backward without checkpointing.
     full: f64,
@@ -255,12 +256,14 @@ struct TinySamElems {
     largest: f64,
 }
 
-fn tinysam_graph_elems(spec: &PrsMedSpec) -> TinySamElems {
+/// `norm_units`: what one element of a normalisation's output costs in units of the mask
+/// dtype: 1 in f32; in half precision its f32 output (kept for its backward) and the cast back, 3.
+fn tinysam_graph_elems(spec: &PrsMedSpec, norm_units: f64) -> TinySamElems {
     let t = &spec.tinysam;
     let s = t.img_size as f64;
     let d: Vec<f64> = t.embed_dims.iter().map(|&x| x as f64).collect();
-    let bn = 1.0; // fused training BatchNorm: its output
-    let ln = 1.0; // fused LayerNorm: its output
+    let bn = norm_units; // fused training BatchNorm: its output
+    let ln = norm_units; // fused LayerNorm: its output
     let total = std::cell::Cell::new(0.0f64);
     let largest = std::cell::Cell::new(0.0f64);
     let add = |e: f64, big: f64| {
@@ -342,15 +345,23 @@ fn tinysam_graph_elems(spec: &PrsMedSpec) -> TinySamElems {
     }
 }
 
-/// Decoder + heads of the losses, f32 elements per sample: kept for backward, and the
-/// largest transient of its backward.
-fn decoder_graph_elems(spec: &PrsMedSpec, t: f64, batch: f64, s_llm: u64, checkpointing: bool) -> (f64, f64) {
+/// The decoder's graph per sample: (elements kept for backward in the mask dtype, elements
+/// kept in f32 (logits, upsampling, loss terms), the largest transient of its backward in the
+/// mask dtype). `norm_units` as for TinySAM; `cast_prompt`: the LLM's states change dtype.
+fn decoder_graph_elems(
+    spec: &PrsMedSpec,
+    t: f64,
+    batch: f64,
+    cast_prompt: bool,
+    norm_units: f64,
+    checkpointing: bool,
+) -> (f64, f64, f64) {
     let dc = &spec.decoder;
     let (d, ph, ff, lh) = (dc.dim as f64, dc.prompt_hidden as f64, dc.ffn_dim as f64, dc.llm_hidden as f64);
     let m = (dc.grid * dc.grid) as f64;
-    let ln = 1.0; // fused LayerNorm: its output
+    let ln = norm_units; // fused LayerNorm: its output
     let drop = if dc.dropout > 0.0 { 1.0 } else { 0.0 }; // its output (the mask is recomputed)
-    let mut e = if s_llm == 4 { 0.0 } else { t * lh }; // prompt states cast to f32
+    let mut e = if cast_prompt { t * lh } else { 0.0 }; // prompt states in the mask dtype
     e += t * ph * (2.0 + ln + 1.0) + t * d * (2.0 + ln + 1.0 + ln); // prompt projection, norms
     e += m * d * (1.0 + ln); // image tokens, norm
                              // cross-attention: q, packed kv, heads, scaled q, scores and probabilities, pv, merge, out
@@ -378,12 +389,13 @@ fn decoder_graph_elems(spec: &PrsMedSpec, t: f64, batch: f64, s_llm: u64, checkp
         let (ci, co) = (ci as f64, co as f64);
         e += ci * m * (2.0 + ln + 2.0) + co * g2 * (2.0 + ln) + co * m * 2.0;
     }
-    e += 2.0 * m; // 1x1 conv to logits
+    e += m; // 1x1 conv to logits
     let s_out = (dc.grid * dc.upsample) as f64;
     let hw = s_out * s_out;
-    e += hw; // bilinear upsampling (one custom op)
-    e += 15.0 * hw; // structure loss terms and its constant weights
-    (e, transient_scores.max(3.0 * hw))
+    // The logits in f32, bilinear upsampling (one custom op), the structure loss terms and
+    // their constant weights.
+    let e_f32 = m + hw + 15.0 * hw;
+    (e, e_f32, transient_scores.max(3.0 * hw))
 }
 
 /// The analytic peak of one training step (forward, backward, AdamW).
@@ -445,12 +457,22 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
     let rms_final = 2 * s * h; // fused normalisation + weight, as in the layers
     let head = tok * rms_final + rows * (h * s + v * s + if s == 4 { 0 } else { 4 * v } + 12 * v);
     push("activations: final norm, LM head, cross-entropy", head as f64);
-    let ts = tinysam_graph_elems(spec);
+    // The mask branch's dtype (`model.mask_precision`); its norms keep f32 outputs.
+    let (mask_bytes, mask_name) = match spec.mask_precision {
+        MaskPrecision::Compute => (s, inp.precision.as_str()),
+        MaskPrecision::F32 => (4, "f32"),
+    };
+    let norm_units = 1.0 + if mask_bytes == 4 { 0.0 } else { 4.0 / mask_bytes as f64 };
+    let ts = tinysam_graph_elems(spec, norm_units);
     let ts_e = if ck_vision { ts.checkpointed } else { ts.full };
-    let per_sample_f32 = |e: f64| if inp.train_tinysam { e * 4.0 * b as f64 } else { 0.0 };
-    push("activations: TinySAM (f32)", per_sample_f32(ts_e));
-    let (dec_e, dec_transient) = decoder_graph_elems(spec, t as f64, b as f64, s, ck_vision);
-    push("activations: decoder attention over image tokens, mask head, losses (f32)", dec_e * 4.0 * b as f64);
+    let per_sample = |e: f64| if inp.train_tinysam { e * (mask_bytes * b) as f64 } else { 0.0 };
+    push(&format!("activations: TinySAM ({mask_name})"), per_sample(ts_e));
+    let (dec_e, dec_f32, dec_transient) =
+        decoder_graph_elems(spec, t as f64, b as f64, mask_bytes != s, norm_units, ck_vision);
+    push(
+        &format!("activations: decoder attention over image tokens, mask head ({mask_name}), losses (f32)"),
+        (dec_e * mask_bytes as f64 + dec_f32 * 4.0) * b as f64,
+    );
 
     // Backward: gradients of the graph's nodes exist while it is still alive. Through the
     // cross-entropy over the vocabulary about six (R, V) f32 tensors coexist (gradients of the
@@ -461,12 +483,12 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
     // The backward's transients do not coexist: the cross-entropy's come first, then, with
     // checkpointing, one recomputed block at a time (an LLM layer, a TinySAM block, a decoder
     // chunk) with its own backward's gradients. The peak takes the largest.
-    let biggest = llm_scores.max(per_sample_f32(ts.largest));
+    let biggest = llm_scores.max(per_sample(ts.largest));
     let mut transients = vec![
         ("cross-entropy backward", ce_bwd),
         ("backward temporaries", 3.0 * biggest),
-        ("decoder attention backward", dec_transient * 4.0 * b as f64),
-        ("one depthwise convolution backward", per_sample_f32(DEPTHWISE_BACKWARD * ts.depthwise_rebuild)),
+        ("decoder attention backward", dec_transient * (mask_bytes * b) as f64),
+        ("one depthwise convolution backward", per_sample(DEPTHWISE_BACKWARD * ts.depthwise_rebuild)),
     ];
     if ck_llm {
         transients.push(("one LLM layer recomputed + its backward", recompute + 3.0 * llm_scores));
@@ -476,8 +498,7 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
         // gradients, or a depthwise convolution's backward, whichever is larger (measured on
         // the CPU with the 7B's TinySAM at 512 px, BENCHMARKS.md).
         let working_set = (0.9 * ts.recomputed_block).max(DEPTHWISE_BACKWARD * ts.depthwise_rebuild);
-        transients
-            .push(("one TinySAM block recomputed + its backward", per_sample_f32(ts.recomputed_block + working_set)));
+        transients.push(("one TinySAM block recomputed + its backward", per_sample(ts.recomputed_block + working_set)));
     }
     let (what, bytes) = transients.into_iter().fold(("", 0.0), |a, t| if t.1 > a.1 { t } else { a });
     push(&format!("backward transient (largest: {what})"), bytes);

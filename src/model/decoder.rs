@@ -110,16 +110,18 @@ impl InstanceNorm {
         Ok(Self { weight: pb.get(c, "weight", Init::Ones)?, bias: pb.get(c, "bias", Init::Zeros)? })
     }
 
+    /// Statistics and the affine map in f32, the output in the input's dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let x = x.reshape((b, c, h * w))?;
+        let dt = x.dtype();
+        let x = x.reshape((b, c, h * w))?.to_dtype(DType::F32)?;
         let xc = x.broadcast_sub(&x.mean_keepdim(2)?)?;
         let var = xc.sqr()?.mean_keepdim(2)?;
         let y = xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
         let y = y
             .broadcast_mul(&self.weight.cast(DType::F32)?.reshape((1, c, 1))?)?
             .broadcast_add(&self.bias.cast(DType::F32)?.reshape((1, c, 1))?)?;
-        Ok(y.reshape((b, c, h, w))?)
+        Ok(y.reshape((b, c, h, w))?.to_dtype(dt)?)
     }
 }
 
@@ -137,10 +139,10 @@ impl Conv2d {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.cast(DType::F32)?;
+        let w = self.weight.cast(x.dtype())?;
         let y = x.conv2d(&w, self.padding, 1, 1, 1)?;
         let c = w.dim(0)?;
-        Ok(y.broadcast_add(&self.bias.cast(DType::F32)?.reshape((1, c, 1, 1))?)?)
+        Ok(y.broadcast_add(&self.bias.cast(x.dtype())?.reshape((1, c, 1, 1))?)?)
     }
 }
 
@@ -172,8 +174,8 @@ impl MultiheadAttention {
 
     /// Rows `[part*dim, (part+n)*dim)` of the packed projection applied to `x`.
     fn project(&self, x: &Tensor, part: usize, n: usize) -> Result<Tensor> {
-        let w = self.in_proj_weight.cast(DType::F32)?.narrow(0, part * self.dim, n * self.dim)?;
-        let b = self.in_proj_bias.cast(DType::F32)?.narrow(0, part * self.dim, n * self.dim)?;
+        let w = self.in_proj_weight.cast(x.dtype())?.narrow(0, part * self.dim, n * self.dim)?;
+        let b = self.in_proj_bias.cast(x.dtype())?.narrow(0, part * self.dim, n * self.dim)?;
         affine(x, &w, &b, self.in_proj_weight.is_trained())
     }
 
@@ -328,12 +330,12 @@ impl MaskBlock {
 /// Builds the additive (B, 1, 1, T) key mask from a 0/1 (B, T) mask. A sample without a
 /// single position to attend to is an error: softmax over nothing has no meaning, and every
 /// real prompt holds at least BOS and the image tokens, so such a row is an upstream bug.
-fn key_bias(key_mask: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+fn key_bias(key_mask: &Tensor, b: usize, t: usize, dtype: DType) -> Result<Tensor> {
     if key_mask.dims() != [b, t] {
         bail!("decoder: key_mask has shape {:?}, expected ({b}, {t})", key_mask.dims());
     }
     let rows = key_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    let neg = crate::nn::softmax::mask_min(DType::F32) as f32;
+    let neg = crate::nn::softmax::mask_min(dtype) as f32;
     let mut bias = Vec::with_capacity(b * t);
     for (i, row) in rows.iter().enumerate() {
         if !row.iter().any(|&m| m > 0.5) {
@@ -341,7 +343,7 @@ fn key_bias(key_mask: &Tensor, b: usize, t: usize) -> Result<Tensor> {
         }
         bias.extend(row.iter().map(|&m| if m > 0.5 { 0.0 } else { neg }));
     }
-    Ok(Tensor::from_vec(bias, (b, 1, 1, t), key_mask.device())?)
+    Ok(Tensor::from_vec(bias, (b, 1, 1, t), key_mask.device())?.to_dtype(dtype)?)
 }
 
 /// The PRS-Med mask decoder. Prefixes mirror the authors' `mask_decoder.pth` keys.
@@ -397,7 +399,8 @@ impl PromptedMaskDecoder {
 
     /// Logits before upsampling: (B, 1, g, g).
     /// `image_feats` (B, dim, g, g), `prompt_states` (B, T, llm_hidden), `key_mask` (B, T) with
-    /// 1 = attend, 0 = ignore (answer and padding positions). Any input dtype; runs in f32.
+    /// 1 = attend, 0 = ignore (answer and padding positions). Runs in `image_feats`' dtype
+    /// (norm statistics and softmax in f32); the logits are f32.
     /// An enabled `ckpt` checkpoints the self-attention.
     pub fn forward_low_res(
         &self,
@@ -406,8 +409,12 @@ impl PromptedMaskDecoder {
         key_mask: &Tensor,
         ckpt: Option<&Checkpointer>,
     ) -> Result<Tensor> {
-        let img = image_feats.to_dtype(DType::F32)?;
-        let prompt = prompt_states.to_dtype(DType::F32)?;
+        let dt = match image_feats.dtype() {
+            DType::F16 | DType::BF16 | DType::F32 => image_feats.dtype(),
+            _ => DType::F32,
+        };
+        let img = image_feats.to_dtype(dt)?;
+        let prompt = prompt_states.to_dtype(dt)?;
         let (b, c, h, w) = img.dims4().context("decoder: image_feats must be (B, C, H, W)")?;
         let (bp, t, hid) = prompt.dims3().context("decoder: prompt_states must be (B, T, hidden)")?;
         if c != self.cfg.dim || hid != self.cfg.llm_hidden || bp != b {
@@ -419,7 +426,7 @@ impl PromptedMaskDecoder {
                 self.cfg.llm_hidden
             );
         }
-        let bias = key_bias(key_mask, b, t)?;
+        let bias = key_bias(key_mask, b, t, dt)?;
 
         // 1. prompt projection and its norm
         let mut p = prompt;
@@ -441,7 +448,7 @@ impl PromptedMaskDecoder {
         for block in &self.mask_generation {
             m = block.forward(&m)?;
         }
-        self.out_dec.forward(&m)
+        Ok(self.out_dec.forward(&m)?.to_dtype(DType::F32)?)
     }
 
     /// Full-resolution logits (B, 1, g*f, g*f): `forward_low_res` then bilinear xf upsampling

@@ -172,6 +172,7 @@ pub struct PrsMedSpec {
     pub tinysam: TinySamConfig,
     pub decoder: DecoderConfig,
     pub num_modalities: usize,
+    pub mask_precision: crate::config::MaskPrecision,
 }
 
 pub struct PrsMed {
@@ -446,7 +447,7 @@ impl PrsMed {
             (None, None)
         };
         mark("LM head");
-        let feats = self.tinysam.forward_with(&batch.sam_pixels.to_dtype(self.tinysam_dtype())?, ck)?;
+        let feats = self.tinysam.forward_with(&batch.sam_pixels.to_dtype(self.mask_dtype())?, ck)?;
         mark("TinySAM forward");
         let mask_logits = self.decoder.forward_with(&feats, &hidden, &inp.prompt_valid, ck)?;
         mark("mask decoder forward");
@@ -455,12 +456,11 @@ impl PrsMed {
         Ok(Outputs { mask_logits, class_logits, answer_logits, answer_targets })
     }
 
-    /// TinySAM runs in f32 when it trains (BatchNorm statistics), else in the compute dtype.
-    pub fn tinysam_dtype(&self) -> DType {
-        if self.trained.group("image_encoder").is_empty() {
-            self.dtype
-        } else {
-            DType::F32
+    /// The dtype of the mask branch (TinySAM, decoder, classifier): `model.mask_precision`.
+    pub fn mask_dtype(&self) -> DType {
+        match self.spec.mask_precision {
+            crate::config::MaskPrecision::Compute => self.dtype,
+            crate::config::MaskPrecision::F32 => DType::F32,
         }
     }
 

@@ -68,7 +68,14 @@ pub fn spec_from(cfg: &Config, llava: &LlavaMedConfig, lora: &crate::nn::linear:
         upsample: stride,
         num_classes: m.num_modalities,
     };
-    Ok(PrsMedSpec { llava: llava.clone(), lora: lora.clone(), tinysam, decoder, num_modalities: m.num_modalities })
+    Ok(PrsMedSpec {
+        llava: llava.clone(),
+        lora: lora.clone(),
+        tinysam,
+        decoder,
+        num_modalities: m.num_modalities,
+        mask_precision: m.mask_precision,
+    })
 }
 
 /// Resolves the TinySAM weights spec: a local `.pth`/`.safetensors` file, or `repo_id:file`.

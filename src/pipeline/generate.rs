@@ -189,7 +189,7 @@ pub fn predict_batch(model: &PrsMed, batch: &ModelBatch, opts: &GenerateOptions)
     let t0 = Instant::now();
     let image = model.encode_image(&batch.clip_pixels)?;
     let pre = prefill(model, &batch.prompts, &image)?;
-    let feats = model.tinysam.forward(&batch.sam_pixels.to_dtype(model.tinysam_dtype())?)?;
+    let feats = model.tinysam.forward(&batch.sam_pixels.to_dtype(model.mask_dtype())?)?;
     let mask_logits = model.decoder.forward(&feats, &pre.hidden, &pre.prompt_valid)?.to_dtype(DType::F32)?;
     sync(&dev)?;
     let encode_secs = t0.elapsed().as_secs_f64();

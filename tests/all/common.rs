@@ -88,7 +88,7 @@ pub fn greedy_reference(
     let inp = m.llm_inputs(&batch.prompts, &image, false)?;
     let mut cache = KvCache::new(m.llm.config().num_hidden_layers);
     let hidden = m.llm.forward_embeds(&inp.embeds, None, &inp.position_ids, Some(&mut cache))?;
-    let feats = m.tinysam.forward(&batch.sam_pixels.to_dtype(m.tinysam_dtype())?)?;
+    let feats = m.tinysam.forward(&batch.sam_pixels.to_dtype(m.mask_dtype())?)?;
     let mask_logits = m.decoder.forward(&feats, &hidden, &inp.prompt_valid)?;
     let mut answer = vec![];
     let mut logits = m.llm.last_logits(&hidden)?;

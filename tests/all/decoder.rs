@@ -71,14 +71,54 @@ fn parity_with_pytorch() -> Result<()> {
     Ok(())
 }
 
+/// The decoder runs in its image features' dtype (`model.mask_precision = "compute"`): f16
+/// here, since candle's CPU convolution has no bf16 (a GPU runs bf16 through the same code).
+/// The logits come out in f32, close to PyTorch's f32 ones; the gradients of a training
+/// forward reach the f32 master weights, finite and close to the f32 run's.
 #[test]
-fn half_precision_inputs_are_cast_to_f32() -> Result<()> {
+fn half_precision_runs_in_half_with_f32_logits_and_master_gradients() -> Result<()> {
     let (f, _) = fixture_model(false)?;
     let (img, prompt, mask) = (&f.io["image_feats"], &f.io["prompt_states"], &f.io["key_mask"]);
-    let out = f.dec.forward_low_res(&img.to_dtype(DType::BF16)?, &prompt.to_dtype(DType::F16)?, mask, None)?;
+    let out = f.dec.forward_low_res(&img.to_dtype(DType::F16)?, &prompt.to_dtype(DType::BF16)?, mask, None)?;
     assert_eq!(out.dtype(), DType::F32);
-    // Only the input rounding differs.
-    assert!(max_rel(&out, &f.io["low_res"])? < 5e-2);
+    let e = max_rel(&out, &f.io["low_res"])?;
+    println!("f16 decoder vs PyTorch f32: max rel err {e:.3e}");
+    assert!(e < 2e-2, "{e}");
+
+    let w = Tensor::randn(0f32, 1.0, (2, 1, 128, 128), &Device::Cpu)?;
+    let grads_in = |dtype: DType| -> Result<(Vec<(String, Tensor)>, f32)> {
+        let (f, reg) = fixture_model(true)?;
+        let up = f.dec.forward(&img.to_dtype(dtype)?, &prompt.to_dtype(dtype)?, mask)?;
+        assert_eq!(up.dtype(), DType::F32);
+        let loss = (up * &w)?.mean_all()?;
+        let grads = loss.backward()?;
+        let mut out = vec![];
+        for p in reg.weights().into_iter().filter(|p| p.group == "mask_decoder") {
+            assert_eq!(p.var.dtype(), DType::F32, "{} is not an f32 master", p.key);
+            let g = grads.get(p.var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {}", p.key));
+            assert_eq!(g.dtype(), DType::F32);
+            out.push((p.key.clone(), g.clone()));
+        }
+        Ok((out, loss.to_scalar::<f32>()?))
+    };
+    let (full, _) = grads_in(DType::F32)?;
+    let (half, _) = grads_in(DType::F16)?;
+    let mut worst = (1f32, String::new());
+    for ((k, g32), (_, g16)) in full.iter().zip(&half) {
+        let (a, b): (Vec<f32>, Vec<f32>) = (g32.flatten_all()?.to_vec1()?, g16.flatten_all()?.to_vec1()?);
+        assert!(b.iter().all(|x| x.is_finite()), "non-finite f16 gradient for {k}");
+        let dot: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if norm(&a) < 1e-6 {
+            continue; // the structurally dead biases before an InstanceNorm
+        }
+        let cos = dot / (norm(&a) * norm(&b)).max(1e-30);
+        if cos < worst.0 {
+            worst = (cos, k.clone());
+        }
+    }
+    println!("lowest cosine between f16 and f32 gradients: {:.4} ({})", worst.0, worst.1);
+    assert!(worst.0 > 0.99, "{worst:?}");
     Ok(())
 }
 

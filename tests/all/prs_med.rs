@@ -332,3 +332,63 @@ fn decoder_grid_and_upsampling_follow_tinysam_stride() {
     let err = format!("{:#}", prs::pipeline::random::spec_for_config(&bad).expect_err("124 is not a multiple of 8"));
     assert!(err.contains("sam_image_size 124") && err.contains("stride 8"), "{err}");
 }
+
+/// The whole model in half precision with the mask branch in it (`mask_precision = "compute"`,
+/// f16 on the CPU, whose convolution has no bf16): TinySAM and the decoder run in f16, the
+/// mask logits and losses are f32, every trained tensor gets a finite gradient on its f32
+/// master, and the BatchNorm running statistics stay f32 and move. `mask_precision = "f32"`
+/// keeps the branch in f32 inside the same half-precision model.
+#[test]
+fn a_half_precision_step_runs_the_mask_branch_in_half_with_f32_masters() {
+    use prs::config::MaskPrecision;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_model(dir.path());
+    let half = |cfg: &prs::config::Config| {
+        let o = LoadOptions { dtype: DType::F16, ..opts(Mode::Train, None) };
+        load_prs_med(cfg, &o).unwrap()
+    };
+    let m = half(&cfg);
+    assert_eq!(m.mask_dtype(), DType::F16);
+    perturb(&m);
+    let b = batch(&m, &cfg, dir.path());
+    let stats = |m: &PrsMed| -> Vec<Vec<f32>> {
+        m.trained
+            .group("image_encoder")
+            .iter()
+            .filter(|p| p.key.ends_with("running_mean"))
+            .map(|p| {
+                assert_eq!(p.var.dtype(), DType::F32);
+                p.var.as_tensor().to_vec1::<f32>().unwrap()
+            })
+            .collect()
+    };
+    let before = stats(&m);
+    let (out, grads) = {
+        let _train = prs::nn::ops::TrainingMode::enter(11);
+        let feats = m.tinysam.forward(&b.sam_pixels.to_dtype(m.mask_dtype()).unwrap()).unwrap();
+        assert_eq!(feats.dtype(), DType::F16, "TinySAM ran in {:?}", feats.dtype());
+        let out = m.forward(&b, true).unwrap();
+        let losses = m.losses(&b, &out, &LossWeights::default()).unwrap();
+        assert!(losses.total.to_scalar::<f32>().unwrap().is_finite());
+        let grads = losses.total.backward().unwrap();
+        (out, grads)
+    };
+    assert_eq!(out.mask_logits.dtype(), DType::F32);
+    let before_instance_norm =
+        |k: &str| k.starts_with("mask_generation.") && (k.ends_with("conv1.bias") || k.ends_with("conv2.bias"));
+    assert_grads_exactly_trained_except(&grads, &m.trained, before_instance_norm);
+    for p in m.trained.weights() {
+        assert_eq!(p.var.dtype(), DType::F32, "{} is not an f32 master", p.key);
+        let g = grads.get(p.var.as_tensor()).unwrap();
+        assert_eq!(g.dtype(), DType::F32, "{}", p.key);
+        let finite = g.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite());
+        assert!(finite, "non-finite gradient for {}", p.key);
+    }
+    assert_ne!(stats(&m), before, "the BatchNorm running statistics did not move");
+
+    cfg.model.mask_precision = MaskPrecision::F32;
+    let m = half(&cfg);
+    assert_eq!((m.dtype(), m.mask_dtype()), (DType::F16, DType::F32));
+    let out = m.forward(&b, false).unwrap();
+    assert_eq!(out.mask_logits.dtype(), DType::F32);
+}
