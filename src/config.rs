@@ -38,8 +38,8 @@ pub struct Config {
 pub struct TrainSection {
     pub batch_size: usize,
     pub gradient_accumulation_steps: usize,
-    /// `off`, `llm` (decoder layers only) or `all` (also TinySAM blocks and the mask decoder's
-    /// attention); `true`/`false` of older configs mean `all`/`off`.
+    /// `off`, `llm` (decoder layers only) or `all` (also TinySAM blocks); `true`/`false` of
+    /// older configs mean `all`/`off`. The mask decoder's attention never keeps its scores.
     pub gradient_checkpointing: Checkpointing,
     /// Compute precision on the accelerator (CPU runs in f32).
     pub precision: Precision,

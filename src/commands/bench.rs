@@ -30,7 +30,7 @@ pub struct BenchArgs {
     #[arg(long, alias = "batch_size", default_value_t = 1, value_parser = at_least_one)]
     pub batch_size: usize,
     /// Gradient checkpointing: off, llm (the LLM decoder layers: PyTorch's reference setting) or
-    /// all (also TinySAM blocks and the mask decoder's attention); the bare flag means all.
+    /// all (also TinySAM blocks); the bare flag means all.
     #[arg(long, alias = "gradient_checkpointing", value_enum, default_value_t = Checkpointing::Off, num_args = 0..=1, default_missing_value = "all")]
     pub gradient_checkpointing: Checkpointing,
     #[command(flatten)]

@@ -39,7 +39,7 @@ pub struct FinetuneArgs {
     #[arg(long, alias = "gradient_accumulation_steps", value_parser = at_least_one)]
     pub gradient_accumulation_steps: Option<usize>,
     /// Gradient checkpointing: off, llm (the LLM decoder layers: PyTorch's setting) or all (also
-    /// TinySAM blocks and the mask decoder's attention). The bare flag means all, as it always did.
+    /// TinySAM blocks). The bare flag means all, as it always did.
     #[arg(long, alias = "gradient_checkpointing", value_enum, num_args = 0..=1, default_missing_value = "all")]
     pub gradient_checkpointing: Option<Checkpointing>,
     #[command(flatten)]

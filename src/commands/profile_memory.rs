@@ -48,7 +48,7 @@ pub struct ProfileMemoryArgs {
     #[arg(long, value_delimiter = ',', value_enum)]
     pub precision: Option<Vec<Precision>>,
     /// Gradient checkpointing settings to try, e.g. off,llm,all (llm: the LLM decoder layers;
-    /// all: also TinySAM blocks and the mask decoder's attention; on = all, both = off,all).
+    /// all: also TinySAM blocks; on = all, both = off,all).
     #[arg(long, default_value = "off,llm,all")]
     pub checkpointing: String,
     /// Storages of the frozen LLM projections to try, e.g. none,8bit,4bit (default: all three

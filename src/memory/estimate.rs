@@ -348,14 +348,7 @@ fn tinysam_graph_elems(spec: &PrsMedSpec, norm_units: f64) -> TinySamElems {
 /// The decoder's graph per sample: (elements kept for backward in the mask dtype, elements
 /// kept in f32 (logits, upsampling, loss terms), the largest transient of its backward in the
 /// mask dtype). `norm_units` as for TinySAM; `cast_prompt`: the LLM's states change dtype.
-fn decoder_graph_elems(
-    spec: &PrsMedSpec,
-    t: f64,
-    batch: f64,
-    cast_prompt: bool,
-    norm_units: f64,
-    checkpointing: bool,
-) -> (f64, f64, f64) {
+fn decoder_graph_elems(spec: &PrsMedSpec, t: f64, batch: f64, cast_prompt: bool, norm_units: f64) -> (f64, f64, f64) {
     let dc = &spec.decoder;
     let (d, ph, ff, lh) = (dc.dim as f64, dc.prompt_hidden as f64, dc.ffn_dim as f64, dc.llm_hidden as f64);
     let m = (dc.grid * dc.grid) as f64;
@@ -364,23 +357,18 @@ fn decoder_graph_elems(
     let mut e = if cast_prompt { t * lh } else { 0.0 }; // prompt states in the mask dtype
     e += t * ph * (2.0 + ln + 1.0) + t * d * (2.0 + ln + 1.0 + ln); // prompt projection, norms
     e += m * d * (1.0 + ln); // image tokens, norm
-                             // cross-attention: q, packed kv, heads, scaled q, scores and probabilities, pv, merge, out
-    let hc = dc.cross_heads as f64;
-    e += m * d * 2.0 + t * 2.0 * d * 2.0 + (m + 2.0 * t) * d + m * d + 2.0 * hc * m * t + m * d * 4.0;
+                             // Cross-attention: q, packed kv, heads, scaled q, output (the attention op keeps no
+                             // scores), merge, out.
+    e += m * d * 2.0 + t * 2.0 * d * 2.0 + (m + 2.0 * t) * d + m * d + m * d * 4.0;
     e += m * d * (1.0 + ln); // residual, norm1
-                             // encoder layer: packed qkv, heads, scaled q, scores, probabilities (+ dropout), pv, merge, out,
-                             // dropouts, residuals, norms, feed-forward
+                             // Encoder layer: packed qkv, heads, scaled q, the attention's output, merge, out, dropouts,
+                             // residuals, norms, feed-forward.
     let hs = dc.self_heads as f64;
     let chunk = ((1usize << 25) as f64 / (batch * hs * m).max(1.0)).floor().clamp(1.0, m);
-    let chunked = if chunk < m { 2.0 } else { 0.0 };
-    // Checkpointed, a chunk keeps its packed [q chunk; k; v] input instead of its scores, and
-    // backward holds one chunk's scores at a time.
-    let n_chunks = (m / chunk).ceil();
-    let scores = if checkpointing { (m + 2.0 * m * n_chunks) * d } else { hs * m * m * (2.0 + drop) };
-    // Backward transient: about three score-sized gradients at a time; checkpointed, the
-    // recomputed chunk's scores and probabilities (+ dropout) exist alongside them.
-    let transient_scores = if checkpointing { (5.0 + drop) * hs * chunk * m } else { 3.0 * hs * m * m };
-    e += m * 3.0 * d * 2.0 + 3.0 * m * d + m * d + scores + m * d * (1.0 + chunked + 1.0 + 2.0);
+    // The attention op keeps only its output; its backward holds one chunk's scores,
+    // probabilities (+ dropout) and their gradients at a time.
+    let transient_scores = (5.0 + drop) * hs * chunk * m;
+    e += m * 3.0 * d * 2.0 + 3.0 * m * d + m * d + m * d * (1.0 + 1.0 + 2.0);
     e += m * d * (drop + 1.0 + ln) + m * ff * (2.0 + 1.0 + drop) + m * d * (2.0 + drop + 1.0 + ln);
     e += m * d * (2.0 + 1.0 + 1.0 + 2.0 + 1.0 + ln); // ffn
     e += m * d * 2.0; // back to a map, + features
@@ -467,8 +455,7 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
     let ts_e = if ck_vision { ts.checkpointed } else { ts.full };
     let per_sample = |e: f64| if inp.train_tinysam { e * (mask_bytes * b) as f64 } else { 0.0 };
     push(&format!("activations: TinySAM ({mask_name})"), per_sample(ts_e));
-    let (dec_e, dec_f32, dec_transient) =
-        decoder_graph_elems(spec, t as f64, b as f64, mask_bytes != s, norm_units, ck_vision);
+    let (dec_e, dec_f32, dec_transient) = decoder_graph_elems(spec, t as f64, b as f64, mask_bytes != s, norm_units);
     push(
         &format!("activations: decoder attention over image tokens, mask head ({mask_name}), losses (f32)"),
         (dec_e * mask_bytes as f64 + dec_f32 * 4.0) * b as f64,

@@ -14,12 +14,11 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::checkpoint::Checkpointer;
+use crate::nn::attention::chunked_attention;
 use crate::nn::linear::{frozen_matmul, Linear};
 use crate::nn::norm::LayerNorm;
 use crate::nn::ops;
 use crate::nn::param::{Init, Param, ParamBuilder};
-use crate::nn::scaled_masked_softmax;
 use crate::nn::upsample::upsample_bilinear_ac;
 
 /// Sizes of the decoder; `Default` is the released model.
@@ -186,17 +185,10 @@ impl MultiheadAttention {
     }
 
     /// `query` (B, N, C) attends to `kv` (B, T, C) (`None`: self-attention). `key_bias` is an
-    /// additive (B, 1, 1, T) mask, 0 = attend.
-    /// With an enabled `ckpt`, each query chunk's scores, probabilities and dropout are
-    /// recomputed in backward instead of kept: the kept memory drops from heads x N x T scores
-    /// per sample to the chunks' inputs, and backward holds one chunk at a time.
-    fn forward(
-        &self,
-        query: &Tensor,
-        kv: Option<&Tensor>,
-        key_bias: Option<&Tensor>,
-        ckpt: Option<&Checkpointer>,
-    ) -> Result<Tensor> {
+    /// additive (B, 1, 1, T) mask, 0 = attend. The attention keeps only its output: each chunk
+    /// of query rows' scores exist only while that chunk runs, forward and backward
+    /// (`nn::attention`), so neither the scores nor per-chunk copies of K and V are kept.
+    fn forward(&self, query: &Tensor, kv: Option<&Tensor>, key_bias: Option<&Tensor>) -> Result<Tensor> {
         let (b, n, c) = query.dims3()?;
         let (q, k, v) = match kv {
             None => {
@@ -213,28 +205,7 @@ impl MultiheadAttention {
         let q = (self.split_heads(&q)? * scale)?;
         let k = self.split_heads(&k)?;
         let v = self.split_heads(&v)?;
-        let t = k.dim(2)?;
-        // Softmax is per query row, so chunking the queries is exact and bounds the scores'
-        // transient memory (4096 x 4096 x heads for the self-attention).
-        let chunk = (SCORE_CHUNK_ELEMS / (b * self.heads * t).max(1)).clamp(1, n);
-        let mut outs = Vec::with_capacity(n.div_ceil(chunk));
-        for (i, s) in (0..n).step_by(chunk).enumerate() {
-            let len = chunk.min(n - s);
-            let qc = if len == n { q.clone() } else { q.narrow(2, s, len)?.contiguous()? };
-            let (drop, site, bias) = (self.dropout, format!("{}.{i}", self.site), key_bias.cloned());
-            let attend = move |qc: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
-                let p = scaled_masked_softmax(&qc.matmul(&k.t()?)?, 1.0, bias.as_ref())?;
-                Ok(ops::dropout(&p, drop, &site)?.matmul(v)?)
-            };
-            outs.push(match ckpt.filter(|c| c.is_enabled()) {
-                // One input for the checkpoint: [q chunk; k; v] along the token axis.
-                Some(c) => c.run(&Tensor::cat(&[&qc, &k, &v], 2)?, move |x| {
-                    attend(&x.narrow(2, 0, len)?, &x.narrow(2, len, t)?, &x.narrow(2, len + t, t)?)
-                })?,
-                None => attend(&qc, &k, &v)?,
-            });
-        }
-        let o = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(&outs, 2)? };
+        let o = chunked_attention(&q, &k, &v, key_bias, self.dropout, &self.site, SCORE_CHUNK_ELEMS)?;
         let o = o.transpose(1, 2)?.reshape((b, n, c))?;
         self.out_proj.forward(&o)
     }
@@ -265,9 +236,9 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, ckpt: Option<&Checkpointer>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let p = self.dropout;
-        let sa = self.self_attn.forward(x, None, None, ckpt)?;
+        let sa = self.self_attn.forward(x, None, None)?;
         let x = self.norm1.forward(&(x + ops::dropout(&sa, p, &format!("{}dropout1", self.site))?)?)?;
         let h = self.linear1.forward(&x)?.relu()?;
         let h = ops::dropout(&h, p, &format!("{}dropout", self.site))?;
@@ -401,14 +372,7 @@ impl PromptedMaskDecoder {
     /// `image_feats` (B, dim, g, g), `prompt_states` (B, T, llm_hidden), `key_mask` (B, T) with
     /// 1 = attend, 0 = ignore (answer and padding positions). Runs in `image_feats`' dtype
     /// (norm statistics and softmax in f32); the logits are f32.
-    /// An enabled `ckpt` checkpoints the self-attention.
-    pub fn forward_low_res(
-        &self,
-        image_feats: &Tensor,
-        prompt_states: &Tensor,
-        key_mask: &Tensor,
-        ckpt: Option<&Checkpointer>,
-    ) -> Result<Tensor> {
+    pub fn forward_low_res(&self, image_feats: &Tensor, prompt_states: &Tensor, key_mask: &Tensor) -> Result<Tensor> {
         let dt = match image_feats.dtype() {
             DType::F16 | DType::BF16 | DType::F32 => image_feats.dtype(),
             _ => DType::F32,
@@ -437,10 +401,10 @@ impl PromptedMaskDecoder {
         // 2. image tokens (B, HW, C)
         let tokens = self.image_norm.forward(&img.flatten_from(2)?.transpose(1, 2)?.contiguous()?)?;
         // 3-4. cross-attention over the prompt positions only, residual, norm
-        let a = self.attn.forward(&tokens, Some(&p), Some(&bias), None)?;
+        let a = self.attn.forward(&tokens, Some(&p), Some(&bias))?;
         let x = self.norm1.forward(&(a + &tokens)?)?;
         // 5-6. encoder layer, FFN
-        let x = self.encoder_layer.forward(&x, ckpt)?;
+        let x = self.encoder_layer.forward(&x)?;
         let x = self.ffn.forward(&x)?;
         // 7. back to a map, residual with the TinySAM features
         let mut m = (x.transpose(1, 2)?.reshape((b, c, h, w))? + &img)?;
@@ -454,18 +418,7 @@ impl PromptedMaskDecoder {
     /// Full-resolution logits (B, 1, g*f, g*f): `forward_low_res` then bilinear xf upsampling
     /// (align_corners = true).
     pub fn forward(&self, image_feats: &Tensor, prompt_states: &Tensor, key_mask: &Tensor) -> Result<Tensor> {
-        self.forward_with(image_feats, prompt_states, key_mask, None)
-    }
-
-    /// `forward` with gradient checkpointing of the self-attention when `ckpt` is enabled.
-    pub fn forward_with(
-        &self,
-        image_feats: &Tensor,
-        prompt_states: &Tensor,
-        key_mask: &Tensor,
-        ckpt: Option<&Checkpointer>,
-    ) -> Result<Tensor> {
-        let low = self.forward_low_res(image_feats, prompt_states, key_mask, ckpt)?;
+        let low = self.forward_low_res(image_feats, prompt_states, key_mask)?;
         upsample_bilinear_ac(&low, self.cfg.upsample)
     }
 }

@@ -101,8 +101,8 @@ pub enum Checkpointing {
     Off,
     /// One checkpoint per LLM decoder layer (PyTorch's reference setting).
     Llm,
-    /// The LLM layers, each TinySAM block and each mask-decoder attention chunk (what the bare
-    /// `--gradient-checkpointing` flag and `true` mean).
+    /// The LLM layers and each TinySAM block (what the bare `--gradient-checkpointing` flag and
+    /// `true` mean). The mask decoder's attention keeps only its output in every mode.
     #[value(alias = "on", alias = "true", alias = "yes")]
     All,
 }
@@ -120,7 +120,7 @@ impl Checkpointing {
         self != Self::Off
     }
 
-    /// TinySAM blocks and decoder attention chunks too.
+    /// TinySAM blocks too.
     pub fn vision(self) -> bool {
         self == Self::All
     }
@@ -303,7 +303,7 @@ impl PrsMed {
     }
 
     /// Switches gradient checkpointing on (`Checkpointing::All`: one checkpoint per LLM decoder
-    /// layer, per TinySAM block and per mask-decoder attention chunk) or off. Take gradients
+    /// layer and per TinySAM block) or off. Take gradients
     /// with [`PrsMed::backward`], which merges the checkpointed blocks' parameter gradients.
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
         self.set_checkpointing(if on { Checkpointing::All } else { Checkpointing::Off });
@@ -449,7 +449,7 @@ impl PrsMed {
         mark("LM head");
         let feats = self.tinysam.forward_with(&batch.sam_pixels.to_dtype(self.mask_dtype())?, ck)?;
         mark("TinySAM forward");
-        let mask_logits = self.decoder.forward_with(&feats, &hidden, &inp.prompt_valid, ck)?;
+        let mask_logits = self.decoder.forward(&feats, &hidden, &inp.prompt_valid)?;
         mark("mask decoder forward");
         let class_logits = self.classifier.forward(&feats)?;
         mark("classifier");

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Result;
 use candle_core::backend::BackendDevice;
 use candle_core::backprop::GradStore;
-use candle_core::{CustomOp2, Shape, Tensor, Var};
+use candle_core::{CustomOp2, CustomOp3, Shape, Tensor, Var};
 
 use super::consts::mul_const;
 use super::ops::{step_seed, EvalMode, TrainingMode};
@@ -288,5 +288,51 @@ impl CustomOp2 for OutputOnly2 {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         (self.backward)(&a.detach(), &b.detach(), &grad.detach(), [a.track_op(), b.track_op()])
             .map_err(|e| candle_core::Error::Msg(format!("{} backward: {e:#}", self.name())))
+    }
+}
+
+/// The gradients of a three-input op: `(a, b, c, dy, [tracked; 3]) -> (da, db, dc)`, `None` for
+/// an untracked input.
+pub type Backward3 = dyn Fn(&Tensor, &Tensor, &Tensor, &Tensor, [bool; 3]) -> Result<[Option<Tensor>; 3]> + Send + Sync;
+
+/// [`with_backward2`] for three inputs (attention's q, k and v).
+pub fn with_backward3<F, B>(a: &Tensor, b: &Tensor, c: &Tensor, f: F, backward: B) -> Result<Tensor>
+where
+    F: Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    B: Fn(&Tensor, &Tensor, &Tensor, &Tensor, [bool; 3]) -> Result<[Option<Tensor>; 3]> + Send + Sync + 'static,
+{
+    let y = f(&a.detach(), &b.detach(), &c.detach())?;
+    if !a.track_op() && !b.track_op() && !c.track_op() {
+        return Ok(y);
+    }
+    let op = OutputOnly3 { backward: Box::new(backward), out: HeldOutput::new(y.detach()) };
+    drop(y);
+    Ok(a.apply_op3(b, c, op)?)
+}
+
+struct OutputOnly3 {
+    backward: Box<Backward3>,
+    out: HeldOutput,
+}
+
+impl CustomOp3 for OutputOnly3 {
+    fn name(&self) -> &'static str {
+        "output-only3"
+    }
+
+    same_forward_on_every_backend!(three: |op: &Self, _a, _b, _c| op.out.hand_over());
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let tracked = [a.track_op(), b.track_op(), c.track_op()];
+        let [da, db, dc] = (self.backward)(&a.detach(), &b.detach(), &c.detach(), &grad.detach(), tracked)
+            .map_err(|e| candle_core::Error::Msg(format!("{} backward: {e:#}", self.name())))?;
+        Ok((da, db, dc))
     }
 }

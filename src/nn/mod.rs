@@ -47,6 +47,32 @@ macro_rules! same_forward_on_every_backend {
             $fwd(self, (a, al), (b, bl))
         }
     };
+    (three: $fwd:expr) => {
+        fn cpu_fwd(
+            &self,
+            a: &candle_core::CpuStorage,
+            al: &candle_core::Layout,
+            b: &candle_core::CpuStorage,
+            bl: &candle_core::Layout,
+            c: &candle_core::CpuStorage,
+            cl: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            $fwd(self, (a, al), (b, bl), (c, cl))
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            a: &candle_core::CudaStorage,
+            al: &candle_core::Layout,
+            b: &candle_core::CudaStorage,
+            bl: &candle_core::Layout,
+            c: &candle_core::CudaStorage,
+            cl: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            $fwd(self, (a, al), (b, bl), (c, cl))
+        }
+    };
 }
 
 /// `cpu_fwd` / `cuda_fwd` of an op that only our CUDA kernels compute (a fused backward, whose
@@ -128,6 +154,7 @@ impl OnBackend for candle_core::CudaStorage {
     }
 }
 
+pub mod attention;
 pub mod checkpoint;
 pub mod consts;
 pub mod conv;

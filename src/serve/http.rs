@@ -84,6 +84,9 @@ async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: N
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         if !same_secret(given.as_bytes(), token.as_bytes()) {
+            // Read what the client is sending (up to the upload limit): a client still writing
+            // its upload would otherwise see a broken connection instead of this answer.
+            let _ = axum::body::to_bytes(req.into_body(), state.opts.max_upload_bytes + 64 * 1024).await;
             let mut r = error(StatusCode::UNAUTHORIZED, "this server needs its token: Authorization: Bearer <token>");
             r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return r;
@@ -323,6 +326,7 @@ async fn predict_inner(
         Err(e) => return bad_request(format!("expected a multipart/form-data body: {}", e.body_text())),
     };
     let Ok(_permit) = state.admission.clone().try_acquire_owned() else {
+        discard(mp).await;
         return busy(state.queue.retry_after_s());
     };
     let form = match read_form(mp, opts).await {
@@ -382,6 +386,15 @@ async fn predict_inner(
 /// The size an encoded image states in its header (None: the decoder will say what is wrong).
 fn image_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
     image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().ok()?.into_dimensions().ok()
+}
+
+/// Reads a form to its end and drops it, so that the client, done sending, reads the answer.
+async fn discard(mut mp: Multipart) {
+    while let Ok(Some(field)) = mp.next_field().await {
+        if field.bytes().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// 503 with a Retry-After of about one batch time per batch ahead.

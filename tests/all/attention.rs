@@ -1,6 +1,7 @@
 //! The attention softmax with causal masking computed from indices (`scaled_masked_softmax_causal`,
-//! what the CUDA kernel does) against the same softmax with the mask written out by hand, and
-//! grouped-query attention without repeated K/V against the repeat_kv form.
+//! what the CUDA kernel does) against the same softmax with the mask written out by hand,
+//! grouped-query attention without repeated K/V against the repeat_kv form, and the chunked
+//! attention op that keeps only its output against the plain autograd graph.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
@@ -150,5 +151,70 @@ fn grouped_attention_equals_the_repeat_kv_form() -> Result<()> {
             close(g1.get(x).expect("gradient"), g2.get(x).expect("gradient"), name)?;
         }
     }
+    Ok(())
+}
+
+/// The plain graph the op replaces: per chunk of query rows, scores, masked softmax, dropout at
+/// `{site}.{chunk}`, times V; candle's autograd keeps every chunk's probabilities.
+fn composite_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, p: f32, rows: usize) -> Result<Tensor> {
+    let n = q.dim(2)?;
+    let mut outs = vec![];
+    for (i, s) in (0..n).step_by(rows).enumerate() {
+        let qc = q.narrow(2, s, rows.min(n - s))?.contiguous()?;
+        let probs = scaled_masked_softmax(&qc.matmul(&k.t()?)?, 1.0, Some(bias))?;
+        outs.push(prs::nn::ops::dropout(&probs, p, &format!("site.{i}"))?.matmul(v)?);
+    }
+    Ok(Tensor::cat(&outs, 2)?)
+}
+
+#[test]
+fn chunked_attention_equals_the_plain_graph_in_value_and_gradient() -> Result<()> {
+    use prs::nn::attention::{chunk_rows, chunked_attention};
+    use prs::nn::ops::TrainingMode;
+    let (b, h, n, t, d) = (2, 4, 64, 40, 8);
+    let q = Var::from_tensor(&(randn(&[b, h, n, d], 1)? * 0.5)?)?;
+    let k = Var::from_tensor(&randn(&[b, h, t, d], 2)?)?;
+    let v = Var::from_tensor(&randn(&[b, h, t, d], 3)?)?;
+    // Sample 0 ignores its last 15 keys.
+    let keep: Vec<f32> =
+        (0..b * t).map(|i| if i < t && i % t >= 25 { mask_min(DType::F32) as f32 } else { 0.0 }).collect();
+    let bias = Tensor::from_vec(keep, (b, 1, 1, t), &CPU)?;
+    let budget = b * h * t * 16; // 16 query rows per chunk: 4 chunks
+    assert_eq!(chunk_rows(b * h, n, t, budget), 16);
+    let w = randn(&[b, h, n, d], 4)?;
+    for (dropout, seed) in [(0.0, None), (0.2, Some(7))] {
+        let _train = seed.map(TrainingMode::enter);
+        let fast =
+            chunked_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(&bias), dropout, "site", budget)?;
+        let plain = composite_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &bias, dropout, 16)?;
+        let bits = |x: &Tensor| -> Result<Vec<u32>> {
+            Ok(x.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+        };
+        assert_eq!(bits(&fast)?, bits(&plain)?, "dropout {dropout}: outputs differ");
+        let gf = (&fast * &w)?.sum_all()?.backward()?;
+        let gp = (&plain * &w)?.sum_all()?.backward()?;
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (a, e) = (gf.get(x.as_tensor()).unwrap(), gp.get(x.as_tensor()).unwrap());
+            let err = ((a - e)?.abs()?.max_all()?.to_scalar::<f32>()? / e.abs()?.max_all()?.to_scalar::<f32>()?).abs();
+            println!("dropout {dropout}: d{name} max rel err {err:.2e}");
+            assert!(err < 1e-5, "dropout {dropout}: d{name} rel err {err}");
+        }
+        // Masked keys get no gradient.
+        let dk0: Vec<f32> =
+            gf.get(k.as_tensor()).unwrap().narrow(0, 0, 1)?.narrow(2, 25, 15)?.flatten_all()?.to_vec1()?;
+        assert!(dk0.iter().all(|&x| x == 0.0), "a masked key has a gradient");
+    }
+    // Only the tracked inputs get gradients.
+    let y = chunked_attention(
+        &q.as_tensor().detach(),
+        k.as_tensor(),
+        &v.as_tensor().detach(),
+        Some(&bias),
+        0.0,
+        "s",
+        budget,
+    )?;
+    let g = y.sum_all()?.backward()?;
+    assert!(g.get(k.as_tensor()).is_some() && g.get(q.as_tensor()).is_none() && g.get(v.as_tensor()).is_none());
     Ok(())
 }

@@ -58,7 +58,7 @@ fn parity_with_pytorch() -> Result<()> {
     for train in [false, true] {
         let (f, _) = fixture_model(train)?;
         let (img, prompt, mask) = (&f.io["image_feats"], &f.io["prompt_states"], &f.io["key_mask"]);
-        let low = f.dec.forward_low_res(img, prompt, mask, None)?;
+        let low = f.dec.forward_low_res(img, prompt, mask)?;
         let up = f.dec.forward(img, prompt, mask)?;
         let cls = f.cls.forward(img)?;
         assert_eq!(low.dims(), &[2, 1, 8, 8]);
@@ -79,7 +79,7 @@ fn parity_with_pytorch() -> Result<()> {
 fn half_precision_runs_in_half_with_f32_logits_and_master_gradients() -> Result<()> {
     let (f, _) = fixture_model(false)?;
     let (img, prompt, mask) = (&f.io["image_feats"], &f.io["prompt_states"], &f.io["key_mask"]);
-    let out = f.dec.forward_low_res(&img.to_dtype(DType::F16)?, &prompt.to_dtype(DType::BF16)?, mask, None)?;
+    let out = f.dec.forward_low_res(&img.to_dtype(DType::F16)?, &prompt.to_dtype(DType::BF16)?, mask)?;
     assert_eq!(out.dtype(), DType::F32);
     let e = max_rel(&out, &f.io["low_res"])?;
     println!("f16 decoder vs PyTorch f32: max rel err {e:.3e}");
@@ -167,7 +167,7 @@ fn gradients_reach_every_trained_weight_and_only_unmasked_prompt_positions() -> 
     let loss = {
         let _train = TrainingMode::enter(7); // dropout on
         let up = f.dec.forward(img, prompt.as_tensor(), mask)?;
-        let low = f.dec.forward_low_res(img, prompt.as_tensor(), mask, None)?;
+        let low = f.dec.forward_low_res(img, prompt.as_tensor(), mask)?;
         let w = Tensor::randn(0f32, 1.0, up.dims(), &Device::Cpu)?;
         let cls = f.cls.forward(img)?;
         ((up * w)?.mean_all()? + low.sqr()?.mean_all()? + cls.sqr()?.mean_all()?)?
@@ -247,7 +247,7 @@ fn real_config_shapes() -> Result<()> {
     let img = Tensor::randn(0f32, 1.0, (1, 256, 64, 64), &Device::Cpu)?;
     let prompt = Tensor::randn(0f32, 1.0, (1, 12, 4096), &Device::Cpu)?.to_dtype(DType::BF16)?;
     let mask = Tensor::new(&[[1u8, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]], &Device::Cpu)?;
-    let low = dec.forward_low_res(&img, &prompt, &mask, None)?;
+    let low = dec.forward_low_res(&img, &prompt, &mask)?;
     assert_eq!(low.dims(), &[1, 1, 64, 64]);
     let up = prs::nn::upsample::upsample_bilinear_ac(&low, cfg.upsample)?;
     assert_eq!(up.dims(), &[1, 1, 1024, 1024]);

@@ -342,6 +342,8 @@ fn the_token_guards_the_api_not_the_page() {
     assert!(denied.error().contains("token"));
     assert_eq!(send(agent().get(&h.url("/v1/info")).set("Authorization", "Bearer wrong"), None).status, 401);
     assert_eq!(post(&h, &image_parts("scan.png", std::fs::read(&img).unwrap(), Q)).status, 401);
+    // A large upload without the token still gets its 401 (the server reads it, then answers).
+    assert_eq!(post(&h, &image_parts("big.png", vec![7u8; 3 << 20], Q)).status, 401);
     let auth = format!("Bearer {token}");
     assert_eq!(send(agent().get(&h.url("/v1/info")).set("Authorization", &auth), None).status, 200);
     let parts = multipart(&image_parts("scan.png", std::fs::read(&img).unwrap(), Q));
@@ -356,7 +358,7 @@ fn the_token_guards_the_api_not_the_page() {
 fn a_full_queue_answers_503_with_retry_after_and_loses_nothing() {
     let st = setup();
     let img = st.dir.path().join("scan.png");
-    scan(&img, 160, 4);
+    scan(&img, 512, 4);
     let png = std::fs::read(&img).unwrap();
     let h = Arc::new(server(&st, ServeOptions { queue_size: 1, max_batch: 1, ..Default::default() }));
     let clients = 12;
