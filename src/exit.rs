@@ -70,10 +70,10 @@ pub fn classify(e: &anyhow::Error) -> ExitKind {
 /// `CUDA_ERROR_OUT_OF_MEMORY`, cuBLAS's `CUBLAS_STATUS_ALLOC_FAILED`, "out of memory").
 pub fn is_out_of_memory(msg: &str) -> bool {
     let m = msg.to_ascii_lowercase();
-    m.contains("cuda_error_out_of_memory")
+    m.contains("out_of_memory") // CUDA_ERROR_OUT_OF_MEMORY and the like
         || m.contains("cublas_status_alloc_failed")
         || m.contains("out of memory")
-        || m.contains("memory allocation of")
+        || m.contains("memory allocation of") // Rust's allocator: "memory allocation of N bytes failed"
 }
 
 /// The hint printed under an out-of-memory error.
@@ -150,5 +150,21 @@ mod tests {
         // `input` keeps the message and marks it.
         let e = input(anyhow::anyhow!("inner").context("outer"));
         assert_eq!((classify(&e), format!("{e:#}")), (ExitKind::Input, "outer: inner".to_string()));
+    }
+
+    /// The one out-of-memory test, shared by the exit status and profile-memory's trials.
+    #[test]
+    fn out_of_memory_messages_of_cuda_cublas_and_the_allocator() {
+        for msg in [
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")",
+            "cublas error: CUBLAS_STATUS_ALLOC_FAILED",
+            "memory allocation of 17179869184 bytes failed",
+            "trial: Out of memory",
+        ] {
+            assert!(is_out_of_memory(msg), "{msg}");
+        }
+        for msg in ["shape mismatch in matmul", "no memory of this checkpoint", "allocation tracker: 3 MB"] {
+            assert!(!is_out_of_memory(msg), "{msg}");
+        }
     }
 }

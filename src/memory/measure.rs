@@ -151,8 +151,7 @@ pub fn train_step(
 }
 
 fn is_oom(e: &anyhow::Error) -> bool {
-    let s = format!("{e:#}").to_ascii_lowercase();
-    s.contains("out_of_memory") || s.contains("out of memory") || s.contains("memory allocation")
+    crate::exit::is_out_of_memory(&format!("{e:#}"))
 }
 
 /// The child side: runs the trial and prints the result line. Errors exit non-zero.
