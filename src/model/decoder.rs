@@ -298,23 +298,26 @@ impl MaskBlock {
     }
 }
 
-/// Builds the additive (B, 1, 1, T) key mask from a 0/1 (B, T) mask. A sample without a
-/// single position to attend to is an error: softmax over nothing has no meaning, and every
-/// real prompt holds at least BOS and the image tokens, so such a row is an upstream bug.
+/// Builds the additive (B, 1, 1, T) key mask from a 0/1 (B, T) mask, on the mask's device. A
+/// sample without a single position to attend to is an error: softmax over nothing has no
+/// meaning, and every real prompt holds at least BOS and the image tokens. The check reads the
+/// mask, which on a GPU would stall the stream in the middle of the step, so it runs where that
+/// costs nothing (the CPU); on a GPU, `PrsMed` checks the rows on the host as it builds them.
 fn key_bias(key_mask: &Tensor, b: usize, t: usize, dtype: DType) -> Result<Tensor> {
     if key_mask.dims() != [b, t] {
         bail!("decoder: key_mask has shape {:?}, expected ({b}, {t})", key_mask.dims());
     }
-    let rows = key_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    let neg = crate::nn::softmax::mask_min(dtype) as f32;
-    let mut bias = Vec::with_capacity(b * t);
-    for (i, row) in rows.iter().enumerate() {
-        if !row.iter().any(|&m| m > 0.5) {
-            bail!("decoder: sample {i} has no prompt position to attend to (its key_mask row is all zero)");
+    let mask = key_mask.to_dtype(DType::F32)?;
+    if mask.device().is_cpu() {
+        for (i, row) in mask.to_vec2::<f32>()?.iter().enumerate() {
+            if !row.iter().any(|&m| m > 0.5) {
+                bail!("decoder: sample {i} has no prompt position to attend to (its key_mask row is all zero)");
+            }
         }
-        bias.extend(row.iter().map(|&m| if m > 0.5 { 0.0 } else { neg }));
     }
-    Ok(Tensor::from_vec(bias, (b, 1, 1, t), key_mask.device())?.to_dtype(dtype)?)
+    // 1 -> 0 (attend), 0 -> the dtype's mask minimum; exact for 0/1 masks.
+    let neg = crate::nn::softmax::mask_min(dtype);
+    Ok(mask.ge(0.5)?.to_dtype(DType::F32)?.affine(-neg, neg)?.reshape((b, 1, 1, t))?.to_dtype(dtype)?)
 }
 
 /// The PRS-Med mask decoder. Prefixes mirror the authors' `mask_decoder.pth` keys.

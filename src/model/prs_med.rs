@@ -392,6 +392,9 @@ impl PrsMed {
             let s = a + n;
             row[s..s + p.after_image.len()].copy_from_slice(&p.after_image);
             let prompt_end = s + p.after_image.len();
+            // What the mask decoder attends to (its key mask; the decoder cannot check it on a
+            // GPU without stalling the step).
+            ensure!(prompt_end > 0, "sample {i} has no prompt position for the mask decoder to attend to");
             let li = len(p);
             if train {
                 ensure!(!p.answer.is_empty(), "sample {i} has an empty answer");
