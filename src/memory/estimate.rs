@@ -240,8 +240,7 @@ fn llm_layer_bytes_per_token(spec: &PrsMedSpec, s: u64, t: u64) -> f64 {
 /// gradient store's zeros-plus-add for dx and the allocator's high-water slack.
 const DEPTHWISE_BACKWARD: f64 = 4.4;
 
-/// TinySAM's graph when it trains, elements per sample in the mask branch's dtype (see
-/// `norm_units`).
+/// TinySAM's graph when it trains, elements per sample in the mask branch's dtype.
 struct TinySamElems {
     /// Kept for backward without checkpointing.
     full: f64,
@@ -256,14 +255,14 @@ struct TinySamElems {
     largest: f64,
 }
 
-/// `norm_units`: what one element of a normalisation's output costs in units of the mask
-/// dtype: 1 in f32; in half precision its f32 output (kept for its backward) and the cast back, 3.
-fn tinysam_graph_elems(spec: &PrsMedSpec, norm_units: f64) -> TinySamElems {
+fn tinysam_graph_elems(spec: &PrsMedSpec) -> TinySamElems {
     let t = &spec.tinysam;
     let s = t.img_size as f64;
     let d: Vec<f64> = t.embed_dims.iter().map(|&x| x as f64).collect();
-    let bn = norm_units; // fused training BatchNorm: its output
-    let ln = norm_units; // fused LayerNorm: its output
+    // Fused BatchNorm and LayerNorm: their output, in the mask dtype (the op keeps its input,
+    // which its producer keeps anyway; the f32 statistics are per channel or row).
+    let bn = 1.0;
+    let ln = 1.0;
     let total = std::cell::Cell::new(0.0f64);
     let largest = std::cell::Cell::new(0.0f64);
     let add = |e: f64, big: f64| {
@@ -347,12 +346,12 @@ fn tinysam_graph_elems(spec: &PrsMedSpec, norm_units: f64) -> TinySamElems {
 
 /// The decoder's graph per sample: (elements kept for backward in the mask dtype, elements
 /// kept in f32 (logits, upsampling, loss terms), the largest transient of its backward in the
-/// mask dtype). `norm_units` as for TinySAM; `cast_prompt`: the LLM's states change dtype.
-fn decoder_graph_elems(spec: &PrsMedSpec, t: f64, batch: f64, cast_prompt: bool, norm_units: f64) -> (f64, f64, f64) {
+/// mask dtype). `cast_prompt`: the LLM's states change dtype.
+fn decoder_graph_elems(spec: &PrsMedSpec, t: f64, batch: f64, cast_prompt: bool) -> (f64, f64, f64) {
     let dc = &spec.decoder;
     let (d, ph, ff, lh) = (dc.dim as f64, dc.prompt_hidden as f64, dc.ffn_dim as f64, dc.llm_hidden as f64);
     let m = (dc.grid * dc.grid) as f64;
-    let ln = norm_units; // fused LayerNorm: its output
+    let ln = 1.0; // fused LayerNorm: its output
     let drop = if dc.dropout > 0.0 { 1.0 } else { 0.0 }; // its output (the mask is recomputed)
     let mut e = if cast_prompt { t * lh } else { 0.0 }; // prompt states in the mask dtype
     e += t * ph * (2.0 + ln + 1.0) + t * d * (2.0 + ln + 1.0 + ln); // prompt projection, norms
@@ -445,17 +444,16 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
     let rms_final = 2 * s * h; // fused normalisation + weight, as in the layers
     let head = tok * rms_final + rows * (h * s + v * s + if s == 4 { 0 } else { 4 * v } + 12 * v);
     push("activations: final norm, LM head, cross-entropy", head as f64);
-    // The mask branch's dtype (`model.mask_precision`); its norms keep f32 outputs.
+    // The mask branch's dtype (`model.mask_precision`).
     let (mask_bytes, mask_name) = match spec.mask_precision {
         MaskPrecision::Compute => (s, inp.precision.as_str()),
         MaskPrecision::F32 => (4, "f32"),
     };
-    let norm_units = 1.0 + if mask_bytes == 4 { 0.0 } else { 4.0 / mask_bytes as f64 };
-    let ts = tinysam_graph_elems(spec, norm_units);
+    let ts = tinysam_graph_elems(spec);
     let ts_e = if ck_vision { ts.checkpointed } else { ts.full };
     let per_sample = |e: f64| if inp.train_tinysam { e * (mask_bytes * b) as f64 } else { 0.0 };
     push(&format!("activations: TinySAM ({mask_name})"), per_sample(ts_e));
-    let (dec_e, dec_f32, dec_transient) = decoder_graph_elems(spec, t as f64, b as f64, mask_bytes != s, norm_units);
+    let (dec_e, dec_f32, dec_transient) = decoder_graph_elems(spec, t as f64, b as f64, mask_bytes != s);
     push(
         &format!("activations: decoder attention over image tokens, mask head ({mask_name}), losses (f32)"),
         (dec_e * mask_bytes as f64 + dec_f32 * 4.0) * b as f64,

@@ -212,7 +212,7 @@ impl BatchNorm2d {
                     rm.set(&((rm.as_tensor().detach() * (1.0 - BN_MOMENTUM))? + (mean * BN_MOMENTUM)?)?)?;
                     rv.set(&((rv.as_tensor().detach() * (1.0 - BN_MOMENTUM))? + (var_unbiased * BN_MOMENTUM)?)?)?;
                 }
-                return Ok(y.to_dtype(dt)?);
+                return Ok(y);
             }
         }
         // Running statistics fold into one per-channel affine map.

@@ -189,8 +189,10 @@ struct AffineNorm {
     reduce: Vec<usize>,
 }
 
-/// `(x - mean) / sqrt(var + eps) * w + b` in f32 with the mean and (biased) variance over
-/// `reduce`; `w` and `b` have `x`'s rank and broadcast to it.
+/// `(x - mean) / sqrt(var + eps) * w + b` computed in f32 with the mean and (biased) variance
+/// over `reduce`, returned in `x`'s dtype; `w` and `b` have `x`'s rank and broadcast to it.
+/// The op keeps only its input for backward (which recomputes the statistics, as PyTorch's
+/// BatchNorm keeps its input): in half precision nothing f32 outlives the op.
 fn affine_norm_forward<S: BackendStorage>(
     eps: f64,
     reduce: &[usize],
@@ -199,6 +201,7 @@ fn affine_norm_forward<S: BackendStorage>(
     (b, bl): (&S, &Layout),
 ) -> candle_core::Result<(S, Shape)> {
     let shape = xl.shape().clone();
+    let out_dtype = x.dtype();
     let count: usize = reduce.iter().map(|&d| shape.dims()[d]).product();
     let full = Layout::contiguous(&shape);
     let mut stat_dims = shape.dims().to_vec();
@@ -216,6 +219,7 @@ fn affine_norm_forward<S: BackendStorage>(
     };
     let ((w, wl), (b, bl)) = (param((w, wl))?, param((b, bl))?);
     let y = xhat.binary_impl::<Mul>(&w, &full, &wl)?.binary_impl::<Add>(&b, &full, &bl)?;
+    let y = if out_dtype == DType::F32 { y } else { y.to_dtype(&full, out_dtype)? };
     Ok((y, shape))
 }
 
@@ -284,8 +288,9 @@ impl CustomOp3 for AffineNorm {
     }
 }
 
-/// Training-mode BatchNorm of `x` (N, C, H, W) with batch statistics, in f32; `w` and `b`
-/// (1, C, 1, 1). Keeps only its output for backward (the input is kept by its producer).
+/// Training-mode BatchNorm of `x` (N, C, H, W) with batch statistics computed in f32, the
+/// output in `x`'s dtype; `w` and `b` (1, C, 1, 1). Keeps only its input for backward (which
+/// its producer keeps anyway).
 pub fn batch_norm_train(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let c = x.dim(1)?;
     ensure!(
@@ -296,12 +301,12 @@ pub fn batch_norm_train(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<
     );
     ensure!(x.elem_count() > c, "batchnorm: training needs more than one value per channel");
     let op = AffineNorm { eps, reduce: vec![0, 2, 3] };
-    Ok(x.to_dtype(DType::F32)?.apply_op3(&w.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?, op)?)
+    Ok(x.apply_op3(&w.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?, op)?)
 }
 
-/// LayerNorm over the last dimension of `x`, in f32, with `w` and `b` of that dimension's size.
-/// Keeps only its output for backward.
-pub fn layer_norm_f32(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+/// LayerNorm over the last dimension of `x`, statistics in f32, the output in `x`'s dtype, with
+/// `w` and `b` of that dimension's size. Keeps only its input for backward.
+pub fn layer_norm_fused(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let h = x.dim(D::Minus1)?;
     ensure!(
         w.elem_count() == h && b.elem_count() == h,
@@ -313,7 +318,7 @@ pub fn layer_norm_f32(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Te
     dims[x.rank() - 1] = h;
     let op = AffineNorm { eps, reduce: vec![x.rank() - 1] };
     let (w, b) = (w.to_dtype(DType::F32)?.reshape(dims.clone())?, b.to_dtype(DType::F32)?.reshape(dims)?);
-    Ok(x.to_dtype(DType::F32)?.apply_op3(&w, &b, op)?)
+    Ok(x.apply_op3(&w, &b, op)?)
 }
 
 #[derive(Clone, Copy)]

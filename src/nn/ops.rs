@@ -94,7 +94,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// LayerNorm over the last dimension in f32 (biased variance, as PyTorch).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(super::fused::layer_norm_f32(x, weight, bias, eps)?.to_dtype(x.dtype())?)
+    super::fused::layer_norm_fused(x, weight, bias, eps)
 }
 
 /// GELU with the exact erf form (PyTorch's default `nn.GELU()`).

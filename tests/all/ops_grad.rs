@@ -393,12 +393,29 @@ fn fused_batch_norm_matches_the_composite_and_frozen_affine_gets_no_gradient() -
     let e = autograd_vs_numeric(&x64, 1e-3, loss)?;
     println!("fused batch norm: |autograd - numeric| {e:.2e}");
     assert!(e <= 2e-3, "numeric: {e}");
+    // Half precision in, half precision out (statistics in f32 inside), and dx in the input's
+    // dtype: nothing f32 outlives the op. Close to the f32 op on the same values.
+    let x16 = x.to_dtype(DType::F16)?;
+    let xv16 = Var::from_tensor(&x16)?;
+    let y16 = batch_norm_train(xv16.as_tensor(), &w, &b, eps)?;
+    assert_eq!(y16.dtype(), DType::F16);
+    let y32 = batch_norm_train(&x16.to_dtype(DType::F32)?, &w, &b, eps)?;
+    let e = max_abs_diff(&vec64(&y16)?, &vec64(&y32)?) / max_abs(&vec64(&y32)?);
+    assert!(e <= 2e-3, "f16 batch norm differs from f32 by {e} (relative)");
+    let g = dot(&y16.to_dtype(DType::F32)?, &r)?.backward()?;
+    let dx = g.get(xv16.as_tensor()).expect("gradient");
+    assert_eq!(dx.dtype(), DType::F16);
+    let x32v = Var::from_tensor(&x16.to_dtype(DType::F32)?)?;
+    let g32 = dot(&batch_norm_train(x32v.as_tensor(), &w, &b, eps)?, &r)?.backward()?;
+    let e = max_abs_diff(&vec64(dx)?, &vec64(g32.get(x32v.as_tensor()).unwrap())?)
+        / max_abs(&vec64(g32.get(x32v.as_tensor()).unwrap())?);
+    assert!(e <= 1e-2, "f16 dx differs from f32 by {e} (relative)");
     Ok(())
 }
 
 #[test]
 fn fused_layer_norm_matches_the_composite_in_value_and_all_gradients() -> Result<()> {
-    use prs::nn::fused::layer_norm_f32;
+    use prs::nn::fused::layer_norm_fused;
     let eps = 1e-5;
     let composite = |x: &Tensor, w: &Tensor, b: &Tensor| -> Result<Tensor> {
         let mean = x.mean_keepdim(candle_core::D::Minus1)?;
@@ -411,9 +428,9 @@ fn fused_layer_norm_matches_the_composite_in_value_and_all_gradients() -> Result
     let b = randn(&[24], 52)?.to_dtype(DType::F32)?;
     let r = randn(&[2, 7, 24], 53)?.to_dtype(DType::F32)?;
     let (xv, wv, bv) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?, Var::from_tensor(&b)?);
-    assert_affine_norm_matches(&xv, &wv, &bv, &r, |x, w, b| layer_norm_f32(x, w, b, eps), composite)?;
+    assert_affine_norm_matches(&xv, &wv, &bv, &r, |x, w, b| layer_norm_fused(x, w, b, eps), composite)?;
     // Frozen weight and bias: gradient for x only.
-    let g = dot(&layer_norm_f32(xv.as_tensor(), &w, &b, eps)?, &r)?.backward()?;
+    let g = dot(&layer_norm_fused(xv.as_tensor(), &w, &b, eps)?, &r)?.backward()?;
     assert!(g.get(&w).is_none() && g.get(&b).is_none(), "frozen LayerNorm parameters got gradients");
     assert!(g.get(xv.as_tensor()).is_some());
     Ok(())
