@@ -311,8 +311,9 @@ fn tinysam_graph_elems(spec: &PrsMedSpec) -> TinySamElems {
             let heads = t.num_heads[st] as f64;
             let hid = c * t.mlp_ratio;
             let e_blk = pad
-                + c * lp * (1.0 + ln + 6.0 + 3.0 + 2.0 + 2.0 + 1.0) // window copy, norm, qkv, q/k/v, pv, proj, merge
-                + 6.0 * heads * ws * ws * lp // scores, scaled, biased, softmax (3)
+                // window copy, norm, qkv, q/k/v, scaled q, [k | v], the attention's output (its op
+                // keeps no scores), proj, merge
+                + c * lp * (1.0 + ln + 6.0 + 3.0 + 1.0 + 2.0 + 1.0 + 2.0 + 1.0)
                 + c * p * (1.0 + 1.0 + bn + ln + 2.0 + 1.0) // residual, map copy, local conv BN, MLP norm, fc2, residual
                 + dw(c, p, p)
                 + hid * p * 3.0; // fc1, GELU

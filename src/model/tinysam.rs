@@ -25,6 +25,7 @@ use std::cell::Cell;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 
+use crate::nn::attention::chunked_attention;
 use crate::nn::checkpoint::Checkpointer;
 use crate::nn::conv::{conv2d_const_input, depthwise_conv2d, pad_zeros};
 use crate::nn::fused::{batch_norm_train, mean_keepdims};
@@ -171,6 +172,8 @@ impl Drop for KeepRunningStats {
 }
 
 const BN_EPS: f64 = 1e-5;
+/// Upper bound on window-attention score elements materialised at once (rows are chunked).
+const SCORE_CHUNK_ELEMS: usize = 1 << 25;
 const BN_MOMENTUM: f64 = 0.1;
 
 /// BatchNorm2d (eps 1e-5, momentum 0.1). Running statistics are buffers: `Var`s updated with
@@ -394,9 +397,11 @@ impl Attention {
         let part = |i: usize| -> Result<Tensor> { Ok(qkv.narrow(3, i * kd, kd)?.transpose(1, 2)?.contiguous()?) };
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
         let bias = self.attention_biases.cast(x.dtype())?.index_select(&self.bias_idx, 1)?.reshape((h, t, t))?;
-        let scores = add_any(&(q.matmul(&k.t()?)? * (kd as f64).powf(-0.5))?, &bias)?;
-        let att = ops::softmax_last_dim(&scores)?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((n, t, c))?;
+        // One op that keeps only its output (the scores of every window exist one chunk at a
+        // time); the relative position bias gets its gradient through it.
+        let q = (q * (kd as f64).powf(-0.5))?;
+        let y = chunked_attention(&q, &k, &v, Some(&bias), 0.0, "tinysam.attention", SCORE_CHUNK_ELEMS)?;
+        let y = y.transpose(1, 2)?.reshape((n, t, c))?;
         self.proj.forward(&y)
     }
 }

@@ -17,10 +17,11 @@ pub fn chunk_rows(batch_heads: usize, queries: usize, keys: usize, max_score_ele
     (max_score_elems / (batch_heads * keys).max(1)).clamp(1, queries.max(1))
 }
 
-/// `q` (B, H, N, D), already scaled; `k`, `v` (B, H, T, D); `bias` an additive mask that
-/// broadcasts to (B, H, N, T) (the decoder's is (B, 1, 1, T)), never differentiated. Dropout
-/// with probability `dropout` on the probabilities, at sites `{site}.{chunk}`: the same masks
-/// as a chunk loop of composite ops, so the output equals that loop's exactly.
+/// `q` (B, H, N, D), already scaled; `k`, `v` (B, H, T, D); `bias` an additive term that
+/// broadcasts to the scores (B, H, N, T): a key mask (B, 1, 1, T), or TinySAM's relative
+/// position bias (H, N, T), which trains (a tracked bias gets its gradient). Dropout with
+/// probability `dropout` on the probabilities, at sites `{site}.{chunk}`: the same masks as a
+/// chunk loop of composite ops, so the output equals that loop's exactly.
 pub fn chunked_attention(
     q: &Tensor,
     k: &Tensor,
@@ -39,38 +40,61 @@ pub fn chunked_attention(
         k.dims(),
         v.dims()
     );
+    // The bias at rank 4; its query dimension is 1 (the same for every row) or N (sliced per
+    // chunk). Without one, an untracked placeholder keeps the op's three inputs.
+    let bias4 = match bias {
+        Some(x) => {
+            ensure!(x.rank() <= 4, "attention: bias {:?} has more than 4 dimensions", x.dims());
+            let mut dims = vec![1; 4 - x.rank()];
+            dims.extend_from_slice(x.dims());
+            ensure!(dims[2] == 1 || dims[2] == n, "attention: bias {:?} for {n} queries", x.dims());
+            x.reshape(dims)?
+        }
+        None => Tensor::zeros((1, 1, 1, 1), q.dtype(), q.device())?,
+    };
+    let has_bias = bias.is_some();
+    let per_row = bias4.dim(2)? == n && n > 1;
     let rows = chunk_rows(b * h, n, t, max_score_elems);
-    let bias = bias.cloned();
     let site = site.to_string();
     // The step seed the forward drew its dropout masks with (None: evaluation).
     let seed = step_seed();
     let chunk_site = move |i: usize| format!("{site}.{i}");
     let probs = {
-        let (bias, chunk_site) = (bias.clone(), chunk_site.clone());
-        move |qc: &Tensor, k: &Tensor, i: usize| -> Result<(Tensor, Tensor)> {
-            let p = scaled_masked_softmax(&qc.matmul(&k.t()?)?, 1.0, bias.as_ref())?;
+        let chunk_site = chunk_site.clone();
+        move |qc: &Tensor, k: &Tensor, bias: &Tensor, s: usize, i: usize| -> Result<(Tensor, Tensor)> {
+            let len = qc.dim(2)?;
+            let bc = if per_row { Some(bias.narrow(2, s, len)?) } else { has_bias.then(|| bias.clone()) };
+            let p = scaled_masked_softmax(&qc.matmul(&k.t()?)?, 1.0, bc.as_ref())?;
             let pd = ops::dropout(&p, dropout, &chunk_site(i))?;
             Ok((p, pd))
         }
     };
+    // K and V travel as one input (the op has three: q, [k | v], bias).
+    let kv = Tensor::cat(&[k, v], 3)?;
+    let split = move |kv: &Tensor| -> Result<(Tensor, Tensor)> {
+        Ok((kv.narrow(3, 0, d)?.contiguous()?, kv.narrow(3, d, d)?.contiguous()?))
+    };
     let forward = {
         let probs = probs.clone();
-        move |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
+        move |q: &Tensor, kv: &Tensor, bias: &Tensor| -> Result<Tensor> {
+            let (k, v) = split(kv)?;
             let mut outs = Vec::with_capacity(n.div_ceil(rows));
             for (i, s) in (0..n).step_by(rows).enumerate() {
                 let qc = query_chunk(q, s, rows.min(n - s))?;
-                outs.push(probs(&qc, k, i)?.1.matmul(v)?);
+                outs.push(probs(&qc, &k, bias, s, i)?.1.matmul(&v)?);
             }
             Ok(if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(&outs, 2)? })
         }
     };
-    let backward = move |q: &Tensor, k: &Tensor, v: &Tensor, dy: &Tensor, tracked: [bool; 3]| {
+    let backward = move |q: &Tensor, kv: &Tensor, bias: &Tensor, dy: &Tensor, tracked: [bool; 3]| {
         // The forward's dropout masks: the same seed and training mode.
         let _train = seed.map(TrainingMode::enter);
         let _eval = seed.is_none().then(EvalMode::enter);
-        // K and V gradients sum over the chunks: in f32, then back to the inputs' dtype.
-        let (mut dk, mut dv) = (None::<Tensor>, None::<Tensor>);
-        let mut dq = Vec::with_capacity(n.div_ceil(rows));
+        let (k, v) = split(kv)?;
+        let bias_tracked = tracked[2] && has_bias;
+        // Gradients summed over the chunks are summed in f32, then cast to the inputs' dtype.
+        let (mut dk, mut dv, mut dbias_sum) = (None::<Tensor>, None::<Tensor>, None::<Tensor>);
+        let (mut dq, mut dbias_rows) = (vec![], vec![]);
         let accumulate = |acc: &mut Option<Tensor>, g: Tensor| -> Result<()> {
             let g = g.to_dtype(DType::F32)?;
             *acc = Some(match acc.take() {
@@ -79,12 +103,21 @@ pub fn chunked_attention(
             });
             Ok(())
         };
+        // The bias broadcasts along its size-1 dimensions: its gradient sums over them.
+        let bias_grad = |ds: &Tensor| -> Result<Tensor> {
+            let along: Vec<usize> = (0..4).filter(|&i| bias.dims()[i] == 1 && ds.dims()[i] != 1).collect();
+            let mut g = ds.to_dtype(DType::F32)?;
+            for &i in along.iter().rev() {
+                g = g.sum_keepdim(i)?;
+            }
+            Ok(g)
+        };
         for (i, s) in (0..n).step_by(rows).enumerate() {
             let len = rows.min(n - s);
             let qc = query_chunk(q, s, len)?;
             let dyc = query_chunk(dy, s, len)?;
-            let (p, pd) = probs(&qc, k, i)?;
-            if tracked[2] {
+            let (p, pd) = probs(&qc, &k, bias, s, i)?;
+            if tracked[1] {
                 accumulate(&mut dv, pd.t()?.matmul(&dyc)?)?;
             }
             drop(pd);
@@ -93,10 +126,18 @@ pub fn chunked_attention(
             let dp = ops::dropout(&dpd, dropout, &chunk_site(i))?;
             let ds = scaled_softmax_backward(&p, &dp.contiguous()?, 1.0, false)?;
             if tracked[0] {
-                dq.push(ds.matmul(k)?);
+                dq.push(ds.matmul(&k)?);
             }
             if tracked[1] {
                 accumulate(&mut dk, ds.t()?.matmul(&qc)?)?;
+            }
+            if bias_tracked {
+                let g = bias_grad(&ds)?;
+                if per_row {
+                    dbias_rows.push(g);
+                } else {
+                    accumulate(&mut dbias_sum, g)?;
+                }
             }
         }
         let dq = match (tracked[0], dq.len()) {
@@ -104,10 +145,20 @@ pub fn chunked_attention(
             (true, 1) => dq.pop(),
             (true, _) => Some(Tensor::cat(&dq, 2)?),
         };
-        let back = |g: Option<Tensor>| g.map(|g| g.to_dtype(k.dtype())).transpose();
-        Ok([dq, back(dk)?, back(dv)?])
+        let dkv = match (dk, dv) {
+            (Some(dk), Some(dv)) => Some(Tensor::cat(&[dk, dv], 3)?.to_dtype(kv.dtype())?),
+            _ => None,
+        };
+        let dbias = if !bias_tracked {
+            None
+        } else if per_row {
+            Some(Tensor::cat(&dbias_rows, 2)?.to_dtype(bias.dtype())?)
+        } else {
+            dbias_sum.map(|g| g.to_dtype(bias.dtype())).transpose()?
+        };
+        Ok([dq, dkv, dbias])
     };
-    with_backward3(q, k, v, forward, backward)
+    with_backward3(q, &kv, &bias4, forward, backward)
 }
 
 /// Rows `[s, s + len)` of (B, H, N, D), contiguous for the matmuls.

@@ -204,6 +204,30 @@ fn chunked_attention_equals_the_plain_graph_in_value_and_gradient() -> Result<()
             gf.get(k.as_tensor()).unwrap().narrow(0, 0, 1)?.narrow(2, 25, 15)?.flatten_all()?.to_vec1()?;
         assert!(dk0.iter().all(|&x| x == 0.0), "a masked key has a gradient");
     }
+    // A trained bias with a row per query (TinySAM's relative position bias, (H, N, T)),
+    // broadcast over the batch: its gradient sums over the batch, row by row across chunks.
+    let pos = Var::from_tensor(&(randn(&[h, n, t], 5)? * 0.3)?)?;
+    let fast = chunked_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), Some(pos.as_tensor()), 0.0, "p", budget)?;
+    let plain = {
+        let mut outs = vec![];
+        for s in (0..n).step_by(16) {
+            let qc = q.as_tensor().narrow(2, s, 16)?.contiguous()?;
+            let scores = qc.matmul(&k.as_tensor().t()?)?.broadcast_add(&pos.as_tensor().narrow(1, s, 16)?)?;
+            outs.push(prs::nn::ops::softmax_last_dim(&scores)?.matmul(v.as_tensor())?);
+        }
+        Tensor::cat(&outs, 2)?
+    };
+    let e = (&fast - &plain)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(e < 1e-5, "with a trained bias the outputs differ by {e}");
+    let gf = (&fast * &w)?.sum_all()?.backward()?;
+    let gp = (&plain * &w)?.sum_all()?.backward()?;
+    for (name, x) in [("q", &q), ("k", &k), ("v", &v), ("bias", &pos)] {
+        let (a, e) = (gf.get(x.as_tensor()).unwrap(), gp.get(x.as_tensor()).unwrap());
+        assert_eq!(a.dims(), e.dims(), "d{name}");
+        let err = ((a - e)?.abs()?.max_all()?.to_scalar::<f32>()? / e.abs()?.max_all()?.to_scalar::<f32>()?).abs();
+        println!("trained bias: d{name} max rel err {err:.2e}");
+        assert!(err < 1e-4, "trained bias: d{name} rel err {err}");
+    }
     // Only the tracked inputs get gradients.
     let y = chunked_attention(
         &q.as_tensor().detach(),
