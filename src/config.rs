@@ -337,6 +337,7 @@ pub struct DecoderSection {
     pub cross_heads: usize,
     pub self_heads: usize,
     pub ffn_dim: usize,
+    #[serde(serialize_with = "crate::nn::linear::serialize_f32_short")]
     pub dropout: f32,
 }
 
@@ -493,4 +494,23 @@ fn apply_override(doc: &mut toml::Table, o: &str) -> Result<()> {
     }
     cur.insert(keys[keys.len() - 1].to_string(), value);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Written configurations (`--emit-config`, run folders) read as they were written: f32
+    /// fields keep their short decimal form and the text parses back to the same values.
+    #[test]
+    fn written_configs_keep_short_decimals_and_round_trip() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/prs-med-7b.toml");
+        let cfg = Config::load(&path).unwrap();
+        let text = cfg.to_toml().unwrap();
+        assert!(text.contains("dropout = 0.05\n"), "{text}");
+        assert!(!text.contains("0.0500000"), "{text}");
+        let back: Config = toml::from_str(&text).unwrap();
+        assert_eq!(back.model.lora, cfg.model.lora);
+        assert_eq!(back.model.decoder.dropout, cfg.model.decoder.dropout);
+    }
 }

@@ -196,11 +196,18 @@ pub struct Lora {
     site: String,
 }
 
+/// An f32 written as its shortest decimal (0.05, not 0.05000000074505806 as the f64 widening
+/// gives), for configuration files people read.
+pub fn serialize_f32_short<S: serde::Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(v.to_string().parse::<f64>().unwrap_or(*v as f64))
+}
+
 /// LoRA hyper-parameters (PEFT's `adapter_config.json` fields we use).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct LoraConfig {
     pub r: usize,
     pub alpha: f64,
+    #[serde(serialize_with = "serialize_f32_short")]
     pub dropout: f32,
     pub target_modules: Vec<String>,
 }
