@@ -8,7 +8,7 @@
 #   scripts/gpu_check.sh run [SECONDS] [OUT]
 #                                on the GPU machine: runs the steps below (PRS_GPU_STEPS names a
 #                                subset, in its order: model upsample fused pytorch
-#                                train-bN[-off|-llm|-all][-4bit|-8bit] predict profile demo), in
+#                                train-bN[-off|-llm|-all][-4bit|-8bit] predict profile demo serve), in
 #                                this order, until SECONDS (default
 #                                480) are spent, each step under its own time limit, logging to
 #                                OUT/gpu_check.log (default dist/gpu/out):
@@ -24,6 +24,7 @@
 #     5. prs bench predict, 7B
 #     6. prs profile-memory, 7B, batch 1,2,4,8 x checkpointing off/llm/all x base none/4bit, predicted vs measured
 #     7. prs demo (the embedded default, on CUDA)
+#     8. prs serve on CUDA with the demo's checkpoint: three requests (scripts/serve_smoke.py), SIGTERM
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DIST="${PRS_GPU_DIST:-dist/gpu}"
@@ -91,7 +92,7 @@ run() {
     (( rc == 0 )) || failed=$((failed + 1))
     return $rc
   }
-  local steps="${PRS_GPU_STEPS:-model upsample fused pytorch train-b1 train-b8-llm train-b8-all train-b1-all-4bit train-b4-all-4bit train-b1-off-4bit predict profile demo}"
+  local steps="${PRS_GPU_STEPS:-model upsample fused pytorch train-b1 train-b8-llm train-b8-all train-b1-all-4bit train-b4-all-4bit train-b1-off-4bit predict profile demo serve}"
   for name in $steps; do
     case $name in
       model)
@@ -132,6 +133,16 @@ run() {
           cp "$work/demo/run/metrics.jsonl" "$out/demo-metrics.jsonl" 2>/dev/null
           cp "$(find "$work/demo/predict" -name overlay.png | head -1)" "$out/demo-overlay.png" 2>/dev/null
         fi ;;
+      serve)
+        # prs serve on CUDA with the demo's checkpoint (the model runs on its own thread): three
+        # requests, then SIGTERM.
+        local ck; ck=$(ls -d "$work"/demo/run/checkpoints/step-* 2>/dev/null | tail -1)
+        if [[ -z $ck ]]; then echo "== serve: skipped (no demo checkpoint: run the demo step first)"; continue; fi
+        prs serve --checkpoint "$ck" --device $dev --port 0 >"$work/serve.out" 2>"$work/serve.err" &
+        local pid=$! url=""
+        for _ in $(seq 1 300); do url=$(grep -o 'http://[^ ]*' "$work/serve.out" 2>/dev/null | head -1); [[ -n $url ]] && break; sleep 0.2; done
+        step serve 60 python3 scripts/serve_smoke.py "$url" "$(find "$work/demo/data" -name '*.png' -path '*test_images*' | head -1)"
+        kill -TERM $pid; wait $pid; echo "prs serve exit $?"; cat "$work/serve.err" | tail -5 ;;
       *) echo "unknown step $name" ;;
     esac
   done

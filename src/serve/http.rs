@@ -26,7 +26,7 @@ use super::worker::{Done, Job, Queue, Refused};
 use super::{ServeOptions, DEFAULT_QUESTION, MAX_NEW_TOKENS_LIMIT};
 use crate::data::preprocess::decode_image_bytes;
 use crate::pipeline::load::Loaded;
-use crate::pipeline::predict::{prepare_image, render, write_prediction_dir, ItemMeta, ItemResult, Prediction};
+use crate::pipeline::predict::{prepare_image, render, write_prediction_dir, ItemMeta, ItemResult};
 
 const PAGE: &str = include_str!("page.html");
 
@@ -406,7 +406,7 @@ fn busy(secs: u64) -> Response {
 
 /// Draws and encodes the pictures, keeps them for their URLs (and on disk with --save-dir).
 fn finish(state: &AppState, id: &str, done: Done, upload: &[u8], t0: Instant) -> anyhow::Result<PredictResponse> {
-    let Done { prediction: Prediction { result, prob, .. }, image, run } = done;
+    let Done { result, prob, image, run } = done;
     let pictures = render(&image, &prob, result.mask.threshold)?;
     let png = |img: &dyn Fn(&mut std::io::Cursor<Vec<u8>>) -> image::ImageResult<()>| -> anyhow::Result<Vec<u8>> {
         let mut c = std::io::Cursor::new(Vec::new());

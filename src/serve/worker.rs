@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 
 use crate::pipeline::generate::GenerateOptions;
 use crate::pipeline::load::Loaded;
-use crate::pipeline::predict::{predict_prepared, ItemMeta, Prediction, Prepared};
+use crate::pipeline::predict::{predict_prepared, ItemMeta, ItemResult, Prediction, Prepared};
 
 /// What the worker adds to a prediction: how long it waited and with how many it ran.
 #[derive(Clone, Copy, Debug)]
@@ -26,9 +26,11 @@ pub struct RunInfo {
     pub batch_size: usize,
 }
 
-/// A request done: its prediction, its image back (the pictures are drawn on it), and how it ran.
+/// A request done: its result and probability map, its image back (the pictures are drawn on
+/// it), and how it ran. No device tensor leaves the model thread.
 pub struct Done {
-    pub prediction: Prediction,
+    pub result: ItemResult,
+    pub prob: Vec<f32>,
     pub image: RgbImage,
     pub run: RunInfo,
 }
@@ -182,10 +184,11 @@ fn run_batch(loaded: &Loaded, batch: Vec<Job>, gen: &GenerateOptions, stats: &St
     for job in batch {
         let reply = match &mut predictions {
             Ok(it) => {
-                let prediction = it.next().expect("one prediction per input");
+                let Prediction { result, prob, logits } = it.next().expect("one prediction per input");
+                drop(logits);
                 let queue_s = start.saturating_duration_since(job.queued_at).as_secs_f64();
                 let run = RunInfo { queue_s, model_s, batch_size: n };
-                Ok(Done { prediction, image: job.prepared.image, run })
+                Ok(Done { result, prob, image: job.prepared.image, run })
             }
             Err(msg) => Err(msg.clone()),
         };
