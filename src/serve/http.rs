@@ -486,32 +486,73 @@ struct StoredResult {
     json: Vec<u8>,
 }
 
-/// The newest results' files, for their URLs.
+/// The newest results' files, for their URLs: at most `keep` of them and [`STORE_BYTES`] in all
+/// (large scans make large overlays), the oldest going first.
 struct ResultStore {
     keep: usize,
+    bytes: usize,
     order: VecDeque<String>,
     files: HashMap<String, StoredResult>,
 }
 
+/// The most the result store holds, in bytes.
+const STORE_BYTES: usize = 512 << 20;
+
+impl StoredResult {
+    fn bytes(&self) -> usize {
+        self.mask_png.len() + self.prob_png.len() + self.overlay_png.len() + self.json.len()
+    }
+}
+
 impl ResultStore {
     fn new(keep: usize) -> Self {
-        Self { keep, order: VecDeque::new(), files: HashMap::new() }
+        Self { keep, bytes: 0, order: VecDeque::new(), files: HashMap::new() }
     }
 
     fn insert(&mut self, id: String, r: StoredResult) {
-        if self.keep == 0 {
+        if self.keep == 0 || r.bytes() > STORE_BYTES {
             return;
         }
-        while self.order.len() >= self.keep {
-            if let Some(old) = self.order.pop_front() {
-                self.files.remove(&old);
+        while self.order.len() >= self.keep || self.bytes + r.bytes() > STORE_BYTES {
+            let Some(old) = self.order.pop_front() else { break };
+            if let Some(gone) = self.files.remove(&old) {
+                self.bytes -= gone.bytes();
             }
         }
+        self.bytes += r.bytes();
         self.order.push_back(id.clone());
         self.files.insert(id, r);
     }
 
     fn get(&self, id: &str) -> Option<&StoredResult> {
         self.files.get(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(n: usize) -> StoredResult {
+        StoredResult { mask_png: vec![0; n], prob_png: vec![], overlay_png: vec![], json: vec![] }
+    }
+
+    #[test]
+    fn the_store_keeps_the_newest_within_count_and_bytes() {
+        let mut s = ResultStore::new(3);
+        for i in 0..5 {
+            s.insert(format!("r{i}"), result(10));
+        }
+        assert!(s.get("r0").is_none() && s.get("r1").is_none());
+        assert!(s.get("r2").is_some() && s.get("r4").is_some());
+        assert_eq!(s.bytes, 30);
+        // A large result pushes out as many old ones as its bytes need.
+        s.insert("big".into(), result(STORE_BYTES - 15));
+        assert!(s.get("r3").is_none() && s.get("r4").is_some() && s.get("big").is_some());
+        assert_eq!(s.bytes, STORE_BYTES - 5);
+        // One larger than the whole store is not kept, and evicts nothing.
+        s.insert("huge".into(), result(STORE_BYTES + 1));
+        assert!(s.get("huge").is_none() && s.get("big").is_some());
+        assert!(ResultStore::new(0).files.is_empty());
     }
 }
