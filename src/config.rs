@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::clip::ClipVisionConfig;
 use crate::model::decoder::DecoderConfig;
 use crate::model::mistral::MistralConfig;
-pub use crate::model::prs_med::Checkpointing;
+pub use crate::model::prs_med::{Checkpointing, MaskPrecision};
 use crate::model::tinysam::TinySamConfig;
 use crate::nn::linear::LoraConfig;
 pub use crate::nn::quant::BaseQuant;
@@ -288,15 +288,6 @@ pub struct ModelSection {
     /// f32, and norm statistics, softmax and the mask logits are computed in f32.
     #[serde(default)]
     pub mask_precision: MaskPrecision,
-}
-
-/// See `model.mask_precision`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MaskPrecision {
-    #[default]
-    Compute,
-    F32,
 }
 
 fn default_sam_size() -> usize {

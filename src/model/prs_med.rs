@@ -126,6 +126,15 @@ impl Checkpointing {
     }
 }
 
+/// The dtype of the mask branch (`model.mask_precision`): the compute dtype, or f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MaskPrecision {
+    #[default]
+    Compute,
+    F32,
+}
+
 impl std::fmt::Display for Checkpointing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -172,7 +181,7 @@ pub struct PrsMedSpec {
     pub tinysam: TinySamConfig,
     pub decoder: DecoderConfig,
     pub num_modalities: usize,
-    pub mask_precision: crate::config::MaskPrecision,
+    pub mask_precision: MaskPrecision,
 }
 
 pub struct PrsMed {
@@ -462,8 +471,8 @@ impl PrsMed {
     /// The dtype of the mask branch (TinySAM, decoder, classifier): `model.mask_precision`.
     pub fn mask_dtype(&self) -> DType {
         match self.spec.mask_precision {
-            crate::config::MaskPrecision::Compute => self.dtype,
-            crate::config::MaskPrecision::F32 => DType::F32,
+            MaskPrecision::Compute => self.dtype,
+            MaskPrecision::F32 => DType::F32,
         }
     }
 
