@@ -51,6 +51,8 @@ pub struct BBox {
 /// Statistics of the thresholded mask (`prob >= threshold`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MaskStats {
+    /// Written as given (0.8, not the f32's 0.800000011920929).
+    #[serde(serialize_with = "crate::nn::linear::serialize_f32_short")]
     pub threshold: f32,
     pub width: u32,
     pub height: u32,

@@ -325,6 +325,11 @@ fn bad_requests_get_their_status_and_a_message_and_the_server_lives_on() {
     let ok = post(&h, &image_parts("scan.png", png.clone(), Q));
     assert_eq!(ok.status, 200, "{}", ok.text());
     assert_eq!(get(&h, "/v1/info").json()["stats"]["predicted"], 1);
+    // A threshold reads back as it was sent (not as its f32 widened to f64).
+    let mut parts = image_parts("scan.png", png.clone(), Q);
+    parts.push(("threshold", None, b"0.8".to_vec()));
+    let r = post(&h, &parts);
+    assert_eq!(r.json()["threshold"], serde_json::json!(0.8), "{}", r.text());
     h.stop().unwrap();
 }
 
