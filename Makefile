@@ -44,7 +44,8 @@ browser-deps:
 # prs serve's page in a real browser: upload, overlay, answer, history, phone width (screenshots
 # in runs/browser).
 browser-test: assets browser-deps
-	cargo build
+	# The test profile: after `make test-cpu` this binary exists already (no second build).
+	cargo build --profile test --bin prs
 	PRS_TOKENIZER_MODEL=$(CURDIR)/$(TOKENIZER_MODEL) bash scripts/browser_check.sh
 
 # The main job on the embedded default: tiny PRS-Med + synthetic data, init -> finetune ->
