@@ -14,6 +14,7 @@ use super::{Precision, SeqShape};
 use crate::config::{BaseQuant, Checkpointing, MaskPrecision};
 use crate::model::llava::ProjectorKind;
 use crate::model::prs_med::PrsMedSpec;
+use crate::nn::attention::{chunk_rows, SCORE_CHUNK_ELEMS};
 
 /// Device memory outside candle's pool once a training step ran: the CUDA context (595 MiB
 /// bare, docs/gpu.md) plus the loaded kernel modules; with the cuBLAS allowance below this is
@@ -364,7 +365,7 @@ fn decoder_graph_elems(spec: &PrsMedSpec, t: f64, batch: f64, cast_prompt: bool)
                              // Encoder layer: packed qkv, heads, scaled q, the attention's output, merge, out, dropouts,
                              // residuals, norms, feed-forward.
     let hs = dc.self_heads as f64;
-    let chunk = ((1usize << 25) as f64 / (batch * hs * m).max(1.0)).floor().clamp(1.0, m);
+    let chunk = chunk_rows((batch * hs) as usize, m as usize, m as usize, SCORE_CHUNK_ELEMS) as f64;
     // The attention op keeps only its output; its backward holds one chunk's scores,
     // probabilities (+ dropout) and their gradients at a time.
     let transient_scores = (5.0 + drop) * hs * chunk * m;

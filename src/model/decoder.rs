@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::attention::chunked_attention;
+use crate::nn::attention::{chunked_attention, SCORE_CHUNK_ELEMS};
 use crate::nn::linear::{frozen_matmul, Linear};
 use crate::nn::norm::LayerNorm;
 use crate::nn::ops;
@@ -87,8 +87,6 @@ pub fn unused_checkpoint_tensors(cfg: &DecoderConfig) -> Vec<(String, Vec<usize>
 }
 
 const SITE: &str = "mask_decoder";
-/// Upper bound on attention-score elements materialised at once (queries are chunked).
-const SCORE_CHUNK_ELEMS: usize = 1 << 25;
 
 /// `x @ w^T + b` for a weight slice that may be trained (ordinary matmul, gradient for w)
 /// or frozen (no dead weight gradient).

@@ -25,7 +25,7 @@ use std::cell::Cell;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 
-use crate::nn::attention::chunked_attention;
+use crate::nn::attention::{chunked_attention, SCORE_CHUNK_ELEMS};
 use crate::nn::checkpoint::Checkpointer;
 use crate::nn::conv::{conv2d_const_input, depthwise_conv2d, pad_zeros};
 use crate::nn::fused::{batch_norm_train, mean_keepdims};
@@ -172,8 +172,6 @@ impl Drop for KeepRunningStats {
 }
 
 const BN_EPS: f64 = 1e-5;
-/// Upper bound on window-attention score elements materialised at once (rows are chunked).
-const SCORE_CHUNK_ELEMS: usize = 1 << 25;
 const BN_MOMENTUM: f64 = 0.1;
 
 /// BatchNorm2d (eps 1e-5, momentum 0.1). Running statistics are buffers: `Var`s updated with

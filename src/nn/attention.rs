@@ -12,6 +12,10 @@ use super::checkpoint::with_backward3;
 use super::ops::{self, step_seed, EvalMode, TrainingMode};
 use super::softmax::{scaled_masked_softmax, scaled_softmax_backward};
 
+/// The score elements one chunk may materialise (a 128 MiB f32 chunk), the bound every model
+/// passes: the mask decoder's 4096 x 4096 self-attention, TinySAM's windows.
+pub const SCORE_CHUNK_ELEMS: usize = 1 << 25;
+
 /// Query rows per chunk so that one chunk's scores hold at most `max_score_elems` elements.
 pub fn chunk_rows(batch_heads: usize, queries: usize, keys: usize, max_score_elems: usize) -> usize {
     (max_score_elems / (batch_heads * keys).max(1)).clamp(1, queries.max(1))
@@ -74,10 +78,12 @@ pub fn chunked_attention(
     let split = move |kv: &Tensor| -> Result<(Tensor, Tensor)> {
         Ok((kv.narrow(3, 0, d)?.contiguous()?, kv.narrow(3, d, d)?.contiguous()?))
     };
+    // The forward reads K and V as given (detached: the op records the graph), not split back
+    // out of [k | v], which only the backward needs.
     let forward = {
         let probs = probs.clone();
-        move |q: &Tensor, kv: &Tensor, bias: &Tensor| -> Result<Tensor> {
-            let (k, v) = split(kv)?;
+        let (k, v) = (k.detach(), v.detach());
+        move |q: &Tensor, _kv: &Tensor, bias: &Tensor| -> Result<Tensor> {
             let mut outs = Vec::with_capacity(n.div_ceil(rows));
             for (i, s) in (0..n).step_by(rows).enumerate() {
                 let qc = query_chunk(q, s, rows.min(n - s))?;

@@ -1,10 +1,9 @@
 //! LayerNorm with weight and bias (`weight`, `bias` keys), as CLIP, TinySAM and the mask decoder
-//! use it: statistics in f32 (`ops::layer_norm`), the output in the input's dtype.
+//! use it: statistics in f32 (`fused::layer_norm_fused`), the output in the input's dtype.
 
 use anyhow::Result;
 use candle_core::Tensor;
 
-use super::ops;
 use super::param::{Init, Param, ParamBuilder};
 
 #[derive(Clone, Debug)]
@@ -21,7 +20,7 @@ impl LayerNorm {
 
     /// Over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::layer_norm(x, self.weight.tensor(), self.bias.tensor(), self.eps)
+        super::fused::layer_norm_fused(x, self.weight.tensor(), self.bias.tensor(), self.eps)
     }
 
     /// Over the channels of (B,C,H,W) (SAM's LayerNorm2d).

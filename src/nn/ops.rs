@@ -92,11 +92,6 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     mul_any(&y, &weight.to_dtype(x.dtype())?)
 }
 
-/// LayerNorm over the last dimension in f32 (biased variance, as PyTorch).
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    super::fused::layer_norm_fused(x, weight, bias, eps)
-}
-
 /// GELU with the exact erf form (PyTorch's default `nn.GELU()`).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     Ok(x.gelu_erf()?)
