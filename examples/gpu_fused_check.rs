@@ -1,4 +1,4 @@
-//! GPU check of `kernels/fused.cu` (run by scripts/gpu_check.sh, step `fused`): each fused
+//! GPU check of `kernels/fused.cu` and `kernels/depthwise.cu` (run by scripts/gpu_check.sh, step `fused`): each fused
 //! kernel against candle's composite of the same function on CUDA (full training shapes) and
 //! against the CPU reference (a slice of them), value and gradient, bf16 and f32; then timings,
 //! kernel vs composite, median of 20, with the bytes each must move and the achieved GB/s.
@@ -7,7 +7,8 @@
 //! Shapes: the LLM's attention scores (b 8, 32 heads, 640 x 640, causal, key padding), the mask
 //! decoder's (16 heads x 4096 x 4096 per sample, key mask), and the LLM's rows for RMSNorm
 //! (8 x 640 x 4096) and the SwiGLU gate (8 x 640 x 14336). Last, the Mistral attention core with
-//! grouped K/V and the fused softmax against the repeat_kv + composite form it replaced.
+//! grouped K/V and the fused softmax against the repeat_kv + composite form it replaced, and the
+//! depthwise convolution (`kernels/depthwise.cu`) at TinySAM's 1024 px shapes.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -48,7 +49,11 @@ impl Report {
     /// Max |a - b| and that relative to max |b|, against `tol` (relative): a few roundings of the
     /// output, more in f32 where sums of thousands of terms run in another order.
     fn check(&mut self, what: &str, a: &Tensor, b: &Tensor) -> Result<()> {
-        let dt = b.dtype();
+        self.check_as(what, a, b, b.dtype())
+    }
+
+    /// `check` with the tolerance of `dt` (a reference computed in a wider dtype).
+    fn check_as(&mut self, what: &str, a: &Tensor, b: &Tensor, dt: DType) -> Result<()> {
         // On `b`'s device: the GPU for GPU-vs-GPU pairs (no transfer of the full shapes).
         let a = a.to_device(b.device())?.to_dtype(DType::F32)?;
         let b = b.to_dtype(DType::F32)?;
@@ -354,6 +359,92 @@ fn gqa(gpu: &Device, rep: &mut Report, bench: bool) -> Result<()> {
     )
 }
 
+/// The depthwise convolution kernels (`kernels/depthwise.cu`) at TinySAM's 1024 px shapes
+/// (batch 8): the MBConv's 256 channels at 256 x 256 and PatchMerging's stride 2. Checked
+/// against candle's composite of shifted views on CUDA, in f32 from the same values (so a bf16
+/// kernel is judged at bf16's rounding against an exact-enough reference), and against the CPU
+/// op on a slice, where f32 output and input gradient must agree bit for bit (same products,
+/// same order). Timed against the composite, forward and forward + backward.
+fn depthwise(gpu: &Device, rep: &mut Report, bench: bool) -> Result<()> {
+    use prs::nn::conv::depthwise_conv2d_composite;
+    use prs::nn::depthwise::depthwise_conv2d;
+    type Conv = fn(&Tensor, &Tensor, usize, usize) -> anyhow::Result<Tensor>;
+    let run = |f: Conv, x: &Tensor, w: &Tensor, r: &Tensor, s: usize| -> Result<Vec<Tensor>> {
+        let (xv, wv) = (Var::from_tensor(x)?, Var::from_tensor(w)?);
+        let y = f(xv.as_tensor(), wv.as_tensor(), s, 1)?;
+        let g = (&y * r)?.sum_all()?.backward()?;
+        let grad = |v: &Var| g.get(v.as_tensor()).expect("gradient").clone();
+        Ok(vec![y, grad(&xv), grad(&wv)])
+    };
+    for (c, side, s) in [(256, 256, 1), (128, 256, 2)] {
+        let (b, ho) = (8, (side - 1) / s + 1);
+        for dt in [DType::BF16, DType::F32] {
+            let tag = format!("depthwise 3x3 s{s} 8x{c}x{side}x{side} {dt:?}");
+            let x = random(&[b, c, side, side], dt, 2.0, gpu)?;
+            let w = random(&[c, 1, 3, 3], dt, 0.5, gpu)?;
+            let r = random(&[b, c, ho, ho], dt, 1.0, gpu)?;
+            if bench {
+                if dt != DType::BF16 {
+                    continue;
+                }
+                let bytes = ((x.elem_count() + r.elem_count()) * 2) as f64;
+                timing_pair(
+                    gpu,
+                    &format!("{tag} fwd"),
+                    bytes,
+                    || depthwise_conv2d(&x, &w, s, 1),
+                    || depthwise_conv2d_composite(&x, &w, s, 1),
+                )?;
+                timing_pair(
+                    gpu,
+                    &format!("{tag} fwd+bwd"),
+                    4.0 * bytes,
+                    || Ok(run(depthwise_conv2d, &x, &w, &r, s)?.remove(0)),
+                    || Ok(run(depthwise_conv2d_composite, &x, &w, &r, s)?.remove(0)),
+                )?;
+                continue;
+            }
+            let wide = |t: &Tensor| t.to_dtype(DType::F32);
+            let got = run(depthwise_conv2d, &x, &w, &r, s)?;
+            let want = run(depthwise_conv2d_composite, &wide(&x)?, &wide(&w)?, &wide(&r)?, s)?;
+            for (name, (a, e)) in ["y", "dx", "dw"].iter().zip(got.iter().zip(&want)) {
+                rep.check_as(&format!("{tag} kernel vs CUDA composite (f32) {name}"), a, e, dt)?;
+            }
+            // A slice on the CPU: the same op's CPU kernels.
+            let cut = |t: &Tensor, n: usize| -> Result<Tensor> {
+                Ok(t.narrow(0, 0, 1)?.narrow(1, 0, 16)?.narrow(2, 0, n)?.narrow(3, 0, n)?.contiguous()?)
+            };
+            let (xc, rc) = (cut(&x, 64)?, cut(&r, (64 - 1) / s + 1)?);
+            let wc = w.narrow(0, 0, 16)?.contiguous()?;
+            let on_gpu = run(depthwise_conv2d, &xc, &wc, &rc, s)?;
+            let on_cpu = run(
+                depthwise_conv2d,
+                &xc.to_device(&Device::Cpu)?,
+                &wc.to_device(&Device::Cpu)?,
+                &rc.to_device(&Device::Cpu)?,
+                s,
+            )?;
+            for (name, (a, e)) in ["y", "dx", "dw"].iter().zip(on_gpu.iter().zip(&on_cpu)) {
+                rep.check(&format!("{tag} kernel vs CPU op 1x16x64x64 {name}"), a, e)?;
+                if dt == DType::F32 && *name != "dw" {
+                    let same = a
+                        .to_device(&Device::Cpu)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?
+                        .iter()
+                        .zip(e.flatten_all()?.to_vec1::<f32>()?)
+                        .all(|(p, q)| p.to_bits() == q.to_bits());
+                    if !same {
+                        rep.failures += 1;
+                    }
+                    println!("{tag} {name}: CUDA and CPU bit-identical: {}", if same { "yes  ok" } else { "no  FAIL" });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn softmax_cases() -> Vec<SoftmaxCase> {
     vec![
         SoftmaxCase {
@@ -385,6 +476,7 @@ fn main() -> Result<()> {
         c.check(&gpu, &mut rep)?;
     }
     gqa(&gpu, &mut rep, false)?;
+    depthwise(&gpu, &mut rep, false)?;
     if rep.failures == 0 {
         println!("all comparisons passed");
     }
@@ -398,6 +490,7 @@ fn main() -> Result<()> {
             c.bench(&gpu)?;
         }
         gqa(&gpu, &mut rep, true)?;
+        depthwise(&gpu, &mut rep, true)?;
     }
     if rep.failures > 0 {
         bail!("{} comparison(s) failed", rep.failures);

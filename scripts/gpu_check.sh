@@ -17,7 +17,7 @@
 #        could run
 #     2. examples/gpu_upsample_check: mask-upsampling kernels and fused ops vs CPU, then timings
 #        against candle's composite and the card's copy bandwidth
-#     3. examples/gpu_fused_check: the fused softmax / RMSNorm / SiLU-gate kernels vs candle's
+#     3. examples/gpu_fused_check: the fused softmax / RMSNorm / SiLU-gate and depthwise-convolution kernels vs candle's
 #        composite on CUDA and vs CPU, value and gradient, then kernel vs composite timings
 #     4. the PyTorch reference step (../shared/bench), then prs bench train, 7B with random weights, per
 #        batch x checkpointing (off/llm/all) x base storage (none/4bit)
@@ -101,7 +101,7 @@ run() {
           echo "the tiny model does not run on CUDA: stopping before the 7B steps"; exit 1
         fi ;;
       upsample) step upsample-check 90 gpu_upsample_check ;;
-      fused) step fused-check 120 gpu_fused_check ;;
+      fused) step fused-check 150 gpu_fused_check ;;
       train-b*)
         # train-bN[-off|-llm|-all|-ckpt][-4bit|-8bit]: batch, checkpointing (-ckpt = all), base storage.
         local spec=${name#train-b} b ck=off q=none

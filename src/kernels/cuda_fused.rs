@@ -18,7 +18,7 @@ const FUSED_MODULE: &str = "prs_fused";
 // SAFETY: `RowMap` is repr(C) with nine i64 fields, the layout of the kernel's `RowMap`.
 unsafe impl DeviceRepr for RowMap {}
 
-fn tag(dt: DType) -> Result<&'static str> {
+pub(super) fn tag(dt: DType) -> Result<&'static str> {
     Ok(match dt {
         DType::F32 => "f32",
         DType::BF16 => "bf16",
@@ -27,7 +27,7 @@ fn tag(dt: DType) -> Result<&'static str> {
     })
 }
 
-fn offsets(l: &Layout, what: &str) -> Result<(usize, usize)> {
+pub(super) fn offsets(l: &Layout, what: &str) -> Result<(usize, usize)> {
     match l.contiguous_offsets() {
         Some(o) => Ok(o),
         None => bail!("fused kernel: {what} must be contiguous"),
@@ -56,7 +56,7 @@ fn row_launch(l: &Layout) -> Result<(LaunchConfig, i32)> {
 }
 
 /// A grid-stride element-wise launch over `n` elements.
-fn elementwise_launch(n: usize) -> LaunchConfig {
+pub(super) fn elementwise_launch(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 65_536) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }

@@ -1,6 +1,6 @@
-//! The crate's own CUDA kernels (feature `cuda`, in `cuda` and `cuda_fused`) and what their
+//! The crate's own CUDA kernels (feature `cuda`, in `cuda`, `cuda_fused` and `cuda_depthwise`) and what their
 //! callers choose between. The ops that use them, and their CPU references, live in
-//! `nn::upsample`, `nn::dropout`, `nn::softmax` and `nn::fused`; this module imports nothing of
+//! `nn::upsample`, `nn::dropout`, `nn::softmax`, `nn::fused` and `nn::depthwise`; this module imports nothing of
 //! `nn`, so the layers stay one-way.
 
 use candle_core::DType;
@@ -13,6 +13,10 @@ pub use cuda::*;
 mod cuda_fused;
 #[cfg(feature = "cuda")]
 pub use cuda_fused::*;
+#[cfg(feature = "cuda")]
+mod cuda_depthwise;
+#[cfg(feature = "cuda")]
+pub use cuda_depthwise::*;
 
 /// What an upsampling pass writes besides plain logits (fused into one pass on CUDA).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -97,6 +101,22 @@ impl RowMap {
         }
         off
     }
+}
+
+/// The geometry of a depthwise convolution: `kernels/depthwise.cu`'s `DwGeom`, field for field
+/// (`repr(C)`, nine i64). Input (b, c, h, w), output (b, c, ho, wo), a (c, 1, k, k) kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DwGeom {
+    pub b: i64,
+    pub c: i64,
+    pub h: i64,
+    pub w: i64,
+    pub ho: i64,
+    pub wo: i64,
+    pub k: i64,
+    pub stride: i64,
+    pub pad: i64,
 }
 
 /// Whether `t` goes to the kernels of `kernels/fused.cu`: built (feature `cuda`), a CUDA

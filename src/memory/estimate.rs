@@ -236,10 +236,10 @@ fn llm_layer_bytes_per_token(spec: &PrsMedSpec, s: u64, t: u64) -> f64 {
     (2 * rms + attn + mlp + 2 * s * h) as f64
 }
 
-/// A depthwise convolution's backward working set against the count in `dw`: measured on the
-/// CPU with the 7B's TinySAM at 512 px (BENCHMARKS.md, session 4). The count leaves out the
-/// gradient store's zeros-plus-add for dx and the allocator's high-water slack.
-const DEPTHWISE_BACKWARD: f64 = 4.4;
+/// A TinySAM block's backward working set in units of the block's graph (its elements as
+/// counted in `tinysam_graph_elems`): measured on the CPU with the 7B's TinySAM at 512 px
+/// (peak RSS at batch 1 and 2, with and without checkpointing; BENCHMARKS.md, session 12).
+const TINYSAM_BLOCK_BACKWARD: f64 = 2.5;
 
 /// TinySAM's graph when it trains, elements per sample in the mask branch's dtype.
 struct TinySamElems {
@@ -248,10 +248,11 @@ struct TinySamElems {
     /// Kept with per-block checkpointing: stem, block and PatchMerging outputs, layout copies,
     /// neck.
     checkpointed: f64,
-    /// The largest block (or PatchMerging), rebuilt while its backward runs (checkpointing).
+    /// The largest block (or PatchMerging): rebuilt while its backward runs with
+    /// checkpointing, and the unit of its backward's working set either way.
     recomputed_block: f64,
-    /// The largest depthwise convolution's composite, rebuilt in its backward.
-    depthwise_rebuild: f64,
+    /// The largest depthwise convolution's backward working set.
+    depthwise_backward: f64,
     /// The largest single tensor.
     largest: f64,
 }
@@ -276,14 +277,12 @@ fn tinysam_graph_elems(spec: &PrsMedSpec) -> TinySamElems {
     add(9.0 * t.in_chans as f64 * p0 + c0 * p0 * (2.0 + bn + 1.0), c0 * p0);
     let mut p = (s / 4.0).powi(2);
     add(d[0] * p * (1.0 + bn), d[0] * p);
-    // Depthwise 3x3 from shifted views as one op that keeps its output. Its hand-written
-    // backward's working set (largest: `rebuild`): dx as a transposed convolution (a padded copy
-    // of dy, three products/partial sums live at a time, dx itself; a strided one also dilates
-    // dy), then dw from a padded copy of x and one product at a time.
-    let rebuild = std::cell::Cell::new(0.0f64);
+    // Depthwise 3x3: one op per direction (`nn::depthwise`) that keeps its input, counted as
+    // its producer's output. Its backward holds dx and, while candle adds dx into the gradient
+    // store, the store's zeros and the sum: three input-sized maps.
+    let dw_backward = std::cell::Cell::new(0.0f64);
     let dw = |c: f64, pin: f64, pout: f64| {
-        let dilated = if pout < pin { 2.0 * c * pin } else { 0.0 };
-        rebuild.set(rebuild.get().max((5.0 * c * pin + dilated).max(2.0 * c * pin + 2.0 * c * pout)));
+        dw_backward.set(dw_backward.get().max(3.0 * c * pin));
         c * pout
     };
     let mut side = s / 4.0;
@@ -341,7 +340,7 @@ fn tinysam_graph_elems(spec: &PrsMedSpec) -> TinySamElems {
         full: total.get(),
         checkpointed: stem_total + kept + neck,
         recomputed_block: unit,
-        depthwise_rebuild: rebuild.get(),
+        depthwise_backward: dw_backward.get(),
         largest: largest.get(),
     }
 }
@@ -475,17 +474,20 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
         ("cross-entropy backward", ce_bwd),
         ("backward temporaries", 3.0 * biggest),
         ("decoder attention backward", dec_transient * (mask_bytes * b) as f64),
-        ("one depthwise convolution backward", per_sample(DEPTHWISE_BACKWARD * ts.depthwise_rebuild)),
+        ("one depthwise convolution backward", per_sample(ts.depthwise_backward)),
     ];
     if ck_llm {
         transients.push(("one LLM layer recomputed + its backward", recompute + 3.0 * llm_scores));
     }
+    // A TinySAM block's backward: the gradients of its nodes that are alive together (the
+    // residual's across the whole block) and its ops' temporaries, or a depthwise convolution's
+    // backward, whichever is larger. With checkpointing the block is rebuilt first.
+    let block_backward = (TINYSAM_BLOCK_BACKWARD * ts.recomputed_block).max(ts.depthwise_backward);
     if ck_vision {
-        // The block is rebuilt, then its backward runs: about 0.9x the block for its own
-        // gradients, or a depthwise convolution's backward, whichever is larger (measured on
-        // the CPU with the 7B's TinySAM at 512 px, BENCHMARKS.md).
-        let working_set = (0.9 * ts.recomputed_block).max(DEPTHWISE_BACKWARD * ts.depthwise_rebuild);
-        transients.push(("one TinySAM block recomputed + its backward", per_sample(ts.recomputed_block + working_set)));
+        transients
+            .push(("one TinySAM block recomputed + its backward", per_sample(ts.recomputed_block + block_backward)));
+    } else {
+        transients.push(("one TinySAM block's backward", per_sample(block_backward)));
     }
     let (what, bytes) = transients.into_iter().fold(("", 0.0), |a, t| if t.1 > a.1 { t } else { a });
     push(&format!("backward transient (largest: {what})"), bytes);

@@ -137,7 +137,7 @@ impl Conv2d {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.weight.cast(x.dtype())?;
-        let y = x.conv2d(&w, self.padding, 1, 1, 1)?;
+        let y = crate::nn::conv::conv2d(x, &w, 1, self.padding)?;
         let c = w.dim(0)?;
         Ok(y.broadcast_add(&self.bias.cast(x.dtype())?.reshape((1, c, 1, 1))?)?)
     }

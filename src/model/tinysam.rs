@@ -27,7 +27,8 @@ use candle_core::{DType, Tensor};
 
 use crate::nn::attention::{chunked_attention, SCORE_CHUNK_ELEMS};
 use crate::nn::checkpoint::Checkpointer;
-use crate::nn::conv::{conv2d_const_input, depthwise_conv2d, pad_zeros};
+use crate::nn::conv::{conv2d, conv2d_const_input, pad_zeros};
+use crate::nn::depthwise::depthwise_conv2d;
 use crate::nn::fused::{batch_norm_train, mean_keepdims};
 use crate::nn::norm::LayerNorm;
 use crate::nn::param::{Init, Param, ParamBuilder};
@@ -262,7 +263,8 @@ impl ConvBn {
         } else if self.groups == 1 && w.track_op() && !x.track_op() {
             conv2d_const_input(x, &w, self.stride, self.pad)?
         } else {
-            x.conv2d(&w, self.pad, self.stride, 1, self.groups)?
+            ensure!(self.groups == 1, "tinysam: grouped convolution with {} groups on {c} channels", self.groups);
+            conv2d(x, &w, self.stride, self.pad)?
         };
         self.bn.forward(&y)
     }
@@ -566,9 +568,9 @@ impl Neck {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.conv2d(&self.conv0.cast(x.dtype())?, 0, 1, 1, 1)?;
+        let x = conv2d(x, &self.conv0.cast(x.dtype())?, 1, 0)?;
         let x = self.norm1.forward_2d(&x)?;
-        let x = x.conv2d(&self.conv2.cast(x.dtype())?, 1, 1, 1, 1)?;
+        let x = conv2d(&x, &self.conv2.cast(x.dtype())?, 1, 1)?;
         self.norm3.forward_2d(&x)
     }
 }

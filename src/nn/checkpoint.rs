@@ -250,9 +250,8 @@ pub type Backward2 =
     dyn Fn(&Tensor, &Tensor, &Tensor, [bool; 2]) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync;
 
 /// `f(a, b)` as one autograd node that keeps only its output, with a hand-written backward
-/// (`backward` gets detached inputs). For composites with large intermediates whose candle
-/// backward is also much slower than their forward (the depthwise convolution built from
-/// shifted views keeps about 20 map-sized tensors per call).
+/// (`backward` gets detached inputs). For ops whose candle backward keeps large intermediates
+/// or takes a slow path (`nn::conv::conv2d`'s input gradient).
 pub fn with_backward2<F, B>(a: &Tensor, b: &Tensor, f: F, backward: B) -> Result<Tensor>
 where
     F: Fn(&Tensor, &Tensor) -> Result<Tensor>,

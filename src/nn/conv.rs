@@ -1,6 +1,7 @@
-//! Convolution helpers that keep the autograd graph lean: a depthwise convolution built from
-//! shifted views (candle runs grouped convolutions one group at a time), a convolution of an
-//! untracked input that differentiates the kernel only, and zero padding without dead gradients.
+//! Convolution helpers that keep the autograd graph lean: a dense convolution whose backward is
+//! GEMMs only, a convolution of an untracked input that differentiates the kernel only, zero
+//! padding without dead gradients, and the depthwise convolution built from shifted views (the
+//! reference of `nn::depthwise`).
 
 use anyhow::{ensure, Context, Result};
 use candle_core::backend::{BackendDevice, BackendStorage};
@@ -62,82 +63,8 @@ impl Taps {
     }
 }
 
-/// Depthwise k x k convolution (one filter per channel) as k*k shifted multiply-adds.
-/// candle runs a grouped conv as one convolution per channel plus a concat (hundreds of tiny
-/// kernels per layer and as many in backward); this is k*k broadcast ops on views. The
-/// composite's ~2k^2 map-sized intermediates are not kept: the op keeps its output only
-/// (`nn::checkpoint::with_backward2`) and its backward is written out
-/// ([`depthwise_conv2d_backward`]).
-/// `x`: (B,C,H,W), `w`: (C,1,k,k).
-pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
-    super::checkpoint::with_backward2(
-        x,
-        w,
-        move |x, w| depthwise_conv2d_composite(x, w, stride, pad),
-        move |x, w, dy, [need_x, need_w]| depthwise_conv2d_backward(x, w, dy, stride, pad, need_x, need_w),
-    )
-}
-
-/// The gradients of [`depthwise_conv2d`], written out. candle's backward of the composite pads
-/// every tap's gradient to the full map and sums the kernel's gradient with its strided
-/// (unvectorised) reduction: 3x the forward's time. Here:
-/// - dx is the transposed convolution: `dy` dilated by the stride (zeros between its values),
-///   convolved with the flipped kernel, with padding k - 1 - pad;
-/// - dw[c, t] sums dy * tap t over the batch and the map, with dy in the taps' flat layout.
-fn depthwise_conv2d_backward(
-    x: &Tensor,
-    w: &Tensor,
-    dy: &Tensor,
-    stride: usize,
-    pad: usize,
-    need_x: bool,
-    need_w: bool,
-) -> Result<(Option<Tensor>, Option<Tensor>)> {
-    let (b, c, h, wd) = x.dims4()?;
-    let k = w.dim(2)?;
-    let s = stride;
-    let dy = dy.to_dtype(x.dtype())?;
-    let dx = if need_x {
-        ensure!(pad < k, "depthwise conv backward: padding {pad} >= kernel {k}");
-        let (ho, wo) = (dy.dim(2)?, dy.dim(3)?);
-        // Input rows/columns past the last window (when (h + 2 pad - k) is not a multiple of
-        // the stride) get zero gradient: extra zeros at the end of the dilated map.
-        let (rh, rw) = ((h + 2 * pad - k) % s, (wd + 2 * pad - k) % s);
-        let dilate = |t: Tensor, dim: usize, n: usize, extra: usize| -> Result<Tensor> {
-            let t = if s > 1 {
-                let mut dims = t.dims().to_vec();
-                let spread = pad_zeros(&t.unsqueeze(dim + 1)?, dim + 1, 0, s - 1)?;
-                dims[dim] = n * s;
-                spread.reshape(dims)?.narrow(dim, 0, s * (n - 1) + 1)?
-            } else {
-                t
-            };
-            pad_zeros(&t, dim, 0, extra)
-        };
-        let dyd = dilate(dilate(dy.contiguous()?, 2, ho, rh)?, 3, wo, rw)?;
-        let rev = Tensor::from_vec((0..k as u32).rev().collect::<Vec<_>>(), k, w.device())?;
-        let wf = w.index_select(&rev, 2)?.index_select(&rev, 3)?;
-        Some(depthwise_conv2d_composite(&dyd, &wf, 1, k - 1 - pad)?)
-    } else {
-        None
-    };
-    let dw = if need_w {
-        let taps = Taps::new(x, k, stride, pad)?;
-        let len = (taps.ho - 1) * taps.wq + taps.wo;
-        let dyq = pad_zeros(&dy, 3, 0, taps.wq - taps.wo)?.reshape((b, c, taps.ho * taps.wq))?.narrow(2, 0, len)?;
-        let per_tap = taps
-            .taps
-            .iter()
-            .map(|tap| Ok(super::fused::sum_keepdims(&(tap * &dyq)?, &[0, 2])?))
-            .collect::<Result<Vec<_>>>()?;
-        Some(Tensor::cat(&per_tap, 2)?.reshape((c, 1, k, k))?)
-    } else {
-        None
-    };
-    Ok((dx, dw))
-}
-
-/// The graph of [`depthwise_conv2d`]: every shifted product and partial sum is a node.
+/// Depthwise k x k convolution as k*k shifted multiply-adds on views, every product and partial
+/// sum a node: the reference of `nn::depthwise::depthwise_conv2d`, which the model uses.
 pub fn depthwise_conv2d_composite(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
     let c = x.dim(1)?;
     let k = w.dim(2)?;
@@ -168,6 +95,77 @@ pub fn conv2d_const_input(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> 
     let cols = Tensor::cat(&cols, 2)?.permute((0, 3, 4, 1, 2))?.reshape((b * ho * wo, cin * k * k))?;
     let y = trained_matmul(&cols, &w.reshape((cout, cin * k * k))?)?;
     Ok(y.reshape((b, ho, wo, cout))?.permute((0, 3, 1, 2))?.contiguous()?)
+}
+
+/// Dense convolution (groups 1) whose backward runs on GEMMs only. The forward is candle's
+/// (im2col and a matmul); candle's backward takes the input gradient through
+/// `conv_transpose2d`, a direct loop on the CPU and a naive kernel on CUDA. Here the input
+/// gradient is a forward convolution too: `dy` dilated by the stride, with the kernel flipped
+/// and its channel axes swapped, padding k - 1 - pad (any padding). The kernel gradient is candle's own
+/// formula (a convolution of the input by `dy`, an im2col and a matmul). One node that keeps
+/// its inputs; gradients only for tracked inputs. `x`: (B,Cin,H,W), `w`: (Cout,Cin,k,k).
+pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+    let k = w.dim(2)?;
+    ensure!(w.dim(3)? == k, "conv2d: kernel {:?} is not square", w.dims());
+    super::checkpoint::with_backward2(
+        x,
+        w,
+        move |x, w| Ok(x.conv2d(w, pad, stride, 1, 1)?),
+        move |x, w, dy, [need_x, need_w]| conv2d_backward(x, w, dy, stride, pad, need_x, need_w),
+    )
+}
+
+fn conv2d_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    stride: usize,
+    pad: usize,
+    need_x: bool,
+    need_w: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let (_, _, h, wd) = x.dims4()?;
+    let k = w.dim(2)?;
+    let dy = dy.to_dtype(x.dtype())?;
+    let dx = if need_x {
+        let (ho, wo) = (dy.dim(2)?, dy.dim(3)?);
+        // Input rows/columns past the last window (when h + 2 pad - k is not a multiple of the
+        // stride) get zero gradient: extra zeros at the end of the dilated map.
+        let (rh, rw) = ((h + 2 * pad - k) % stride, (wd + 2 * pad - k) % stride);
+        let dyd = dilate(&dilate(&dy.contiguous()?, 2, stride, ho, rh)?, 3, stride, wo, rw)?;
+        let wf = if k > 1 {
+            let rev = Tensor::from_vec((0..k as u32).rev().collect::<Vec<_>>(), k, w.device())?;
+            w.index_select(&rev, 2)?.index_select(&rev, 3)?
+        } else {
+            w.clone()
+        };
+        // Padding k - 1 - pad; a padding past k - 1 (the decoder's padded 1x1) crops instead.
+        let dx = dyd.conv2d(&wf.transpose(0, 1)?.contiguous()?, (k - 1).saturating_sub(pad), 1, 1, 1)?;
+        let crop = pad.saturating_sub(k - 1);
+        Some(if crop > 0 { dx.narrow(2, crop, h)?.narrow(3, crop, wd)?.contiguous()? } else { dx })
+    } else {
+        None
+    };
+    let dw = if need_w {
+        let g = x.transpose(0, 1)?.conv2d(&dy.transpose(0, 1)?, pad, 1, stride, 1)?.transpose(0, 1)?;
+        Some(g.narrow(2, 0, k)?.narrow(3, 0, k)?.contiguous()?)
+    } else {
+        None
+    };
+    Ok((dx, dw))
+}
+
+/// `t` with `stride - 1` zeros between its `n` entries along `dim`, then `extra` zeros at the end.
+fn dilate(t: &Tensor, dim: usize, stride: usize, n: usize, extra: usize) -> Result<Tensor> {
+    let t = if stride > 1 {
+        let mut dims = t.dims().to_vec();
+        let spread = pad_zeros(&t.unsqueeze(dim + 1)?, dim + 1, 0, stride - 1)?;
+        dims[dim] = n * stride;
+        spread.reshape(dims)?.narrow(dim, 0, stride * (n - 1) + 1)?
+    } else {
+        t.clone()
+    };
+    pad_zeros(&t, dim, 0, extra)
 }
 
 /// Zero padding whose backward is a narrow of the gradient (`Tensor::pad_with_zeros` concats

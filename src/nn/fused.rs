@@ -261,29 +261,50 @@ impl CustomOp3 for AffineNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Recompute x_hat from x. Over the statistics' dimensions (n values):
-        // dx = w * rstd * (g' - mean(g') - x_hat * mean(g' * x_hat)) with g' = g, and
+        // Recompute the statistics from x. Over the statistics' dimensions (n values), with
+        // xc = x - mean and x_hat = xc * rstd:
+        // dx = rstd * (g' - mean(g') - x_hat * mean(g' * x_hat)), g' = g * w, and
         // dgamma / dbeta sum g * x_hat / g over the dimensions the parameters broadcast along.
         let red = self.reduce.clone();
         let x = x.detach().to_dtype(DType::F32)?;
-        let mean = mean_keepdims(&x, &red)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let rstd = (mean_keepdims(&xc.sqr()?, &red)? + self.eps)?.sqrt()?.recip()?;
-        let xhat = xc.broadcast_mul(&rstd)?;
+        let xc = x.broadcast_sub(&mean_keepdims(&x, &red)?)?;
+        drop(x);
+        let rstd = mean_keepdims(&xc.sqr()?, &red)?.affine(1.0, self.eps)?.sqrt()?.recip()?;
         let g = grad.to_dtype(DType::F32)?;
         let w32 = w.detach().to_dtype(DType::F32)?;
+        let param_sum = |t: Tensor, p: &Tensor| -> candle_core::Result<Tensor> {
+            let along: Vec<usize> = (0..t.rank()).filter(|&d| p.dims()[d] == 1 && t.dims()[d] != 1).collect();
+            sum_keepdims(&t, &along)?.to_dtype(p.dtype())
+        };
+        let db = b.track_op().then(|| param_sum(g.clone(), b)).transpose()?;
+        if red.iter().all(|&d| w.dims()[d] == 1) {
+            // BatchNorm: w is constant over the statistics' dimensions, so the means factor
+            // into per-statistic coefficients and dx = A g + B xc + C: A = w rstd,
+            // B = -w rstd^3 mean(g xc), C = -w rstd mean(g). Two map-sized temporaries at a time
+            // besides xc, instead of the general form's half dozen.
+            let n: usize = red.iter().map(|&d| xc.dims()[d]).product();
+            let sum_gxc = sum_keepdims(&(&g * &xc)?, &red)?;
+            let mean_g = mean_keepdims(&g, &red)?;
+            let a = w32.broadcast_mul(&rstd)?;
+            let b_coef = (a.broadcast_mul(&rstd.sqr()?)?.broadcast_mul(&sum_gxc)? * (-1.0 / n as f64))?;
+            let c = (a.broadcast_mul(&mean_g)? * -1.0)?;
+            let dx = g.broadcast_mul(&a)?.broadcast_add(&c)?;
+            drop(g);
+            let dx = (dx + xc.broadcast_mul(&b_coef)?)?.to_dtype(grad.dtype())?;
+            // sum(g x_hat) = rstd sum(g xc), per statistic; summed further where w also
+            // broadcasts along a dimension the statistics keep.
+            let dw = w.track_op().then(|| param_sum(sum_gxc.broadcast_mul(&rstd)?, w)).transpose()?;
+            return Ok((Some(dx), dw, db));
+        }
+        let xhat = xc.broadcast_mul(&rstd)?;
+        drop(xc);
         let gw = g.broadcast_mul(&w32)?; // gradient with respect to x_hat
         let inner = gw
             .broadcast_sub(&mean_keepdims(&gw, &red)?)?
             .broadcast_sub(&xhat.broadcast_mul(&mean_keepdims(&(&gw * &xhat)?, &red)?)?)?;
         let dx = inner.broadcast_mul(&rstd)?.to_dtype(grad.dtype())?;
-        let param_sum = |t: Tensor, p: &Tensor| -> candle_core::Result<Tensor> {
-            let along: Vec<usize> = (0..t.rank()).filter(|&d| p.dims()[d] == 1 && t.dims()[d] != 1).collect();
-            sum_keepdims(&t, &along)?.to_dtype(p.dtype())
-        };
         // Frozen (untracked) affine parameters get no gradient entry.
         let dw = w.track_op().then(|| param_sum((&g * &xhat)?, w)).transpose()?;
-        let db = b.track_op().then(|| param_sum(g.clone(), b)).transpose()?;
         Ok((Some(dx), dw, db))
     }
 }

@@ -158,6 +158,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod consts;
 pub mod conv;
+pub mod depthwise;
 pub mod dropout;
 pub mod fused;
 pub mod linear;
