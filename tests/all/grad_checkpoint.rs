@@ -449,3 +449,64 @@ fn depthwise_conv_op_in_f64_and_half_precision() {
         }
     }
 }
+
+/// The dense convolution whose input gradient is a forward convolution of the dilated output
+/// gradient (`nn::conv::conv2d`) equals candle's conv2d: the same values bit for bit (the
+/// forward is candle's) and the same gradients up to summation order, for kernels 1 and 3,
+/// strides 1 to 3 (with input rows the last window leaves unused), and padding 0 to 2, past
+/// k - 1 included (the decoder's padded 1x1). An untracked input or kernel gets no gradient.
+/// Where the two axes leave different remainders candle's own backward fails (one output
+/// padding for both axes); there the convolution's linearity checks ours: <conv(x, w), r> equals
+/// <x, dx> and <w, dw>.
+#[test]
+fn dense_conv_with_gemm_backward_equals_candles() {
+    use prs::nn::conv::conv2d;
+    let cases = [
+        (9, 11, 1, 1, 0),
+        (9, 11, 1, 1, 1),
+        (9, 11, 3, 1, 1),
+        (10, 12, 3, 2, 1),
+        (9, 11, 3, 2, 0),
+        (7, 7, 3, 3, 1),
+        (8, 8, 3, 1, 2),
+    ];
+    for (h, wd, k, stride, pad) in cases {
+        let what = format!("{h}x{wd} k{k} stride {stride} pad {pad}");
+        let (ho, wo) = ((h + 2 * pad - k) / stride + 1, (wd + 2 * pad - k) / stride + 1);
+        let r = randn(&[2, 6, ho, wo], 13);
+        for (track_x, track_w) in [(true, true), (true, false), (false, true)] {
+            let (x, w) = (
+                Var::from_tensor(&randn(&[2, 4, h, wd], 11)).unwrap(),
+                Var::from_tensor(&randn(&[6, 4, k, k], 12)).unwrap(),
+            );
+            let input = |v: &Var, tracked: bool| if tracked { v.as_tensor().clone() } else { v.as_tensor().detach() };
+            let ours = conv2d(&input(&x, track_x), &input(&w, track_w), stride, pad).unwrap();
+            let theirs = input(&x, track_x).conv2d(&input(&w, track_w), pad, stride, 1, 1).unwrap();
+            assert_eq!(bits(&ours), bits(&theirs), "{what}: values");
+            let go = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gt = (&theirs * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (v, tracked) in [(&x, track_x), (&w, track_w)] {
+                let (a, b) = (go.get(v.as_tensor()), gt.get(v.as_tensor()));
+                assert_eq!(a.is_some(), tracked, "{what}: gradient presence of {:?}", v.dims());
+                if let (Some(a), Some(b)) = (a, b) {
+                    assert_eq!(a.dims(), b.dims(), "{what}");
+                    assert!(!a.track_op(), "{what}: the gradient holds a graph");
+                    let err = rel_err(a, b);
+                    assert!(err < 1e-5, "{what}: gradient of {:?} off by {err}", v.dims());
+                }
+            }
+        }
+    }
+    let (x, w) =
+        (Var::from_tensor(&randn(&[2, 4, 7, 9], 14)).unwrap(), Var::from_tensor(&randn(&[6, 4, 3, 3], 15)).unwrap());
+    let y = conv2d(x.as_tensor(), w.as_tensor(), 3, 1).unwrap();
+    assert_eq!(y.dims(), &[2, 6, 3, 3]);
+    let r = randn(y.dims(), 16);
+    let dot = |a: &Tensor, b: &Tensor| (a * b).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let want = dot(&y, &r);
+    for v in [&x, &w] {
+        let got = dot(v.as_tensor(), g.get(v.as_tensor()).unwrap());
+        assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "7x9 stride 3: <v, dv> {got} vs <y, r> {want}");
+    }
+}
