@@ -8,7 +8,8 @@
 //! decoder's (16 heads x 4096 x 4096 per sample, key mask), and the LLM's rows for RMSNorm
 //! (8 x 640 x 4096) and the SwiGLU gate (8 x 640 x 14336). Last, the Mistral attention core with
 //! grouped K/V and the fused softmax against the repeat_kv + composite form it replaced, and the
-//! depthwise convolution (`kernels/depthwise.cu`) at TinySAM's 1024 px shapes.
+//! depthwise convolution (`kernels/depthwise.cu`) at TinySAM's 1024 px shapes, and the rotary
+//! head split at the 7B's q shape.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -445,6 +446,61 @@ fn depthwise(gpu: &Device, rep: &mut Report, bench: bool) -> Result<()> {
     Ok(())
 }
 
+/// The rotary head split (`nn::rope::rope_heads`) at the 7B's q shape (b 8, 640 tokens, 32
+/// heads of 128): against the composite it replaced (head split, `apply_rope`) on CUDA, and
+/// against the CPU op on a slice, where f32 must agree bit for bit (same operations); then
+/// timed, forward and forward + backward.
+fn rope(gpu: &Device, rep: &mut Report, bench: bool) -> Result<()> {
+    use prs::nn::rope::{apply_rope, rope_heads, rope_tables};
+    let (h, d) = (32, 128);
+    let inputs = |b: usize, t: usize, dt: DType, dev: &Device| -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let pos: Vec<u32> = (0..b * t).map(|i| (i % t + 3 * (i / t)) as u32).collect();
+        let (cos, sin) = rope_tables(&Tensor::from_vec(pos, (b, t), dev)?, d, 1e6, dt)?;
+        Ok((random(&[b, t, h * d], dt, 3.0, dev)?, cos, sin, random(&[b, h, t, d], dt, 1.0, dev)?))
+    };
+    let fused = |x: &Tensor, c: &Tensor, s: &Tensor| rope_heads(x, c, s, h);
+    let composite = |x: &Tensor, c: &Tensor, s: &Tensor| -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        apply_rope(&x.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?, c, s)
+    };
+    for dt in [DType::BF16, DType::F32] {
+        let tag = format!("rope head split 8x640x32x128 {dt:?}");
+        let (x, c, s, r) = inputs(8, 640, dt, gpu)?;
+        if bench {
+            let bytes = (2 * x.elem_count() * dt.size_in_bytes()) as f64;
+            timing_pair(gpu, &format!("{tag} fwd"), bytes, || fused(&x, &c, &s), || composite(&x, &c, &s))?;
+            timing_pair(
+                gpu,
+                &format!("{tag} fwd+bwd"),
+                2.0 * bytes,
+                || Ok(value_and_grad(&x, &r, |x| fused(x, &c, &s))?.0),
+                || Ok(value_and_grad(&x, &r, |x| composite(x, &c, &s))?.0),
+            )?;
+            continue;
+        }
+        let (y, g) = value_and_grad(&x, &r, |x| fused(x, &c, &s))?;
+        let (yc, gc) = value_and_grad(&x, &r, |x| composite(x, &c, &s))?;
+        rep.check(&format!("{tag} kernel vs CUDA composite"), &y, &yc)?;
+        rep.check(&format!("{tag} kernel vs CUDA composite dx"), &g, &gc)?;
+        let (x, c, s, r) = inputs(2, 64, dt, &Device::Cpu)?;
+        let (yc, gc) = value_and_grad(&x, &r, |x| fused(x, &c, &s))?;
+        let (cg, sg) = (c.to_device(gpu)?, s.to_device(gpu)?);
+        let (y, g) = value_and_grad(&x.to_device(gpu)?, &r.to_device(gpu)?, |x| fused(x, &cg, &sg))?;
+        for (name, a, e) in [("y", &y, &yc), ("dx", &g, &gc)] {
+            rep.check(&format!("{tag} kernel vs CPU op 2x64 {name}"), a, e)?;
+            if dt == DType::F32 {
+                let same =
+                    a.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()? == e.flatten_all()?.to_vec1::<f32>()?;
+                if !same {
+                    rep.failures += 1;
+                }
+                println!("{tag} {name}: CUDA and CPU bit-identical: {}", if same { "yes  ok" } else { "no  FAIL" });
+            }
+        }
+    }
+    Ok(())
+}
+
 fn softmax_cases() -> Vec<SoftmaxCase> {
     vec![
         SoftmaxCase {
@@ -477,6 +533,7 @@ fn main() -> Result<()> {
     }
     gqa(&gpu, &mut rep, false)?;
     depthwise(&gpu, &mut rep, false)?;
+    rope(&gpu, &mut rep, false)?;
     if rep.failures == 0 {
         println!("all comparisons passed");
     }
@@ -491,6 +548,7 @@ fn main() -> Result<()> {
         }
         gqa(&gpu, &mut rep, true)?;
         depthwise(&gpu, &mut rep, true)?;
+        rope(&gpu, &mut rep, true)?;
     }
     if rep.failures > 0 {
         bail!("{} comparison(s) failed", rep.failures);

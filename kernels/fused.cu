@@ -19,6 +19,11 @@
 //   silu_mul_fwd  y = silu(a) * u, silu(a) = a / (1 + exp(-a))
 //   silu_mul_bwd  d_gate = g * u * s (1 + a (1 - s)), d_up = g * silu(a), s = sigmoid(a);
 //                 written as one (2, n) output: d_gate first, then d_up.
+//   rope_heads_fwd  y[b,h,t,j] = x[b,t,h*D+j] cos[b,t,j] + r sin[b,t,j], r = -x[.., j+D/2] for
+//                 j < D/2, x[.., j-D/2] otherwise: a projection's rows split into heads and
+//                 rotated (src/nn/rope.rs); one thread per output element.
+//   rope_heads_bwd  its transpose: dx[b,t,h*D+j] = g[b,h,t,j] cos[b,t,j] + (g[.., j+D/2]
+//                 sin[b,t,j+D/2] for j < D/2, -(g[.., j-D/2] sin[b,t,j-D/2]) otherwise).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
@@ -190,6 +195,39 @@ SOFTMAX_FWD(softmax_fwd_bf16_mf32, __nv_bfloat16, float)
 SOFTMAX_FWD(softmax_fwd_f16, __half, __half)
 SOFTMAX_FWD(softmax_fwd_f16_mf32, __half, float)
 
+template <typename T>
+__device__ void rope_heads_fwd(const T* x, const T* cos, const T* sin, T* y, int64_t n, int heads, int t_len, int dim) {
+  const int half = dim / 2;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const int j = (int)(i % dim);
+    int64_t r = i / dim;
+    const int64_t t = r % t_len;
+    r /= t_len;
+    const int64_t h = r % heads, b = r / heads;
+    const int64_t bt = b * t_len + t;
+    const T* row = x + bt * heads * dim + h * dim;
+    const float p = j < half ? -widen(row[j + half]) : widen(row[j - half]);
+    narrow(__fadd_rn(__fmul_rn(widen(row[j]), widen(cos[bt * dim + j])), __fmul_rn(p, widen(sin[bt * dim + j]))), y[i]);
+  }
+}
+
+template <typename T>
+__device__ void rope_heads_bwd(const T* g, const T* cos, const T* sin, T* dx, int64_t n, int heads, int t_len, int dim) {
+  const int half = dim / 2;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t bt = i / ((int64_t)heads * dim);
+    const int hd = (int)(i % ((int64_t)heads * dim));
+    const int h = hd / dim, j = hd % dim;
+    const int64_t b = bt / t_len, t = bt % t_len;
+    const T* gr = g + ((b * heads + h) * t_len + t) * dim;
+    const T* c = cos + bt * dim;
+    const T* s = sin + bt * dim;
+    const float r = j < half ? __fmul_rn(widen(gr[j + half]), widen(s[j + half]))
+                             : -__fmul_rn(widen(gr[j - half]), widen(s[j - half]));
+    narrow(__fadd_rn(__fmul_rn(widen(gr[j]), widen(c[j])), r), dx[i]);
+  }
+}
+
 #define ROW_KERNELS(TAG, T)                                                                                  \
   extern "C" __global__ void softmax_bwd_##TAG(const T* p, const T* g, T* dx, int n, float scale) {          \
     softmax_bwd<T>(p, g, dx, n, scale);                                                                      \
@@ -205,6 +243,14 @@ SOFTMAX_FWD(softmax_fwd_f16_mf32, __half, float)
   }                                                                                                          \
   extern "C" __global__ void silu_mul_bwd_##TAG(const T* a, const T* u, const T* g, T* out, int64_t n) {      \
     silu_mul_bwd<T>(a, u, g, out, n);                                                                        \
+  }                                                                                                          \
+  extern "C" __global__ void rope_heads_fwd_##TAG(const T* x, const T* c, const T* s, T* y, int64_t n,        \
+                                                  int heads, int t_len, int dim) {                          \
+    rope_heads_fwd<T>(x, c, s, y, n, heads, t_len, dim);                                                     \
+  }                                                                                                          \
+  extern "C" __global__ void rope_heads_bwd_##TAG(const T* g, const T* c, const T* s, T* dx, int64_t n,       \
+                                                  int heads, int t_len, int dim) {                          \
+    rope_heads_bwd<T>(g, c, s, dx, n, heads, t_len, dim);                                                    \
   }
 ROW_KERNELS(f32, float)
 ROW_KERNELS(bf16, __nv_bfloat16)

@@ -17,7 +17,7 @@
 #        could run
 #     2. examples/gpu_upsample_check: mask-upsampling kernels and fused ops vs CPU, then timings
 #        against candle's composite and the card's copy bandwidth
-#     3. examples/gpu_fused_check: the fused softmax / RMSNorm / SiLU-gate and depthwise-convolution kernels vs candle's
+#     3. examples/gpu_fused_check: the fused softmax / RMSNorm / SiLU-gate / rotary and depthwise-convolution kernels vs candle's
 #        composite on CUDA and vs CPU, value and gradient, then kernel vs composite timings
 #     4. the PyTorch reference step (../shared/bench), then prs bench train, 7B with random weights, per
 #        batch x checkpointing (off/llm/all) x base storage (none/4bit)

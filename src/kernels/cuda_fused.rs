@@ -1,6 +1,6 @@
 //! Launchers of `kernels/fused.cu`: the attention softmax (forward with mask and causal masking
-//! computed from indices, backward), RMS normalisation and the SiLU gate, each one kernel per
-//! direction. bf16/f16/f32 storage, f32 math. Inputs must be contiguous; the callers in `nn`
+//! computed from indices, backward), RMS normalisation, the SiLU gate and the rotary head split,
+//! each one kernel per direction. bf16/f16/f32 storage, f32 math. Inputs must be contiguous; the callers in `nn`
 //! make them so (or fall back to their composites).
 
 use candle_core::backend::BackendStorage;
@@ -246,4 +246,25 @@ pub fn silu_mul_bwd(
 ) -> Result<CudaStorage> {
     let n = al.shape().elem_count();
     run_any("silu_mul_bwd", elementwise_launch(n), &[(a, al), (u, ul), (g, gl)], 2 * n, &[Arg::I64(n as i64)])
+}
+
+/// The head split and rotation of `nn::rope` (`forward`), or its transpose: `x` is the
+/// projection (B, T, H*D) forward and the gradient (B, H, T, D) backward; `cos`, `sin` are
+/// (B, 1, T, D); `[b, t, h, d]` the sizes.
+pub fn rope_heads(
+    forward: bool,
+    x: (&CudaStorage, &Layout),
+    cos: (&CudaStorage, &Layout),
+    sin: (&CudaStorage, &Layout),
+    [b, t, h, d]: [usize; 4],
+) -> Result<CudaStorage> {
+    let n = b * t * h * d;
+    let root = if forward { "rope_heads_fwd" } else { "rope_heads_bwd" };
+    let scalars = [
+        Arg::I64(n as i64),
+        Arg::I32(as_i32(h, "heads")?),
+        Arg::I32(as_i32(t, "tokens")?),
+        Arg::I32(as_i32(d, "head dim")?),
+    ];
+    run_any(root, elementwise_launch(n), &[x, cos, sin], n, &scalars)
 }

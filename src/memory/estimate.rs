@@ -226,8 +226,7 @@ fn llm_layer_bytes_per_token(spec: &PrsMedSpec, s: u64, t: u64) -> f64 {
     let rms = 2 * s * h;
     let rep = if nh > nkv { 2 * s * qd } else { 0 };
     let attn = lin("q_proj", h, qd) + lin("k_proj", h, kvd) + lin("v_proj", h, kvd)
-        + s * (qd + 2 * kvd) // heads made contiguous
-        + s * (qd + kvd) * 9 / 2 // rope: neg half, cat, two products, sum
+        + s * (qd + 2 * kvd) // q and k split into heads and rotated (one op each), v's heads
         + rep
         + 2 * s * nh * t // scores and probabilities (the fused softmax keeps nothing else)
         + 2 * s * qd // probs @ v, heads merged

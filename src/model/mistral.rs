@@ -14,6 +14,7 @@ use crate::nn::consts::add_any;
 use crate::nn::linear::{frozen_matmul, Linear, LoraConfig};
 use crate::nn::ops;
 use crate::nn::param::{Init, Param, ParamBuilder};
+use crate::nn::rope::{rope_heads, rope_tables};
 use crate::nn::softmax::scaled_masked_softmax_causal;
 
 /// The fields of HF's `MistralConfig` (LLaVA-Med's `config.json`) that the decoder needs.
@@ -185,11 +186,9 @@ impl Attention {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
-        let k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
+        let q = rope_heads(&self.q_proj.forward(x)?, &rope.0, &rope.1, self.num_heads)?;
+        let k = rope_heads(&self.k_proj.forward(x)?, &rope.0, &rope.1, self.num_kv_heads)?;
         let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?;
-        let q = ops::apply_rope(&q, &rope.0, &rope.1)?;
-        let k = ops::apply_rope(&k, &rope.0, &rope.1)?;
         let (k, v) = match cache {
             Some((c, layer)) => c.append(layer, &k, &v)?,
             None => (k, v),
@@ -424,7 +423,7 @@ impl Mistral {
         let (b, t, _) = embeds.dims3()?;
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let pad = self.key_padding_mask(key_valid, b, past + t)?;
-        let rope = ops::rope_tables(position_ids, self.cfg.head_dim(), self.cfg.rope_theta, self.dtype)?;
+        let rope = rope_tables(position_ids, self.cfg.head_dim(), self.cfg.rope_theta, self.dtype)?;
         let mut x = embeds.to_dtype(self.dtype)?;
         for (i, layer) in self.layers.iter().enumerate() {
             x = match ckpt {

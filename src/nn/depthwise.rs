@@ -9,15 +9,11 @@
 //! in f32 the forward equals the composite bit for bit; the CUDA kernels (`kernels/depthwise.cu`)
 //! use that order too. Math in f32 for f32/bf16/f16 storage, f64 for f64.
 
-use std::borrow::Cow;
-use std::ops::{Add, Mul};
-
 use anyhow::{ensure, Result};
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
-use half::{bf16, f16};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu_kernel::{run_cpu, CpuKernel, Real};
 use crate::kernels::DwGeom;
 
 fn geometry(x: &[usize], w: &[usize], stride: usize, pad: usize) -> candle_core::Result<DwGeom> {
@@ -66,21 +62,6 @@ impl Dims {
     /// The input row that output row `oy` reads through tap row `ky`, if inside the map.
     fn row(&self, oy: usize, ky: usize) -> Option<usize> {
         (oy * self.s + ky).checked_sub(self.p).filter(|&iy| iy < self.h)
-    }
-}
-
-/// The arithmetic the CPU kernels run in: f32, or f64 for f64 storage.
-trait Real: Copy + Default + Send + Sync + Add<Output = Self> + Mul<Output = Self> + 'static {
-    fn to_f64(self) -> f64;
-}
-impl Real for f32 {
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-}
-impl Real for f64 {
-    fn to_f64(self) -> f64 {
-        self
     }
 }
 
@@ -146,44 +127,23 @@ fn weight_grad_channel<A: Real>(x: &[A], dy: &[A], c: usize, batch: usize, d: Di
     out
 }
 
-/// The contiguous elements of a CPU storage in the arithmetic type: borrowed when it already is.
-fn as_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<Cow<'a, [f32]>> {
-    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("depthwise conv: input must be contiguous") };
-    Ok(match s {
-        CpuStorage::F32(v) => Cow::Borrowed(&v[a..b]),
-        CpuStorage::F16(v) => Cow::Owned(v[a..b].iter().map(|x| x.to_f32()).collect()),
-        CpuStorage::BF16(v) => Cow::Owned(v[a..b].iter().map(|x| x.to_f32()).collect()),
-        other => candle_core::bail!("depthwise conv: unsupported dtype {:?}", other.dtype()),
-    })
+/// Which direction the CPU kernel computes, on which geometry.
+enum Direction {
+    Forward,
+    InputGrad,
+    WeightGrad,
 }
 
-fn as_f64<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f64]> {
-    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("depthwise conv: input must be contiguous") };
-    Ok(&s.as_slice::<f64>()?[a..b])
-}
+struct CpuDepthwise(Direction, DwGeom);
 
-fn store(v: Vec<f32>, dt: DType) -> CpuStorage {
-    match dt {
-        DType::F16 => CpuStorage::F16(v.into_iter().map(f16::from_f32).collect()),
-        DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
-        _ => CpuStorage::F32(v),
-    }
-}
-
-/// Runs `f` on two same-dtype CPU storages in their arithmetic type and stores its output in
-/// that dtype.
-fn on_cpu(
-    (a, al): (&CpuStorage, &Layout),
-    (b, bl): (&CpuStorage, &Layout),
-    f32_fn: impl Fn(&[f32], &[f32]) -> Vec<f32>,
-    f64_fn: impl Fn(&[f64], &[f64]) -> Vec<f64>,
-) -> candle_core::Result<CpuStorage> {
-    if a.dtype() != b.dtype() {
-        candle_core::bail!("depthwise conv: mixed dtypes {:?} and {:?}", a.dtype(), b.dtype());
-    }
-    match a.dtype() {
-        DType::F64 => Ok(CpuStorage::F64(f64_fn(as_f64(a, al)?, as_f64(b, bl)?))),
-        dt => Ok(store(f32_fn(&as_f32(a, al)?, &as_f32(b, bl)?), dt)),
+impl CpuKernel for CpuDepthwise {
+    fn run<A: Real>(&self, inputs: &[&[A]]) -> Vec<A> {
+        let (a, b, g) = (inputs[0], inputs[1], self.1);
+        match self.0 {
+            Direction::Forward => cpu_forward(a, b, g),
+            Direction::InputGrad => cpu_input_grad(a, b, g),
+            Direction::WeightGrad => cpu_weight_grad(a, b, g),
+        }
     }
 }
 
@@ -209,11 +169,11 @@ fn cpu_input_grad<A: Real>(dy: &[A], w: &[A], g: DwGeom) -> Vec<A> {
     dx
 }
 
-fn cpu_weight_grad<A: Real>(x: &[A], dy: &[A], g: DwGeom, from_f64: fn(f64) -> A) -> Vec<A> {
+fn cpu_weight_grad<A: Real>(x: &[A], dy: &[A], g: DwGeom) -> Vec<A> {
     let d = Dims::from(g);
     let per_channel: Vec<Vec<f64>> =
         (0..d.c).into_par_iter().map(|c| weight_grad_channel(x, dy, c, g.b as usize, d)).collect();
-    per_channel.into_iter().flatten().map(from_f64).collect()
+    per_channel.into_iter().flatten().map(A::from_f64).collect()
 }
 
 /// The forward op on (x, w); its backward runs the two gradient ops below.
@@ -249,7 +209,7 @@ impl CustomOp2 for DepthwiseConv {
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.geom(xl, wl)?;
-        let y = on_cpu((x, xl), (w, wl), |x, w| cpu_forward(x, w, g), |x, w| cpu_forward(x, w, g))?;
+        let y = run_cpu(self.name(), &[(x, xl), (w, wl)], &CpuDepthwise(Direction::Forward, g))?;
         Ok((y, out_shape(g)))
     }
 
@@ -296,7 +256,7 @@ impl CustomOp2 for DepthwiseInputGrad {
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let dx = on_cpu((dy, dyl), (w, wl), |dy, w| cpu_input_grad(dy, w, g), |dy, w| cpu_input_grad(dy, w, g))?;
+        let dx = run_cpu(self.name(), &[(dy, dyl), (w, wl)], &CpuDepthwise(Direction::InputGrad, g))?;
         Ok((dx, in_shape(g)))
     }
 
@@ -328,12 +288,7 @@ impl CustomOp2 for DepthwiseWeightGrad {
         dyl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let dw = on_cpu(
-            (x, xl),
-            (dy, dyl),
-            |x, dy| cpu_weight_grad(x, dy, g, |v| v as f32),
-            |x, dy| cpu_weight_grad(x, dy, g, |v| v),
-        )?;
+        let dw = run_cpu(self.name(), &[(x, xl), (dy, dyl)], &CpuDepthwise(Direction::WeightGrad, g))?;
         Ok((dw, weight_shape(g)))
     }
 

@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 
-use super::consts::{add_const, mul_any, mul_const};
+use super::consts::{add_const, mul_any};
 use super::param::seed_for;
 
 thread_local! {
@@ -100,27 +100,4 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 /// CLIP's quick GELU: x * sigmoid(1.702 x).
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     Ok((x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?)
-}
-
-/// Rotary embedding tables for the given position ids (B, T): returns cos, sin of shape
-/// (B, 1, T, head_dim) in `dtype`, in HF's non-interleaved (rotate_half) layout.
-pub fn rope_tables(position_ids: &Tensor, head_dim: usize, theta: f64, dtype: DType) -> Result<(Tensor, Tensor)> {
-    let dev = position_ids.device();
-    let inv: Vec<f32> = (0..head_dim).step_by(2).map(|i| 1.0 / theta.powf(i as f64 / head_dim as f64) as f32).collect();
-    let inv = Tensor::from_vec(inv, (1, 1, head_dim / 2), dev)?;
-    let pos = position_ids.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?; // (B,T,1)
-    let freqs = pos.broadcast_mul(&inv)?; // (B,T,D/2)
-    let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?; // (B,T,D)
-    let cos = emb.cos()?.unsqueeze(1)?.to_dtype(dtype)?;
-    let sin = emb.sin()?.unsqueeze(1)?.to_dtype(dtype)?;
-    Ok((cos, sin))
-}
-
-/// q * cos + rotate_half(q) * sin for q of shape (B, H, T, D).
-pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((mul_const(x, cos)? + mul_const(&rot, sin)?)?)
 }

@@ -209,7 +209,7 @@ struct LayerInputs {
 fn layer_inputs(m: &Mistral) -> LayerInputs {
     let (b, t, h) = (2, 6, m.hidden_size());
     let pos = Tensor::arange(0f32, t as f32, &Device::Cpu).unwrap().unsqueeze(0).unwrap().repeat((b, 1)).unwrap();
-    let rope = ops::rope_tables(&pos, m.config().head_dim(), m.config().rope_theta, DType::F32).unwrap();
+    let rope = prs::nn::rope::rope_tables(&pos, m.config().head_dim(), m.config().rope_theta, DType::F32).unwrap();
     let valid = Tensor::new(&[[1f32; 6], [1., 1., 1., 1., 0., 0.]], &Device::Cpu).unwrap();
     let mask = m.key_padding_mask(Some(&valid), b, t).unwrap();
     LayerInputs { x: randn(&[b, t, h], 30), rope, mask, r: randn(&[b, t, h], 31) }

@@ -548,3 +548,54 @@ fn tracked_broadcast_ops_match_candles_values_and_gradients() -> Result<()> {
     }
     Ok(())
 }
+
+/// The rotary head split (`nn::rope::rope_heads`, one op) equals the composite it replaces (a
+/// reshape, a transpose and `apply_rope`'s negation, concat, products and sum): in f32 the
+/// output and the input gradient bit for bit, in f64 within 1e-12, in f16/bf16 within the
+/// storage's rounding of the f32 op and never further from it than the half-precision
+/// composite. Position ids differ per sample (padding shifts them); one head and several, and
+/// one token (decoding).
+#[test]
+fn rope_head_split_equals_the_composite() -> Result<()> {
+    use prs::nn::rope::{apply_rope, rope_heads, rope_tables};
+    for (b, t, h, d) in [(2usize, 5usize, 3usize, 8usize), (1, 1, 4, 16), (3, 7, 1, 4)] {
+        let what = format!("b{b} t{t} h{h} d{d}");
+        let pos: Vec<u32> = (0..b * t).map(|i| (i % t + 2 * (i / t)) as u32).collect();
+        let pos = Tensor::from_vec(pos, (b, t), &Device::Cpu)?;
+        let x32 = randn(&[b, t, h * d], 31)?;
+        let r32 = randn(&[b, h, t, d], 32)?;
+        let run = |dt: DType, fused: bool| -> Result<[Vec<f64>; 2]> {
+            let (cos, sin) = rope_tables(&pos, d, 10000.0, dt)?;
+            let x = Var::from_tensor(&x32.to_dtype(dt)?)?;
+            let y = if fused {
+                rope_heads(x.as_tensor(), &cos, &sin, h)?
+            } else {
+                let split = x.as_tensor().reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
+                apply_rope(&split, &cos, &sin)?
+            };
+            assert_eq!((y.dims(), y.dtype()), (&[b, h, t, d][..], dt));
+            let g = dot(&y.to_dtype(DType::F64)?, &r32.to_dtype(DType::F64)?)?.backward()?;
+            let gx = g.get(x.as_tensor()).expect("input gradient");
+            assert_eq!(gx.dtype(), dt);
+            Ok([vec64(&y)?, vec64(gx)?])
+        };
+        let names = ["output", "input gradient"];
+        for (a, c) in run(DType::F32, true)?.iter().zip(run(DType::F32, false)?) {
+            assert_eq!(a, &c, "{what}: f32 op and composite differ");
+        }
+        for ((a, c), n) in run(DType::F64, true)?.iter().zip(run(DType::F64, false)?).zip(names) {
+            assert!(max_abs_diff(a, &c) <= 1e-12 * max_abs(&c).max(1.0), "{what}: f64 {n}");
+        }
+        let f32s = run(DType::F32, true)?;
+        for (dt, tol) in [(DType::F16, 2e-3), (DType::BF16, 1.6e-2)] {
+            let (op, comp) = (run(dt, true)?, run(dt, false)?);
+            for (((a, c), want), n) in op.iter().zip(&comp).zip(&f32s).zip(names) {
+                let scale = max_abs(want).max(1.0);
+                let (e_op, e_comp) = (max_abs_diff(a, want) / scale, max_abs_diff(c, want) / scale);
+                assert!(e_op <= tol, "{what}: {dt:?} {n} {e_op} from f32");
+                assert!(e_op <= e_comp + 1e-9, "{what}: {dt:?} {n}: op {e_op} vs composite {e_comp}");
+            }
+        }
+    }
+    Ok(())
+}
