@@ -19,6 +19,7 @@
 //   silu_mul_fwd  y = silu(a) * u, silu(a) = a / (1 + exp(-a))
 //   silu_mul_bwd  d_gate = g * u * s (1 + a (1 - s)), d_up = g * silu(a), s = sigmoid(a);
 //                 written as one (2, n) output: d_gate first, then d_up.
+//   gelu_erf_bwd  dx = g * (0.5 + 0.398942 x exp(-x^2 / 2) + 0.5 erf(x / sqrt(2)))
 //   rope_heads_fwd  y[b,h,t,j] = x[b,t,h*D+j] cos[b,t,j] + r sin[b,t,j], r = -x[.., j+D/2] for
 //                 j < D/2, x[.., j-D/2] otherwise: a projection's rows split into heads and
 //                 rotated (src/nn/rope.rs); one thread per output element.
@@ -196,6 +197,15 @@ SOFTMAX_FWD(softmax_fwd_f16, __half, __half)
 SOFTMAX_FWD(softmax_fwd_f16_mf32, __half, float)
 
 template <typename T>
+__device__ void gelu_erf_bwd(const T* __restrict__ x, const T* __restrict__ g, T* __restrict__ dx, int64_t n) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const float xv = widen(x[i]);
+    const float d = 0.5f + 0.398942f * expf(-0.5f * xv * xv) * xv + 0.5f * erff(xv * 0.70710678118654752f);
+    narrow(__fmul_rn(widen(g[i]), d), dx[i]);
+  }
+}
+
+template <typename T>
 __device__ void rope_heads_fwd(const T* x, const T* cos, const T* sin, T* y, int64_t n, int heads, int t_len, int dim) {
   const int half = dim / 2;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
@@ -243,6 +253,9 @@ __device__ void rope_heads_bwd(const T* g, const T* cos, const T* sin, T* dx, in
   }                                                                                                          \
   extern "C" __global__ void silu_mul_bwd_##TAG(const T* a, const T* u, const T* g, T* out, int64_t n) {      \
     silu_mul_bwd<T>(a, u, g, out, n);                                                                        \
+  }                                                                                                          \
+  extern "C" __global__ void gelu_erf_bwd_##TAG(const T* x, const T* g, T* dx, int64_t n) {                   \
+    gelu_erf_bwd<T>(x, g, dx, n);                                                                            \
   }                                                                                                          \
   extern "C" __global__ void rope_heads_fwd_##TAG(const T* x, const T* c, const T* s, T* y, int64_t n,        \
                                                   int heads, int t_len, int dim) {                          \

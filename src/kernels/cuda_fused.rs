@@ -1,5 +1,5 @@
 //! Launchers of `kernels/fused.cu`: the attention softmax (forward with mask and causal masking
-//! computed from indices, backward), RMS normalisation, the SiLU gate and the rotary head split,
+//! computed from indices, backward), RMS normalisation, the SiLU gate, GELU's backward and the rotary head split,
 //! each one kernel per direction. bf16/f16/f32 storage, f32 math. Inputs must be contiguous; the callers in `nn`
 //! make them so (or fall back to their composites).
 
@@ -246,6 +246,12 @@ pub fn silu_mul_bwd(
 ) -> Result<CudaStorage> {
     let n = al.shape().elem_count();
     run_any("silu_mul_bwd", elementwise_launch(n), &[(a, al), (u, ul), (g, gl)], 2 * n, &[Arg::I64(n as i64)])
+}
+
+/// The input gradient of `gelu_erf` from its input and output gradient (same shape and dtype).
+pub fn gelu_erf_bwd(x: &CudaStorage, xl: &Layout, g: &CudaStorage, gl: &Layout) -> Result<CudaStorage> {
+    let n = xl.shape().elem_count();
+    run_any("gelu_erf_bwd", elementwise_launch(n), &[(x, xl), (g, gl)], n, &[Arg::I64(n as i64)])
 }
 
 /// The head split and rotation of `nn::rope` (`forward`), or its transpose: `x` is the

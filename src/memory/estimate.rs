@@ -238,7 +238,7 @@ fn llm_layer_bytes_per_token(spec: &PrsMedSpec, s: u64, t: u64) -> f64 {
 /// A TinySAM block's backward working set in units of the block's graph (its elements as
 /// counted in `tinysam_graph_elems`): measured on the CPU with the 7B's TinySAM at 512 px
 /// (peak RSS at batch 1 and 2, with and without checkpointing; BENCHMARKS.md, session 12).
-const TINYSAM_BLOCK_BACKWARD: f64 = 2.5;
+const TINYSAM_BLOCK_BACKWARD: f64 = 0.75;
 
 /// TinySAM's graph when it trains, elements per sample in the mask branch's dtype.
 struct TinySamElems {

@@ -15,8 +15,10 @@
 
 use anyhow::{ensure, Result};
 use candle_core::backend::BackendStorage;
-use candle_core::op::{Add, Div, Mul, ReduceOp, Silu, Sqr, Sqrt, Sub};
+use candle_core::cpu::erf::erf_f32;
+use candle_core::op::{Add, Div, GeluErf, Mul, ReduceOp, Silu, Sqr, Sqrt, Sub};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
 
 use crate::kernels::use_fused_kernel as use_kernel;
 
@@ -450,4 +452,94 @@ fn silu_mul_impl(gate: &Tensor, up: &Tensor, allow_kernel: bool) -> Result<Tenso
         return Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul { kernel: true })?);
     }
     Ok(gate.apply_op2(up, SiluMul { kernel: false })?)
+}
+
+/// GELU (erf form) whose backward leaves no autograd history. candle's backward of `gelu_erf`
+/// builds the derivative from tracked ops on the input, so the gradient it passes on keeps
+/// about ten input-sized temporaries alive as history: in a TinySAM MBConv block that was the
+/// largest part of the backward's working set (`examples/peak_probe`, session 12). Forward:
+/// candle's kernel. Backward: one pass (a CUDA kernel; on the CPU in f32 candle's formula op
+/// for op, so bit for bit its values), else candle's formula on untracked tensors.
+#[derive(Clone, Copy)]
+struct GeluErfOp {
+    kernel: bool,
+}
+
+impl CustomOp1 for GeluErfOp {
+    fn name(&self) -> &'static str {
+        "gelu-erf"
+    }
+
+    same_forward_on_every_backend!(|_: &Self, s, l: &Layout| -> candle_core::Result<_> {
+        Ok((BackendStorage::unary_impl::<GeluErf>(s, l)?, l.shape().clone()))
+    });
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (x, grad) = (x.detach(), grad.detach());
+        let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && grad.dtype() == DType::F32;
+        if (self.kernel && grad.dtype() == x.dtype()) || cpu_f32 {
+            return Ok(Some(x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, self)?));
+        }
+        // d/dx gelu_erf(x) = 0.5 + 0.398942 e^(-x^2/2) x + 0.5 erf(x/sqrt(2)), as candle writes it.
+        let neg_half_square = (x.sqr()?.neg()? / 2.)?;
+        let scaled_exp_arg = (0.398942 * neg_half_square.exp()? * &x)?;
+        let erf_scaled_sqrt = (0.5 * (&x / 2f64.sqrt())?.erf()?)?;
+        let derivative = (0.5 + scaled_exp_arg + erf_scaled_sqrt)?;
+        Ok(Some((grad * derivative)?))
+    }
+}
+
+/// The backward as one pass, an op of (input, output gradient) -> input gradient: the CUDA
+/// kernel, or on the CPU (f32) candle's formula op for op in one loop, so that it equals
+/// candle's composite bit for bit.
+impl CustomOp2 for GeluErfOp {
+    fn name(&self) -> &'static str {
+        "gelu-erf-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (Some((x0, x1)), Some((g0, g1))) = (xl.contiguous_offsets(), gl.contiguous_offsets()) else {
+            candle_core::bail!("gelu-erf-grad: inputs must be contiguous")
+        };
+        let (xs, gs) = (&x.as_slice::<f32>()?[x0..x1], &g.as_slice::<f32>()?[g0..g1]);
+        let mut dx = vec![0f32; xs.len()];
+        dx.par_chunks_mut(1 << 14).zip(xs.par_chunks(1 << 14).zip(gs.par_chunks(1 << 14))).for_each(|(d, (x, g))| {
+            for ((d, &v), &g) in d.iter_mut().zip(x).zip(g) {
+                // candle's affine is `v * mul + add`; `t / c` is affine(1 / c, 0), `c + t` affine(1, c).
+                let neg_half_square = -(v * v) * 0.5 + 0.0;
+                let scaled_exp_arg = (neg_half_square.exp() * 0.398942 + 0.0) * v;
+                let erf_scaled_sqrt = erf_f32(v * (1.0 / 2f64.sqrt()) as f32 + 0.0) * 0.5 + 0.0;
+                *d = g * ((scaled_exp_arg * 1.0 + 0.5) + erf_scaled_sqrt);
+            }
+        });
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::kernels::gelu_erf_bwd(x, xl, g, gl)?, xl.shape().clone()))
+    }
+}
+
+/// `gelu_erf(x)` (PyTorch's exact GELU). For a tracked input one node whose backward returns an
+/// untracked gradient (one kernel on CUDA); untracked inputs take candle's op as is.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(x.gelu_erf()?);
+    }
+    let kernel = use_kernel(x);
+    let x = if kernel { x.contiguous()? } else { x.clone() };
+    Ok(x.apply_op1(GeluErfOp { kernel })?)
 }

@@ -92,9 +92,10 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     mul_any(&y, &weight.to_dtype(x.dtype())?)
 }
 
-/// GELU with the exact erf form (PyTorch's default `nn.GELU()`).
+/// GELU with the exact erf form (PyTorch's default `nn.GELU()`); its backward holds no graph
+/// (`nn::fused::gelu_erf`).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    Ok(x.gelu_erf()?)
+    super::fused::gelu_erf(x)
 }
 
 /// CLIP's quick GELU: x * sigmoid(1.702 x).

@@ -599,3 +599,26 @@ fn rope_head_split_equals_the_composite() -> Result<()> {
     }
     Ok(())
 }
+
+/// GELU (erf form) as one node (`nn::ops::gelu_erf`): the same values and gradients as candle's
+/// `gelu_erf` and its backward bit for bit on the CPU (f32 and f16), with a gradient that holds
+/// no autograd history, where candle's keeps about ten input-sized temporaries as history.
+#[test]
+fn gelu_op_equals_candles_and_its_gradient_holds_no_graph() -> Result<()> {
+    for dt in [DType::F32, DType::F16] {
+        let x = Var::from_tensor(&(randn(&[3, 5, 7], 41)? * 2.0)?.to_dtype(dt)?)?;
+        let r = randn(&[3, 5, 7], 42)?.to_dtype(dt)?;
+        let ours = prs::nn::ops::gelu_erf(x.as_tensor())?;
+        let theirs = x.as_tensor().gelu_erf()?;
+        assert_eq!(vec64(&ours)?, vec64(&theirs)?, "{dt:?}: values");
+        let go = (&ours * &r)?.sum_all()?.backward()?;
+        let gt = (&theirs * &r)?.sum_all()?.backward()?;
+        let (a, b) = (go.get(x.as_tensor()).unwrap(), gt.get(x.as_tensor()).unwrap());
+        assert_eq!(vec64(a)?, vec64(b)?, "{dt:?}: gradients");
+        assert!(!a.track_op(), "{dt:?}: our gradient holds a graph");
+        assert!(b.track_op(), "{dt:?}: candle's gradient was expected to hold its history");
+    }
+    let plain = randn(&[4], 43)?;
+    assert!(!prs::nn::ops::gelu_erf(&plain)?.track_op());
+    Ok(())
+}
