@@ -6,7 +6,7 @@
 //!
 //! Shapes: the LLM's attention scores (b 8, 32 heads, 640 x 640, causal, key padding), the mask
 //! decoder's (16 heads x 4096 x 4096 per sample, key mask), and the LLM's rows for RMSNorm
-//! (8 x 640 x 4096) and the SwiGLU gate (8 x 640 x 14336). Last, the Mistral attention core with
+//! (8 x 640 x 4096), the SwiGLU gate (8 x 640 x 14336) and GELU's backward (TinySAM's MBConv map). Last, the Mistral attention core with
 //! grouped K/V and the fused softmax against the repeat_kv + composite form it replaced, and the
 //! depthwise convolution (`kernels/depthwise.cu`) at TinySAM's 1024 px shapes, and the rotary
 //! head split at the 7B's q shape.
@@ -293,6 +293,16 @@ fn op_cases() -> Vec<OpCase> {
             inputs: 1,
             kernel: |x| rms_normalize(&x[0], 1e-5),
             composite: |x| rms_normalize_composite(&x[0], 1e-5),
+            fwd_bytes: 2,
+            bwd_bytes: 3,
+        },
+        OpCase {
+            name: "gelu_erf (TinySAM MBConv) 8x256x256x256",
+            dims: vec![8, 256, 256, 256],
+            cpu_dims: vec![1, 16, 64, 64],
+            inputs: 1,
+            kernel: |x| prs::nn::ops::gelu_erf(&x[0]),
+            composite: |x| Ok(x[0].gelu_erf()?),
             fwd_bytes: 2,
             bwd_bytes: 3,
         },
