@@ -8,7 +8,7 @@
 #   scripts/gpu_check.sh run [SECONDS] [OUT]
 #                                on the GPU machine: runs the steps below (PRS_GPU_STEPS names a
 #                                subset, in its order: model upsample fused pytorch
-#                                train-bN[-off|-llm|-all][-4bit|-8bit] predict profile demo serve), in
+#                                train-bN[-off|-llm|-all][-4bit|-8bit] predict predict-separate profile demo serve), in
 #                                this order, until SECONDS (default
 #                                480) are spent, each step under its own time limit, logging to
 #                                OUT/gpu_check.log (default dist/gpu/out):
@@ -21,7 +21,7 @@
 #        composite on CUDA and vs CPU, value and gradient, then kernel vs composite timings
 #     4. the PyTorch reference step (../shared/bench), then prs bench train, 7B with random weights, per
 #        batch x checkpointing (off/llm/all) x base storage (none/4bit)
-#     5. prs bench predict, 7B
+#     5. prs bench predict, 7B, with the LoRA merged at load (the default) and separate
 #     6. prs profile-memory, 7B, batch 1,2,4,8 x checkpointing off/llm/all x base none/4bit, predicted vs measured
 #     7. prs demo (the embedded default, on CUDA)
 #     8. prs serve on CUDA with the demo's checkpoint: three requests (scripts/serve_smoke.py), SIGTERM
@@ -92,7 +92,7 @@ run() {
     (( rc == 0 )) || failed=$((failed + 1))
     return $rc
   }
-  local steps="${PRS_GPU_STEPS:-model upsample fused pytorch train-b1 train-b8-llm train-b8-all train-b1-all-4bit train-b4-all-4bit train-b1-off-4bit predict profile demo serve}"
+  local steps="${PRS_GPU_STEPS:-model upsample fused pytorch train-b1 train-b8-llm train-b8-all train-b1-all-4bit train-b4-all-4bit train-b1-off-4bit predict predict-separate profile demo serve}"
   for name in $steps; do
     case $name in
       model)
@@ -122,6 +122,8 @@ run() {
           echo "== pytorch reference: skipped (no $DIST/pytorch_prsmed_step.py, or no torch + transformers + peft)"
         fi ;;
       predict) step "bench predict" 60 prs bench predict --config $cfg --random-weights --device $dev --warmup 1 --steps 3 ;;
+      predict-separate) step "bench predict, LoRA as a separate branch" 60 prs bench predict --config $cfg \
+        --random-weights --device $dev --warmup 1 --steps 3 --no-merge-lora ;;
       profile)
         step profile-memory 240 prs profile-memory --config $cfg --device $dev --batch-sizes 1,2,4,8 --precision bf16 \
           --checkpointing off,llm,all --base-quant none,4bit --seq-len 640 --measure --json \

@@ -35,6 +35,10 @@ pub struct BenchArgs {
     pub gradient_checkpointing: Checkpointing,
     #[command(flatten)]
     pub quant: BaseQuantArgs,
+    /// `predict`: keep the LoRA branch separate instead of merging it into the base weights
+    /// (what `prs predict --no-merge-lora` runs).
+    #[arg(long)]
+    pub no_merge_lora: bool,
     /// LLM sequence length (BOS + image tokens + prompt + answer + EOS).
     #[arg(long, default_value_t = 640, value_parser = at_least_one)]
     pub seq_len: usize,
@@ -153,6 +157,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             );
         }
         BenchWhat::Predict => {
+            let lora = crate::pipeline::load::lora_for_inference(&mut m.llm, !a.no_merge_lora)?;
             let mut batch = synthetic_batch(&m, 1, &seq, 1)?;
             batch.prompts[0].answer.clear();
             let gen = GenerateOptions { max_new_tokens: a.max_new_tokens, stop_at_eos: false, ..Default::default() };
@@ -173,7 +178,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             let enc = median(times.iter().map(|t| t.1).collect());
             let per_tok = median(times.iter().map(|t| t.2).collect());
             println!(
-                "predict: mask + {}-token answer {:.3} s (median of {}): encode {:.3} s, {:.1} ms/token",
+                "predict: mask + {}-token answer {:.3} s (median of {}): encode {:.3} s, {:.1} ms/token (LoRA {lora})",
                 a.max_new_tokens,
                 total,
                 a.steps,

@@ -51,6 +51,7 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         dtype: None,
         // LoRA merges into the base's own weights, whatever storage training used.
         quant: BaseQuantArgs { base_quant: Some(BaseQuant::None), ..Default::default() },
+        no_merge_lora: false,
     };
     let opts = ExportOptions { checkpoint: &args.checkpoint, out: &args.out, format, overwrite: args.overwrite, model };
     let out = export(&opts)?;

@@ -94,33 +94,78 @@ impl MistralConfig {
     }
 }
 
-/// Keys and values of past positions, per layer, for generation.
-#[derive(Clone, Debug, Default)]
+/// Keys and values of past positions, per layer, for generation. With a capacity, each layer's
+/// keys and values live in buffers of that many positions, allocated at the first append and
+/// filled in place, so a decoding step writes its one new position instead of copying the whole
+/// cache (two kernels per layer, not four, and no traffic growing with the length). Without one,
+/// or past it, the cache grows by concatenation. Not `Clone`: the buffers are written in place.
+#[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
+    capacity: usize,
+}
+
+/// One layer's keys and values (B, KV, positions, D), of which the first `len` positions are filled.
+#[derive(Debug)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerKv {
+    fn filled(&self) -> Result<(Tensor, Tensor)> {
+        Ok((self.k.narrow(2, 0, self.len)?, self.v.narrow(2, 0, self.len)?))
+    }
 }
 
 impl KvCache {
+    /// A cache that grows by concatenation.
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers] }
+        Self::with_capacity(num_layers, 0)
+    }
+
+    /// A cache whose layers hold `positions` positions (prompt plus new tokens) before growing.
+    pub fn with_capacity(num_layers: usize, positions: usize) -> Self {
+        Self { layers: (0..num_layers).map(|_| None).collect(), capacity: positions }
     }
 
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dim(2).unwrap_or(0)).unwrap_or(0)
+        self.layers.first().and_then(|l| l.as_ref()).map(|l| l.len).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// Appends `k`, `v` (B, KV, T, D) to `layer` and returns all its keys and values so far.
     fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let kv = match &self.layers[layer] {
-            None => (k.clone(), v.clone()),
-            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
+        let t = k.dim(2)?;
+        let kv = match self.layers[layer].take() {
+            Some(mut e) if e.len + t <= e.k.dim(2)? => {
+                e.k.slice_set(&k.contiguous()?, 2, e.len)?;
+                e.v.slice_set(&v.contiguous()?, 2, e.len)?;
+                e.len += t;
+                e
+            }
+            Some(e) => {
+                let (pk, pv) = e.filled()?;
+                LayerKv { k: Tensor::cat(&[&pk, k], 2)?, v: Tensor::cat(&[&pv, v], 2)?, len: e.len + t }
+            }
+            None if self.capacity > t => {
+                let (b, h, _, d) = k.dims4()?;
+                let buffer = |x: &Tensor| Tensor::zeros((b, h, self.capacity, d), x.dtype(), x.device());
+                let (kb, vb) = (buffer(k)?, buffer(v)?);
+                kb.slice_set(&k.contiguous()?, 2, 0)?;
+                vb.slice_set(&v.contiguous()?, 2, 0)?;
+                LayerKv { k: kb, v: vb, len: t }
+            }
+            None => LayerKv { k: k.clone(), v: v.clone(), len: t },
         };
-        self.layers[layer] = Some(kv.clone());
-        Ok(kv)
+        let out = kv.filled()?;
+        self.layers[layer] = Some(kv);
+        Ok(out)
     }
 }
 
@@ -282,6 +327,11 @@ impl DecoderLayer {
         [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
     }
 
+    fn projections_mut(&mut self) -> [&mut Linear; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]
+    }
+
     /// `x` (B,T,H) -> (B,T,H), causal over the cached and new positions. `pad` is the additive
     /// key-padding mask (B,1,1,T_keys) of [`Mistral::key_padding_mask`].
     pub fn forward(
@@ -353,6 +403,18 @@ impl Mistral {
     }
     pub fn layers(&self) -> &[DecoderLayer] {
         &self.layers
+    }
+
+    /// Folds every frozen LoRA adapter into its dense base weight ([`Linear::merge_lora`]) for
+    /// inference; returns how many projections were merged.
+    pub fn merge_lora(&mut self) -> Result<usize> {
+        let mut merged = 0;
+        for layer in &mut self.layers {
+            for p in layer.projections_mut() {
+                merged += usize::from(p.merge_lora()?);
+            }
+        }
+        Ok(merged)
     }
 
     /// How the layers' projections are stored: the number quantised, the number kept dense (a

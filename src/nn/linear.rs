@@ -329,6 +329,26 @@ impl Linear {
         (self.in_dim, self.out_dim)
     }
 
+    /// Folds a frozen adapter into a dense frozen weight for inference: W + scale * B A, computed
+    /// in f32 and stored in W's dtype (the arithmetic of `prs export --merge-lora` and PEFT's
+    /// `merge_and_unload`), so each decoding step runs one matmul here instead of three plus a
+    /// scale and an add. Returns false, changing nothing, when there is no adapter, the adapter
+    /// is trained, or the weight is quantised (its blocks cannot take the update).
+    pub fn merge_lora(&mut self) -> Result<bool> {
+        let (Some(l), LinearWeight::Param(Param::Frozen(w))) = (&self.lora, &self.weight) else {
+            return Ok(false);
+        };
+        if l.a.is_trained() || l.b.is_trained() {
+            return Ok(false);
+        }
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let delta = (f32(l.b.tensor())?.matmul(&f32(l.a.tensor())?)? * l.scale)?;
+        let merged = (f32(w)? + delta)?.to_dtype(w.dtype())?;
+        self.weight = LinearWeight::Param(Param::Frozen(merged));
+        self.lora = None;
+        Ok(true)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dt = x.dtype();
         let mut y = match &self.weight {

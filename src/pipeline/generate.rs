@@ -94,15 +94,15 @@ struct Prefill {
 }
 
 /// Runs the LLM over `[prompt, image]` per row (right-padded, padding keys masked), filling a
-/// fresh KV cache.
-fn prefill(model: &PrsMed, prompts: &[PromptIds], image: &Tensor) -> Result<Prefill> {
+/// fresh KV cache with room for `new_tokens` more positions.
+fn prefill(model: &PrsMed, prompts: &[PromptIds], image: &Tensor, new_tokens: usize) -> Result<Prefill> {
     let dev = model.device();
     let inp = model.llm_inputs(prompts, image, false)?;
     let (b, t) = inp.key_valid.dims2()?;
     let n_image = image.dim(1)?;
     let lens: Vec<usize> = prompts.iter().map(|p| p.before_image.len() + n_image + p.after_image.len()).collect();
     let padded = lens.iter().any(|&l| l != t);
-    let mut cache = KvCache::new(model.llm.config().num_hidden_layers);
+    let mut cache = KvCache::with_capacity(model.llm.config().num_hidden_layers, t + new_tokens);
     let hidden =
         model.llm.forward_embeds(&inp.embeds, padded.then_some(&inp.key_valid), &inp.position_ids, Some(&mut cache))?;
     let h = hidden.dim(2)?;
@@ -179,7 +179,7 @@ pub fn generate_answers(
     opts: &GenerateOptions,
 ) -> Result<Vec<Vec<u32>>> {
     opts.validate()?;
-    Ok(decode(model, prefill(model, prompts, image)?, opts)?.answers)
+    Ok(decode(model, prefill(model, prompts, image, opts.max_new_tokens)?, opts)?.answers)
 }
 
 /// Mask logits and answers for a batch (prompts right-padded).
@@ -188,7 +188,7 @@ pub fn predict_batch(model: &PrsMed, batch: &ModelBatch, opts: &GenerateOptions)
     let dev = model.device().clone();
     let t0 = Instant::now();
     let image = model.encode_image(&batch.clip_pixels)?;
-    let pre = prefill(model, &batch.prompts, &image)?;
+    let pre = prefill(model, &batch.prompts, &image, opts.max_new_tokens)?;
     let feats = model.tinysam.forward(&batch.sam_pixels.to_dtype(model.mask_dtype())?)?;
     let mask_logits = model.decoder.forward(&feats, &pre.hidden, &pre.prompt_valid)?.to_dtype(DType::F32)?;
     sync(&dev)?;

@@ -1,5 +1,6 @@
 //! `prs export` on the tiny model: the merged folder predicts what checkpoint + adapter predict
-//! (answer ids identical, mask logits within f32 rounding) and holds W + scale * B A under the
+//! (bit for bit against the adapter merged at load; answer ids identical and mask logits within
+//! f32 rounding against the separate branch) and holds W + scale * B A under the
 //! base's own key names; the authors' layout reads back to identical tensors; bad input errors
 //! without writing anything.
 
@@ -106,18 +107,28 @@ fn merged_export_predicts_what_the_adapter_does() {
         mvb.get_unchecked(norm).unwrap().to_vec1::<f32>().unwrap()
     );
 
-    // Loaded with no adapter, it predicts what the checkpoint with its adapter predicts.
-    let unmerged = load_model(&st.project, &cpu()).unwrap();
+    // Loaded with no adapter, it predicts what the checkpoint with its adapter predicts: bit for
+    // bit when the checkpoint's adapter is merged at load (the same f32 arithmetic), within f32
+    // rounding when it runs as a separate branch.
+    let at_load = load_model(&st.project, &cpu()).unwrap();
+    let separate = load_model(&st.project, &ModelArgs { no_merge_lora: true, ..cpu() }).unwrap();
     let merged = load_model(&out, &cpu()).unwrap();
     assert_eq!(merged.info.checkpoint_format, "merged");
+    assert_eq!(
+        (at_load.info.lora.as_str(), separate.info.lora.as_str(), merged.info.lora.as_str()),
+        ("merged", "separate", "none")
+    );
     assert!(merged.model.spec.lora.target_modules.is_empty() && merged.model.trained.group("lora").is_empty());
     let image = first_image(&synth(st.dir.path(), 1, 64));
-    let (u, m) = (predict(&unmerged, &image), predict(&merged, &image));
+    let (l, u, m) = (predict(&at_load, &image), predict(&separate, &image), predict(&merged, &image));
+    assert_eq!(l.answers, m.answers);
+    let bits = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(bits(&l.mask_logits), bits(&m.mask_logits), "merged at load vs merged export");
     assert_eq!(u.answers, m.answers);
     let e = rel_err(&u.mask_logits, &m.mask_logits);
     assert!(e < 1e-5, "mask logits differ by {e} (relative)");
     let d = (&u.mask_logits - &m.mask_logits).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    eprintln!("merged vs adapter: answers {:?}, mask logits max |diff| {d:.2e}, relative {e:.2e}", m.answers);
+    eprintln!("merged vs separate adapter: answers {:?}, mask logits max |diff| {d:.2e}, relative {e:.2e}", m.answers);
     // And through `prs predict --checkpoint`.
     let cli = <PredictCli as Parser>::try_parse_from([
         "prs",

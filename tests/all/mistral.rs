@@ -40,13 +40,18 @@ fn load() -> Fx {
 }
 
 fn build(fx: &Fx, reg: &TrainedParams, with_adapter: bool) -> Mistral {
+    build_adapter(fx, reg, with_adapter, true)
+}
+
+/// `trained`: the adapter as f32 `Var`s (training), else frozen tensors (inference).
+fn build_adapter(fx: &Fx, reg: &TrainedParams, with_adapter: bool, trained: bool) -> Mistral {
     let pb = ParamBuilder::from_checkpoint(fx.base.clone(), "fixture model", "llm", false, DType::F32, reg);
     let lpb = if with_adapter {
         ParamBuilder::from_checkpoint(
             fx.adapter.pp("base_model.model"),
             "fixture adapter",
             "lora",
-            true,
+            trained,
             DType::F32,
             reg,
         )
@@ -151,4 +156,57 @@ fn gradients_reach_exactly_the_lora_tensors() {
     let loss = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap().mean_all().unwrap().neg().unwrap();
     let grads = loss.backward().unwrap();
     assert_grads_exactly_trained(&grads, &reg);
+}
+
+#[test]
+fn merged_lora_matches_hf_and_the_separate_branch() {
+    let fx = load();
+    let e = &fx.expected;
+    let pos = e["position_ids"].to_dtype(DType::U32).unwrap();
+    let run = |m: &Mistral| m.forward_embeds(&e["inputs_embeds"], Some(&e["attention_mask"]), &pos, None).unwrap();
+    let separate = build_adapter(&fx, &TrainedParams::new(), true, false);
+    let mut merged = separate.clone();
+    // 2 layers x 5 targeted projections.
+    assert_eq!(merged.merge_lora().unwrap(), 10);
+    assert!(merged.layers().iter().flat_map(|l| l.projections()).all(|p| p.lora().is_none()));
+    assert_eq!(merged.merge_lora().unwrap(), 0, "merging twice");
+    let (hs, hm) = (run(&separate), run(&merged));
+    let (err_sep, err_hf) = (rel_err(&hm, &hs), rel_err(&hm, &e["hidden"]));
+    println!("merged LoRA: hidden rel err {err_sep:.2e} against the separate branch, {err_hf:.2e} against HF");
+    assert!(err_sep < 1e-5 && err_hf <= 1e-4, "{err_sep} {err_hf}");
+    // The fixture's adapter is not a no-op, so the merge changed the weights.
+    let base = build_adapter(&fx, &TrainedParams::new(), false, false);
+    assert!(rel_err(&run(&base), &hs) > 1e-3);
+    // A trained adapter keeps its branch (it must get gradients).
+    let mut trained = build_adapter(&fx, &TrainedParams::new(), true, true);
+    assert_eq!(trained.merge_lora().unwrap(), 0);
+    assert!(trained.layers()[0].projections()[0].lora().is_some());
+}
+
+#[test]
+fn kv_cache_buffers_equal_a_growing_cache() {
+    // A cache with room for every position, one that runs out after 5 of 7 and continues by
+    // concatenation, and one without capacity give bit-identical hidden states.
+    let fx = load();
+    let m = build(&fx, &TrainedParams::new(), true);
+    let x = fx.expected["inputs_embeds"].narrow(0, 0, 1).unwrap(); // (1,7,H)
+    let pos = Tensor::arange(0u32, 7, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let decode = |mut cache: KvCache| -> Vec<f32> {
+        let mut outs = vec![m
+            .forward_embeds(&x.narrow(1, 0, 3).unwrap(), None, &pos.narrow(1, 0, 3).unwrap(), Some(&mut cache))
+            .unwrap()];
+        for t in 3..7 {
+            outs.push(
+                m.forward_embeds(&x.narrow(1, t, 1).unwrap(), None, &pos.narrow(1, t, 1).unwrap(), Some(&mut cache))
+                    .unwrap(),
+            );
+        }
+        assert_eq!(cache.len(), 7);
+        Tensor::cat(&outs, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let layers = fx.cfg.num_hidden_layers;
+    let growing = decode(KvCache::new(layers));
+    assert_eq!(decode(KvCache::with_capacity(layers, 7)), growing);
+    assert_eq!(decode(KvCache::with_capacity(layers, 5)), growing);
+    assert_eq!(decode(KvCache::with_capacity(layers, 64)), growing);
 }
