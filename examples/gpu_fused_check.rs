@@ -9,7 +9,8 @@
 //! (8 x 640 x 4096), the SwiGLU gate (8 x 640 x 14336) and GELU's backward (TinySAM's MBConv map). Last, the Mistral attention core with
 //! grouped K/V and the fused softmax against the repeat_kv + composite form it replaced, and the
 //! depthwise convolution (`kernels/depthwise.cu`) at TinySAM's 1024 px shapes, and the rotary
-//! head split at the 7B's q shape.
+//! head split at the 7B's q shape, and the multi-tensor AdamW (`kernels/adamw.cu`) over the 7B's
+//! ~550 trained tensors.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -511,6 +512,133 @@ fn rope(gpu: &Device, rep: &mut Report, bench: bool) -> Result<()> {
     Ok(())
 }
 
+/// The trained tensors of the 7B's step, roughly: LoRA A and B of q, k, v, o in 32 layers, and
+/// TinySAM's and the decoder's weights as 200 matrices of 256 x 256 and 100 vectors.
+fn adamw_shapes() -> Vec<Vec<usize>> {
+    let mut v = vec![];
+    for _ in 0..32 {
+        v.extend([vec![16, 4096], vec![4096, 16], vec![16, 4096], vec![1024, 16]]);
+        v.extend([vec![16, 4096], vec![1024, 16], vec![16, 4096], vec![4096, 16]]);
+    }
+    v.extend(std::iter::repeat_n(vec![256, 256], 200));
+    v.extend(std::iter::repeat_n(vec![1024], 100));
+    v
+}
+
+/// Multi-tensor AdamW (`kernels/adamw.cu`): one launch against the CPU's fused pass (bit for
+/// bit) and the CUDA composite, the norm's sum of squares against the CPU, and timings.
+fn adamw(gpu: &Device, rep: &mut Report, bench: bool) -> Result<()> {
+    use prs::train::fused_adamw::{composite_update, fused_update, sum_of_squares, SlotUpdate, StepHyper};
+    let shapes = adamw_shapes();
+    let h = StepHyper { lr: 2e-4, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 1e-5, coef: 0.73 };
+    // (param, grad, m, v) per tensor, drawn on the CPU so both devices start from the same bits.
+    let host: Vec<[Tensor; 4]> = shapes
+        .iter()
+        .map(|d| {
+            let r = |range: f32| random(d, DType::F32, range, &Device::Cpu);
+            Ok([r(0.05)?, r(1e-3)?, r(1e-4)?, r(1e-7)?.abs()?])
+        })
+        .collect::<Result<_>>()?;
+    let on = |dev: &Device| -> Result<Vec<(Var, Tensor, Tensor, Tensor)>> {
+        host.iter()
+            .map(|[p, g, m, v]| {
+                Ok((
+                    Var::from_tensor(&p.to_device(dev)?)?,
+                    g.to_device(dev)?,
+                    m.to_device(dev)?.copy()?,
+                    v.to_device(dev)?.copy()?,
+                ))
+            })
+            .collect()
+    };
+    let step = |state: &mut Vec<(Var, Tensor, Tensor, Tensor)>, fused: bool| -> Result<()> {
+        let mut u: Vec<SlotUpdate> = state
+            .iter_mut()
+            .enumerate()
+            .map(|(i, (p, g, m, v))| SlotUpdate {
+                param: p,
+                grad: g.clone(),
+                exp_avg: m,
+                exp_avg_sq: v,
+                decays: i % 3 != 2,
+                step: 5,
+            })
+            .collect();
+        if fused {
+            fused_update(&mut u, &h)
+        } else {
+            composite_update(&mut u, &h)
+        }
+    };
+    let elems: usize = shapes.iter().map(|d| d.iter().product::<usize>()).sum();
+    let tag = format!("AdamW {} tensors, {:.1} M elements", shapes.len(), elems as f64 / 1e6);
+    if bench {
+        let mut fused_state = on(gpu)?;
+        let mut composite_state = on(gpu)?;
+        let one = Tensor::zeros(1, DType::F32, gpu)?;
+        // Reads p, g, m, v and writes p, m, v: 7 x 4 bytes per element.
+        timing_pair(
+            gpu,
+            &format!("{tag} step"),
+            28.0 * elems as f64,
+            || step(&mut fused_state, true).map(|_| one.clone()),
+            || step(&mut composite_state, false).map(|_| one.clone()),
+        )?;
+        let grads: Vec<Tensor> = fused_state.iter().map(|s| s.1.clone()).collect();
+        let refs: Vec<&Tensor> = grads.iter().collect();
+        let composite_norm = || -> Result<f64> {
+            let sq = refs.iter().map(|g| g.sqr()?.sum_all()).collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(Tensor::stack(&sq, 0)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+        };
+        timing_pair(
+            gpu,
+            &format!("{tag} gradient sum of squares (with the read)"),
+            4.0 * elems as f64,
+            || Ok(Tensor::new(sum_of_squares(&refs)? as f32, gpu)?),
+            || Ok(Tensor::new(composite_norm()? as f32, gpu)?),
+        )?;
+        return Ok(());
+    }
+    let (mut cpu, mut cuda, mut cuda_composite) = (on(&Device::Cpu)?, on(gpu)?, on(gpu)?);
+    for _ in 0..3 {
+        step(&mut cpu, true)?;
+        step(&mut cuda, true)?;
+        step(&mut cuda_composite, false)?;
+    }
+    let bits = |t: &Tensor| -> Result<Vec<u32>> {
+        Ok(t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?.iter().map(|x| x.to_bits()).collect())
+    };
+    let mut differing = 0;
+    for (a, b) in cpu.iter().zip(&cuda) {
+        for (x, y) in [(a.0.as_tensor(), b.0.as_tensor()), (&a.2, &b.2), (&a.3, &b.3)] {
+            differing += usize::from(bits(x)? != bits(y)?);
+        }
+    }
+    if differing > 0 {
+        rep.failures += 1;
+    }
+    let verdict = if differing == 0 { "yes  ok" } else { "no  FAIL" };
+    println!("{tag}, 3 steps: CUDA kernel and CPU fused pass bit-identical: {verdict} ({differing} tensors differ)");
+    let cat = |s: &[(Var, Tensor, Tensor, Tensor)]| -> Result<Tensor> {
+        let flat = s.iter().map(|x| x.0.as_tensor().flatten_all()).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&flat, 0)?)
+    };
+    rep.check(&format!("{tag} kernel vs CUDA composite, parameters"), &cat(&cuda)?, &cat(&cuda_composite)?)?;
+    let (gc, gg): (Vec<&Tensor>, Vec<&Tensor>) =
+        (cpu.iter().map(|s| &s.1).collect(), cuda.iter().map(|s| &s.1).collect());
+    let (nc, ng) = (sum_of_squares(&gc)?, sum_of_squares(&gg)?);
+    let rel = (ng - nc).abs() / nc;
+    let ok = rel < 1e-5;
+    if !ok {
+        rep.failures += 1;
+    }
+    println!(
+        "{tag} gradient sum of squares: CUDA {ng:.6e} CPU {nc:.6e} rel {rel:.1e}  {}",
+        if ok { "ok" } else { "FAIL" }
+    );
+    Ok(())
+}
+
 fn softmax_cases() -> Vec<SoftmaxCase> {
     vec![
         SoftmaxCase {
@@ -544,6 +672,7 @@ fn main() -> Result<()> {
     gqa(&gpu, &mut rep, false)?;
     depthwise(&gpu, &mut rep, false)?;
     rope(&gpu, &mut rep, false)?;
+    adamw(&gpu, &mut rep, false)?;
     if rep.failures == 0 {
         println!("all comparisons passed");
     }
@@ -559,6 +688,7 @@ fn main() -> Result<()> {
         gqa(&gpu, &mut rep, true)?;
         depthwise(&gpu, &mut rep, true)?;
         rope(&gpu, &mut rep, true)?;
+        adamw(&gpu, &mut rep, true)?;
     }
     if rep.failures > 0 {
         bail!("{} comparison(s) failed", rep.failures);

@@ -1,7 +1,7 @@
-//! The crate's own CUDA kernels (feature `cuda`, in `cuda`, `cuda_fused` and `cuda_depthwise`) and what their
+//! The crate's own CUDA kernels (feature `cuda`, in `cuda`, `cuda_fused`, `cuda_depthwise` and `cuda_adamw`) and what their
 //! callers choose between. The ops that use them, and their CPU references, live in
-//! `nn::upsample`, `nn::dropout`, `nn::softmax`, `nn::fused` and `nn::depthwise`; this module imports nothing of
-//! `nn`, so the layers stay one-way.
+//! `nn::upsample`, `nn::dropout`, `nn::softmax`, `nn::fused`, `nn::depthwise` and `train::fused_adamw`; this module
+//! imports nothing of `nn` or `train`, so the layers stay one-way.
 
 use candle_core::DType;
 
@@ -17,6 +17,47 @@ pub use cuda_fused::*;
 mod cuda_depthwise;
 #[cfg(feature = "cuda")]
 pub use cuda_depthwise::*;
+#[cfg(feature = "cuda")]
+mod cuda_adamw;
+#[cfg(feature = "cuda")]
+pub use cuda_adamw::*;
+
+/// One tensor of a multi-tensor AdamW launch (`kernels/adamw.cu`'s `AdamWTensor`, field for
+/// field, `repr(C)`): device addresses of its f32 parameter, gradient and moments, its length,
+/// the blocks of the tensors before it, and its per-tensor constants.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AdamWTensor {
+    pub p: u64,
+    pub g: u64,
+    pub m: u64,
+    pub v: u64,
+    pub n: i64,
+    pub first_block: i64,
+    pub decay: f32,
+    pub step: f32,
+    pub inv_bias2: f32,
+    pub apply_decay: i32,
+}
+
+/// Elements per block of the multi-tensor AdamW kernels (their `CHUNK`).
+pub const ADAMW_CHUNK: i64 = 4096;
+
+/// Blocks of the multi-tensor AdamW kernels over a tensor of `n` elements.
+pub fn adamw_blocks(n: i64) -> i64 {
+    (n.max(0) as u64).div_ceil(ADAMW_CHUNK as u64) as i64
+}
+
+/// The constants every tensor of an AdamW launch shares.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWScalars {
+    pub coef: f32,
+    pub apply_coef: i32,
+    pub one_minus_b1: f32,
+    pub b2: f32,
+    pub one_minus_b2: f32,
+    pub eps: f32,
+}
 
 /// What an upsampling pass writes besides plain logits (fused into one pass on CUDA).
 #[derive(Clone, Copy, Debug, PartialEq)]

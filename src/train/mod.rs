@@ -1,6 +1,7 @@
 //! Training: losses, the optimizer and its schedule (and, with `prs finetune`, the loop and
 //! resumable state).
 
+pub mod fused_adamw;
 pub mod guard;
 pub mod optim;
 pub mod schedule;

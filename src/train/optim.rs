@@ -13,6 +13,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use super::fused_adamw::{fused_update, sum_of_squares, SlotUpdate, StepHyper};
 use crate::nn::param::TrainedParam;
 
 /// Hyper-parameters; the defaults are the paper's.
@@ -149,13 +150,13 @@ impl AdamW {
                     p.var.dtype()
                 );
             }
-            let zeros = p.var.zeros_like()?.detach();
+            // Two storages: on CUDA the moments are updated in place.
             slots.push(Slot {
                 decay: decays(&p.key, p.var.dims()),
                 group: p.group,
                 key: p.key,
-                exp_avg: zeros.clone(),
-                exp_avg_sq: zeros,
+                exp_avg: p.var.zeros_like()?.detach(),
+                exp_avg_sq: p.var.zeros_like()?.detach(),
                 var: p.var,
                 step: 0,
             });
@@ -190,7 +191,8 @@ impl AdamW {
         self.slots.iter().map(|s| (s.group.clone(), s.key.clone(), s.decay)).collect()
     }
 
-    /// First and second moments of one tensor.
+    /// First and second moments of one tensor (on CUDA they share storage with the optimizer's,
+    /// which the next step updates in place: copy them to keep them).
     pub fn moments(&self, group: &str, key: &str) -> Option<(Tensor, Tensor)> {
         self.slots.iter().find(|s| s.group == group && s.key == key).map(|s| (s.exp_avg.clone(), s.exp_avg_sq.clone()))
     }
@@ -226,9 +228,8 @@ impl AdamW {
 
         // One host sync: the global norm, which is also the finiteness test (NaN or inf in any
         // gradient makes the sum of squares non-finite).
-        let sq = present.iter().map(|(_, g)| g.sqr()?.sum_all()).collect::<candle_core::Result<Vec<_>>>()?;
-        let total_sq = Tensor::stack(&sq, 0)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let grad_norm = total_sq.sqrt() * inv_scale;
+        let grads: Vec<&Tensor> = present.iter().map(|(_, g)| g).collect();
+        let grad_norm = sum_of_squares(&grads)?.sqrt() * inv_scale;
         if !grad_norm.is_finite() {
             return Ok(StepReport { status: StepStatus::SkippedNonFinite, grad_norm, clip_coef: 1.0, without_grad });
         }
@@ -240,36 +241,38 @@ impl AdamW {
             Some(max) => (max / (grad_norm + 1e-6)).min(1.0),
             None => 1.0,
         };
-        let coef = clip_coef * inv_scale;
-
-        let (lr, b1, b2, eps) = (self.cfg.lr, self.cfg.beta1, self.cfg.beta2, self.cfg.eps);
-        let wd = self.cfg.weight_decay;
+        let hyper = StepHyper {
+            lr: self.cfg.lr,
+            beta1: self.cfg.beta1,
+            beta2: self.cfg.beta2,
+            eps: self.cfg.eps,
+            weight_decay: self.cfg.weight_decay,
+            coef: clip_coef * inv_scale,
+        };
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.slots.len()];
         for (i, g) in present {
-            let s = &mut self.slots[i];
-            let g = if coef != 1.0 { (g * coef)? } else { g };
-            s.step += 1;
-            let t = s.step as i32;
-            let bias1 = 1.0 - b1.powi(t);
-            let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
-            // A detached view of the master copy (shares storage, records no graph).
-            let mut p = s.var.as_tensor().detach();
-            if s.decay && wd != 0.0 {
-                p = (p * (1.0 - lr * wd))?;
-            }
-            // m = lerp(m, g, 1 - b1) as torch computes it; v = b2 v + (1 - b2) g^2.
-            let m = (&s.exp_avg + ((&g - &s.exp_avg)? * (1.0 - b1))?)?;
-            let v = ((&s.exp_avg_sq * b2)? + ((&g * (1.0 - b2))? * &g)?)?;
-            let denom = v.sqrt()?.affine(1.0 / bias2_sqrt, eps)?;
-            let p = (p + (m.div(&denom)? * (-lr / bias1))?)?;
-            s.var.set(&p)?;
-            s.exp_avg = m;
-            s.exp_avg_sq = v;
+            grads[i] = Some(g);
         }
+        let mut updates = Vec::with_capacity(grads.len());
+        for (s, g) in self.slots.iter_mut().zip(grads) {
+            if let Some(grad) = g {
+                s.step += 1;
+                updates.push(SlotUpdate {
+                    param: &s.var,
+                    grad,
+                    exp_avg: &mut s.exp_avg,
+                    exp_avg_sq: &mut s.exp_avg_sq,
+                    decays: s.decay,
+                    step: s.step,
+                });
+            }
+        }
+        fused_update(&mut updates, &hyper)?;
         self.steps += 1;
         Ok(StepReport { status: StepStatus::Applied, grad_norm, clip_coef, without_grad })
     }
 
-    /// The state as named tensors: `adamw/steps`, and per tensor `adamw/{group}/{key}/exp_avg`,
+    /// The state as named tensors (sharing storage with the optimizer's, see `moments`): `adamw/steps`, and per tensor `adamw/{group}/{key}/exp_avg`,
     /// `.../exp_avg_sq` (f32) and `.../step` (i64).
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let dev = self.device();
@@ -316,7 +319,8 @@ impl AdamW {
                 if t.dtype() != DType::F32 {
                     bail!("optimizer state {what}: `{name}` is {:?}, expected f32", t.dtype());
                 }
-                Ok(t.to_device(s.var.device())?.detach())
+                // A copy of its own: on CUDA the moments are updated in place.
+                Ok(t.to_device(s.var.device())?.detach().copy()?)
             };
             let (m, v) = (moment("exp_avg")?, moment("exp_avg_sq")?);
             restored.push((m, v, count(&format!("{PREFIX}/{n}/step"))?));

@@ -370,3 +370,63 @@ fn schedule_values() {
         serde_json::from_str(r#"{"kind":"cosine","lr":1e-4,"min_lr":1e-6,"warmup_steps":0,"total_steps":5}"#).unwrap();
     assert_eq!(parsed, LrSchedule::cosine(1e-4, 1e-6, 0, 5));
 }
+
+/// The fused update (one pass per tensor on the CPU, one launch on CUDA) against the composite
+/// it replaces: bit for bit, over tensors that decay and that do not, with and without a
+/// gradient factor, at the first and a later step, with zeros and negative values in the state.
+#[test]
+fn fused_adamw_equals_the_composite_bit_for_bit() {
+    use prs::train::fused_adamw::{composite_update, fused_update, sum_of_squares, SlotUpdate, StepHyper};
+    let shapes: [&[usize]; 4] = [&[16, 40], &[40], &[3, 5, 7], &[70_000]];
+    for (coef, step) in [(1.0, 1u64), (0.37, 1), (1.0, 9), (2.5e-3, 1000)] {
+        let h = StepHyper { lr: 3e-4, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.05, coef };
+        let mk = |seed: u64| -> Vec<(Var, Tensor, Tensor, Tensor, bool)> {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, dims)| {
+                    let s = seed + 10 * i as u64;
+                    // The first moment starts at exactly zero in places (a fresh optimizer).
+                    let m = (seeded(dims, s + 2) * 0.01).unwrap().relu().unwrap();
+                    let v = (seeded(dims, s + 3).sqr().unwrap() * 1e-4).unwrap();
+                    (Var::from_tensor(&seeded(dims, s)).unwrap(), seeded(dims, s + 1), m, v, i % 2 == 0)
+                })
+                .collect()
+        };
+        let run = |fused: bool| -> Vec<(Vec<u32>, Vec<u32>, Vec<u32>)> {
+            let mut state = mk(7);
+            let mut updates: Vec<SlotUpdate> = state
+                .iter_mut()
+                .map(|(p, g, m, v, decays)| SlotUpdate {
+                    param: p,
+                    grad: g.clone(),
+                    exp_avg: m,
+                    exp_avg_sq: v,
+                    decays: *decays,
+                    step,
+                })
+                .collect();
+            if fused {
+                fused_update(&mut updates, &h).unwrap();
+            } else {
+                composite_update(&mut updates, &h).unwrap();
+            }
+            drop(updates);
+            state.iter().map(|(p, _, m, v, _)| (bits(p.as_tensor()), bits(m), bits(v))).collect()
+        };
+        let (fused, composite) = (run(true), run(false));
+        let before = mk(7);
+        for (i, (f, c)) in fused.iter().zip(&composite).enumerate() {
+            assert_eq!(f, c, "tensor {i} (coef {coef}, step {step})");
+            assert_ne!(f.0, bits(before[i].0.as_tensor()), "tensor {i} did not move");
+        }
+    }
+    // The norm's sum of squares, against the plain sum.
+    let g = [seeded(&[300], 1), seeded(&[5, 9], 2)];
+    let want: f64 =
+        g.iter().flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).map(|x| (x as f64).powi(2)).sum();
+    let got = sum_of_squares(&[&g[0], &g[1]]).unwrap();
+    assert!((got - want).abs() <= 1e-5 * want, "{got} vs {want}");
+    let nan = Tensor::new(&[1f32, f32::NAN], &Device::Cpu).unwrap();
+    assert!(!sum_of_squares(&[&g[0], &nan]).unwrap().is_finite());
+}
