@@ -5,7 +5,7 @@ ASSETS := .cache/assets
 TOKENIZER_MODEL := $(ASSETS)/tokenizer.model.v1
 MISTRAL_COMMON := mistral-common==1.13.1
 
-.PHONY: all build test lint test-cpu assets fixtures demo bench clean-assets cuda-toolkit build-cuda check-cuda browser-deps browser-test
+.PHONY: all build test lint test-cpu assets fixtures demo bench clean-assets cuda-toolkit build-cuda check-cuda browser-deps browser-test launch-counter
 
 all: build
 
@@ -101,6 +101,14 @@ cuda-toolkit:
 CUDA_FEATURES ?= cuda
 build-cuda:
 	$(CUDA_ENV) cargo build --release --features $(CUDA_FEATURES)
+
+# The driver/cuBLAS call counter `prs bench` reads when it is preloaded (scripts/launch_counter.c):
+#   LD_PRELOAD=target/launch_counter/libprs_launch_counter.so prs bench train ... --device cuda
+LAUNCH_COUNTER := target/launch_counter/libprs_launch_counter.so
+launch-counter: $(LAUNCH_COUNTER)
+$(LAUNCH_COUNTER): scripts/launch_counter.c
+	mkdir -p $(dir $@)
+	cc -shared -fPIC -O2 -Wall -o $@ $< -ldl
 
 # Full (debug-profile) build of every `cfg(feature = "cuda")` and `cfg(feature = "nccl")` path,
 # the GPU check example included: compiles the kernels to PTX and links against the CUDA

@@ -8,20 +8,22 @@
 #   scripts/gpu_check.sh run [SECONDS] [OUT]
 #                                on the GPU machine: runs the steps below (PRS_GPU_STEPS names a
 #                                subset, in its order: model upsample fused pytorch
-#                                train-bN[-off|-llm|-all][-4bit|-8bit] predict predict-separate profile demo serve), in
-#                                this order, until SECONDS (default
-#                                480) are spent, each step under its own time limit, logging to
-#                                OUT/gpu_check.log (default dist/gpu/out):
+#                                train-bN[-off|-llm|-all][-4bit|-8bit] predict predict-separate
+#                                launches profile demo serve), in this order, until SECONDS
+#                                (default 480) are spent, each step under its own time limit,
+#                                logging to OUT/gpu_check.log (default dist/gpu/out):
 #     1. examples/gpu_model_check: the tiny model on CUDA vs CPU (losses, every gradient, AdamW,
 #        greedy prediction, bf16); an error (not a tolerance miss) stops here: nothing after it
 #        could run
 #     2. examples/gpu_upsample_check: mask-upsampling kernels and fused ops vs CPU, then timings
 #        against candle's composite and the card's copy bandwidth
-#     3. examples/gpu_fused_check: the fused softmax / RMSNorm / SiLU-gate / rotary and depthwise-convolution kernels vs candle's
-#        composite on CUDA and vs CPU, value and gradient, then kernel vs composite timings
+#     3. examples/gpu_fused_check: the fused softmax / RMSNorm / SiLU-gate / rotary, depthwise-convolution
+#        and multi-tensor AdamW kernels vs candle's composite on CUDA and vs CPU, value and gradient,
+#        then kernel vs composite timings
 #     4. the PyTorch reference step (../shared/bench), then prs bench train, 7B with random weights, per
 #        batch x checkpointing (off/llm/all) x base storage (none/4bit)
-#     5. prs bench predict, 7B, with the LoRA merged at load (the default) and separate
+#     5. prs bench predict, 7B, with the LoRA merged at load (the default) and separate; then kernel
+#        launches, GEMMs, copies per step and per token, host busy vs blocked (launch counter preloaded)
 #     6. prs profile-memory, 7B, batch 1,2,4,8 x checkpointing off/llm/all x base none/4bit, predicted vs measured
 #     7. prs demo (the embedded default, on CUDA)
 #     8. prs serve on CUDA with the demo's checkpoint: three requests (scripts/serve_smoke.py), SIGTERM
@@ -45,6 +47,7 @@ build() {
     xz -T2 -6 -f "$DIST/$b"
   done
   cp "${PRS_TOKENIZER_MODEL:-.cache/assets/tokenizer.model.v1}" "$DIST/tokenizer.model.v1"
+  make -s launch-counter && cp target/launch_counter/libprs_launch_counter.so "$DIST/"
   # The PyTorch reference step and the TinyViT code it loads (../shared/bench/README.md).
   if [[ -f ../shared/bench/pytorch_prsmed_step.py ]]; then
     cp ../shared/bench/pytorch_prsmed_step.py "$DIST/"
@@ -92,7 +95,7 @@ run() {
     (( rc == 0 )) || failed=$((failed + 1))
     return $rc
   }
-  local steps="${PRS_GPU_STEPS:-model upsample fused pytorch train-b1 train-b8-llm train-b8-all train-b1-all-4bit train-b4-all-4bit train-b1-off-4bit predict predict-separate profile demo serve}"
+  local steps="${PRS_GPU_STEPS:-model upsample fused pytorch train-b1 train-b8-llm train-b8-all train-b1-all-4bit train-b4-all-4bit train-b1-off-4bit predict predict-separate launches profile demo serve}"
   for name in $steps; do
     case $name in
       model)
@@ -124,6 +127,14 @@ run() {
       predict) step "bench predict" 60 prs bench predict --config $cfg --random-weights --device $dev --warmup 1 --steps 3 ;;
       predict-separate) step "bench predict, LoRA as a separate branch" 60 prs bench predict --config $cfg \
         --random-weights --device $dev --warmup 1 --steps 3 --no-merge-lora ;;
+      launches)
+        # Driver and cuBLAS calls per step and per token, and the host's time busy against blocked
+        # (scripts/launch_counter.c, preloaded).
+        local counter; counter=$(realpath "$DIST/libprs_launch_counter.so")
+        step "launch counts, train b8 ckpt llm" 120 env LD_PRELOAD="$counter" prs bench train --config $cfg \
+          --random-weights --device $dev --batch-size 8 --gradient-checkpointing llm --warmup 1 --steps 2
+        step "launch counts, predict" 60 env LD_PRELOAD="$counter" prs bench predict --config $cfg --random-weights \
+          --device $dev --warmup 1 --steps 1 ;;
       profile)
         step profile-memory 240 prs profile-memory --config $cfg --device $dev --batch-sizes 1,2,4,8 --precision bf16 \
           --checkpointing off,llm,all --base-quant none,4bit --seq-len 640 --measure --json \

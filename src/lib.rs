@@ -14,6 +14,7 @@ pub mod exit;
 pub mod files;
 pub mod hash;
 pub mod kernels;
+pub mod launches;
 pub mod logging;
 pub mod memory;
 pub mod metrics;

@@ -7,6 +7,7 @@ use anyhow::Result;
 
 use super::args::{at_least_one, positive};
 use crate::config::{Checkpointing, Config};
+use crate::launches::LaunchCounts;
 use crate::memory::measure::{synthetic_batch, train_step};
 use crate::memory::{Precision, SeqShape};
 use crate::pipeline::build::Mode;
@@ -114,7 +115,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             device.synchronize()?;
             crate::pipeline::device::reset_peak_memory(&device);
             let mut times = vec![];
+            let mut counts_from = None;
             for i in 0..a.warmup + a.steps {
+                if i == a.warmup {
+                    counts_from = LaunchCounts::read();
+                }
                 let t = Instant::now();
                 train_step(&m, &batch, &mut opt, scaler.as_mut(), i as u64)?;
                 device.synchronize()?;
@@ -122,6 +127,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     times.push(t.elapsed().as_secs_f64());
                 }
             }
+            let counts = counts_from.zip(LaunchCounts::read()).map(|(from, to)| to.since(&from));
+            let timed: f64 = times.iter().sum();
             if a.phases {
                 let timer = crate::phases::PhaseTimer::start(&device);
                 for i in 0..a.steps {
@@ -155,6 +162,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 crate::pipeline::device::peak_memory_bytes(&device).unwrap_or(0) as f64 / 1e9,
                 if device.is_cuda() { "CUDA pool high-water mark + context" } else { "peak RSS" }
             );
+            print_counts(counts.map(|c| c.summary(a.steps as u64, "step", timed)));
         }
         BenchWhat::Predict => {
             let lora = crate::pipeline::load::lora_for_inference(&mut m.llm, !a.no_merge_lora)?;
@@ -174,6 +182,16 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     ));
                 }
             }
+            // Per generated token: the counts of a run with all tokens less those of a run with
+            // one (same prompt, so the same encoding and prefill).
+            let counted = |tokens: usize| -> Result<Option<LaunchCounts>> {
+                let from = LaunchCounts::read();
+                let g = GenerateOptions { max_new_tokens: tokens, ..gen.clone() };
+                predict_batch(&m, &batch, &g)?;
+                device.synchronize()?;
+                Ok(from.zip(LaunchCounts::read()).map(|(f, t)| t.since(&f)))
+            };
+            let (one, all) = (counted(1)?, counted(a.max_new_tokens)?);
             let total = median(times.iter().map(|t| t.0).collect());
             let enc = median(times.iter().map(|t| t.1).collect());
             let per_tok = median(times.iter().map(|t| t.2).collect());
@@ -185,7 +203,23 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 enc,
                 per_tok * 1e3
             );
+            let tokens = a.max_new_tokens.saturating_sub(1) as u64;
+            print_counts(
+                one.zip(all)
+                    .filter(|_| tokens > 0)
+                    .map(|(o, l)| l.since(&o).summary(tokens, "token", per_tok * tokens as f64)),
+            );
         }
     }
     Ok(())
+}
+
+/// The launch counters' line, or how to get one.
+fn print_counts(line: Option<String>) {
+    match line {
+        Some(l) => println!("{l}"),
+        None => {
+            tracing::info!("kernel launch counts: preload libprs_launch_counter.so (`make launch-counter`) to see them")
+        }
+    }
 }

@@ -21,6 +21,7 @@ mod finetune;
 mod grad_checkpoint;
 mod infer_setup;
 mod input_checks;
+mod launches;
 mod logs;
 mod losses;
 mod metrics;
