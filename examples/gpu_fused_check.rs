@@ -594,7 +594,7 @@ fn adamw(gpu: &Device, rep: &mut Report, bench: bool) -> Result<()> {
             gpu,
             &format!("{tag} gradient sum of squares (with the read)"),
             4.0 * elems as f64,
-            || Ok(Tensor::new(sum_of_squares(&refs)? as f32, gpu)?),
+            || Ok(Tensor::new(sum_of_squares(&refs, false)? as f32, gpu)?),
             || Ok(Tensor::new(composite_norm()? as f32, gpu)?),
         )?;
         return Ok(());
@@ -626,7 +626,7 @@ fn adamw(gpu: &Device, rep: &mut Report, bench: bool) -> Result<()> {
     rep.check(&format!("{tag} kernel vs CUDA composite, parameters"), &cat(&cuda)?, &cat(&cuda_composite)?)?;
     let (gc, gg): (Vec<&Tensor>, Vec<&Tensor>) =
         (cpu.iter().map(|s| &s.1).collect(), cuda.iter().map(|s| &s.1).collect());
-    let (nc, ng) = (sum_of_squares(&gc)?, sum_of_squares(&gg)?);
+    let (nc, ng) = (sum_of_squares(&gc, true)?, sum_of_squares(&gg, false)?);
     let rel = (ng - nc).abs() / nc;
     let ok = rel < 1e-5;
     if !ok {

@@ -11,7 +11,8 @@
 //   adamw_multi   g' = g*coef (if apply_coef); p' = p*decay (if apply_decay);
 //                 m = m + (g' - m)*(1-b1); v = v*b2 + (g'*(1-b2))*g';
 //                 p = p' + (m / (sqrt(v)*inv_bias2 + eps)) * step      (in place: p, m, v)
-//   sumsq_multi   partial[b] = sum of g^2 over block b's chunk (f32, tree order within a block)
+//   sumsq_multi   partial[b] = sum of g^2 over block b's chunk (f64, so that no square of a finite
+//                 f32 overflows; tree order within a block)
 #include <stdint.h>
 
 // Mirrored by `AdamWTensor` in src/kernels/mod.rs (repr(C)).
@@ -68,15 +69,15 @@ extern "C" __global__ void adamw_multi(const AdamWTensor* tensors, int count, fl
   }
 }
 
-extern "C" __global__ void sumsq_multi(const AdamWTensor* tensors, int count, float* partial) {
-  __shared__ float acc[THREADS];
+extern "C" __global__ void sumsq_multi(const AdamWTensor* tensors, int count, double* partial) {
+  __shared__ double acc[THREADS];
   const int i = find_tensor(tensors, count, blockIdx.x);
   const AdamWTensor t = tensors[i];
   const float* g = reinterpret_cast<const float*>(t.g);
   const int64_t start = (blockIdx.x - t.first_block) * (int64_t)CHUNK;
   const int64_t end = min(start + (int64_t)CHUNK, t.n);
-  float s = 0.0f;
-  for (int64_t j = start + threadIdx.x; j < end; j += blockDim.x) s += g[j] * g[j];
+  double s = 0.0;
+  for (int64_t j = start + threadIdx.x; j < end; j += blockDim.x) s += (double)g[j] * (double)g[j];
   acc[threadIdx.x] = s;
   __syncthreads();
   for (int w = THREADS / 2; w > 0; w /= 2) {

@@ -57,15 +57,15 @@ pub fn adamw_multi(dev: &CudaDevice, table: &[AdamWTensor], s: &AdamWScalars) ->
     Ok(())
 }
 
-/// One f32 partial sum of squares per block, over the gradients of `table` (only `g`, `n` and
-/// `first_block` are read), copied to the host.
-pub fn sumsq_multi(dev: &CudaDevice, table: &[AdamWTensor]) -> Result<Vec<f32>> {
+/// One f64 partial sum of squares per block, over the f32 tensors at `g` in `table` (only `g`,
+/// `n` and `first_block` are read), copied to the host.
+pub fn sumsq_multi(dev: &CudaDevice, table: &[AdamWTensor]) -> Result<Vec<f64>> {
     let cfg = launch_config(table)?;
     let stream = dev.cuda_stream();
     let rows = stream.clone_htod(table).w()?;
     let func = dev.get_or_load_custom_func("sumsq_multi", ADAMW_MODULE, ADAMW_PTX)?;
     // SAFETY: the kernel writes every partial before it is read.
-    let mut partial = unsafe { dev.alloc::<f32>(cfg.grid_dim.0 as usize)? };
+    let mut partial = unsafe { dev.alloc::<f64>(cfg.grid_dim.0 as usize)? };
     let count = table.len() as i32;
     {
         let mut b = func.builder();

@@ -3,7 +3,8 @@
 //! The composite (`composite_update`, kept as the reference) runs about 15 candle kernels per
 //! tensor and the norm two more: some 9 000 launches per step for the 7B's ~550 trained tensors.
 //! `fused_update` makes one pass per tensor on the CPU and ONE launch for all tensors on CUDA
-//! (`kernels/adamw.cu`, in place), and `sum_of_squares` one launch on CUDA. Both compute each
+//! (`kernels/adamw.cu`, in place), and `sum_of_squares` (the gradient norm, and the divergence
+//! guard's weight norm) one launch on CUDA. Both compute each
 //! element with the composite's f32 operations in its order (candle's `x * c` is `x * c + 0`),
 //! so the three paths agree bit for bit.
 
@@ -183,16 +184,19 @@ fn cpu_update(s: &mut SlotUpdate, h: &StepHyper, shared: &SharedConsts) -> Resul
     Ok(())
 }
 
-/// The sum of the squares of every element of `grads` (f32 tensors on one device), in f64: the
-/// global gradient norm squared, non-finite when any element is.
-pub fn sum_of_squares(grads: &[&Tensor]) -> Result<f64> {
-    let Some(first) = grads.first() else { return Ok(0.0) };
+/// The sum of the squares of every element of `tensors` (f32, on one device): the global
+/// gradient norm squared, non-finite when any element is. On CUDA one launch, squares summed in
+/// f64; on the CPU per tensor in f32 (`wide`: in f64, so that no square of a finite weight
+/// overflows), as the step has always computed it.
+pub fn sum_of_squares(tensors: &[&Tensor], wide: bool) -> Result<f64> {
+    let Some(first) = tensors.first() else { return Ok(0.0) };
     #[cfg(feature = "cuda")]
     if let Device::Cuda(dev) = first.device() {
-        return cuda::sum_of_squares(dev, grads);
+        return cuda::sum_of_squares(dev, tensors);
     }
     let _ = first;
-    let sq = grads.iter().map(|g| g.sqr()?.sum_all()).collect::<candle_core::Result<Vec<_>>>()?;
+    let dt = if wide { DType::F64 } else { DType::F32 };
+    let sq = tensors.iter().map(|g| g.to_dtype(dt)?.sqr()?.sum_all()).collect::<candle_core::Result<Vec<_>>>()?;
     Ok(Tensor::stack(&sq, 0)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
@@ -272,7 +276,7 @@ mod cuda {
             .iter()
             .map(|g| {
                 if g.dtype() != DType::F32 {
-                    bail!("fused gradient norm: gradients must be f32, got {:?}", g.dtype());
+                    bail!("fused sum of squares: tensors must be f32, got {:?}", g.dtype());
                 }
                 let n = g.elem_count() as i64;
                 let row = AdamWTensor { g: ptr(g)?, n, first_block, ..Default::default() };

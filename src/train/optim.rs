@@ -229,7 +229,7 @@ impl AdamW {
         // One host sync: the global norm, which is also the finiteness test (NaN or inf in any
         // gradient makes the sum of squares non-finite).
         let grads: Vec<&Tensor> = present.iter().map(|(_, g)| g).collect();
-        let grad_norm = sum_of_squares(&grads)?.sqrt() * inv_scale;
+        let grad_norm = sum_of_squares(&grads, false)?.sqrt() * inv_scale;
         if !grad_norm.is_finite() {
             return Ok(StepReport { status: StepStatus::SkippedNonFinite, grad_norm, clip_coef: 1.0, without_grad });
         }

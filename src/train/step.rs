@@ -194,19 +194,12 @@ pub fn micro_backward(
     Ok(MicroStep { grads: Some(g), parts })
 }
 
-/// L2 norm of all trained weights (one reduction per tensor, one host read), in f64 so that
-/// squares of large but finite f32 weights do not overflow.
+/// L2 norm of all trained weights (one host read; on CUDA one launch), in f64 so that squares
+/// of large but finite f32 weights do not overflow.
 fn global_norm(model: &PrsMed) -> Result<f64> {
-    let sq = model
-        .trained
-        .weights()
-        .iter()
-        .map(|p| p.var.as_tensor().to_dtype(candle_core::DType::F64)?.sqr()?.sum_all())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    if sq.is_empty() {
-        return Ok(0.0);
-    }
-    Ok(Tensor::stack(&sq, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt())
+    let weights = model.trained.weights();
+    let tensors: Vec<&Tensor> = weights.iter().map(|p| p.var.as_tensor()).collect();
+    Ok(crate::train::fused_adamw::sum_of_squares(&tensors, true)?.sqrt())
 }
 
 /// The trained weights and the BatchNorm running buffers, in the model's fixed order.

@@ -425,8 +425,13 @@ fn fused_adamw_equals_the_composite_bit_for_bit() {
     let g = [seeded(&[300], 1), seeded(&[5, 9], 2)];
     let want: f64 =
         g.iter().flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).map(|x| (x as f64).powi(2)).sum();
-    let got = sum_of_squares(&[&g[0], &g[1]]).unwrap();
+    let got = sum_of_squares(&[&g[0], &g[1]], false).unwrap();
+    let wide = sum_of_squares(&[&g[0], &g[1]], true).unwrap();
+    assert!((wide - want).abs() <= 1e-12 * want, "{wide} vs {want}");
+    let huge = Tensor::new(&[3e30f32], &Device::Cpu).unwrap();
+    let sq = sum_of_squares(&[&huge], true).unwrap();
+    assert!((sq / 9e60 - 1.0).abs() < 1e-6, "a finite weight's square overflowed: {sq}");
     assert!((got - want).abs() <= 1e-5 * want, "{got} vs {want}");
     let nan = Tensor::new(&[1f32, f32::NAN], &Device::Cpu).unwrap();
-    assert!(!sum_of_squares(&[&g[0], &nan]).unwrap().is_finite());
+    assert!(!sum_of_squares(&[&g[0], &nan], false).unwrap().is_finite());
 }
