@@ -9,8 +9,8 @@
 //! (8 x 640 x 4096), the SwiGLU gate (8 x 640 x 14336) and GELU's backward (TinySAM's MBConv map). Last, the Mistral attention core with
 //! grouped K/V and the fused softmax against the repeat_kv + composite form it replaced, and the
 //! depthwise convolution (`kernels/depthwise.cu`) at TinySAM's 1024 px shapes, and the rotary
-//! head split at the 7B's q shape, and the multi-tensor AdamW (`kernels/adamw.cu`) over the 7B's
-//! ~550 trained tensors.
+//! head split at the 7B's q shape, the multi-tensor AdamW (`kernels/adamw.cu`) over the 7B's
+//! ~550 trained tensors, and the frozen base's dequantisation (`kernels/dequant.cu`).
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -512,6 +512,53 @@ fn rope(gpu: &Device, rep: &mut Report, bench: bool) -> Result<()> {
     Ok(())
 }
 
+/// The frozen base's dequantisation (`kernels/dequant.cu`) at the 7B's MLP shape (14336 x 4096):
+/// f32 and bf16 against the CPU bit for bit, then timed against candle's path (f32, then a cast).
+fn dequant(gpu: &Device, rep: &mut Report, bench: bool) -> Result<()> {
+    use candle_core::quantized::{QStorage, QTensor};
+    use prs::config::BaseQuant;
+    use prs::nn::quant::QuantWeight;
+    let w = random(&[14336, 4096], DType::F32, 0.05, &Device::Cpu)?;
+    for mode in [BaseQuant::Int4, BaseQuant::Int8] {
+        let tag = format!("dequantise {mode} 14336x4096");
+        let cpu = QuantWeight::quantize(&w, mode)?.expect("4096 is a multiple of the block");
+        let bytes = cpu.blocks()?;
+        let cuda = QuantWeight::quantize(&w.to_device(gpu)?, mode)?.expect("same shape");
+        if bench {
+            let storage = QStorage::from_data(std::borrow::Cow::Borrowed(&bytes), gpu, cpu.format())?;
+            let candle = QTensor::new(storage, (14336, 4096))?;
+            // Reads the blocks, writes bf16.
+            let b = (bytes.len() + 2 * w.elem_count()) as f64;
+            timing_pair(
+                gpu,
+                &format!("{tag} to bf16"),
+                b,
+                || Ok(cuda.dequantize(DType::BF16)?),
+                || Ok(candle.dequantize(gpu)?.to_dtype(DType::BF16)?),
+            )?;
+            continue;
+        }
+        for dt in [DType::F32, DType::BF16] {
+            let (a, e) = (cuda.dequantize(dt)?, cpu.dequantize(dt)?);
+            let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                Ok(t.to_device(&Device::Cpu)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect())
+            };
+            let same = bits(&a)? == bits(&e)?;
+            if !same {
+                rep.failures += 1;
+            }
+            println!("{tag} {dt:?}: CUDA and CPU bit-identical: {}", if same { "yes  ok" } else { "no  FAIL" });
+        }
+    }
+    Ok(())
+}
+
 /// The trained tensors of the 7B's step, roughly: LoRA A and B of q, k, v, o in 32 layers, and
 /// TinySAM's and the decoder's weights as 200 matrices of 256 x 256 and 100 vectors.
 fn adamw_shapes() -> Vec<Vec<usize>> {
@@ -673,6 +720,7 @@ fn main() -> Result<()> {
     depthwise(&gpu, &mut rep, false)?;
     rope(&gpu, &mut rep, false)?;
     adamw(&gpu, &mut rep, false)?;
+    dequant(&gpu, &mut rep, false)?;
     if rep.failures == 0 {
         println!("all comparisons passed");
     }
@@ -689,6 +737,7 @@ fn main() -> Result<()> {
         depthwise(&gpu, &mut rep, true)?;
         rope(&gpu, &mut rep, true)?;
         adamw(&gpu, &mut rep, true)?;
+        dequant(&gpu, &mut rep, true)?;
     }
     if rep.failures > 0 {
         bail!("{} comparison(s) failed", rep.failures);

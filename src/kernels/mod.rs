@@ -1,6 +1,6 @@
-//! The crate's own CUDA kernels (feature `cuda`, in `cuda`, `cuda_fused`, `cuda_depthwise` and `cuda_adamw`) and what their
+//! The crate's own CUDA kernels (feature `cuda`, in `cuda`, `cuda_fused`, `cuda_depthwise`, `cuda_adamw` and `cuda_dequant`) and what their
 //! callers choose between. The ops that use them, and their CPU references, live in
-//! `nn::upsample`, `nn::dropout`, `nn::softmax`, `nn::fused`, `nn::depthwise` and `train::fused_adamw`; this module
+//! `nn::upsample`, `nn::dropout`, `nn::softmax`, `nn::fused`, `nn::depthwise`, `nn::quant` and `train::fused_adamw`; this module
 //! imports nothing of `nn` or `train`, so the layers stay one-way.
 
 use candle_core::DType;
@@ -21,6 +21,10 @@ pub use cuda_depthwise::*;
 mod cuda_adamw;
 #[cfg(feature = "cuda")]
 pub use cuda_adamw::*;
+#[cfg(feature = "cuda")]
+mod cuda_dequant;
+#[cfg(feature = "cuda")]
+pub use cuda_dequant::*;
 
 /// One tensor of a multi-tensor AdamW launch (`kernels/adamw.cu`'s `AdamWTensor`, field for
 /// field, `repr(C)`): device addresses of its f32 parameter, gradient and moments, its length,

@@ -491,14 +491,10 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
     let (what, bytes) = transients.into_iter().fold(("", 0.0), |a, t| if t.1 > a.1 { t } else { a });
     push(&format!("backward transient (largest: {what})"), bytes);
     // A quantised projection is dequantised inside each matmul that reads it, forward and
-    // backward, and dropped after: one copy at a time, in f32 (candle dequantises to f32) plus
-    // its cast to the compute dtype (CUDA dequantises straight to f16).
+    // backward, and dropped after: one copy at a time, written straight in the compute dtype
+    // (`nn::quant`).
     if largest_quant > 0 {
-        let per = match (inp.precision, inp.device) {
-            (Precision::F32, _) => 4,
-            (Precision::F16, DeviceKind::Cuda) => 2,
-            _ => 4 + s,
-        };
+        let per = if inp.precision == Precision::F32 { 4 } else { s };
         push("dequantised copy of one projection (transient)", (largest_quant * per) as f64);
     }
 

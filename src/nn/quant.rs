@@ -1,15 +1,15 @@
 //! A frozen weight stored quantised (a QLoRA-style base): quantised at load from the usual dense
 //! tensor into one of candle's ggml block formats, and dequantised to the compute dtype inside
 //! each matmul that reads it (`linear::FrozenWeight`), so no dense copy outlives its matmul.
+//! Dequantisation writes the compute dtype in one pass (candle's goes through f32, then a cast:
+//! three times the traffic and an f32 copy of the weight in between).
 //!
 //! Why candle's formats and not NF4: they have CPU and CUDA dequantisation kernels in candle
 //! already, and their measured error is lower at the same size (BENCHMARKS.md, "Quantised base").
 
-use std::sync::Arc;
-
 use anyhow::{Context, Result};
-use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -64,17 +64,19 @@ impl std::fmt::Display for BaseQuant {
     }
 }
 
-/// A frozen (out, in) weight in a block format, and the dtype its matmuls compute in.
+/// A frozen (out, in) weight in a block format, and the dtype its matmuls compute in. The blocks
+/// are a u8 tensor on the weight's device, in ggml's layout (row-major, blocks along each row).
 #[derive(Clone)]
 pub struct QuantWeight {
-    q: Arc<QTensor>,
+    blocks: Tensor,
+    format: GgmlDType,
+    dims: (usize, usize),
     dtype: DType,
-    device: Device,
 }
 
 impl std::fmt::Debug for QuantWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "QuantWeight[{:?}; {:?} -> {:?}]", self.q.shape(), self.q.dtype(), self.dtype)
+        write!(f, "QuantWeight[{:?}; {:?} -> {:?}]", self.dims, self.format, self.dtype)
     }
 }
 
@@ -104,28 +106,18 @@ impl QuantWeight {
             })
             .collect::<Result<_>>()?;
         drop(host);
-        let n: usize = chunks.iter().map(Vec::len).sum();
-        // u64 storage: the block structs need their alignment when candle views the bytes.
-        let mut buf = vec![0u64; n.div_ceil(8)];
-        // SAFETY: the byte view covers exactly the u64 buffer's first n bytes.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, n) };
-        let mut at = 0;
-        for c in &chunks {
-            bytes[at..at + c.len()].copy_from_slice(c);
-            at += c.len();
-        }
-        drop(chunks);
-        let storage = QStorage::from_data(std::borrow::Cow::Borrowed(&*bytes), w.device(), g)?;
-        let q = QTensor::new(storage, (out_dim, in_dim)).context("quantised weight")?;
-        Ok(Some(Self { q: Arc::new(q), dtype: w.dtype(), device: w.device().clone() }))
+        let bytes: Vec<u8> = chunks.concat();
+        let n = bytes.len();
+        let blocks = Tensor::from_vec(bytes, n, &Device::Cpu)?.to_device(w.device()).context("quantised weight")?;
+        Ok(Some(Self { blocks, format: g, dims: (out_dim, in_dim), dtype: w.dtype() }))
     }
 
     pub fn dims2(&self) -> Result<(usize, usize)> {
-        Ok(self.q.shape().dims2()?)
+        Ok(self.dims)
     }
 
     pub fn format(&self) -> GgmlDType {
-        self.q.dtype()
+        self.format
     }
 
     /// The dtype dequantised copies come in.
@@ -135,19 +127,114 @@ impl QuantWeight {
 
     /// Bytes held (blocks and their scales).
     pub fn storage_bytes(&self) -> usize {
-        self.q.storage_size_in_bytes()
+        self.blocks.elem_count()
     }
 
     /// The blocks as stored, in ggml's layout (row-major, blocks along each row).
     pub fn blocks(&self) -> Result<Vec<u8>> {
-        Ok(self.q.data()?.into_owned())
+        Ok(self.blocks.to_vec1::<u8>()?)
     }
 
-    /// A dense (out, in) copy in `dtype`, untracked; the caller drops it after its matmul.
+    /// A dense (out, in) copy in `dtype`, untracked; the caller drops it after its matmul. One
+    /// pass from the blocks straight to `dtype` (on CUDA one kernel, `kernels/dequant.cu`),
+    /// each value computed as candle's f32 dequantisation computes it, then rounded once.
     pub fn dequantize(&self, dtype: DType) -> candle_core::Result<Tensor> {
-        if dtype == DType::F16 {
-            return self.q.dequantize_f16(&self.device);
+        self.blocks.apply_op1_no_bwd(&Dequantize { format: self.format, dims: self.dims, dtype })
+    }
+}
+
+/// ggml block sizes in bytes: Q4_K (f16 d, f16 dmin, 12 bytes of 6-bit scales and minimums,
+/// 128 bytes of 4-bit values for 256 weights) and Q8_0 (f16 d, 32 int8 values).
+const Q4K_BYTES: usize = 144;
+const Q8_0_BYTES: usize = 34;
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Element `r` (0..256) of one Q4_K block, as candle's (llama.cpp's) `to_float`: 64-value
+/// groups, the first 32 from the low nibbles and the next 32 from the high nibbles of the same
+/// 32 bytes, each half with its own 6-bit scale and minimum.
+#[inline(always)]
+fn q4k_value(b: &[u8], r: usize) -> f32 {
+    let (d, dmin, sc, qs) = (f16_at(b, 0), f16_at(b, 2), &b[4..16], &b[16..]);
+    let (g, hi, k) = (r / 64, (r % 64) >= 32, r % 32);
+    let is = 2 * g + usize::from(hi);
+    let (s, m) = if is < 4 {
+        (sc[is] & 63, sc[is + 4] & 63)
+    } else {
+        ((sc[is + 4] & 0xF) | ((sc[is - 4] >> 6) << 4), (sc[is + 4] >> 4) | ((sc[is] >> 6) << 4))
+    };
+    let q = qs[32 * g + k];
+    let v = if hi { q >> 4 } else { q & 0xF };
+    let (d1, m1) = (d * s as f32, dmin * m as f32);
+    d1 * v as f32 - m1
+}
+
+#[inline(always)]
+fn q8_0_value(b: &[u8], r: usize) -> f32 {
+    (b[2 + r] as i8) as f32 * f16_at(b, 0)
+}
+
+/// The blocks as f32 values, in parallel over blocks.
+fn dequantize_cpu(bytes: &[u8], format: GgmlDType) -> candle_core::Result<Vec<f32>> {
+    let (block_bytes, per_block, value): (usize, usize, fn(&[u8], usize) -> f32) = match format {
+        GgmlDType::Q4K => (Q4K_BYTES, 256, q4k_value),
+        GgmlDType::Q8_0 => (Q8_0_BYTES, 32, q8_0_value),
+        other => candle_core::bail!("dequantize: format {other:?} is not one prs stores"),
+    };
+    if !bytes.len().is_multiple_of(block_bytes) {
+        candle_core::bail!("dequantize: {} bytes are not whole {format:?} blocks", bytes.len());
+    }
+    let mut out = vec![0f32; bytes.len() / block_bytes * per_block];
+    out.par_chunks_mut(per_block).zip(bytes.par_chunks(block_bytes)).for_each(|(o, b)| {
+        for (r, v) in o.iter_mut().enumerate() {
+            *v = value(b, r);
         }
-        self.q.dequantize(&self.device)?.to_dtype(dtype)
+    });
+    Ok(out)
+}
+
+/// Blocks (u8) -> dense (out, in) values in `dtype`.
+struct Dequantize {
+    format: GgmlDType,
+    dims: (usize, usize),
+    dtype: DType,
+}
+
+impl candle_core::CustomOp1 for Dequantize {
+    fn name(&self) -> &'static str {
+        "dequantize"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("dequantize: blocks not contiguous") };
+        let v = dequantize_cpu(&s.as_slice::<u8>()?[a..b], self.format)?;
+        if v.len() != self.dims.0 * self.dims.1 {
+            candle_core::bail!("dequantize: {} values for a {:?} weight", v.len(), self.dims);
+        }
+        let out = match self.dtype {
+            DType::F32 => CpuStorage::F32(v),
+            DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
+            DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f32).collect()),
+            DType::F64 => CpuStorage::F64(v.into_iter().map(f64::from).collect()),
+            other => candle_core::bail!("dequantize: to {other:?}"),
+        };
+        Ok((out, Shape::from(self.dims)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let root = match self.format {
+            GgmlDType::Q4K => "dequant_q4k",
+            GgmlDType::Q8_0 => "dequant_q8_0",
+            other => candle_core::bail!("dequantize: format {other:?} is not one prs stores"),
+        };
+        let out = crate::kernels::dequantize(s, l, root, self.dims.0 * self.dims.1, self.dtype)?;
+        Ok((out, Shape::from(self.dims)))
     }
 }

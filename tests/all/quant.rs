@@ -158,6 +158,30 @@ fn block_formats_match_an_independent_reading_and_their_error_bounds() {
     assert!(rel_fro(&values(&bf), &values(&q4_deq)) < 4e-3);
 }
 
+/// Our one-pass dequantisation against candle's own (`QTensor::dequantize`, f32): bit for bit in
+/// f32, and each half-precision value is that f32 value rounded once (to nearest even).
+#[test]
+fn dequantisation_equals_candles_bit_for_bit_and_rounds_once() {
+    use candle_core::quantized::{QStorage, QTensor};
+    let w = (gaussian(96, 512, 5) * 0.03).unwrap();
+    for mode in [BaseQuant::Int4, BaseQuant::Int8] {
+        let q = QuantWeight::quantize(&w, mode).unwrap().unwrap();
+        let bytes = q.blocks().unwrap();
+        let storage = QStorage::from_data(std::borrow::Cow::Borrowed(&bytes), &Device::Cpu, q.format()).unwrap();
+        let candle = QTensor::new(storage, (96, 512)).unwrap().dequantize(&Device::Cpu).unwrap();
+        let ours = q.dequantize(DType::F32).unwrap();
+        let bits = |t: &Tensor| values(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&ours), bits(&candle), "{mode} f32");
+        for dt in [DType::BF16, DType::F16] {
+            let want = candle.to_dtype(dt).unwrap();
+            let got = q.dequantize(dt).unwrap();
+            assert_eq!((got.dtype(), got.dims()), (dt, &[96usize, 512][..]));
+            let as_f32 = |t: &Tensor| bits(&t.to_dtype(DType::F32).unwrap());
+            assert_eq!(as_f32(&got), as_f32(&want), "{mode} {dt:?}");
+        }
+    }
+}
+
 /// Timings and errors of every candidate format on a 4096 x 4096 Gaussian weight (printed for
 /// BENCHMARKS.md; run with --ignored --nocapture).
 #[test]
