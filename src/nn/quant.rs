@@ -176,9 +176,12 @@ fn q8_0_value(b: &[u8], r: usize) -> f32 {
     (b[2 + r] as i8) as f32 * f16_at(b, 0)
 }
 
+/// Value `r` of one block.
+type BlockValue = fn(&[u8], usize) -> f32;
+
 /// The blocks as f32 values, in parallel over blocks.
 fn dequantize_cpu(bytes: &[u8], format: GgmlDType) -> candle_core::Result<Vec<f32>> {
-    let (block_bytes, per_block, value): (usize, usize, fn(&[u8], usize) -> f32) = match format {
+    let (block_bytes, per_block, value): (usize, usize, BlockValue) = match format {
         GgmlDType::Q4K => (Q4K_BYTES, 256, q4k_value),
         GgmlDType::Q8_0 => (Q8_0_BYTES, 32, q8_0_value),
         other => candle_core::bail!("dequantize: format {other:?} is not one prs stores"),
