@@ -177,10 +177,9 @@ pub fn micro_backward(
     let mark = |name| crate::phases::mark(model.device(), name);
     let out = model.forward(mb, true)?;
     let l = model.losses_normed(mb, &out, weights, Some(norm))?;
-    let mut parts = [0f64; 4];
-    for (p, t) in parts.iter_mut().zip([&l.total, &l.seg, &l.lm, &l.cls]) {
-        *p = t.to_scalar::<f32>()? as f64;
-    }
+    // One read (one synchronisation) for the four values.
+    let read = Tensor::stack(&[&l.total, &l.seg, &l.lm, &l.cls], 0)?.to_vec1::<f32>()?;
+    let parts: [f64; 4] = std::array::from_fn(|i| read[i] as f64);
     mark("losses");
     if !parts[0].is_finite() {
         return Ok(MicroStep { grads: None, parts });
