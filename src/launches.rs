@@ -82,14 +82,6 @@ impl LaunchCounts {
         d
     }
 
-    pub fn kernel_launches(&self) -> u64 {
-        self.counts[KERNELS]
-    }
-
-    pub fn gemm_calls(&self) -> u64 {
-        self.counts[GEMMS]
-    }
-
     /// Seconds the host waited in stream synchronisation.
     pub fn sync_secs(&self) -> f64 {
         self.nanos[SYNCS] as f64 * 1e-9

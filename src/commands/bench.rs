@@ -191,7 +191,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 device.synchronize()?;
                 Ok(from.zip(LaunchCounts::read()).map(|(f, t)| t.since(&f)))
             };
-            let (one, all) = (counted(1)?, counted(a.max_new_tokens)?);
+            let (one, all) = match LaunchCounts::read() {
+                Some(_) => (counted(1)?, counted(a.max_new_tokens)?),
+                None => (None, None),
+            };
             let total = median(times.iter().map(|t| t.0).collect());
             let enc = median(times.iter().map(|t| t.1).collect());
             let per_tok = median(times.iter().map(|t| t.2).collect());

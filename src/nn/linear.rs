@@ -341,9 +341,7 @@ impl Linear {
         if l.a.is_trained() || l.b.is_trained() {
             return Ok(false);
         }
-        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-        let delta = (f32(l.b.tensor())?.matmul(&f32(l.a.tensor())?)? * l.scale)?;
-        let merged = (f32(w)? + delta)?.to_dtype(w.dtype())?;
+        let merged = lora_merged(w, l.a.tensor(), l.b.tensor(), l.scale)?.to_dtype(w.dtype())?;
         self.weight = LinearWeight::Param(Param::Frozen(merged));
         self.lora = None;
         Ok(true)
@@ -366,6 +364,14 @@ impl Linear {
         }
         Ok(y)
     }
+}
+
+/// W + scale * B A in f32 (W (out, in), A (r, in), B (out, r)): what merging an adapter stores,
+/// rounded by the caller to the weight's dtype. One formula for `Linear::merge_lora` and
+/// `prs export --merge-lora`, so the two agree bit for bit.
+pub fn lora_merged(w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    Ok((f32(w)? + (f32(b)?.matmul(&f32(a)?)? * scale)?)?)
 }
 
 fn linear_no_bias(x: &Tensor, w: &Param, dt: candle_core::DType) -> Result<Tensor> {

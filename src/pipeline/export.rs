@@ -181,7 +181,7 @@ fn write_merged(out: &Path, ckpt: &TrainedCheckpoint, cfg: &Config, model: &PrsM
             // In f32: W + scale * B A.
             Some(New::Lora { a, b }) => {
                 let w = base.vb.get_unchecked_dtype(&p.name, DType::F32)?;
-                (w + (b.as_tensor().matmul(a.as_tensor())? * scale)?)?
+                crate::nn::linear::lora_merged(&w, a.as_tensor(), b.as_tensor(), scale)?
             }
             Some(New::Trained(v)) => v.as_tensor().clone(),
             None => base.vb.get_unchecked_dtype(&p.name, DType::F32)?,

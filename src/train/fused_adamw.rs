@@ -189,12 +189,13 @@ fn cpu_update(s: &mut SlotUpdate, h: &StepHyper, shared: &SharedConsts) -> Resul
 /// f64; on the CPU per tensor in f32 (`wide`: in f64, so that no square of a finite weight
 /// overflows), as the step has always computed it.
 pub fn sum_of_squares(tensors: &[&Tensor], wide: bool) -> Result<f64> {
-    let Some(first) = tensors.first() else { return Ok(0.0) };
+    if tensors.is_empty() {
+        return Ok(0.0);
+    }
     #[cfg(feature = "cuda")]
-    if let Device::Cuda(dev) = first.device() {
+    if let Device::Cuda(dev) = tensors[0].device() {
         return cuda::sum_of_squares(dev, tensors);
     }
-    let _ = first;
     let dt = if wide { DType::F64 } else { DType::F32 };
     let sq = tensors.iter().map(|g| g.to_dtype(dt)?.sqr()?.sum_all()).collect::<candle_core::Result<Vec<_>>>()?;
     Ok(Tensor::stack(&sq, 0)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
@@ -225,11 +226,6 @@ mod cuda {
             .map(|(s, g)| {
                 let k = TensorConsts::new(h, s.decays, s.step);
                 let n = s.param.elem_count() as i64;
-                for t in [s.param.as_tensor(), &*s.exp_avg, &*s.exp_avg_sq] {
-                    if !t.is_contiguous() {
-                        bail!("fused AdamW: parameters and moments must be contiguous");
-                    }
-                }
                 let row = AdamWTensor {
                     p: ptr(s.param.as_tensor())?,
                     g: ptr(g)?,
@@ -284,7 +280,7 @@ mod cuda {
                 Ok(row)
             })
             .collect::<Result<Vec<_>>>()?;
-        // One f32 partial per block, summed here in f64 (the read is the step's one sync).
-        Ok(sumsq_multi(dev, &rows)?.iter().map(|&x| x as f64).sum())
+        // One f64 partial per block, summed here (the read is a synchronisation).
+        Ok(sumsq_multi(dev, &rows)?.iter().sum())
     }
 }
