@@ -402,6 +402,8 @@ pub fn run(args: &ProfileMemoryArgs) -> Result<()> {
                     println!("  {:<70} {:>9.3} GB", it.name, gb(it.bytes));
                 }
                 println!("  {:<70} {:>9.3} GB", "total (peak)", gb(e.peak_bytes));
+                let phases: Vec<String> = e.phase_peaks.iter().map(|(p, b)| format!("{p} {:.3}", gb(*b))).collect();
+                println!("predicted peak of each phase, GB: {}", phases.join("; "));
             }
             if let Some(f) = &emitted {
                 println!("wrote {f}");

@@ -1,11 +1,13 @@
 //! Analytic peak memory of one training step, per component, from the architecture alone.
 //!
 //! The model follows this crate's implementation, not PyTorch's: candle keeps every tensor that a
-//! tracked op read until the loss (and so the whole graph) is dropped after backward, so the
-//! activation terms count, op by op, the outputs that stay referenced by the graph (casts,
-//! contiguous copies, norm and softmax intermediates in f32, dropout outputs). Frozen parts run
-//! untracked and only cost a transient. Peak = persistent state + the larger of the CLIP
-//! transient (early in the forward) and the graph plus the backward's largest temporaries.
+//! tracked op read until the graph holding it is dropped, so the activation terms count, op by
+//! op, the outputs that stay referenced by the graph (casts, contiguous copies, norm and softmax
+//! intermediates in f32, dropout outputs). The training step cuts its graph after the LLM and
+//! after TinySAM and frees each part once its backward ran (`PrsMed::backward_staged`), so the
+//! backward has three phases with different live activations. Frozen parts run untracked and
+//! only cost a transient. Peak = persistent state + the largest of the CLIP transient (early in
+//! the forward) and each backward phase's activations plus its largest temporaries.
 
 use anyhow::Result;
 use serde::Serialize;
@@ -62,10 +64,13 @@ pub struct Item {
 /// Predicted peak and its parts.
 #[derive(Clone, Debug, Serialize)]
 pub struct Estimate {
+    /// What is alive at the peak.
     pub items: Vec<Item>,
     pub peak_bytes: u64,
-    /// Which phase holds the peak: "clip-forward" or "graph+backward".
+    /// Which phase holds the peak: "clip-forward" or one of the backward's stages.
     pub peak_phase: String,
+    /// Every phase's own peak, in the order they run.
+    pub phase_peaks: Vec<(String, u64)>,
     pub trained_params: u64,
     pub frozen_params: u64,
 }
@@ -206,7 +211,7 @@ pub fn llm_weight_bytes(spec: &PrsMedSpec, quant: BaseQuant, s: u64) -> Result<(
 
 /// Bytes kept per token by one Mistral layer's graph (no checkpointing), and the size of its
 /// largest single tensor per sample (the attention scores), for the backward allowance.
-fn llm_layer_bytes_per_token(spec: &PrsMedSpec, s: u64, t: u64) -> f64 {
+fn llm_layer_bytes_per_token(spec: &PrsMedSpec, s: u64) -> f64 {
     let l = &spec.llava.llm;
     let (h, i, hd) = (u(l.hidden_size), u(l.intermediate_size), u(l.head_dim()));
     let (nh, nkv) = (u(l.num_attention_heads), u(l.num_key_value_heads));
@@ -224,12 +229,9 @@ fn llm_layer_bytes_per_token(spec: &PrsMedSpec, s: u64, t: u64) -> f64 {
     };
     // normalised (fused op, in the compute dtype), scaled by the weight
     let rms = 2 * s * h;
-    let rep = if nh > nkv { 2 * s * qd } else { 0 };
     let attn = lin("q_proj", h, qd) + lin("k_proj", h, kvd) + lin("v_proj", h, kvd)
         + s * (qd + 2 * kvd) // q and k split into heads and rotated (one op each), v's heads
-        + rep
-        + 2 * s * nh * t // scores and probabilities (the fused softmax keeps nothing else)
-        + 2 * s * qd // probs @ v, heads merged
+        + 2 * s * qd // the attention's output (its op keeps no scores), heads merged
         + lin("o_proj", qd, h);
     let mlp = lin("gate_proj", h, i) + lin("up_proj", h, i) + s * i + lin("down_proj", i, h); // fused silu * up
     (2 * rms + attn + mlp + 2 * s * h) as f64
@@ -254,6 +256,8 @@ struct TinySamElems {
     depthwise_backward: f64,
     /// The largest single tensor.
     largest: f64,
+    /// The features TinySAM hands the decoder.
+    output: f64,
 }
 
 fn tinysam_graph_elems(spec: &PrsMedSpec) -> TinySamElems {
@@ -341,6 +345,7 @@ fn tinysam_graph_elems(spec: &PrsMedSpec) -> TinySamElems {
         recomputed_block: unit,
         depthwise_backward: dw_backward.get(),
         largest: largest.get(),
+        output: oc * p,
     }
 }
 
@@ -430,8 +435,17 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
     let inputs = b * (3 * sc * sc + 4 * sam * sam) * 4 + b * t * t * s;
     push("batch inputs and attention mask", inputs as f64);
 
-    // Graph.
-    let per_tok = llm_layer_bytes_per_token(spec, s, t);
+    push("context and workspaces", inp.context_bytes as f64);
+    if inp.device == DeviceKind::Cpu {
+        push("CPU threads and matmul buffers", CPU_COMPUTE_SCRATCH_BYTES as f64);
+    }
+    let persistent = items.clone();
+
+    // Graph, by the part that holds it. The backward runs in stages (`PrsMed::backward_staged`):
+    // the losses, LM head and decoder first, with every part's activations alive; then the LLM,
+    // with TinySAM's still alive; then TinySAM alone. Each stage's peak is its activations plus
+    // its largest backward transient; the step's peak is the largest stage.
+    let per_tok = llm_layer_bytes_per_token(spec, s);
     let embeds = (3 * tok * h * s + b * n_img * h * s) as f64; // text, spliced, image
     let (ck_llm, ck_vision) = (inp.checkpointing.llm(), inp.checkpointing.vision());
     let (llm_graph, recompute) = if ck_llm {
@@ -439,11 +453,11 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
     } else {
         (per_tok * (layers * tok) as f64, 0.0)
     };
-    push("activations: LLM layers", llm_graph + embeds);
+    let llm_acts = Item::new("activations: LLM layers", llm_graph + embeds);
     let rows = b * u(inp.seq.answer + 1);
     let rms_final = 2 * s * h; // fused normalisation + weight, as in the layers
     let head = tok * rms_final + rows * (h * s + v * s + if s == 4 { 0 } else { 4 * v } + 12 * v);
-    push("activations: final norm, LM head, cross-entropy", head as f64);
+    let head_acts = Item::new("activations: final norm, LM head, cross-entropy", head as f64);
     // The mask branch's dtype (`model.mask_precision`).
     let (mask_bytes, mask_name) = match spec.mask_precision {
         MaskPrecision::Compute => (s, inp.precision.as_str()),
@@ -452,81 +466,120 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
     let ts = tinysam_graph_elems(spec);
     let ts_e = if ck_vision { ts.checkpointed } else { ts.full };
     let per_sample = |e: f64| if inp.train_tinysam { e * (mask_bytes * b) as f64 } else { 0.0 };
-    push(&format!("activations: TinySAM ({mask_name})"), per_sample(ts_e));
+    let ts_acts = Item::new(&format!("activations: TinySAM ({mask_name})"), per_sample(ts_e));
     let (dec_e, dec_f32, dec_transient) = decoder_graph_elems(spec, t as f64, b as f64, mask_bytes != s);
-    push(
+    let dec_acts = Item::new(
         &format!("activations: decoder attention over image tokens, mask head ({mask_name}), losses (f32)"),
         (dec_e * mask_bytes as f64 + dec_f32 * 4.0) * b as f64,
     );
+    // The cuts: the LLM's and TinySAM's outputs as leaf copies the heads read, and later the
+    // gradient each part's backward starts from (the same sizes).
+    let hidden_bytes = (tok * h * s) as f64;
+    let feats_bytes = per_sample(ts.output);
 
-    // Backward: gradients of the graph's nodes exist while it is still alive. Through the
-    // cross-entropy over the vocabulary about six (R, V) f32 tensors coexist (gradients of the
-    // log-softmax output, the shifted logits, exp, their sum and the logits); elsewhere an op's
-    // backward holds about three tensors the size of its largest input.
-    let llm_scores = (b * u(l.num_attention_heads) * t * t * 4) as f64;
-    let ce_bwd = (6 * rows * v * 4) as f64;
-    // The backward's transients do not coexist: the cross-entropy's come first, then, with
-    // checkpointing, one recomputed block at a time (an LLM layer, a TinySAM block, a decoder
-    // chunk) with its own backward's gradients. The peak takes the largest.
-    let biggest = llm_scores.max(per_sample(ts.largest));
-    let mut transients = vec![
-        ("cross-entropy backward", ce_bwd),
-        ("backward temporaries", 3.0 * biggest),
+    // Transients. Through the cross-entropy over the vocabulary about six (R, V) f32 tensors
+    // coexist (gradients of the log-softmax output, the shifted logits, exp, their sum and the
+    // logits); elsewhere an op's backward holds about three tensors the size of its largest input.
+    let heads_transient = largest(vec![
+        ("cross-entropy backward", (6 * rows * v * 4) as f64),
         ("decoder attention backward", dec_transient * (mask_bytes * b) as f64),
-        ("one depthwise convolution backward", per_sample(ts.depthwise_backward)),
-    ];
-    if ck_llm {
-        transients.push(("one LLM layer recomputed + its backward", recompute + 3.0 * llm_scores));
-    }
+    ]);
+    // The attention's backward holds the recomputed probabilities, their gradient and the
+    // scores' gradient.
+    let llm_scores = (b * u(l.num_attention_heads) * t * t * s) as f64;
+    let llm_transient = if ck_llm {
+        ("one LLM layer recomputed + its backward", recompute + 3.0 * llm_scores)
+    } else {
+        ("LLM backward temporaries", 3.0 * llm_scores)
+    };
     // A TinySAM block's backward: the gradients of its nodes that are alive together (the
     // residual's across the whole block) and its ops' temporaries, or a depthwise convolution's
     // backward, whichever is larger. With checkpointing the block is rebuilt first.
     let block_backward = (TINYSAM_BLOCK_BACKWARD * ts.recomputed_block).max(ts.depthwise_backward);
-    if ck_vision {
-        transients
-            .push(("one TinySAM block recomputed + its backward", per_sample(ts.recomputed_block + block_backward)));
-    } else {
-        transients.push(("one TinySAM block's backward", per_sample(block_backward)));
-    }
-    let (what, bytes) = transients.into_iter().fold(("", 0.0), |a, t| if t.1 > a.1 { t } else { a });
-    push(&format!("backward transient (largest: {what})"), bytes);
+    let ts_transient = largest(vec![
+        if ck_vision {
+            ("one TinySAM block recomputed + its backward", per_sample(ts.recomputed_block + block_backward))
+        } else {
+            ("one TinySAM block's backward", per_sample(block_backward))
+        },
+        ("TinySAM backward temporaries", 3.0 * per_sample(ts.largest)),
+    ]);
+    let transient = |(what, bytes): (&str, f64)| Item::new(&format!("backward transient (largest: {what})"), bytes);
+    let mut phases = vec![
+        (
+            "backward: losses, LM head, decoder",
+            vec![
+                llm_acts.clone(),
+                head_acts,
+                ts_acts.clone(),
+                dec_acts,
+                Item::new("LLM and TinySAM outputs (leaf copies the heads read)", hidden_bytes + feats_bytes),
+                transient(heads_transient),
+            ],
+        ),
+        (
+            "backward: LLM",
+            vec![
+                llm_acts,
+                ts_acts.clone(),
+                Item::new("gradient of the LLM's output", hidden_bytes),
+                transient(llm_transient),
+            ],
+        ),
+    ];
     // A quantised projection is dequantised inside each matmul that reads it, forward and
     // backward, and dropped after: one copy at a time, written straight in the compute dtype
     // (`nn::quant`).
     if largest_quant > 0 {
         let per = if inp.precision == Precision::F32 { 4 } else { s };
-        push("dequantised copy of one projection (transient)", (largest_quant * per) as f64);
+        phases[1].1.push(Item::new("dequantised copy of one projection (transient)", (largest_quant * per) as f64));
+    }
+    if inp.train_tinysam {
+        phases.push((
+            "backward: TinySAM",
+            vec![ts_acts, Item::new("gradient of TinySAM's output", feats_bytes), transient(ts_transient)],
+        ));
     }
 
-    // CLIP runs untracked: only a transient, before the graph exists.
+    // CLIP runs untracked before the graph exists, and before any gradient does.
     let (c, ic, hc) = (u(vc.hidden_size), u(vc.intermediate_size), u(vc.num_attention_heads));
     let n = n_img + 1;
     let clip_transient = (b * hc * n * n * (2 * s + 12) + b * n * (4 * c * s + 2 * ic * s)) as f64;
-    push("context and workspaces", inp.context_bytes as f64);
-    if inp.device == DeviceKind::Cpu {
-        push("CPU threads and matmul buffers", CPU_COMPUTE_SCRATCH_BYTES as f64);
-    }
-
-    let persistent: u64 = items
+    let clip_phase = persistent
         .iter()
-        .filter(|i| {
-            i.name.starts_with("weights")
-                || i.name.starts_with("trained")
-                || i.name.starts_with("TinySAM")
-                || i.name.starts_with("batch")
-                || i.name.starts_with("context")
-                || i.name.starts_with("CPU threads")
-        })
-        .map(|i| i.bytes)
-        .sum();
-    let graph_phase: u64 = items.iter().map(|i| i.bytes).sum();
-    // Gradients do not exist yet while CLIP runs.
-    let clip_phase = persistent - trained * 4 + clip_transient as u64;
-    let (peak_bytes, phase) = if clip_phase > graph_phase {
-        items.push(Item { name: "CLIP forward transient (peak phase)".into(), bytes: clip_transient as u64 });
-        (clip_phase, "clip-forward")
-    } else {
-        (graph_phase, "graph+backward")
-    };
-    Ok(Estimate { items, peak_bytes, peak_phase: phase.into(), trained_params: trained, frozen_params: frozen })
+        .filter(|i| i.name != "trained: gradients (f32)")
+        .cloned()
+        .chain([Item::new("CLIP forward transient", clip_transient)])
+        .collect::<Vec<_>>();
+
+    let total = |items: &[Item]| items.iter().map(|i| i.bytes).sum::<u64>();
+    let mut best = ("clip-forward".to_string(), clip_phase);
+    let mut phase_peaks = vec![(best.0.clone(), total(&best.1))];
+    for (name, graph) in phases {
+        let all: Vec<Item> = persistent.iter().cloned().chain(graph.into_iter().filter(|i| i.bytes > 0)).collect();
+        phase_peaks.push((name.to_string(), total(&all)));
+        if total(&all) > total(&best.1) {
+            best = (name.to_string(), all);
+        }
+    }
+    let peak_bytes = total(&best.1);
+    Ok(Estimate {
+        items: best.1,
+        peak_bytes,
+        peak_phase: best.0,
+        phase_peaks,
+        trained_params: trained,
+        frozen_params: frozen,
+    })
+}
+
+/// The largest of a stage's transients (they do not coexist).
+fn largest(candidates: Vec<(&'static str, f64)>) -> (&'static str, f64) {
+    candidates.into_iter().fold(("", 0.0), |a, t| if t.1 > a.1 { t } else { a })
+}
+
+impl Item {
+    fn new(name: &str, bytes: f64) -> Self {
+        Self { name: name.into(), bytes: bytes.max(0.0) as u64 }
+    }
 }

@@ -9,13 +9,13 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::checkpoint::Checkpointer;
+use crate::nn::checkpoint::{with_backward3, Checkpointer};
 use crate::nn::consts::add_any;
 use crate::nn::linear::{frozen_matmul, Linear, LoraConfig};
 use crate::nn::ops;
 use crate::nn::param::{Init, Param, ParamBuilder};
 use crate::nn::rope::{rope_heads, rope_tables};
-use crate::nn::softmax::scaled_masked_softmax_causal;
+use crate::nn::softmax::{scaled_masked_softmax_causal, scaled_softmax_backward};
 
 /// The fields of HF's `MistralConfig` (LLaVA-Med's `config.json`) that the decoder needs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -252,6 +252,12 @@ impl Attention {
 /// `q` is viewed as (B, KV, G*T, D), so one product per kv head covers all its query heads; the
 /// scores are viewed as (B, KV, G, T, P+T), which keeps the query index on the second-to-last
 /// axis, so causal masking applies per group. Returns (B, H, T, D).
+///
+/// In training it is one autograd node that keeps only q, k, v and its output: the backward
+/// recomputes the probabilities (one more product of q and k: about 1% of a 7B layer's forward
+/// at 640 tokens), so no
+/// score-sized tensor stays in the graph, and the backward holds three at most (the
+/// probabilities, their gradient, the scores' gradient) rather than candle's chain of them.
 pub fn grouped_attention(
     q: &Tensor,
     k: &Tensor,
@@ -266,12 +272,34 @@ pub fn grouped_attention(
         bail!("grouped attention: q {:?}, k {:?}, {past} cached positions", q.dims(), k.dims());
     }
     let g = nh / nkv;
-    let q = q.contiguous()?.reshape((b, nkv, g * t, d))?;
-    let scores = q.matmul(&k.t()?)?.reshape((b, nkv, g, t, tk))?;
     let pad = pad.map(|m| m.reshape((b, 1, 1, 1, tk))).transpose()?;
-    // Causal masking from positions: on CUDA the softmax kernel computes it from indices.
-    let probs = scaled_masked_softmax_causal(&scores, scale, pad.as_ref(), past)?;
-    Ok(probs.reshape((b, nkv, g * t, tk))?.matmul(v)?.reshape((b, nh, t, d))?)
+    // (B, KV, G*T, D) queries -> (B, KV, G*T, P+T) probabilities.
+    let probs = move |q: &Tensor, k: &Tensor| -> Result<(Tensor, Tensor)> {
+        let q = q.contiguous()?.reshape((b, nkv, g * t, d))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, nkv, g, t, tk))?;
+        // Causal masking from positions: on CUDA the softmax kernel computes it from indices.
+        let p = scaled_masked_softmax_causal(&scores, scale, pad.as_ref(), past)?;
+        Ok((q, p.reshape((b, nkv, g * t, tk))?))
+    };
+    let forward = {
+        let probs = probs.clone();
+        move |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
+            Ok(probs(q, k)?.1.matmul(v)?.reshape((b, nh, t, d))?)
+        }
+    };
+    // The products in candle's order for a matmul's gradients (dA = dC Bᵀ, dB = Aᵀ dC).
+    let backward = move |q: &Tensor, k: &Tensor, v: &Tensor, dy: &Tensor, tracked: [bool; 3]| {
+        let (qg, p) = probs(q, k)?;
+        let dy = dy.contiguous()?.reshape((b, nkv, g * t, d))?;
+        let dv = if tracked[2] { Some(p.t()?.matmul(&dy)?) } else { None };
+        let dp = dy.matmul(&v.t()?)?;
+        let ds = scaled_softmax_backward(&p, &dp, scale, false)?;
+        drop((p, dp));
+        let dq = if tracked[0] { Some(ds.matmul(k)?.reshape((b, nh, t, d))?) } else { None };
+        let dk = if tracked[1] { Some(qg.t()?.matmul(&ds)?.t()?) } else { None };
+        Ok([dq, dk, dv])
+    };
+    with_backward3(q, k, v, forward, backward)
 }
 
 #[derive(Clone, Debug)]

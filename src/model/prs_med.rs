@@ -6,7 +6,8 @@
 //! positions (causal attention means those never saw the answer).
 
 use anyhow::{bail, ensure, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::clip::{ClipVisionConfig, ClipVisionTower};
@@ -15,7 +16,8 @@ use super::llava::Projector;
 use super::losses::{cross_entropy_sum, structure_loss_per_image, LossCompat};
 use super::mistral::{Mistral, MistralConfig};
 use super::tinysam::{TinySam, TinySamConfig};
-use crate::nn::checkpoint::Checkpointer;
+use crate::nn::checkpoint::{detach_grads, Checkpointer};
+use crate::nn::consts::mul_const;
 use crate::nn::param::{ParamBuilder, TrainedParams};
 use crate::nn::splice::splice_rows;
 use crate::tokenizer::{PromptIds, EOS_ID, PAD_ID};
@@ -239,6 +241,34 @@ pub struct Outputs {
     pub answer_targets: Option<Tensor>,
 }
 
+/// A point where a training graph is cut: the consumers of a part's output read a leaf copy of
+/// it, so that [`PrsMed::backward_staged`] can backpropagate and free everything above the cut
+/// before the part below it runs its own backward (with its recomputations).
+pub struct GraphCut {
+    /// The part's output, with the part's graph.
+    output: Tensor,
+    /// What the consumers read; its gradient seeds the part's backward.
+    leaf: Var,
+}
+
+/// The cuts of one staged training forward, in the order their parts' backward runs.
+#[derive(Default)]
+pub struct GraphCuts(Vec<GraphCut>);
+
+impl GraphCuts {
+    /// `t` as its consumers should read it: a leaf copy when `t` carries a graph (the copy is
+    /// the part's output size, small next to the part's activations).
+    fn cut(&mut self, t: Tensor) -> Result<Tensor> {
+        if !t.track_op() {
+            return Ok(t);
+        }
+        let leaf = Var::from_tensor(&t.detach())?;
+        let read = leaf.as_tensor().clone();
+        self.0.push(GraphCut { output: t, leaf });
+        Ok(read)
+    }
+}
+
 /// Loss terms of one batch (scalars, f32).
 pub struct Losses {
     pub total: Tensor,
@@ -335,10 +365,34 @@ impl PrsMed {
     /// Gradients of `loss` for training: candle's backward, the parameter gradients of
     /// checkpointed blocks merged in, and every gradient detached so that the activations are
     /// freed now rather than when the store is dropped (`nn::checkpoint::detach_grads`).
-    pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
         let mut grads = loss.backward()?;
         self.merge_checkpoint_grads(&mut grads)?;
-        crate::nn::checkpoint::detach_grads(&mut grads);
+        detach_grads(&mut grads);
+        Ok(grads)
+    }
+
+    /// [`Self::backward`] of a [`Self::forward_staged`] graph, one part at a time: the losses,
+    /// LM head, decoder and classifier first, then the LLM, then TinySAM, each part's graph freed
+    /// before the next part's backward (and its checkpoint recomputations) runs. The caller must
+    /// have dropped every other tensor of the forward (its `Outputs` and loss terms), or their
+    /// graphs stay alive. The gradients equal [`Self::backward`]'s: each part receives the same
+    /// gradient of its output, and no parameter is shared between parts.
+    pub fn backward_staged(&self, loss: Tensor, cuts: GraphCuts) -> Result<GradStore> {
+        let mut grads = loss.backward()?;
+        drop(loss);
+        detach_grads(&mut grads);
+        for GraphCut { output, leaf } in cuts.0 {
+            let Some(g) = grads.remove(leaf.as_tensor()) else { continue };
+            drop(leaf);
+            // d/dy sum(y * g) = g exactly; mul_const keeps no gradient for `g`.
+            let mut part = mul_const(&output, &g)?.sum_all()?.backward()?;
+            drop((output, g));
+            detach_grads(&mut part);
+            grads.extend(part)?;
+        }
+        self.merge_checkpoint_grads(&mut grads)?;
+        detach_grads(&mut grads);
         Ok(grads)
     }
 
@@ -440,14 +494,40 @@ impl PrsMed {
         self.forward_from_image(batch, &image, train)
     }
 
+    /// A training forward whose graph is cut after the LLM and after TinySAM, for
+    /// [`Self::backward_staged`]: the peak of a step is then the largest part's backward with
+    /// only the activations still needed, not every part's activations at once.
+    pub fn forward_staged(&self, batch: &ModelBatch) -> Result<(Outputs, GraphCuts)> {
+        let image = self.encode_image(&batch.clip_pixels)?;
+        crate::phases::mark(&self.device, "CLIP + projector");
+        let mut cuts = GraphCuts::default();
+        let out = self.forward_parts(batch, &image, true, Some(&mut cuts))?;
+        Ok((out, cuts))
+    }
+
     /// [`Self::forward`] from image embeddings already computed by [`Self::encode_image`].
     pub fn forward_from_image(&self, batch: &ModelBatch, image: &Tensor, train: bool) -> Result<Outputs> {
+        self.forward_parts(batch, image, train, None)
+    }
+
+    fn forward_parts(
+        &self,
+        batch: &ModelBatch,
+        image: &Tensor,
+        train: bool,
+        mut cuts: Option<&mut GraphCuts>,
+    ) -> Result<Outputs> {
         let mark = |name| crate::phases::mark(&self.device, name);
+        let mut cut = |t: Tensor| match cuts.as_deref_mut() {
+            Some(c) => c.cut(t),
+            None => Ok(t),
+        };
         let inp = self.llm_inputs(&batch.prompts, image, train)?;
         let ck_llm = self.checkpointer.as_ref().filter(|_| self.checkpointing.llm());
         let ck = self.checkpointer.as_ref().filter(|_| self.checkpointing.vision());
         let hidden =
             self.llm.forward_embeds_with(&inp.embeds, Some(&inp.key_valid), &inp.position_ids, None, ck_llm)?;
+        let hidden = cut(hidden)?;
         mark("LLM forward");
         let (answer_logits, answer_targets) = if train {
             let (b, t, h) = hidden.dims3()?;
@@ -460,6 +540,7 @@ impl PrsMed {
         };
         mark("LM head");
         let feats = self.tinysam.forward_with(&batch.sam_pixels.to_dtype(self.mask_dtype())?, ck)?;
+        let feats = cut(feats)?;
         mark("TinySAM forward");
         let mask_logits = self.decoder.forward(&feats, &hidden, &inp.prompt_valid)?;
         mark("mask decoder forward");

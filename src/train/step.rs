@@ -18,7 +18,7 @@ use super::guard::DivergenceGuard;
 use super::optim::{AdamW, LossScaler, StepStatus};
 use super::state::TrainerState;
 use crate::dist::{all_reduce_step, Collective, Op};
-use crate::model::prs_med::{LossNorm, LossWeights, ModelBatch, PrsMed};
+use crate::model::prs_med::{LossNorm, LossWeights, Losses, ModelBatch, PrsMed};
 use crate::model::tinysam::FrozenBatchNormStats;
 use crate::nn::ops::TrainingMode;
 use crate::nn::param::ParamKind;
@@ -175,8 +175,9 @@ pub fn micro_backward(
     let _train = TrainingMode::enter(step_seed);
     let _bn = bn_frozen.then(FrozenBatchNormStats::enter);
     let mark = |name| crate::phases::mark(model.device(), name);
-    let out = model.forward(mb, true)?;
+    let (out, cuts) = model.forward_staged(mb)?;
     let l = model.losses_normed(mb, &out, weights, Some(norm))?;
+    drop(out);
     // One read (one synchronisation) for the four values.
     let read = Tensor::stack(&[&l.total, &l.seg, &l.lm, &l.cls], 0)?.to_vec1::<f32>()?;
     let parts: [f64; 4] = std::array::from_fn(|i| read[i] as f64);
@@ -184,11 +185,15 @@ pub fn micro_backward(
     if !parts[0].is_finite() {
         return Ok(MicroStep { grads: None, parts });
     }
+    // Only the total may hold the graph from here on (see `PrsMed::backward_staged`).
+    let Losses { total, seg, lm, cls } = l;
+    drop((seg, lm, cls));
     let loss = match scaler {
-        Some(s) => s.scale_loss(&l.total)?,
-        None => l.total,
+        Some(s) => s.scale_loss(&total)?,
+        None => total.clone(),
     };
-    let g = model.backward(&loss)?;
+    drop(total);
+    let g = model.backward_staged(loss, cuts)?;
     mark("backward (outside recomputations)");
     Ok(MicroStep { grads: Some(g), parts })
 }

@@ -350,6 +350,43 @@ fn model_backward_returns_detached_gradients() {
     }
 }
 
+/// The staged backward (`PrsMed::backward_staged`: heads, then the LLM, then TinySAM, each part's
+/// graph freed before the next runs) gives every trained tensor the gradient of the one-pass
+/// backward, bit for bit, with each checkpointing mode.
+#[test]
+fn staged_backward_equals_the_one_pass_backward() {
+    use prs::memory::measure::synthetic_batch;
+    use prs::memory::SeqShape;
+    use prs::model::prs_med::{Checkpointing, LossWeights, Losses};
+    use prs::pipeline::build::Mode;
+    use prs::pipeline::random::{random_prs_med, spec_for_config, RandomOptions};
+    let cfg =
+        prs::config::Config::load(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/tiny.toml"))
+            .unwrap();
+    let spec = spec_for_config(&cfg).unwrap();
+    let mut m =
+        random_prs_med(&spec, &RandomOptions::from_config(&cfg, Device::Cpu, DType::F32, Mode::Train, 0)).unwrap();
+    for mode in [Checkpointing::Off, Checkpointing::Llm, Checkpointing::All] {
+        m.set_checkpointing(mode);
+        let batch = synthetic_batch(&m, 2, &SeqShape { before: 3, after: 8, answer: 5 }, 1).unwrap();
+        let _train = TrainingMode::enter(5);
+        let out = m.forward(&batch, true).unwrap();
+        let one_pass = m.backward(&m.losses(&batch, &out, &LossWeights::default()).unwrap().total).unwrap();
+        drop(out);
+        let (out, cuts) = m.forward_staged(&batch).unwrap();
+        let Losses { total, .. } = m.losses(&batch, &out, &LossWeights::default()).unwrap();
+        drop(out);
+        let staged = m.backward_staged(total, cuts).unwrap();
+        common::assert_grads_exactly_trained_except(&staged, &m.trained, |_| true);
+        for p in m.trained.weights() {
+            let t = p.var.as_tensor();
+            let (a, b) = (one_pass.get(t).unwrap(), staged.get(t).unwrap());
+            assert_eq!(bits(a), bits(b), "{mode:?}: gradient of {}/{} differs", p.group, p.key);
+            assert!(!b.track_op(), "{mode:?}: gradient of {}/{} holds a graph", p.group, p.key);
+        }
+    }
+}
+
 /// The depthwise convolution is one op per direction (`nn::depthwise`): its forward equals the
 /// composite of shifted views bit for bit (the same products added in the same order), its
 /// gradients equal the composite's up to summation order, and its graph is one node instead of
