@@ -10,7 +10,8 @@
 //! grouped K/V and the fused softmax against the repeat_kv + composite form it replaced, and the
 //! depthwise convolution (`kernels/depthwise.cu`) at TinySAM's 1024 px shapes, and the rotary
 //! head split at the 7B's q shape, the multi-tensor AdamW (`kernels/adamw.cu`) over the 7B's
-//! ~550 trained tensors, and the frozen base's dequantisation (`kernels/dequant.cu`).
+//! ~550 trained tensors, the frozen base's dequantisation (`kernels/dequant.cu`), and a LoRA-adapted
+//! projection as one node against the separate ops.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -371,6 +372,47 @@ fn gqa(gpu: &Device, rep: &mut Report, bench: bool) -> Result<()> {
     )
 }
 
+/// A LoRA-adapted projection at the 7B's q_proj shape (8 x 640 rows, 4096 -> 4096, rank 16,
+/// bf16) as one node (`lora_linear`: keeps x, A, B; recomputes x A^T in backward) against the
+/// separate ops it replaced, forward and backward (dx, dA, dB).
+fn lora(gpu: &Device, rep: &mut Report, bench: bool) -> Result<()> {
+    use prs::nn::linear::{frozen_matmul, lora_linear, FrozenWeight};
+    let (m, k, n, r, scale) = (8 * 640, 4096, 4096, 16, 2.0);
+    let dt = DType::BF16;
+    let w = random(&[n, k], dt, 0.02, gpu)?;
+    let xs = [random(&[8, 640, k], dt, 1.0, gpu)?, random(&[r, k], dt, 0.02, gpu)?, random(&[n, r], dt, 0.02, gpu)?];
+    let dy = random(&[8, 640, n], dt, 1.0, gpu)?;
+    type Proj<'a> = &'a dyn Fn(&[Tensor]) -> Result<Tensor>;
+    let fused = |x: &[Tensor]| lora_linear(&x[0], FrozenWeight::Dense(w.clone()), &x[1], &x[2], scale, 0.0, "q");
+    let separate = |x: &[Tensor]| -> Result<Tensor> {
+        let h = x[0].broadcast_matmul(&x[1].t()?)?.broadcast_matmul(&x[2].t()?)?;
+        Ok((frozen_matmul(&x[0], &w)? + (h * scale)?)?)
+    };
+    let run = |f: Proj| -> Result<Vec<Tensor>> {
+        let vars: Vec<Var> = xs.iter().map(Var::from_tensor).collect::<candle_core::Result<_>>()?;
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts)?;
+        let g = (&y * &dy)?.sum_all()?.backward()?;
+        Ok([y].into_iter().chain(ts.iter().map(|t| g.get(t).expect("gradient").clone())).collect())
+    };
+    if !bench {
+        let (a, c) = (run(&fused)?, run(&separate)?);
+        for (name, (a, c)) in ["y", "dx", "dA", "dB"].iter().zip(a.iter().zip(&c)) {
+            rep.check(&format!("LoRA q_proj 5120x4096 r16 BF16 one node vs separate ops {name}"), a, c)?;
+        }
+        return Ok(());
+    }
+    // Bytes: x, the weight, y and dy, dx; the adapter is small. A floor for both.
+    let bytes = ((2 * m * k + n * k + 2 * m * n) * 2) as f64;
+    timing_pair(
+        gpu,
+        "LoRA projection fwd+bwd 5120x4096 r16 BF16 (one node | separate)",
+        bytes,
+        || Ok(run(&fused)?.remove(0)),
+        || Ok(run(&separate)?.remove(0)),
+    )
+}
+
 /// The depthwise convolution kernels (`kernels/depthwise.cu`) at TinySAM's 1024 px shapes
 /// (batch 8): the MBConv's 256 channels at 256 x 256 and PatchMerging's stride 2. Checked
 /// against candle's composite of shifted views on CUDA, in f32 from the same values (so a bf16
@@ -717,6 +759,7 @@ fn main() -> Result<()> {
         c.check(&gpu, &mut rep)?;
     }
     gqa(&gpu, &mut rep, false)?;
+    lora(&gpu, &mut rep, false)?;
     depthwise(&gpu, &mut rep, false)?;
     rope(&gpu, &mut rep, false)?;
     adamw(&gpu, &mut rep, false)?;
@@ -734,6 +777,7 @@ fn main() -> Result<()> {
             c.bench(&gpu)?;
         }
         gqa(&gpu, &mut rep, true)?;
+        lora(&gpu, &mut rep, true)?;
         depthwise(&gpu, &mut rep, true)?;
         rope(&gpu, &mut rep, true)?;
         adamw(&gpu, &mut rep, true)?;

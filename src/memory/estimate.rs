@@ -209,31 +209,22 @@ pub fn llm_weight_bytes(spec: &PrsMedSpec, quant: BaseQuant, s: u64) -> Result<(
     Ok((dense * s + stored, largest))
 }
 
-/// Bytes kept per token by one Mistral layer's graph (no checkpointing), and the size of its
-/// largest single tensor per sample (the attention scores), for the backward allowance.
+/// Bytes kept per token by one Mistral layer's graph (no checkpointing).
 fn llm_layer_bytes_per_token(spec: &PrsMedSpec, s: u64) -> f64 {
     let l = &spec.llava.llm;
     let (h, i, hd) = (u(l.hidden_size), u(l.intermediate_size), u(l.head_dim()));
     let (nh, nkv) = (u(l.num_attention_heads), u(l.num_key_value_heads));
     let (qd, kvd) = (nh * hd, nkv * hd);
-    let lora = &spec.lora;
-    let drop = lora.dropout > 0.0;
-    // frozen output; with LoRA: B output, scaled, sum, A output, dropout output (its mask is
-    // recomputed, not stored)
-    let lin = |m: &str, din: u64, dout: u64| -> u64 {
-        if lora.targets(m) {
-            4 * s * dout + s * u(lora.r) + if drop { s * din } else { 0 }
-        } else {
-            s * dout
-        }
-    };
+    // Each projection keeps its output alone (frozen, or frozen with a trained adapter as one
+    // node that recomputes the adapter's narrow product and dropout mask in backward:
+    // `nn::linear::lora_linear`).
     // normalised (fused op, in the compute dtype), scaled by the weight
     let rms = 2 * s * h;
-    let attn = lin("q_proj", h, qd) + lin("k_proj", h, kvd) + lin("v_proj", h, kvd)
+    let attn = s * (qd + 2 * kvd) // q, k, v projections
         + s * (qd + 2 * kvd) // q and k split into heads and rotated (one op each), v's heads
         + 2 * s * qd // the attention's output (its op keeps no scores), heads merged
-        + lin("o_proj", qd, h);
-    let mlp = lin("gate_proj", h, i) + lin("up_proj", h, i) + s * i + lin("down_proj", i, h); // fused silu * up
+        + s * h; // o_proj
+    let mlp = s * (2 * i) + s * i + s * h; // gate and up, the fused silu * up, down
     (2 * rms + attn + mlp + 2 * s * h) as f64
 }
 

@@ -8,6 +8,7 @@ use anyhow::Result;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
 
+use super::checkpoint::with_backward3;
 use super::consts::add_any;
 pub use super::consts::masked_add;
 use super::ops;
@@ -196,6 +197,13 @@ pub struct Lora {
     site: String,
 }
 
+impl Lora {
+    /// Both matrices train.
+    fn trains(&self) -> bool {
+        self.a.is_trained() && self.b.is_trained()
+    }
+}
+
 /// An f32 written as its shortest decimal (0.05, not 0.05000000074505806 as the f64 widening
 /// gives), for configuration files people read.
 pub fn serialize_f32_short<S: serde::Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
@@ -347,8 +355,21 @@ impl Linear {
         Ok(true)
     }
 
+    /// `x W^T (+ bias) + scale * dropout(x) A^T B^T`. A frozen projection whose adapter
+    /// trains runs as one node ([`lora_linear`]); anything else as separate ops.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dt = x.dtype();
+        if let (Some(l), None) = (self.lora.as_ref().filter(|l| l.trains()), &self.bias) {
+            let w = match &self.weight {
+                LinearWeight::Param(Param::Frozen(w)) => Some(FrozenWeight::Dense(w.to_dtype(dt)?)),
+                LinearWeight::Quant(q) => Some(FrozenWeight::Quant(q.clone())),
+                LinearWeight::Param(Param::Trained(_)) => None,
+            };
+            if let Some(w) = w {
+                let (a, b) = (l.a.tensor().to_dtype(dt)?, l.b.tensor().to_dtype(dt)?);
+                return lora_linear(x, w, &a, &b, l.scale, l.dropout, &l.site);
+            }
+        }
         let mut y = match &self.weight {
             LinearWeight::Param(p) => linear_no_bias(x, p, dt)?,
             LinearWeight::Quant(q) => frozen_matmul_any(x, &FrozenWeight::Quant(q.clone()))?,
@@ -364,6 +385,56 @@ impl Linear {
         }
         Ok(y)
     }
+}
+
+/// `x W^T + scale * dropout(x) A^T B^T` for a frozen `w` (out, in) and a trained adapter `a`
+/// (r, in), `b` (out, r) in the input's dtype, as one autograd node that keeps only x, A and B.
+/// Separate ops keep the frozen product, B's output, its scaled copy and the dropout output:
+/// three more output-sized tensors per projection, a fifth of a 7B layer's activations. The
+/// backward recomputes dropout(x) A^T (r wide) and the dropout mask (a function of the step
+/// seed and the site), and gives no gradient to W.
+pub fn lora_linear(
+    x: &Tensor,
+    w: FrozenWeight,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    p: f32,
+    site: &str,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    // The step seed the forward drew its dropout mask with (None: evaluation).
+    let seed = ops::step_seed();
+    let site = site.to_string();
+    let forward = {
+        let (w, site) = (w.clone(), site.clone());
+        move |x: &Tensor, a: &Tensor, b: &Tensor| -> Result<Tensor> {
+            let y = x.apply_op1(FrozenMatmul { w: w.clone() })?;
+            let h = ops::dropout(x, p, &site)?.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+            Ok((y + (h * scale)?)?)
+        }
+    };
+    let backward = move |x: &Tensor, a: &Tensor, b: &Tensor, dy: &Tensor, tracked: [bool; 3]| {
+        let _train = seed.map(ops::TrainingMode::enter);
+        let _eval = seed.is_none().then(ops::EvalMode::enter);
+        let (n, k) = w.dims2()?;
+        let m = x.elem_count() / k;
+        // Rows of every sample at once: one product each, no broadcast batch to sum over.
+        let xi = ops::dropout(&x.reshape((m, k))?, p, &site)?;
+        let dy = dy.reshape((m, n))?;
+        let h = xi.matmul(&a.t()?)?; // (m, r)
+        let dh = (dy.matmul(b)? * scale)?; // (m, r)
+        let db = if tracked[2] { Some((dy.t()?.matmul(&h)? * scale)?) } else { None };
+        let da = if tracked[1] { Some(dh.t()?.matmul(&xi)?) } else { None };
+        let dx = if tracked[0] {
+            let through_adapter = ops::dropout(&dh.matmul(a)?, p, &site)?;
+            Some((dy.matmul(&w.dense(dy.dtype())?)? + through_adapter)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        Ok([dx, da, db])
+    };
+    with_backward3(&x, a, b, forward, backward)
 }
 
 /// W + scale * B A in f32 (W (out, in), A (r, in), B (out, r)): what merging an adapter stores,

@@ -622,3 +622,60 @@ fn gelu_op_equals_candles_and_its_gradient_holds_no_graph() -> Result<()> {
     assert!(!prs::nn::ops::gelu_erf(&plain)?.track_op());
     Ok(())
 }
+
+/// A frozen projection with a trained LoRA adapter as one node (`lora_linear`) equals the
+/// separate ops it replaces: the forward bit for bit, the gradients of x, A and B within f32
+/// rounding, with dropout (the same mask in the backward) and without, for a dense and a 4-bit
+/// frozen weight, and with x untracked (no input gradient computed).
+#[test]
+fn lora_linear_equals_the_separate_ops() -> Result<()> {
+    use prs::config::BaseQuant;
+    use prs::nn::linear::{lora_linear, FrozenWeight};
+    use prs::nn::ops::{dropout, TrainingMode};
+    use prs::nn::quant::QuantWeight;
+    let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+    let (b, t, k, n, r, scale) = (2, 5, 256, 24, 4, 0.37);
+    let x = Var::from_tensor(&f32(randn(&[b, t, k], 1)?))?;
+    let w = f32(randn(&[n, k], 2)?);
+    let a = Var::from_tensor(&f32((randn(&[r, k], 3)? * 0.1)?))?;
+    let bm = Var::from_tensor(&f32((randn(&[n, r], 4)? * 0.1)?))?;
+    let dy = f32(randn(&[b, t, n], 5)?);
+    let q4 = QuantWeight::quantize(&w, BaseQuant::Int4)?.expect("in-features are a multiple of 256");
+    let q4_dense = q4.dequantize(DType::F32)?;
+    for (name, frozen, dense) in
+        [("dense", FrozenWeight::Dense(w.clone()), w.clone()), ("4bit", FrozenWeight::Quant(q4), q4_dense)]
+    {
+        for (p, seed) in [(0.0f32, 3u64), (0.3, 9)] {
+            for x_tracked in [true, false] {
+                let _train = TrainingMode::enter(seed);
+                let xin = if x_tracked { x.as_tensor().clone() } else { x.as_tensor().detach() };
+                let fused = lora_linear(&xin, frozen.clone(), a.as_tensor(), bm.as_tensor(), scale, p, "site")?;
+                let xi = dropout(&xin, p, "site")?;
+                let branch = xi.broadcast_matmul(&a.as_tensor().t()?)?.broadcast_matmul(&bm.as_tensor().t()?)?;
+                let frozen_product = frozen_matmul(&xin, &dense)?;
+                let plain = (frozen_product + (branch * scale)?)?;
+                let tag = format!("{name} dropout {p} x tracked {x_tracked}");
+                if name == "dense" && x_tracked {
+                    assert_eq!(vec64(&fused)?, vec64(&plain)?, "{tag}: forward differs");
+                } else {
+                    let (f, e) = (vec64(&fused)?, vec64(&plain)?);
+                    assert!(max_abs_diff(&f, &e) <= 1e-5 * max_abs(&e), "{tag}: forward differs");
+                }
+                let gf = (&fused * &dy)?.sum_all()?.backward()?;
+                let gp = (&plain * &dy)?.sum_all()?.backward()?;
+                for (what, v) in [("x", &x), ("A", &a), ("B", &bm)] {
+                    let (f, e) = (gf.get(v.as_tensor()), gp.get(v.as_tensor()));
+                    if what == "x" && !x_tracked {
+                        assert!(f.is_none() && e.is_none(), "{tag}: a gradient for an untracked x");
+                        continue;
+                    }
+                    let (f, e) = (vec64(f.expect("fused gradient"))?, vec64(e.expect("plain gradient"))?);
+                    let err = max_abs_diff(&f, &e) / max_abs(&e);
+                    println!("{tag}: d{what} max rel err {err:.1e}");
+                    assert!(err < 1e-5, "{tag}: d{what} rel err {err}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
