@@ -3,7 +3,7 @@
 //! thread, `mark` synchronises the device (CUDA runs asynchronously) and adds the time since
 //! the previous mark to that phase. Inactive, `mark` does nothing.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::time::Instant;
 
 use candle_core::Device;
@@ -15,6 +15,55 @@ struct State {
 
 thread_local! {
     static STATE: RefCell<Option<State>> = const { RefCell::new(None) };
+    static PART: Cell<BackwardPart> = const { Cell::new(BackwardPart::Other) };
+}
+
+/// The part of the model whose backward runs now (`PrsMed::backward_staged` runs them one at a
+/// time), so that the backward's phases and its checkpoint recomputations are named per part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackwardPart {
+    Llm,
+    TinySam,
+    /// A backward that is not staged by part (tests, the one-pass `PrsMed::backward`).
+    Other,
+}
+
+impl BackwardPart {
+    /// The phase of this part's backward outside its checkpoint recomputations.
+    pub fn backward_phase(self) -> &'static str {
+        match self {
+            Self::Llm => "LLM backward (outside recomputations)",
+            Self::TinySam => "TinySAM backward (outside recomputations)",
+            Self::Other => "backward (outside recomputations)",
+        }
+    }
+
+    /// The phase of this part's checkpoint recomputations with their backward.
+    pub fn recomputation_phase(self) -> &'static str {
+        match self {
+            Self::Llm => "LLM recomputation + its backward",
+            Self::TinySam => "TinySAM recomputation + its backward",
+            Self::Other => "checkpoint recomputation + its backward",
+        }
+    }
+
+    /// The part whose backward runs on this thread.
+    pub fn current() -> Self {
+        PART.with(|p| p.get())
+    }
+
+    /// Names this thread's backward as this part's until the guard drops.
+    pub fn enter(self) -> BackwardPartGuard {
+        BackwardPartGuard(PART.with(|p| p.replace(self)))
+    }
+}
+
+pub struct BackwardPartGuard(BackwardPart);
+
+impl Drop for BackwardPartGuard {
+    fn drop(&mut self) {
+        PART.with(|p| p.set(self.0));
+    }
 }
 
 /// Ends the phase `name` here (no-op unless a [`PhaseTimer`] is active).

@@ -138,7 +138,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 let total: f64 = phases.iter().map(|p| p.1).sum();
                 println!("phases (mean of {} synchronised steps, {:.3} s per step):", a.steps, total / a.steps as f64);
                 for (name, secs) in &phases {
-                    println!("  {name:<42} {:>8.3} s {:>6.1}%", secs / a.steps as f64, 100.0 * secs / total);
+                    println!("  {name:<48} {:>8.3} s {:>6.1}%", secs / a.steps as f64, 100.0 * secs / total);
                 }
             }
             let step = median(times);

@@ -20,6 +20,7 @@ use crate::nn::checkpoint::{detach_grads, Checkpointer};
 use crate::nn::consts::mul_const;
 use crate::nn::param::{ParamBuilder, TrainedParams};
 use crate::nn::splice::splice_rows;
+use crate::phases::BackwardPart;
 use crate::tokenizer::{PromptIds, EOS_ID, PAD_ID};
 
 /// LLaVA-Med's `config.json`: the Mistral fields plus the multimodal ones.
@@ -245,6 +246,7 @@ pub struct Outputs {
 /// it, so that [`PrsMed::backward_staged`] can backpropagate and free everything above the cut
 /// before the part below it runs its own backward (with its recomputations).
 pub struct GraphCut {
+    part: BackwardPart,
     /// The part's output, with the part's graph.
     output: Tensor,
     /// What the consumers read; its gradient seeds the part's backward.
@@ -258,13 +260,13 @@ pub struct GraphCuts(Vec<GraphCut>);
 impl GraphCuts {
     /// `t` as its consumers should read it: a leaf copy when `t` carries a graph (the copy is
     /// the part's output size, small next to the part's activations).
-    fn cut(&mut self, t: Tensor) -> Result<Tensor> {
+    fn cut(&mut self, part: BackwardPart, t: Tensor) -> Result<Tensor> {
         if !t.track_op() {
             return Ok(t);
         }
         let leaf = Var::from_tensor(&t.detach())?;
         let read = leaf.as_tensor().clone();
-        self.0.push(GraphCut { output: t, leaf });
+        self.0.push(GraphCut { part, output: t, leaf });
         Ok(read)
     }
 }
@@ -382,14 +384,17 @@ impl PrsMed {
         let mut grads = loss.backward()?;
         drop(loss);
         detach_grads(&mut grads);
-        for GraphCut { output, leaf } in cuts.0 {
+        crate::phases::mark(&self.device, "backward: losses, LM head, decoder, classifier");
+        for GraphCut { part, output, leaf } in cuts.0 {
             let Some(g) = grads.remove(leaf.as_tensor()) else { continue };
             drop(leaf);
+            let _named = part.enter();
             // d/dy sum(y * g) = g exactly; mul_const keeps no gradient for `g`.
-            let mut part = mul_const(&output, &g)?.sum_all()?.backward()?;
+            let mut part_grads = mul_const(&output, &g)?.sum_all()?.backward()?;
             drop((output, g));
-            detach_grads(&mut part);
-            grads.extend(part)?;
+            detach_grads(&mut part_grads);
+            grads.extend(part_grads)?;
+            crate::phases::mark(&self.device, part.backward_phase());
         }
         self.merge_checkpoint_grads(&mut grads)?;
         detach_grads(&mut grads);
@@ -518,8 +523,8 @@ impl PrsMed {
         mut cuts: Option<&mut GraphCuts>,
     ) -> Result<Outputs> {
         let mark = |name| crate::phases::mark(&self.device, name);
-        let mut cut = |t: Tensor| match cuts.as_deref_mut() {
-            Some(c) => c.cut(t),
+        let mut cut = |part, t: Tensor| match cuts.as_deref_mut() {
+            Some(c) => c.cut(part, t),
             None => Ok(t),
         };
         let inp = self.llm_inputs(&batch.prompts, image, train)?;
@@ -527,7 +532,7 @@ impl PrsMed {
         let ck = self.checkpointer.as_ref().filter(|_| self.checkpointing.vision());
         let hidden =
             self.llm.forward_embeds_with(&inp.embeds, Some(&inp.key_valid), &inp.position_ids, None, ck_llm)?;
-        let hidden = cut(hidden)?;
+        let hidden = cut(BackwardPart::Llm, hidden)?;
         mark("LLM forward");
         let (answer_logits, answer_targets) = if train {
             let (b, t, h) = hidden.dims3()?;
@@ -540,7 +545,7 @@ impl PrsMed {
         };
         mark("LM head");
         let feats = self.tinysam.forward_with(&batch.sam_pixels.to_dtype(self.mask_dtype())?, ck)?;
-        let feats = cut(feats)?;
+        let feats = cut(BackwardPart::TinySam, feats)?;
         mark("TinySAM forward");
         let mask_logits = self.decoder.forward(&feats, &hidden, &inp.prompt_valid)?;
         mark("mask decoder forward");

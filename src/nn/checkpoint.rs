@@ -187,9 +187,10 @@ impl CheckpointOp {
     /// Re-runs the block with the graph and backpropagates `grad`; returns dX.
     fn recompute(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let dev = x.device().clone();
-        crate::phases::mark(&dev, "backward (outside recomputations)");
+        let part = crate::phases::BackwardPart::current();
+        crate::phases::mark(&dev, part.backward_phase());
         let out = self.recompute_inner(x, grad);
-        crate::phases::mark(&dev, "checkpoint recomputation + its backward");
+        crate::phases::mark(&dev, part.recomputation_phase());
         out
     }
 

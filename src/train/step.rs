@@ -194,7 +194,7 @@ pub fn micro_backward(
     };
     drop(total);
     let g = model.backward_staged(loss, cuts)?;
-    mark("backward (outside recomputations)");
+    mark("backward: merging gradients");
     Ok(MicroStep { grads: Some(g), parts })
 }
 

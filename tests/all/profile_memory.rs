@@ -350,8 +350,12 @@ fn phase_timer_attributes_a_training_step_to_its_parts() {
         "TinySAM forward",
         "mask decoder forward",
         "losses",
-        "backward (outside recomputations)",
-        "checkpoint recomputation + its backward",
+        // The staged backward, one part at a time, recomputations named per part.
+        "backward: losses, LM head, decoder, classifier",
+        "LLM backward (outside recomputations)",
+        "LLM recomputation + its backward",
+        "TinySAM backward (outside recomputations)",
+        "TinySAM recomputation + its backward",
         "AdamW",
     ] {
         assert!(names.contains(&want), "no phase `{want}` in {names:?}");
