@@ -444,11 +444,12 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
     } else {
         (per_tok * (layers * tok) as f64, 0.0)
     };
-    let llm_acts = Item::new("activations: LLM layers", llm_graph + embeds);
-    let rows = b * u(inp.seq.answer + 1);
+    // The final norm belongs to the LLM's part of the graph (the cut is after it).
     let rms_final = 2 * s * h; // fused normalisation + weight, as in the layers
-    let head = tok * rms_final + rows * (h * s + v * s + if s == 4 { 0 } else { 4 * v } + 12 * v);
-    let head_acts = Item::new("activations: final norm, LM head, cross-entropy", head as f64);
+    let llm_acts = Item::new("activations: LLM layers, final norm", llm_graph + embeds + (tok * rms_final) as f64);
+    let rows = b * u(inp.seq.answer + 1);
+    let head = rows * (h * s + v * s + if s == 4 { 0 } else { 4 * v } + 12 * v);
+    let head_acts = Item::new("activations: LM head, cross-entropy", head as f64);
     // The mask branch's dtype (`model.mask_precision`).
     let (mask_bytes, mask_name) = match spec.mask_precision {
         MaskPrecision::Compute => (s, inp.precision.as_str()),
@@ -504,7 +505,10 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
                 head_acts,
                 ts_acts.clone(),
                 dec_acts,
-                Item::new("LLM and TinySAM outputs (leaf copies the heads read)", hidden_bytes + feats_bytes),
+                Item::new(
+                    "LLM and TinySAM outputs: the leaf copies the heads read, their gradients",
+                    2.0 * (hidden_bytes + feats_bytes),
+                ),
                 transient(heads_transient),
             ],
         ),
@@ -514,6 +518,7 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
                 llm_acts,
                 ts_acts.clone(),
                 Item::new("gradient of the LLM's output", hidden_bytes),
+                Item::new("TinySAM's output: its leaf copy and gradient, waiting", 2.0 * feats_bytes),
                 transient(llm_transient),
             ],
         ),

@@ -16,8 +16,7 @@ use super::llava::Projector;
 use super::losses::{cross_entropy_sum, structure_loss_per_image, LossCompat};
 use super::mistral::{Mistral, MistralConfig};
 use super::tinysam::{TinySam, TinySamConfig};
-use crate::nn::checkpoint::{detach_grads, Checkpointer};
-use crate::nn::consts::mul_const;
+use crate::nn::checkpoint::{backward_from, detach_grads, Checkpointer};
 use crate::nn::param::{ParamBuilder, TrainedParams};
 use crate::nn::splice::splice_rows;
 use crate::phases::BackwardPart;
@@ -389,8 +388,7 @@ impl PrsMed {
             let Some(g) = grads.remove(leaf.as_tensor()) else { continue };
             drop(leaf);
             let _named = part.enter();
-            // d/dy sum(y * g) = g exactly; mul_const keeps no gradient for `g`.
-            let mut part_grads = mul_const(&output, &g)?.sum_all()?.backward()?;
+            let mut part_grads = backward_from(&output, &g)?;
             drop((output, g));
             detach_grads(&mut part_grads);
             grads.extend(part_grads)?;

@@ -17,11 +17,10 @@ use std::cell::Cell;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
-use candle_core::backend::BackendDevice;
+use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::backprop::GradStore;
 use candle_core::{CustomOp2, CustomOp3, Shape, Tensor, Var};
 
-use super::consts::mul_const;
 use super::ops::{step_seed, EvalMode, TrainingMode};
 use super::param::TrainedParams;
 use super::OnBackend;
@@ -125,6 +124,46 @@ impl Checkpointer {
     }
 }
 
+/// The gradients of everything `y` depends on, for `grad` as the gradient of `y`: what
+/// `sum(y * grad).backward()` gives, without the product. The root is a one-element op over `y`
+/// whose backward hands `grad` on unchanged.
+pub fn backward_from(y: &Tensor, grad: &Tensor) -> Result<GradStore> {
+    anyhow::ensure!(
+        y.dims() == grad.dims() && y.dtype() == grad.dtype(),
+        "backward from {:?} {:?} with a gradient {:?} {:?}",
+        y.dims(),
+        y.dtype(),
+        grad.dims(),
+        grad.dtype()
+    );
+    Ok(y.apply_op1(SeedGradient { grad: grad.detach() })?.backward()?)
+}
+
+/// A one-element zero on `s`'s device, in its dtype.
+fn one_zero<S>(s: &S) -> candle_core::Result<(S, Shape)>
+where
+    S: BackendStorage,
+    S::Device: BackendDevice<Storage = S>,
+{
+    Ok((s.device().zeros_impl(&Shape::from(1), s.dtype())?, Shape::from(1)))
+}
+
+struct SeedGradient {
+    grad: Tensor,
+}
+
+impl candle_core::CustomOp1 for SeedGradient {
+    fn name(&self) -> &'static str {
+        "seed-gradient"
+    }
+
+    same_forward_on_every_backend!(|_op: &Self, s, _l| one_zero(s));
+
+    fn bwd(&self, _y: &Tensor, _res: &Tensor, _grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.grad.clone()))
+    }
+}
+
 /// Detaches every gradient in `grads`. candle leaves a variable's gradient attached to the
 /// backward ops that produced it, so the store keeps the forward's activations alive (through
 /// those ops' inputs) until it is dropped: through an optimizer step, across accumulated
@@ -204,8 +243,7 @@ impl CheckpointOp {
         if !y.track_op() {
             return Ok(None);
         }
-        // d/dy sum(y * grad) = grad exactly; mul_const keeps no gradient for `grad`.
-        let mut inner = mul_const(&y, &grad.detach())?.sum_all()?.backward()?;
+        let mut inner = backward_from(&y, grad)?;
         drop(y);
         // Detached, or each gradient would keep this recomputation's activations alive.
         detach_grads(&mut inner);

@@ -625,54 +625,81 @@ fn gelu_op_equals_candles_and_its_gradient_holds_no_graph() -> Result<()> {
 
 /// A frozen projection with a trained LoRA adapter as one node (`lora_linear`) equals the
 /// separate ops it replaces: the forward bit for bit, the gradients of x, A and B within f32
-/// rounding, with dropout (the same mask in the backward) and without, for a dense and a 4-bit
-/// frozen weight, and with x untracked (no input gradient computed).
+/// rounding (bf16's in bf16), with dropout (the same mask in the backward, which runs after the
+/// training region ended, so the op must restore the step seed itself) and without, for a dense
+/// and a 4-bit frozen weight, x of rank 3, rank 2 or transposed, and x untracked (no input
+/// gradient computed).
 #[test]
 fn lora_linear_equals_the_separate_ops() -> Result<()> {
     use prs::config::BaseQuant;
     use prs::nn::linear::{lora_linear, FrozenWeight};
     use prs::nn::ops::{dropout, TrainingMode};
     use prs::nn::quant::QuantWeight;
-    let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
-    let (b, t, k, n, r, scale) = (2, 5, 256, 24, 4, 0.37);
-    let x = Var::from_tensor(&f32(randn(&[b, t, k], 1)?))?;
-    let w = f32(randn(&[n, k], 2)?);
-    let a = Var::from_tensor(&f32((randn(&[r, k], 3)? * 0.1)?))?;
-    let bm = Var::from_tensor(&f32((randn(&[n, r], 4)? * 0.1)?))?;
-    let dy = f32(randn(&[b, t, n], 5)?);
-    let q4 = QuantWeight::quantize(&w, BaseQuant::Int4)?.expect("in-features are a multiple of 256");
+    let to = |t: Tensor, dt: DType| t.to_dtype(dt).unwrap();
+    let (m, k, n, r, scale) = (10, 256, 24, 4, 0.37);
+    let w32 = to(randn(&[n, k], 2)?, DType::F32);
+    let q4 = QuantWeight::quantize(&w32, BaseQuant::Int4)?.expect("in-features are a multiple of 256");
     let q4_dense = q4.dequantize(DType::F32)?;
-    for (name, frozen, dense) in
-        [("dense", FrozenWeight::Dense(w.clone()), w.clone()), ("4bit", FrozenWeight::Quant(q4), q4_dense)]
-    {
+    let cases = [
+        ("dense f32", DType::F32, false, "rank 3"),
+        ("dense f32", DType::F32, false, "rank 2"),
+        ("dense f32", DType::F32, false, "transposed"),
+        ("4bit f32", DType::F32, true, "rank 3"),
+        ("dense bf16", DType::BF16, false, "rank 3"),
+    ];
+    for (name, dt, quant, layout) in cases {
+        let x = match layout {
+            "rank 3" => to(randn(&[2, m / 2, k], 1)?, dt),
+            "rank 2" => to(randn(&[m, k], 1)?, dt),
+            _ => to(randn(&[k, m], 1)?, dt).t()?,
+        };
+        let x = Var::from_tensor(&x)?;
+        let a = Var::from_tensor(&to((randn(&[r, k], 3)? * 0.1)?, dt))?;
+        let bm = Var::from_tensor(&to((randn(&[n, r], 4)? * 0.1)?, dt))?;
+        let mut out_dims = x.dims().to_vec();
+        *out_dims.last_mut().unwrap() = n;
+        let dy = to(randn(&out_dims, 5)?, dt);
+        let (frozen, dense) = if quant {
+            (FrozenWeight::Quant(q4.clone()), q4_dense.clone())
+        } else {
+            (FrozenWeight::Dense(to(w32.clone(), dt)), to(w32.clone(), dt))
+        };
+        let tol = if dt == DType::BF16 { 2e-2 } else { 1e-5 };
         for (p, seed) in [(0.0f32, 3u64), (0.3, 9)] {
             for x_tracked in [true, false] {
-                let _train = TrainingMode::enter(seed);
                 let xin = if x_tracked { x.as_tensor().clone() } else { x.as_tensor().detach() };
-                let fused = lora_linear(&xin, frozen.clone(), a.as_tensor(), bm.as_tensor(), scale, p, "site")?;
-                let xi = dropout(&xin, p, "site")?;
-                let branch = xi.broadcast_matmul(&a.as_tensor().t()?)?.broadcast_matmul(&bm.as_tensor().t()?)?;
-                let frozen_product = frozen_matmul(&xin, &dense)?;
-                let plain = (frozen_product + (branch * scale)?)?;
-                let tag = format!("{name} dropout {p} x tracked {x_tracked}");
-                if name == "dense" && x_tracked {
-                    assert_eq!(vec64(&fused)?, vec64(&plain)?, "{tag}: forward differs");
+                let (fused, plain) = {
+                    let _train = TrainingMode::enter(seed);
+                    let fused = lora_linear(&xin, frozen.clone(), a.as_tensor(), bm.as_tensor(), scale, p, "site")?;
+                    let xi = dropout(&xin, p, "site")?;
+                    let branch = xi.broadcast_matmul(&a.as_tensor().t()?)?.broadcast_matmul(&bm.as_tensor().t()?)?;
+                    (fused, (frozen_matmul(&xin, &dense)? + (branch * scale)?)?)
+                };
+                let tag = format!("{name} {layout} dropout {p} x tracked {x_tracked}");
+                let (f, e) = (vec64(&fused)?, vec64(&plain)?);
+                if !quant && x_tracked {
+                    assert_eq!(f, e, "{tag}: forward differs");
                 } else {
-                    let (f, e) = (vec64(&fused)?, vec64(&plain)?);
-                    assert!(max_abs_diff(&f, &e) <= 1e-5 * max_abs(&e), "{tag}: forward differs");
+                    assert!(max_abs_diff(&f, &e) <= tol * max_abs(&e), "{tag}: forward differs");
                 }
+                // Outside the training region: the op's backward restores the forward's seed.
                 let gf = (&fused * &dy)?.sum_all()?.backward()?;
-                let gp = (&plain * &dy)?.sum_all()?.backward()?;
+                let gp = {
+                    let _train = TrainingMode::enter(seed);
+                    (&plain * &dy)?.sum_all()?.backward()?
+                };
                 for (what, v) in [("x", &x), ("A", &a), ("B", &bm)] {
                     let (f, e) = (gf.get(v.as_tensor()), gp.get(v.as_tensor()));
                     if what == "x" && !x_tracked {
                         assert!(f.is_none() && e.is_none(), "{tag}: a gradient for an untracked x");
                         continue;
                     }
-                    let (f, e) = (vec64(f.expect("fused gradient"))?, vec64(e.expect("plain gradient"))?);
+                    let (f, e) = (f.expect("fused gradient"), e.expect("plain gradient"));
+                    assert_eq!((f.dims(), f.dtype()), (e.dims(), e.dtype()), "{tag}: d{what} shape or dtype");
+                    let (f, e) = (vec64(f)?, vec64(e)?);
                     let err = max_abs_diff(&f, &e) / max_abs(&e);
                     println!("{tag}: d{what} max rel err {err:.1e}");
-                    assert!(err < 1e-5, "{tag}: d{what} rel err {err}");
+                    assert!(err < tol, "{tag}: d{what} rel err {err}");
                 }
             }
         }
