@@ -419,7 +419,7 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
         push("weights: TinySAM (frozen)", ((pc.tinysam + pc.tinysam_buffers) * s) as f64);
     }
     push("trained: f32 master copies", (trained * 4) as f64);
-    push("trained: gradients (f32)", (trained * 4) as f64);
+    push(GRADIENTS_ITEM, (trained * 4) as f64);
     push("trained: AdamW moments (2 x f32)", (trained * 8) as f64);
     let sam = u(spec.tinysam.img_size);
     let sc = u(vc.image_size);
@@ -499,7 +499,7 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
     let transient = |(what, bytes): (&str, f64)| Item::new(&format!("backward transient (largest: {what})"), bytes);
     let mut phases = vec![
         (
-            "backward: losses, LM head, decoder",
+            "backward: losses, LM head, decoder, classifier",
             vec![
                 llm_acts.clone(),
                 head_acts,
@@ -543,7 +543,7 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
     let clip_transient = (b * hc * n * n * (2 * s + 12) + b * n * (4 * c * s + 2 * ic * s)) as f64;
     let clip_phase = persistent
         .iter()
-        .filter(|i| i.name != "trained: gradients (f32)")
+        .filter(|i| i.name != GRADIENTS_ITEM)
         .cloned()
         .chain([Item::new("CLIP forward transient", clip_transient)])
         .collect::<Vec<_>>();
@@ -568,6 +568,9 @@ pub fn estimate(inp: &EstimateInput) -> Result<Estimate> {
         frozen_params: frozen,
     })
 }
+
+/// The trained tensors' gradients: persistent, but not yet allocated while CLIP runs.
+const GRADIENTS_ITEM: &str = "trained: gradients (f32)";
 
 /// The largest of a stage's transients (they do not coexist).
 fn largest(candidates: Vec<(&'static str, f64)>) -> (&'static str, f64) {

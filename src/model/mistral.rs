@@ -255,9 +255,9 @@ impl Attention {
 ///
 /// In training it is one autograd node that keeps only q, k, v and its output: the backward
 /// recomputes the probabilities (one more product of q and k: about 1% of a 7B layer's forward
-/// at 640 tokens), so no
-/// score-sized tensor stays in the graph, and the backward holds three at most (the
-/// probabilities, their gradient, the scores' gradient) rather than candle's chain of them.
+/// at 640 tokens), so no score-sized tensor stays in the graph, and the backward holds three
+/// at most (the probabilities, their gradient, the scores' gradient) rather than candle's
+/// chain of them.
 pub fn grouped_attention(
     q: &Tensor,
     k: &Tensor,

@@ -492,20 +492,22 @@ impl PrsMed {
 
     /// Full forward for training and evaluation (teacher-forced answer when `train`).
     pub fn forward(&self, batch: &ModelBatch, train: bool) -> Result<Outputs> {
-        let image = self.encode_image(&batch.clip_pixels)?;
-        crate::phases::mark(&self.device, "CLIP + projector");
-        self.forward_from_image(batch, &image, train)
+        self.forward_cut(batch, train, None)
     }
 
     /// A training forward whose graph is cut after the LLM and after TinySAM, for
     /// [`Self::backward_staged`]: the peak of a step is then the largest part's backward with
     /// only the activations still needed, not every part's activations at once.
     pub fn forward_staged(&self, batch: &ModelBatch) -> Result<(Outputs, GraphCuts)> {
+        let mut cuts = GraphCuts::default();
+        let out = self.forward_cut(batch, true, Some(&mut cuts))?;
+        Ok((out, cuts))
+    }
+
+    fn forward_cut(&self, batch: &ModelBatch, train: bool, cuts: Option<&mut GraphCuts>) -> Result<Outputs> {
         let image = self.encode_image(&batch.clip_pixels)?;
         crate::phases::mark(&self.device, "CLIP + projector");
-        let mut cuts = GraphCuts::default();
-        let out = self.forward_parts(batch, &image, true, Some(&mut cuts))?;
-        Ok((out, cuts))
+        self.forward_parts(batch, &image, train, cuts)
     }
 
     /// [`Self::forward`] from image embeddings already computed by [`Self::encode_image`].

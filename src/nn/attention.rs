@@ -9,7 +9,7 @@ use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
 
 use super::checkpoint::with_backward3;
-use super::ops::{self, step_seed, EvalMode, TrainingMode};
+use super::ops::{self, step_seed, TrainingMode};
 use super::softmax::{scaled_masked_softmax, scaled_softmax_backward};
 
 /// The score elements one chunk may materialise (a 128 MiB f32 chunk), the bound every model
@@ -94,8 +94,7 @@ pub fn chunked_attention(
     };
     let backward = move |q: &Tensor, kv: &Tensor, bias: &Tensor, dy: &Tensor, tracked: [bool; 3]| {
         // The forward's dropout masks: the same seed and training mode.
-        let _train = seed.map(TrainingMode::enter);
-        let _eval = seed.is_none().then(EvalMode::enter);
+        let _mode = TrainingMode::restore(seed);
         let (k, v) = split(kv)?;
         let bias_tracked = tracked[2] && has_bias;
         // Gradients summed over the chunks are summed in f32, then cast to the inputs' dtype.

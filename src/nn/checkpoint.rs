@@ -21,7 +21,7 @@ use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::backprop::GradStore;
 use candle_core::{CustomOp2, CustomOp3, Shape, Tensor, Var};
 
-use super::ops::{step_seed, EvalMode, TrainingMode};
+use super::ops::{step_seed, TrainingMode};
 use super::param::TrainedParams;
 use super::OnBackend;
 
@@ -234,8 +234,7 @@ impl CheckpointOp {
     }
 
     fn recompute_inner(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let _train = self.seed.map(TrainingMode::enter);
-        let _eval = self.seed.is_none().then(EvalMode::enter);
+        let _mode = TrainingMode::restore(self.seed);
         let _re = RecomputeGuard::enter();
         let xv = if self.x_tracked { Some(Var::from_tensor(&x.detach())?) } else { None };
         let input = xv.as_ref().map(|v| v.as_tensor().clone()).unwrap_or_else(|| x.detach());

@@ -389,8 +389,9 @@ impl Linear {
 
 /// `x W^T + scale * dropout(x) A^T B^T` for a frozen `w` (out, in) and a trained adapter `a`
 /// (r, in), `b` (out, r) in the input's dtype, as one autograd node that keeps only x, A and B.
-/// Separate ops keep the frozen product, B's output, its scaled copy and the dropout output:
-/// three more output-sized tensors per projection, a fifth of a 7B layer's activations. The
+/// Separate ops keep the frozen product, B's output and its scaled copy (three more
+/// output-sized tensors per projection: about a sixth of a 7B layer's activations with q, k, v
+/// and o adapted), A's output and, with dropout, the dropped input. The
 /// backward recomputes dropout(x) A^T (r wide) and the dropout mask (a function of the step
 /// seed and the site), and gives no gradient to W.
 pub fn lora_linear(
@@ -415,8 +416,7 @@ pub fn lora_linear(
         }
     };
     let backward = move |x: &Tensor, a: &Tensor, b: &Tensor, dy: &Tensor, tracked: [bool; 3]| {
-        let _train = seed.map(ops::TrainingMode::enter);
-        let _eval = seed.is_none().then(ops::EvalMode::enter);
+        let _mode = ops::TrainingMode::restore(seed);
         let (n, k) = w.dims2()?;
         let m = x.elem_count() / k;
         // Rows of every sample at once: one product each, no broadcast batch to sum over.

@@ -26,7 +26,13 @@ pub struct TrainingMode {
 
 impl TrainingMode {
     pub fn enter(step_seed: u64) -> Self {
-        let prev = TRAINING.with(|t| t.borrow_mut().replace(step_seed));
+        Self::restore(Some(step_seed))
+    }
+
+    /// The mode a captured [`step_seed`] describes: training with that seed, or evaluation
+    /// (None). Ops whose backward redraws the forward's dropout masks enter it there.
+    pub fn restore(step_seed: Option<u64>) -> Self {
+        let prev = TRAINING.with(|t| std::mem::replace(&mut *t.borrow_mut(), step_seed));
         Self { prev }
     }
 }
