@@ -71,9 +71,21 @@ impl Report {
 
 fn correctness(gpu: &Device, rep: &mut Report) -> Result<()> {
     // (b, c, h, w, factor): the mask head's case, odd sizes, batch/channels > 1, widths whose
-    // output is not a whole number of 16-byte vectors (scalar kernels), a single pixel.
-    let cases =
-        [(2, 1, 64, 64, 16), (3, 2, 7, 5, 16), (1, 1, 9, 13, 3), (2, 3, 5, 11, 5), (1, 1, 1, 1, 16), (4, 1, 33, 17, 2)];
+    // output is not a whole number of 16-byte vectors (scalar kernels), a single pixel; then
+    // forward threads that write several rows each with a partly idle column block (18 planes
+    // of 61 x 45), backward rows split into several tiles (w 600 > 256 columns), and a factor
+    // whose widest tile's column sums overflow shared memory (the tile halves).
+    let cases = [
+        (2, 1, 64, 64, 16),
+        (3, 2, 7, 5, 16),
+        (1, 1, 9, 13, 3),
+        (2, 3, 5, 11, 5),
+        (1, 1, 1, 1, 16),
+        (4, 1, 33, 17, 2),
+        (2, 9, 61, 45, 16),
+        (1, 2, 20, 600, 2),
+        (1, 1, 2, 300, 64),
+    ];
     for (i, &(b, c, h, w, f)) in cases.iter().enumerate() {
         for dt in [DType::F16, DType::BF16, DType::F32, DType::F64] {
             let tag = format!("{b}x{c}x{h}x{w} f{f} {dt:?}");

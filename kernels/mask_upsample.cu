@@ -9,13 +9,19 @@
 // Every multiply/add goes through the _rn intrinsics so nvcc cannot contract them into FMAs (the
 // CPU rounds each operation separately).
 //
-// Forward kernels: one thread writes V consecutive outputs of one row with one 16-byte store
-// (V = 16 / sizeof(out)); `_s` variants store one element and serve widths not divisible by V.
-// Epilogues fused into the same pass: identity (logits, optionally widened to f32), sigmoid, and
-// sigmoid >= threshold -> u8 mask.
-// Backward kernel (the adjoint): each low-resolution pixel gathers the weighted gradient of its
-// output footprint, so there are no atomics; a block owns a tile of low-res columns of one low-res
-// row, first sums its footprint rows per output column into shared memory, then sums columns.
+// The f64 tap arithmetic (a multiply, a floor and four conversions; 64-bit conversions run at an
+// eighth of the f32 rate on sm_90) is done once per thread and axis index, not per output element.
+// Forward kernels: a thread owns V consecutive output columns (one vector store per row, V = 16 /
+// sizeof(out) but at most 8), computes their taps once into registers, then writes those columns
+// for several rows (one y tap per row, shared by its V outputs). `_s` variants (V = 1) serve
+// widths not divisible by V. Blocks are 2-D (columns x rows) and the grid is (column blocks, row
+// blocks, planes), so no thread divides a 64-bit index. Epilogues fused into the same pass:
+// identity (logits, optionally widened to f32), sigmoid, and sigmoid >= threshold -> u8 mask.
+// Backward (the adjoint, as a gather: each low-resolution pixel sums the weighted gradient of its
+// output footprint, so there are no atomics): `mask_up_taps_*` first writes both axes' tap tables
+// (per output index: first tap and the adjoint's two weights; per input index: its footprint), then
+// a block owns a tile of low-res columns of one low-res row, sums its footprint rows per output
+// column into shared memory (coalesced reads of the gradient), then sums columns, in the CPU's order.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -107,80 +113,167 @@ __device__ __forceinline__ void upsample_fwd(const In* __restrict__ src, Out* __
                                              int planes, int h, int w, int ho, int wo, double sy,
                                              double sx, Ep ep) {
   const int chunks = wo / V;
-  const size_t total = (size_t)planes * ho * chunks;
-  const size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (t >= total) return;
-  const int c = (int)(t % chunks);
-  const size_t row = t / chunks;
-  const int oy = (int)(row % ho);
-  const size_t p = row / ho;
-  const Tap ty = tap(oy, sy, h);
-  const In* plane = src + p * h * w;
-  const In* r0 = plane + (size_t)ty.i0 * w;
-  const In* r1 = plane + (size_t)ty.i1 * w;
-  const Acc a0 = (Acc)__dsub_rn(1.0, ty.w1), a1 = (Acc)ty.w1;
-  Pack<Out, V> out;
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= chunks) return;
+  int x0[V];  // the second tap is min(x0 + 1, w - 1), recomputed: registers are the limit here
+  Acc b0[V], b1[V];
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     const Tap tx = tap(c * V + k, sx, w);
-    const Acc b0 = (Acc)__dsub_rn(1.0, tx.w1), b1 = (Acc)tx.w1;
-    const Acc top = add(mul(b0, (Acc)widen(r0[tx.i0])), mul(b1, (Acc)widen(r0[tx.i1])));
-    const Acc bot = add(mul(b0, (Acc)widen(r1[tx.i0])), mul(b1, (Acc)widen(r1[tx.i1])));
-    ep(add(mul(a0, top), mul(a1, bot)), out.v[k]);
+    x0[k] = tx.i0;
+    b0[k] = (Acc)__dsub_rn(1.0, tx.w1);
+    b1[k] = (Acc)tx.w1;
   }
-  reinterpret_cast<Pack<Out, V>*>(dst)[t] = out;
+  const int row_step = gridDim.y * blockDim.y;
+  for (int p = blockIdx.z; p < planes; p += gridDim.z) {
+    const In* plane = src + (size_t)p * h * w;
+    Pack<Out, V>* out_plane = reinterpret_cast<Pack<Out, V>*>(dst + (size_t)p * ho * wo);
+    for (int oy = blockIdx.y * blockDim.y + threadIdx.y; oy < ho; oy += row_step) {
+      const Tap ty = tap(oy, sy, h);
+      const In* r0 = plane + (size_t)ty.i0 * w;
+      const In* r1 = plane + (size_t)ty.i1 * w;
+      const Acc a0 = (Acc)__dsub_rn(1.0, ty.w1), a1 = (Acc)ty.w1;
+      Pack<Out, V> out;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const int x1 = min(x0[k] + 1, w - 1);
+        const Acc top = add(mul(b0[k], (Acc)widen(r0[x0[k]])), mul(b1[k], (Acc)widen(r0[x1])));
+        const Acc bot = add(mul(b0[k], (Acc)widen(r1[x0[k]])), mul(b1[k], (Acc)widen(r1[x1])));
+        ep(add(mul(a0, top), mul(a1, bot)), out.v[k]);
+      }
+      out_plane[(size_t)oy * chunks + c] = out;
+    }
+  }
 }
 
-// grid.x = planes * h * ceil(w / TX) blocks; dynamic shared memory holds the vertical sums of the
-// widest column span of any tile (computed on the host from the same taps).
-template <typename In, typename Acc, int TX>
+// One axis's tap table, laid out in a byte buffer (16-byte aligned arrays; the host sizes the
+// buffer with the same rule, `axis_table_bytes` in src/kernels/cuda.rs):
+//   i0[n_out]            first tap of each output index
+//   g0[n_out], g1[n_out] the adjoint's weights of inputs i0 and i1 (Taps::weight: their sum
+//                        when both taps coincide), rounded to Acc
+//   fs[n_in], fe[n_in]   footprint of each input index: the outputs [fs, fe) that read it
+template <typename Acc>
+struct AxisTable {
+  int* i0;
+  Acc* g0;
+  Acc* g1;
+  int* fs;
+  int* fe;
+};
+
+__device__ __forceinline__ size_t align16(size_t n) { return (n + 15) & ~(size_t)15; }
+
+template <typename Acc>
+__device__ __forceinline__ AxisTable<Acc> axis_table(unsigned char* base, int n_in, int n_out,
+                                                     size_t* bytes) {
+  AxisTable<Acc> t;
+  size_t off = 0;
+  t.i0 = reinterpret_cast<int*>(base + off);
+  off = align16(off + sizeof(int) * n_out);
+  t.g0 = reinterpret_cast<Acc*>(base + off);
+  off = align16(off + sizeof(Acc) * n_out);
+  t.g1 = reinterpret_cast<Acc*>(base + off);
+  off = align16(off + sizeof(Acc) * n_out);
+  t.fs = reinterpret_cast<int*>(base + off);
+  off = align16(off + sizeof(int) * n_in);
+  t.fe = reinterpret_cast<int*>(base + off);
+  off = align16(off + sizeof(int) * n_in);
+  *bytes = off;
+  return t;
+}
+
+// The y table at the start of `tabs`, the x table right after it.
+template <typename Acc>
+__device__ __forceinline__ void tables(unsigned char* tabs, int h, int w, int ho, int wo,
+                                       AxisTable<Acc>* ty, AxisTable<Acc>* tx) {
+  size_t ybytes, xbytes;
+  *ty = axis_table<Acc>(tabs, h, ho, &ybytes);
+  *tx = axis_table<Acc>(tabs + ybytes, w, wo, &xbytes);
+}
+
+template <typename Acc>
+__device__ __forceinline__ void fill_axis(AxisTable<Acc> t, int i, int n_in, int n_out,
+                                          double scale) {
+  if (i < n_out) {
+    const Tap k = tap(i, scale, n_in);
+    t.i0[i] = k.i0;
+    t.g0[i] = (Acc)weight(i, k.i0, scale, n_in);
+    t.g1[i] = (Acc)weight(i, k.i1, scale, n_in);
+  }
+  if (i < n_in) {
+    t.fs[i] = foot_start(i, scale, n_in, n_out);
+    t.fe[i] = foot_end(i, scale, n_in, n_out);
+  }
+}
+
+// One thread per index of the longer axis (outputs outnumber inputs on both axes).
+template <typename Acc>
+__device__ __forceinline__ void build_tables(unsigned char* tabs, int h, int w, int ho, int wo,
+                                             double sy, double sx) {
+  AxisTable<Acc> ty, tx;
+  tables<Acc>(tabs, h, w, ho, wo, &ty, &tx);
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  fill_axis(ty, i, h, ho, sy);
+  fill_axis(tx, i, w, wo, sx);
+}
+
+// Weight of input s in output d, for d in s's footprint (so s is d's first or second tap).
+template <typename Acc>
+__device__ __forceinline__ Acc adjoint_weight(const AxisTable<Acc>& t, int d, int s) {
+  return t.i0[d] == s ? t.g0[d] : t.g1[d];
+}
+
+// grid = (ceil(w / tile), low-res rows, planes), both strided; dynamic shared memory holds the
+// vertical sums of the widest output-column span of any tile (the host computes it from the CPU
+// taps and picks `tile` so that it fits).
+template <typename In, typename Acc>
 __device__ __forceinline__ void upsample_bwd(const In* __restrict__ g, In* __restrict__ dst,
-                                             int planes, int h, int w, int ho, int wo, double sy,
-                                             double sx) {
+                                             unsigned char* tabs, int planes, int h, int w,
+                                             int ho, int wo, int tile) {
   extern __shared__ __align__(16) unsigned char smem[];
   Acc* col = reinterpret_cast<Acc*>(smem);
-  const int tiles = (w + TX - 1) / TX;
-  const int tile = blockIdx.x % tiles;
-  const size_t py = blockIdx.x / tiles;  // plane * h + y
-  const int y = (int)(py % h);
-  const size_t p = py / h;
-  const int x_first = tile * TX;
-  const int x_last = min(x_first + TX, w) - 1;
-  const int ys = foot_start(y, sy, h, ho), ye = foot_end(y, sy, h, ho);
-  const int xs = foot_start(x_first, sx, w, wo), xe = foot_end(x_last, sx, w, wo);
-  const In* plane = g + p * ho * wo;
-  for (int i = threadIdx.x; i < xe - xs; i += blockDim.x) {
-    const int ox = xs + i;
-    Acc acc = 0;
-    for (int oy = ys; oy < ye; ++oy) {
-      const Acc wy = (Acc)weight(oy, y, sy, h);
-      acc = add(acc, mul(wy, (Acc)widen(plane[(size_t)oy * wo + ox])));
+  AxisTable<Acc> ty, tx;
+  tables<Acc>(tabs, h, w, ho, wo, &ty, &tx);
+  const int x_first = blockIdx.x * tile;
+  const int x_last = min(x_first + tile, w) - 1;
+  const int xs = tx.fs[x_first], xe = tx.fe[x_last];
+  for (int p = blockIdx.z; p < planes; p += gridDim.z) {
+    const In* plane = g + (size_t)p * ho * wo;
+    for (int y = blockIdx.y; y < h; y += gridDim.y) {
+      const int ys = ty.fs[y], ye = ty.fe[y];
+      for (int i = threadIdx.x; i < xe - xs; i += blockDim.x) {
+        const In* column = plane + xs + i;
+        Acc acc = 0;
+        for (int oy = ys; oy < ye; ++oy) {
+          acc = add(acc, mul(adjoint_weight(ty, oy, y), (Acc)widen(column[(size_t)oy * wo])));
+        }
+        col[i] = acc;
+      }
+      __syncthreads();
+      for (int x = x_first + (int)threadIdx.x; x <= x_last; x += blockDim.x) {
+        const int s = tx.fs[x], e = tx.fe[x];
+        Acc acc = 0;
+        for (int ox = s; ox < e; ++ox) {
+          acc = add(acc, mul(adjoint_weight(tx, ox, x), col[ox - xs]));
+        }
+        narrow(acc, dst[((size_t)p * h + y) * w + x]);
+      }
+      __syncthreads();  // the next row rewrites `col`
     }
-    col[i] = acc;
-  }
-  __syncthreads();
-  const int x = x_first + (int)threadIdx.x;
-  if ((int)threadIdx.x < TX && x <= x_last) {
-    const int s = foot_start(x, sx, w, wo), e = foot_end(x, sx, w, wo);
-    Acc acc = 0;
-    for (int ox = s; ox < e; ++ox) acc = add(acc, mul((Acc)weight(ox, x, sx, w), col[ox - xs]));
-    narrow(acc, dst[py * w + x]);
   }
 }
 
 }  // namespace
-
-// Low-res columns per backward block (the host uses the same number to size shared memory).
-#define BWD_TILE 32
 
 #define FWD(NAME, IN, ACC, OUT, V, EP)                                                        \
   extern "C" __global__ void NAME(const IN* src, OUT* dst, int planes, int h, int w, int ho,  \
                                   int wo, double sy, double sx, float thr) {                  \
     upsample_fwd<IN, ACC, OUT, V>(src, dst, planes, h, w, ho, wo, sy, sx, EP{thr});           \
   }
-// Vector (16-byte stores) and scalar variant of one kernel.
-#define FWD2(NAME, IN, ACC, OUT, EP)                            \
-  FWD(NAME##_v, IN, ACC, OUT, (int)(16 / sizeof(OUT)), EP)      \
+// Vector (V = min(16 / sizeof(out), 8) elements per store: 16 bytes, or 8 for the u8 mask, whose
+// 16 columns of taps per thread cost 136 registers) and scalar variant of one kernel.
+#define FWD2(NAME, IN, ACC, OUT, EP)                                                 \
+  FWD(NAME##_v, IN, ACC, OUT, (int)(16 / sizeof(OUT) < 8 ? 16 / sizeof(OUT) : 8), EP) \
   FWD(NAME##_s, IN, ACC, OUT, 1, EP)
 
 FWD2(mask_up_f16_f16, __half, float, __half, Logits)
@@ -200,10 +293,19 @@ FWD2(mask_up_mask_bf16, __nv_bfloat16, float, uint8_t, Threshold)
 FWD2(mask_up_mask_f32, float, float, uint8_t, Threshold)
 FWD2(mask_up_mask_f64, double, double, uint8_t, Threshold)
 
-#define BWD(NAME, IN, ACC)                                                                  \
-  extern "C" __global__ void NAME(const IN* g, IN* dst, int planes, int h, int w, int ho,   \
-                                  int wo, double sy, double sx) {                           \
-    upsample_bwd<IN, ACC, BWD_TILE>(g, dst, planes, h, w, ho, wo, sy, sx);                   \
+extern "C" __global__ void mask_up_taps_f32(unsigned char* tabs, int h, int w, int ho, int wo,
+                                            double sy, double sx) {
+  build_tables<float>(tabs, h, w, ho, wo, sy, sx);
+}
+extern "C" __global__ void mask_up_taps_f64(unsigned char* tabs, int h, int w, int ho, int wo,
+                                            double sy, double sx) {
+  build_tables<double>(tabs, h, w, ho, wo, sy, sx);
+}
+
+#define BWD(NAME, IN, ACC)                                                                     \
+  extern "C" __global__ void NAME(const IN* g, IN* dst, unsigned char* tabs, int planes, int h, \
+                                  int w, int ho, int wo, int tile) {                            \
+    upsample_bwd<IN, ACC>(g, dst, tabs, planes, h, w, ho, wo, tile);                            \
   }
 
 BWD(mask_up_grad_f16, __half, float)

@@ -7,44 +7,16 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
-use super::Epilogue;
+use super::{axis_scale, upsample_fwd_plan, Epilogue, Launch, UpsampleBwdPlan, UpsampleDims, UpsampleFwdPlan};
 
 /// PTX of `kernels/mask_upsample.cu`.
 pub const MASK_UPSAMPLE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/mask_upsample.ptx"));
 const MASK_UPSAMPLE_MODULE: &str = "prs_mask_upsample";
 
-/// Low-res columns per backward block: `BWD_TILE` in kernels/mask_upsample.cu.
-pub const BWD_TILE: usize = 32;
-/// Shared memory a backward block may use (the default limit without opting in).
-pub const BWD_SMEM_LIMIT: usize = 48 * 1024;
 const THREADS: u32 = 256;
 
-/// Plane geometry: `planes` low-res (h, w) images upsampled by `factor`.
-#[derive(Clone, Copy, Debug)]
-pub struct UpsampleDims {
-    pub planes: usize,
-    pub h: usize,
-    pub w: usize,
-    pub factor: usize,
-}
-
-/// Per-axis source step, computed exactly as `Taps::new` does on the CPU.
-fn axis_scale(n_in: usize, n_out: usize) -> f64 {
-    if n_out > 1 {
-        (n_in as f64 - 1.0) / (n_out as f64 - 1.0)
-    } else {
-        0.0
-    }
-}
-
-fn dtype_tag(dt: DType) -> Result<&'static str> {
-    Ok(match dt {
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        DType::F32 => "f32",
-        DType::F64 => "f64",
-        other => bail!("mask upsample kernel: unsupported dtype {other:?}"),
-    })
+fn config(l: &Launch) -> LaunchConfig {
+    LaunchConfig { grid_dim: l.grid, block_dim: l.block, shared_mem_bytes: l.shared_mem_bytes }
 }
 
 fn as_i32(v: usize, what: &str) -> Result<i32> {
@@ -64,43 +36,38 @@ struct Args {
 
 impl Args {
     fn new(d: UpsampleDims) -> Result<Self> {
-        let (ho, wo) = (d.h * d.factor, d.w * d.factor);
         Ok(Self {
             planes: as_i32(d.planes, "planes")?,
             h: as_i32(d.h, "height")?,
             w: as_i32(d.w, "width")?,
-            ho: as_i32(ho, "output height")?,
-            wo: as_i32(wo, "output width")?,
-            sy: axis_scale(d.h, ho),
-            sx: axis_scale(d.w, wo),
+            ho: as_i32(d.ho(), "output height")?,
+            wo: as_i32(d.wo(), "output width")?,
+            sy: axis_scale(d.h, d.ho()),
+            sx: axis_scale(d.w, d.wo()),
         })
     }
 }
 
-/// Allocates the output, launches `name(src, dst, planes, h, w, ho, wo, sy, sx[, thr])`.
+/// Allocates the output, launches the forward kernel `name(src, dst, planes, h, w, ho, wo, sy, sx, thr)`.
 fn launch<I: CudaDType + DeviceRepr, O: CudaDType + DeviceRepr>(
     s: &CudaStorage,
     l: &Layout,
-    name: &str,
-    cfg: LaunchConfig,
+    plan: &UpsampleFwdPlan,
     n_out: usize,
     a: &Args,
-    thr: Option<f32>,
+    thr: f32,
 ) -> Result<CudaStorage> {
     let Some((o0, o1)) = l.contiguous_offsets() else { bail!("mask upsample kernel: input must be contiguous") };
-    let func = s.device.get_or_load_custom_func(name, MASK_UPSAMPLE_MODULE, MASK_UPSAMPLE_PTX)?;
+    let func = s.device.get_or_load_custom_func(&plan.name, MASK_UPSAMPLE_MODULE, MASK_UPSAMPLE_PTX)?;
     let src = s.as_cuda_slice::<I>()?.slice(o0..o1);
     // SAFETY: every element is written by the kernel before it is read.
     let mut dst = unsafe { s.device.alloc::<O>(n_out)? };
     {
         let mut b = func.builder();
         b.arg(&src).arg(&mut dst);
-        b.arg(&a.planes).arg(&a.h).arg(&a.w).arg(&a.ho).arg(&a.wo).arg(&a.sy).arg(&a.sx);
-        if let Some(t) = thr.as_ref() {
-            b.arg(t);
-        }
+        b.arg(&a.planes).arg(&a.h).arg(&a.w).arg(&a.ho).arg(&a.wo).arg(&a.sy).arg(&a.sx).arg(&thr);
         // SAFETY: argument list and types match the kernel's signature in mask_upsample.cu.
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { b.launch(config(&plan.launch)) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(dst, s.device.clone()))
 }
@@ -109,77 +76,66 @@ fn launch<I: CudaDType + DeviceRepr, O: CudaDType + DeviceRepr>(
 pub fn upsample_fwd(s: &CudaStorage, l: &Layout, d: UpsampleDims, ep: Epilogue) -> Result<CudaStorage> {
     let a = Args::new(d)?;
     let dt = s.dtype();
-    let tag = dtype_tag(dt)?;
-    let out_dt = ep.out_dtype(dt);
-    let root = match ep {
-        Epilogue::Logits | Epilogue::LogitsWide => format!("mask_up_{tag}_{}", dtype_tag(out_dt)?),
-        Epilogue::Sigmoid => format!("mask_up_sigmoid_{tag}"),
-        Epilogue::Threshold(_) => format!("mask_up_mask_{tag}"),
-    };
-    // One 16-byte store per thread when rows split into whole vectors, else one element.
-    let vec = 16 / out_dt.size_in_bytes();
-    let n_out = d.planes * d.h * d.factor * d.w * d.factor;
-    let (name, per_thread) = if (d.w * d.factor) % vec == 0 { (root + "_v", vec) } else { (root + "_s", 1) };
-    let blocks = (n_out / per_thread).div_ceil(THREADS as usize);
-    let cfg = LaunchConfig {
-        grid_dim: (
-            u32::try_from(blocks).map_err(|_| candle_core::Error::Msg("mask upsample: output too large".into()))?,
-            1,
-            1,
-        ),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let thr = Some(match ep {
+    let plan = upsample_fwd_plan(d, dt, ep)?;
+    let n_out = d.planes * d.ho() * d.wo();
+    let thr = match ep {
         Epilogue::Threshold(t) => t,
         _ => 0.0,
-    });
-    match (dt, out_dt) {
-        (DType::F16, DType::F16) => launch::<f16, f16>(s, l, &name, cfg, n_out, &a, thr),
-        (DType::F16, DType::F32) => launch::<f16, f32>(s, l, &name, cfg, n_out, &a, thr),
-        (DType::BF16, DType::BF16) => launch::<bf16, bf16>(s, l, &name, cfg, n_out, &a, thr),
-        (DType::BF16, DType::F32) => launch::<bf16, f32>(s, l, &name, cfg, n_out, &a, thr),
-        (DType::F32, DType::F32) => launch::<f32, f32>(s, l, &name, cfg, n_out, &a, thr),
-        (DType::F64, DType::F64) => launch::<f64, f64>(s, l, &name, cfg, n_out, &a, thr),
-        (DType::F16, DType::U8) => launch::<f16, u8>(s, l, &name, cfg, n_out, &a, thr),
-        (DType::BF16, DType::U8) => launch::<bf16, u8>(s, l, &name, cfg, n_out, &a, thr),
-        (DType::F32, DType::U8) => launch::<f32, u8>(s, l, &name, cfg, n_out, &a, thr),
-        (DType::F64, DType::U8) => launch::<f64, u8>(s, l, &name, cfg, n_out, &a, thr),
+    };
+    match (dt, ep.out_dtype(dt)) {
+        (DType::F16, DType::F16) => launch::<f16, f16>(s, l, &plan, n_out, &a, thr),
+        (DType::F16, DType::F32) => launch::<f16, f32>(s, l, &plan, n_out, &a, thr),
+        (DType::BF16, DType::BF16) => launch::<bf16, bf16>(s, l, &plan, n_out, &a, thr),
+        (DType::BF16, DType::F32) => launch::<bf16, f32>(s, l, &plan, n_out, &a, thr),
+        (DType::F32, DType::F32) => launch::<f32, f32>(s, l, &plan, n_out, &a, thr),
+        (DType::F64, DType::F64) => launch::<f64, f64>(s, l, &plan, n_out, &a, thr),
+        (DType::F16, DType::U8) => launch::<f16, u8>(s, l, &plan, n_out, &a, thr),
+        (DType::BF16, DType::U8) => launch::<bf16, u8>(s, l, &plan, n_out, &a, thr),
+        (DType::F32, DType::U8) => launch::<f32, u8>(s, l, &plan, n_out, &a, thr),
+        (DType::F64, DType::U8) => launch::<f64, u8>(s, l, &plan, n_out, &a, thr),
         (i, o) => bail!("mask upsample kernel: no variant {i:?} -> {o:?}"),
     }
 }
 
-/// Shared memory of a backward block whose widest tile spans `span` output columns.
-pub fn bwd_smem_bytes(dtype: DType, span: usize) -> usize {
-    span * if dtype == DType::F64 { 8 } else { 4 }
-}
-
-/// Backward (adjoint): contiguous (planes, h*f, w*f) -> (planes, h, w). `span` is the widest
-/// range of output columns any `BWD_TILE`-column tile reads (from the CPU taps).
-pub fn upsample_bwd(s: &CudaStorage, l: &Layout, d: UpsampleDims, span: usize) -> Result<CudaStorage> {
+/// Backward (adjoint): contiguous (planes, h*f, w*f) -> (planes, h, w), in the plan's two
+/// launches: the tap tables, then the gather.
+pub fn upsample_bwd(s: &CudaStorage, l: &Layout, d: UpsampleDims, plan: &UpsampleBwdPlan) -> Result<CudaStorage> {
     let a = Args::new(d)?;
-    let dt = s.dtype();
-    let smem = bwd_smem_bytes(dt, span);
-    if smem > BWD_SMEM_LIMIT {
-        bail!("mask upsample grad kernel: {smem} bytes of shared memory exceed {BWD_SMEM_LIMIT}");
+    let Some((o0, o1)) = l.contiguous_offsets() else { bail!("mask upsample kernel: input must be contiguous") };
+    let dev = &s.device;
+    // SAFETY: the taps kernel writes every table entry the gather reads (padding is never read).
+    let mut tabs = unsafe { dev.alloc::<u8>(plan.table_bytes)? };
+    {
+        let func = dev.get_or_load_custom_func(plan.taps_name, MASK_UPSAMPLE_MODULE, MASK_UPSAMPLE_PTX)?;
+        let mut b = func.builder();
+        b.arg(&mut tabs).arg(&a.h).arg(&a.w).arg(&a.ho).arg(&a.wo).arg(&a.sy).arg(&a.sx);
+        // SAFETY: argument list and types match `mask_up_taps_*` in mask_upsample.cu.
+        unsafe { b.launch(config(&plan.taps)) }.w()?;
     }
-    let blocks = d.planes * d.h * d.w.div_ceil(BWD_TILE);
-    let cfg = LaunchConfig {
-        grid_dim: (
-            u32::try_from(blocks).map_err(|_| candle_core::Error::Msg("mask upsample grad: input too large".into()))?,
-            1,
-            1,
-        ),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
-    let name = format!("mask_up_grad_{}", dtype_tag(dt)?);
-    let n_out = d.planes * d.h * d.w;
-    match dt {
-        DType::F16 => launch::<f16, f16>(s, l, &name, cfg, n_out, &a, None),
-        DType::BF16 => launch::<bf16, bf16>(s, l, &name, cfg, n_out, &a, None),
-        DType::F32 => launch::<f32, f32>(s, l, &name, cfg, n_out, &a, None),
-        DType::F64 => launch::<f64, f64>(s, l, &name, cfg, n_out, &a, None),
+    let tile = as_i32(plan.tile, "tile")?;
+    fn go<T: CudaDType + DeviceRepr>(
+        s: &CudaStorage,
+        range: std::ops::Range<usize>,
+        plan: &UpsampleBwdPlan,
+        tabs: &candle_core::cuda_backend::cudarc::driver::CudaSlice<u8>,
+        (a, tile): (&Args, i32),
+    ) -> Result<CudaStorage> {
+        let func = s.device.get_or_load_custom_func(&plan.name, MASK_UPSAMPLE_MODULE, MASK_UPSAMPLE_PTX)?;
+        let g = s.as_cuda_slice::<T>()?.slice(range);
+        // SAFETY: every element is written by the kernel before it is read.
+        let mut dst = unsafe { s.device.alloc::<T>((a.planes * a.h * a.w) as usize)? };
+        let mut b = func.builder();
+        b.arg(&g).arg(&mut dst).arg(tabs);
+        b.arg(&a.planes).arg(&a.h).arg(&a.w).arg(&a.ho).arg(&a.wo).arg(&tile);
+        // SAFETY: argument list and types match `mask_up_grad_*` in mask_upsample.cu.
+        unsafe { b.launch(config(&plan.launch)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(dst, s.device.clone()))
+    }
+    match s.dtype() {
+        DType::F16 => go::<f16>(s, o0..o1, plan, &tabs, (&a, tile)),
+        DType::BF16 => go::<bf16>(s, o0..o1, plan, &tabs, (&a, tile)),
+        DType::F32 => go::<f32>(s, o0..o1, plan, &tabs, (&a, tile)),
+        DType::F64 => go::<f64>(s, o0..o1, plan, &tabs, (&a, tile)),
         other => bail!("mask upsample grad kernel: unsupported dtype {other:?}"),
     }
 }

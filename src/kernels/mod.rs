@@ -5,6 +5,8 @@
 
 use candle_core::DType;
 
+mod upsample_plan;
+pub use upsample_plan::*;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]

@@ -29,6 +29,10 @@ use rayon::prelude::*;
 
 use super::linear::frozen_matmul;
 pub use crate::kernels::Epilogue;
+use crate::kernels::{
+    bwd_smem_bytes, upsample_bwd_plan, upsample_fwd_plan, UpsampleBwdPlan, UpsampleDims, UpsampleFwdPlan, BWD_MAX_TILE,
+    BWD_SMEM_LIMIT,
+};
 
 /// Whether the CUDA kernels are compiled in (build.rs builds them with the `cuda` feature).
 const CUDA_KERNEL_BUILT: bool = cfg!(feature = "cuda");
@@ -127,18 +131,41 @@ impl Geom {
     }
 }
 
-#[cfg(feature = "cuda")]
 impl Geom {
-    fn dims(&self) -> crate::kernels::UpsampleDims {
-        crate::kernels::UpsampleDims { planes: self.planes, h: self.h, w: self.w, factor: self.f }
+    fn dims(&self) -> UpsampleDims {
+        UpsampleDims { planes: self.planes, h: self.h, w: self.w, factor: self.f }
     }
 
-    /// Widest range of output columns read by one backward tile of `BWD_TILE` low-res columns
-    /// (sizes the kernel's shared memory).
-    fn bwd_span(&self) -> usize {
+    /// The backward kernel's launches. Its tile (low-res columns per block) is the widest up to
+    /// `BWD_MAX_TILE` whose column sums fit a block's shared memory, from the CPU taps; None
+    /// when not even one column's do.
+    fn grad_plan(&self, dtype: DType) -> candle_core::Result<Option<UpsampleBwdPlan>> {
         let fp = Taps::new(self.w, self.wo()).footprint;
-        fp.chunks(crate::kernels::BWD_TILE).map(|t| t[t.len() - 1].1 - t[0].0).max().unwrap_or(0)
+        let mut tile = self.w.min(BWD_MAX_TILE);
+        loop {
+            let span = fp.chunks(tile).map(|t| t[t.len() - 1].1 - t[0].0).max().unwrap_or(0);
+            if bwd_smem_bytes(dtype, span) <= BWD_SMEM_LIMIT {
+                return upsample_bwd_plan(self.dims(), dtype, tile, span).map(Some);
+            }
+            if tile == 1 {
+                return Ok(None);
+            }
+            tile /= 2;
+        }
     }
+}
+
+/// The CUDA launches of the upsampling kernels for a (b, c, h, w) input upsampled by `factor`,
+/// exactly as a GPU gets them: the forward's with `epilogue`, and the backward's (None where
+/// the composite takes over). The kernels' CPU emulation (`tests/kernel_emu`) runs these.
+pub fn kernel_plans(
+    (b, c, h, w): (usize, usize, usize, usize),
+    factor: usize,
+    dtype: DType,
+    epilogue: Epilogue,
+) -> Result<(UpsampleFwdPlan, Option<UpsampleBwdPlan>)> {
+    let g = Geom { planes: b * c, h, w, f: factor };
+    Ok((upsample_fwd_plan(g.dims(), dtype, epilogue)?, g.grad_plan(dtype)?))
 }
 
 fn upsample_kernel<T: Real>(src: &[T], g: Geom) -> Vec<T> {
@@ -298,7 +325,10 @@ impl CustomOp1 for MaskUpsampleGrad {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let g = self.geom(l)?;
         let (b, c, _, _) = l.shape().dims4()?;
-        let out = crate::kernels::upsample_bwd(s, l, g.dims(), g.bwd_span())?;
+        let Some(plan) = g.grad_plan(s.dtype())? else {
+            candle_core::bail!("mask upsample grad kernel: factor {} is too large for its shared memory", self.factor)
+        };
+        let out = crate::kernels::upsample_bwd(s, l, g.dims(), &plan)?;
         Ok((out, Shape::from((b, c, g.h, g.w))))
     }
 
@@ -341,7 +371,7 @@ fn use_grad_op(grad: &Tensor, factor: usize) -> bool {
         return true;
     }
     let g = Geom { planes: b * c, h: ho / factor, w: wo / factor, f: factor };
-    crate::kernels::bwd_smem_bytes(grad.dtype(), g.bwd_span()) <= crate::kernels::BWD_SMEM_LIMIT
+    matches!(g.grad_plan(grad.dtype()), Ok(Some(_)))
 }
 
 #[cfg(not(feature = "cuda"))]

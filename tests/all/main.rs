@@ -21,6 +21,7 @@ mod finetune;
 mod grad_checkpoint;
 mod infer_setup;
 mod input_checks;
+mod kernel_emu;
 mod launches;
 mod logs;
 mod losses;

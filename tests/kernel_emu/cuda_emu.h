@@ -1,0 +1,98 @@
+// CPU emulation of the CUDA constructs our kernels use, so that a kernel file compiles as host
+// C++ and its launches run here: on a machine without a GPU, the tests check a kernel's
+// indexing, tiling and shared-memory use against the CPU op it must equal, with the address
+// sanitizer catching every out-of-bounds read or write. Not emulated, so not to be used by a
+// kernel tested this way: warp shuffles, atomics, and anything that relies on warp lockstep.
+//
+// A launch runs its blocks one after another. Without barriers a block's threads run one after
+// another too; a kernel that calls __syncthreads runs each block's threads as real threads
+// meeting at a std::barrier, which is what __syncthreads promises. A thread that returns early
+// from such a kernel while the others still wait would unbalance the barrier: the results then
+// come out wrong, which the tests see (on a GPU it is undefined behaviour).
+#pragma once
+#include <math.h>
+
+#include <algorithm>
+#include <barrier>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <thread>
+#include <vector>
+
+struct EmuDim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+
+inline EmuDim3 gridDim, blockDim;
+inline thread_local EmuDim3 blockIdx, threadIdx;
+inline std::barrier<>* emu_block_barrier = nullptr;
+
+inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__
+#define __shared__
+#define __align__(n) __attribute__((aligned(n)))
+
+using std::max;
+using std::min;
+
+// The _rn intrinsics: one IEEE operation, rounded to nearest (the harness is compiled with
+// -ffp-contract=off, so nothing is fused into an FMA here either).
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+
+// Dynamic shared memory of the block being run (kernels declare `extern __shared__ ... smem[]`).
+namespace {
+alignas(16) unsigned char smem[64 * 1024];
+}
+
+// Runs `kernel` (a callable taking no arguments; it reads the index globals) over the grid.
+inline void emu_launch(EmuDim3 grid, EmuDim3 block, bool uses_barriers, const std::function<void()>& kernel) {
+  gridDim = grid;
+  blockDim = block;
+  const unsigned threads = block.x * block.y * block.z;
+  auto index = [block](unsigned t) { return EmuDim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)}; };
+  auto each_block = [grid](auto&& body) {
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+      for (unsigned by = 0; by < grid.y; ++by)
+        for (unsigned bx = 0; bx < grid.x; ++bx) body(EmuDim3{bx, by, bz});
+  };
+  if (!uses_barriers) {
+    each_block([&](EmuDim3 b) {
+      blockIdx = b;
+      std::fill(std::begin(smem), std::end(smem), (unsigned char)0xA5);  // as uninitialised as on a GPU
+      for (unsigned t = 0; t < threads; ++t) {
+        threadIdx = index(t);
+        kernel();
+      }
+    });
+    return;
+  }
+  // One pool of threads for the launch, going through the blocks together: a barrier before a
+  // block (its shared memory is refilled with garbage) and after it (no thread starts the next
+  // block while another still uses this one's shared memory).
+  std::barrier<> bar(threads);
+  emu_block_barrier = &bar;
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (unsigned t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      threadIdx = index(t);
+      each_block([&](EmuDim3 b) {
+        blockIdx = b;
+        if (t == 0) std::fill(std::begin(smem), std::end(smem), (unsigned char)0xA5);
+        bar.arrive_and_wait();
+        kernel();
+        bar.arrive_and_wait();
+      });
+    });
+  for (auto& th : pool) th.join();
+  emu_block_barrier = nullptr;
+}
