@@ -230,7 +230,9 @@ template <typename In, typename Acc>
 __device__ __forceinline__ void upsample_bwd(const In* __restrict__ g, In* __restrict__ dst,
                                              unsigned char* tabs, int planes, int h, int w,
                                              int ho, int wo, int tile) {
+#ifndef PRS_KERNEL_EMU  // the CPU emulation (tests/kernel_emu) provides the dynamic shared memory
   extern __shared__ __align__(16) unsigned char smem[];
+#endif
   Acc* col = reinterpret_cast<Acc*>(smem);
   AxisTable<Acc> ty, tx;
   tables<Acc>(tabs, h, w, ho, wo, &ty, &tx);

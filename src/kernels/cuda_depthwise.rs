@@ -8,17 +8,12 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
-use super::cuda_fused::{elementwise_launch, offsets, tag};
+use super::cuda_fused::{elementwise_config, offsets, tag};
 use super::DwGeom;
 
 /// PTX of `kernels/depthwise.cu`.
 pub const DEPTHWISE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/depthwise.ptx"));
 const DEPTHWISE_MODULE: &str = "prs_depthwise";
-/// Threads of a kernel-gradient block, and the (b, oy, ox) elements each block should get at
-/// least: enough blocks to fill the card for a few hundred channels, few enough partials.
-const WEIGHT_THREADS: u32 = 256;
-const WEIGHT_ELEMS_PER_BLOCK: i64 = 8192;
-
 // SAFETY: `DwGeom` is repr(C) with nine i64 fields, the layout of the kernel's `DwGeom`.
 unsafe impl DeviceRepr for DwGeom {}
 
@@ -70,7 +65,7 @@ fn run(
 /// The convolution of `x` (b, c, h, w) with `w` (c, 1, k, k): (b, c, ho, wo).
 pub fn depthwise_fwd(x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout, g: DwGeom) -> Result<CudaStorage> {
     let n = (g.b * g.c * g.ho * g.wo) as usize;
-    run("dw_fwd", elementwise_launch(n), (x, xl), (w, wl), n, g)
+    run("dw_fwd", elementwise_config(n), (x, xl), (w, wl), n, g)
 }
 
 /// The input gradient from the output gradient `dy` (b, c, ho, wo): (b, c, h, w).
@@ -82,7 +77,7 @@ pub fn depthwise_bwd_input(
     g: DwGeom,
 ) -> Result<CudaStorage> {
     let n = (g.b * g.c * g.h * g.w) as usize;
-    run("dw_bwd_input", elementwise_launch(n), (dy, dyl), (w, wl), n, g)
+    run("dw_bwd_input", elementwise_config(n), (dy, dyl), (w, wl), n, g)
 }
 
 /// The kernel gradient (c, 1, k, k) from the input `x` and the output gradient `dy`: f32
@@ -96,17 +91,14 @@ pub fn depthwise_bwd_weight(
     g: DwGeom,
 ) -> Result<CudaStorage> {
     let taps = g.c * g.k * g.k;
-    let per_tap = g.b * g.ho * g.wo;
-    let splits = (per_tap / WEIGHT_ELEMS_PER_BLOCK).clamp(1, 64);
-    let (Ok(grid_x), Ok(grid_y)) = (u32::try_from(taps), u32::try_from(splits)) else {
-        bail!("depthwise kernel gradient: {taps} taps x {splits} splits exceed the grid");
-    };
+    let (launch, splits) = super::depthwise_weight_launch(&g)?;
+    let cfg = LaunchConfig { grid_dim: launch.grid, block_dim: launch.block, shared_mem_bytes: 0 };
     fn go<T: CudaDType + DeviceRepr>(
         root: &str,
         (x, xl): (&CudaStorage, &Layout),
         (dy, dyl): (&CudaStorage, &Layout),
         g: DwGeom,
-        (grid_x, grid_y, taps, splits): (u32, u32, i64, i64),
+        (cfg, taps, splits): (LaunchConfig, i64, i64),
     ) -> Result<CudaStorage> {
         let dev = &x.device;
         let tag = tag(x.dtype())?;
@@ -119,8 +111,6 @@ pub fn depthwise_bwd_weight(
         // SAFETY: every partial is written by its block, every output by the sum kernel.
         let mut partial = unsafe { dev.alloc::<f32>((taps * splits) as usize)? };
         let mut dst = unsafe { dev.alloc::<T>(taps as usize)? };
-        let cfg =
-            LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: (WEIGHT_THREADS, 1, 1), shared_mem_bytes: 0 };
         let mut b = part_fn.builder();
         b.arg(&xv).arg(&dv).arg(&mut partial).arg(&g);
         // SAFETY: argument list and types match dw_bwd_weight_part in depthwise.cu.
@@ -129,11 +119,11 @@ pub fn depthwise_bwd_weight(
         let mut b = sum_fn.builder();
         b.arg(&partial).arg(&mut dst).arg(&taps).arg(&splits);
         // SAFETY: argument list and types match dw_bwd_weight_sum in depthwise.cu.
-        unsafe { b.launch(elementwise_launch(taps as usize)) }.w()?;
+        unsafe { b.launch(elementwise_config(taps as usize)) }.w()?;
         drop(b);
         Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
     }
-    let dims = (grid_x, grid_y, taps, splits);
+    let dims = (cfg, taps, splits);
     if dy.dtype() != x.dtype() {
         bail!("depthwise kernel gradient: mixed dtypes {:?} and {:?}", x.dtype(), dy.dtype());
     }

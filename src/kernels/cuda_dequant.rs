@@ -6,7 +6,7 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
-use super::cuda_fused::{elementwise_launch, offsets, tag};
+use super::cuda_fused::{elementwise_config, offsets, tag};
 
 /// PTX of `kernels/dequant.cu`.
 pub const DEQUANT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dequant.ptx"));
@@ -25,7 +25,7 @@ pub fn dequantize(blocks: &CudaStorage, l: &Layout, root: &str, n: usize, dtype:
         let mut builder = func.builder();
         builder.arg(&src).arg(&mut dst).arg(&count);
         // SAFETY: argument list and types match the kernel's signature in dequant.cu.
-        unsafe { builder.launch(elementwise_launch(n)) }.w()?;
+        unsafe { builder.launch(elementwise_config(n)) }.w()?;
         drop(builder);
         Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
     }

@@ -9,7 +9,7 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
-use super::{CausalFill, RowMap};
+use super::{CausalFill, Launch, RowMap};
 
 /// PTX of `kernels/fused.cu`.
 pub const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
@@ -38,27 +38,24 @@ fn as_i32(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("fused kernel: {what} {v} exceeds i32")))
 }
 
-/// One block per row, about four elements per thread, 32 to 256 threads (whole warps).
-fn row_launch(l: &Layout) -> Result<(LaunchConfig, i32)> {
+fn config(l: Launch) -> LaunchConfig {
+    LaunchConfig { grid_dim: l.grid, block_dim: l.block, shared_mem_bytes: l.shared_mem_bytes }
+}
+
+/// `plan::row_launch` for a contiguous input whose last dimension is the row.
+fn row_config(l: &Layout) -> Result<(LaunchConfig, i32)> {
     let dims = l.shape().dims();
     let Some(&n) = dims.last() else { bail!("fused row kernel: scalar input") };
     if n == 0 || l.shape().elem_count() == 0 {
         bail!("fused row kernel: empty input {dims:?}");
     }
-    let rows = l.shape().elem_count() / n;
-    let threads = n.div_ceil(4).next_multiple_of(32).clamp(32, 256) as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (as_i32(rows, "rows")? as u32, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    Ok((cfg, as_i32(n, "row length")?))
+    as_i32(l.shape().elem_count() / n, "rows")?;
+    Ok((config(super::row_launch(l.shape().elem_count() / n, n)?), as_i32(n, "row length")?))
 }
 
-/// A grid-stride element-wise launch over `n` elements.
-pub(super) fn elementwise_launch(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(256).clamp(1, 65_536) as u32;
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+/// A grid-stride element-wise launch over `n` elements (`plan::elementwise_launch`).
+pub(super) fn elementwise_config(n: usize) -> LaunchConfig {
+    config(super::elementwise_launch(n))
 }
 
 /// A scalar kernel argument.
@@ -139,7 +136,7 @@ pub fn softmax_fwd(
     scale: f32,
     causal: Option<CausalFill>,
 ) -> Result<CudaStorage> {
-    let (cfg, n) = row_launch(xl)?;
+    let (cfg, n) = row_config(xl)?;
     let dims = xl.shape().dims();
     let xo = offsets(xl, "softmax input")?;
     let q_len = if dims.len() >= 2 { dims[dims.len() - 2] } else { 1 };
@@ -207,7 +204,7 @@ pub fn softmax_fwd(
 /// Softmax backward from its output `p` and output gradient `g` (same shape and dtype):
 /// `dx = scale * p * (g - sum(g * p))`.
 pub fn softmax_bwd(p: &CudaStorage, pl: &Layout, g: &CudaStorage, gl: &Layout, scale: f32) -> Result<CudaStorage> {
-    let (cfg, n) = row_launch(pl)?;
+    let (cfg, n) = row_config(pl)?;
     run_any("softmax_bwd", cfg, &[(p, pl), (g, gl)], pl.shape().elem_count(), &[Arg::I32(n), Arg::F32(scale)])
 }
 
@@ -218,20 +215,20 @@ fn rms_scalars(n: i32, eps: f64) -> [Arg; 3] {
 
 /// `x / sqrt(mean(x^2) + eps)` over the last dimension.
 pub fn rms_fwd(x: &CudaStorage, xl: &Layout, eps: f64) -> Result<CudaStorage> {
-    let (cfg, n) = row_launch(xl)?;
+    let (cfg, n) = row_config(xl)?;
     run_any("rms_fwd", cfg, &[(x, xl)], xl.shape().elem_count(), &rms_scalars(n, eps))
 }
 
 /// The gradient of `rms_fwd` with respect to `x`, given the output gradient `g`.
 pub fn rms_bwd(x: &CudaStorage, xl: &Layout, g: &CudaStorage, gl: &Layout, eps: f64) -> Result<CudaStorage> {
-    let (cfg, n) = row_launch(xl)?;
+    let (cfg, n) = row_config(xl)?;
     run_any("rms_bwd", cfg, &[(x, xl), (g, gl)], xl.shape().elem_count(), &rms_scalars(n, eps))
 }
 
 /// `silu(a) * u`, element-wise.
 pub fn silu_mul_fwd(a: &CudaStorage, al: &Layout, u: &CudaStorage, ul: &Layout) -> Result<CudaStorage> {
     let n = al.shape().elem_count();
-    run_any("silu_mul_fwd", elementwise_launch(n), &[(a, al), (u, ul)], n, &[Arg::I64(n as i64)])
+    run_any("silu_mul_fwd", elementwise_config(n), &[(a, al), (u, ul)], n, &[Arg::I64(n as i64)])
 }
 
 /// The gradients of `silu(a) * u` given the output gradient `g`: `2n` elements, the gradient
@@ -245,13 +242,13 @@ pub fn silu_mul_bwd(
     gl: &Layout,
 ) -> Result<CudaStorage> {
     let n = al.shape().elem_count();
-    run_any("silu_mul_bwd", elementwise_launch(n), &[(a, al), (u, ul), (g, gl)], 2 * n, &[Arg::I64(n as i64)])
+    run_any("silu_mul_bwd", elementwise_config(n), &[(a, al), (u, ul), (g, gl)], 2 * n, &[Arg::I64(n as i64)])
 }
 
 /// The input gradient of `gelu_erf` from its input and output gradient (same shape and dtype).
 pub fn gelu_erf_bwd(x: &CudaStorage, xl: &Layout, g: &CudaStorage, gl: &Layout) -> Result<CudaStorage> {
     let n = xl.shape().elem_count();
-    run_any("gelu_erf_bwd", elementwise_launch(n), &[(x, xl), (g, gl)], n, &[Arg::I64(n as i64)])
+    run_any("gelu_erf_bwd", elementwise_config(n), &[(x, xl), (g, gl)], n, &[Arg::I64(n as i64)])
 }
 
 /// The head split and rotation of `nn::rope` (`forward`), or its transpose: `x` is the
@@ -272,5 +269,5 @@ pub fn rope_heads(
         Arg::I32(as_i32(t, "tokens")?),
         Arg::I32(as_i32(d, "head dim")?),
     ];
-    run_any(root, elementwise_launch(n), &[x, cos, sin], n, &scalars)
+    run_any(root, elementwise_config(n), &[x, cos, sin], n, &scalars)
 }

@@ -5,8 +5,8 @@
 
 use candle_core::DType;
 
-mod upsample_plan;
-pub use upsample_plan::*;
+mod plan;
+pub use plan::*;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]

@@ -1,8 +1,10 @@
 // CPU emulation of the CUDA constructs our kernels use, so that a kernel file compiles as host
 // C++ and its launches run here: on a machine without a GPU, the tests check a kernel's
 // indexing, tiling and shared-memory use against the CPU op it must equal, with the address
-// sanitizer catching every out-of-bounds read or write. Not emulated, so not to be used by a
-// kernel tested this way: warp shuffles, atomics, and anything that relies on warp lockstep.
+// sanitizer catching every out-of-bounds read or write. Emulated: qualifiers, index variables,
+// the _rn intrinsics, static and dynamic shared memory, __syncthreads, full-warp
+// __shfl_xor_sync. Not emulated, so not to be used by a kernel tested this way: atomics, other
+// shuffles, and anything else that relies on warp lockstep.
 //
 // A launch runs its blocks one after another. Without barriers a block's threads run one after
 // another too; a kernel that calls __syncthreads runs each block's threads as real threads
@@ -16,7 +18,9 @@
 #include <barrier>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <functional>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -34,7 +38,9 @@ inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
 #define __device__
 #define __forceinline__ inline
 #define __restrict__
-#define __shared__
+// Blocks run one at a time, so a function-local static is exactly a block's shared array.
+#define __shared__ static
+#define PRS_KERNEL_EMU 1
 #define __align__(n) __attribute__((aligned(n)))
 
 using std::max;
@@ -47,10 +53,35 @@ inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dsub_rn(double a, double b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __frcp_rn(float a) { return 1.0f / a; }
 
-// Dynamic shared memory of the block being run (kernels declare `extern __shared__ ... smem[]`).
+// Dynamic shared memory of the block being run (the kernel files declare their `extern
+// __shared__ smem[]` only when PRS_KERNEL_EMU is not defined).
 namespace {
 alignas(16) unsigned char smem[64 * 1024];
+}
+
+// One warp's exchange for the shuffles: each lane posts its value, the warp meets, each lane
+// reads its partner's, the warp meets again before the slots are reused.
+struct EmuWarp {
+  std::barrier<>* meet;
+  alignas(8) unsigned char slots[32][8];
+};
+inline std::vector<EmuWarp> emu_warps;
+
+template <typename T>
+T __shfl_xor_sync(unsigned /*mask: every kernel here shuffles across full warps*/, T v, int lane_mask) {
+  static_assert(sizeof(T) <= 8, "shuffled values are at most 8 bytes");
+  const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  EmuWarp& w = emu_warps[t / 32];
+  std::memcpy(w.slots[t % 32], &v, sizeof(T));
+  w.meet->arrive_and_wait();
+  T r;
+  std::memcpy(&r, w.slots[(t % 32) ^ (unsigned)lane_mask], sizeof(T));
+  w.meet->arrive_and_wait();
+  return r;
 }
 
 // Runs `kernel` (a callable taking no arguments; it reads the index globals) over the grid.
@@ -80,6 +111,12 @@ inline void emu_launch(EmuDim3 grid, EmuDim3 block, bool uses_barriers, const st
   // block while another still uses this one's shared memory).
   std::barrier<> bar(threads);
   emu_block_barrier = &bar;
+  std::vector<std::unique_ptr<std::barrier<>>> warp_meets;
+  emu_warps.assign((threads + 31) / 32, EmuWarp{});
+  for (unsigned w = 0; w < emu_warps.size(); ++w) {
+    warp_meets.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
+    emu_warps[w].meet = warp_meets.back().get();
+  }
   std::vector<std::thread> pool;
   pool.reserve(threads);
   for (unsigned t = 0; t < threads; ++t)

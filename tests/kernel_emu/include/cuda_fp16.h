@@ -21,3 +21,5 @@ inline __half __float2half_rn(float v) {
   std::memcpy(&h.bits, &f, 2);
   return h;
 }
+
+inline __half __ushort_as_half(unsigned short bits) { return {bits}; }

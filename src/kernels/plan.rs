@@ -1,11 +1,12 @@
-//! What the mask-upsampling kernels (`kernels/mask_upsample.cu`) are launched with: kernel
-//! names, grids, blocks, shared memory and the tap-table size, as plain values. The CUDA
-//! launchers (`cuda.rs`) use them, and so does the CPU emulation of the kernels
-//! (`tests/kernel_emu`), which therefore runs the very launches a GPU gets.
+//! What the crate's kernels are launched with, as plain values: for the mask upsampling
+//! (`kernels/mask_upsample.cu`) kernel names, grids, blocks, shared memory and the tap-table
+//! size; for the row and element-wise kernels of `kernels/fused.cu` their grids and blocks. The
+//! CUDA launchers use them, and so does the CPU emulation of the kernels (`tests/kernel_emu`),
+//! which therefore runs the very launches a GPU gets.
 
 use candle_core::{bail, DType, Result};
 
-use super::Epilogue;
+use super::{DwGeom, Epilogue};
 
 /// Threads per block of every upsampling kernel.
 pub const UPSAMPLE_THREADS: u32 = 256;
@@ -38,6 +39,38 @@ pub struct Launch {
     pub grid: (u32, u32, u32),
     pub block: (u32, u32, u32),
     pub shared_mem_bytes: u32,
+}
+
+/// A row kernel of `kernels/fused.cu` over `rows` rows of `n`: one block per row, about four
+/// elements per thread, 32 to 256 threads (whole warps: its reductions shuffle across full warps).
+pub fn row_launch(rows: usize, n: usize) -> Result<Launch> {
+    if n == 0 || rows == 0 {
+        bail!("fused row kernel: empty input ({rows} rows of {n})");
+    }
+    let threads = n.div_ceil(4).next_multiple_of(32).clamp(32, 256) as u32;
+    Ok(Launch { grid: (grid_dim(rows, "rows")?, 1, 1), block: (threads, 1, 1), shared_mem_bytes: 0 })
+}
+
+/// A grid-stride element-wise launch over `n` elements.
+pub fn elementwise_launch(n: usize) -> Launch {
+    let blocks = n.div_ceil(256).clamp(1, 65_536) as u32;
+    Launch { grid: (blocks, 1, 1), block: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Threads of a depthwise kernel-gradient block, and the (b, oy, ox) elements each block should
+/// get at least: enough blocks to fill the card for a few hundred channels, few enough partials.
+const DW_WEIGHT_THREADS: u32 = 256;
+const DW_WEIGHT_ELEMS_PER_BLOCK: i64 = 8192;
+
+/// The partial-sum launch of the depthwise kernel gradient (`kernels/depthwise.cu`): one block
+/// per (channel, tap) and split of the (b, oy, ox) elements; returns it with the split count.
+pub fn depthwise_weight_launch(g: &DwGeom) -> Result<(Launch, i64)> {
+    let taps = g.c * g.k * g.k;
+    let splits = (g.b * g.ho * g.wo / DW_WEIGHT_ELEMS_PER_BLOCK).clamp(1, 64);
+    let (Ok(grid_x), Ok(grid_y)) = (u32::try_from(taps), u32::try_from(splits)) else {
+        bail!("depthwise kernel gradient: {taps} taps x {splits} splits exceed the grid");
+    };
+    Ok((Launch { grid: (grid_x, grid_y, 1), block: (DW_WEIGHT_THREADS, 1, 1), shared_mem_bytes: 0 }, splits))
 }
 
 /// Per-axis source step, computed exactly as `Taps::new` does on the CPU.
