@@ -1,6 +1,7 @@
 // Bilinear upsampling by an integer factor with align_corners = true, the mask head's last step
 // (B*C planes of h x w -> (h*f) x (w*f)). The reference is the CPU op in src/nn/upsample.rs; these
-// kernels repeat its arithmetic operation for operation so results match it bit for bit:
+// kernels repeat its arithmetic operation for operation so results match it bit for bit (except
+// the sigmoid and threshold epilogues: CUDA's expf is not correctly rounded):
 //   per axis  scale = (n_in - 1) / (n_out - 1) (0 when n_out == 1, computed on the host in f64),
 //             src = d * scale, i0 = min(floor(src), n_in - 1), i1 = min(i0 + 1, n_in - 1),
 //             w1 = src - i0 (all f64); the weights 1 - w1 and w1 are then rounded to the
@@ -147,7 +148,7 @@ __device__ __forceinline__ void upsample_fwd(const In* __restrict__ src, Out* __
 }
 
 // One axis's tap table, laid out in a byte buffer (16-byte aligned arrays; the host sizes the
-// buffer with the same rule, `axis_table_bytes` in src/kernels/cuda.rs):
+// buffer with the same rule, `axis_table_bytes` in src/kernels/plan.rs):
 //   i0[n_out]            first tap of each output index
 //   g0[n_out], g1[n_out] the adjoint's weights of inputs i0 and i1 (Taps::weight: their sum
 //                        when both taps coincide), rounded to Acc

@@ -113,17 +113,18 @@ pub fn upsample_bwd(s: &CudaStorage, l: &Layout, d: UpsampleDims, plan: &Upsampl
         unsafe { b.launch(config(&plan.taps)) }.w()?;
     }
     let tile = as_i32(plan.tile, "tile")?;
+    let n_out = d.planes * d.h * d.w;
     fn go<T: CudaDType + DeviceRepr>(
         s: &CudaStorage,
         range: std::ops::Range<usize>,
         plan: &UpsampleBwdPlan,
         tabs: &candle_core::cuda_backend::cudarc::driver::CudaSlice<u8>,
-        (a, tile): (&Args, i32),
+        (a, tile, n_out): (&Args, i32, usize),
     ) -> Result<CudaStorage> {
         let func = s.device.get_or_load_custom_func(&plan.name, MASK_UPSAMPLE_MODULE, MASK_UPSAMPLE_PTX)?;
         let g = s.as_cuda_slice::<T>()?.slice(range);
         // SAFETY: every element is written by the kernel before it is read.
-        let mut dst = unsafe { s.device.alloc::<T>((a.planes * a.h * a.w) as usize)? };
+        let mut dst = unsafe { s.device.alloc::<T>(n_out)? };
         let mut b = func.builder();
         b.arg(&g).arg(&mut dst).arg(tabs);
         b.arg(&a.planes).arg(&a.h).arg(&a.w).arg(&a.ho).arg(&a.wo).arg(&tile);
@@ -132,10 +133,10 @@ pub fn upsample_bwd(s: &CudaStorage, l: &Layout, d: UpsampleDims, plan: &Upsampl
         Ok(CudaStorage::wrap_cuda_slice(dst, s.device.clone()))
     }
     match s.dtype() {
-        DType::F16 => go::<f16>(s, o0..o1, plan, &tabs, (&a, tile)),
-        DType::BF16 => go::<bf16>(s, o0..o1, plan, &tabs, (&a, tile)),
-        DType::F32 => go::<f32>(s, o0..o1, plan, &tabs, (&a, tile)),
-        DType::F64 => go::<f64>(s, o0..o1, plan, &tabs, (&a, tile)),
+        DType::F16 => go::<f16>(s, o0..o1, plan, &tabs, (&a, tile, n_out)),
+        DType::BF16 => go::<bf16>(s, o0..o1, plan, &tabs, (&a, tile, n_out)),
+        DType::F32 => go::<f32>(s, o0..o1, plan, &tabs, (&a, tile, n_out)),
+        DType::F64 => go::<f64>(s, o0..o1, plan, &tabs, (&a, tile, n_out)),
         other => bail!("mask upsample grad kernel: unsupported dtype {other:?}"),
     }
 }

@@ -67,7 +67,7 @@ const DW_WEIGHT_ELEMS_PER_BLOCK: i64 = 8192;
 pub fn depthwise_weight_launch(g: &DwGeom) -> Result<(Launch, i64)> {
     let taps = g.c * g.k * g.k;
     let splits = (g.b * g.ho * g.wo / DW_WEIGHT_ELEMS_PER_BLOCK).clamp(1, 64);
-    let (Ok(grid_x), Ok(grid_y)) = (u32::try_from(taps), u32::try_from(splits)) else {
+    let (Ok(grid_x), Ok(grid_y)) = (i32::try_from(taps).map(|v| v as u32), u32::try_from(splits)) else {
         bail!("depthwise kernel gradient: {taps} taps x {splits} splits exceed the grid");
     };
     Ok((Launch { grid: (grid_x, grid_y, 1), block: (DW_WEIGHT_THREADS, 1, 1), shared_mem_bytes: 0 }, splits))
@@ -99,6 +99,15 @@ fn grid_dim(n: usize, what: &str) -> Result<u32> {
     }
 }
 
+/// The kernels count rows and columns in i32 and step past the last by up to a grid's worth,
+/// so an output side stays well inside i32.
+fn check_sides(d: UpsampleDims) -> Result<()> {
+    if d.ho().max(d.wo()) > 1 << 30 {
+        bail!("mask upsample kernel: output of {} x {} exceeds 2^30 a side", d.ho(), d.wo());
+    }
+    Ok(())
+}
+
 /// The forward kernel for one input dtype and epilogue.
 #[derive(Clone, Debug)]
 pub struct UpsampleFwdPlan {
@@ -113,6 +122,7 @@ pub struct UpsampleFwdPlan {
 /// (columns x rows) of 256 threads; each thread writes a few rows, so that its column taps
 /// serve them all, while the grid still holds about half a million threads.
 pub fn upsample_fwd_plan(d: UpsampleDims, input: DType, ep: Epilogue) -> Result<UpsampleFwdPlan> {
+    check_sides(d)?;
     let tag = dtype_tag(input)?;
     let out_dt = ep.out_dtype(input);
     let root = match ep {
@@ -175,6 +185,7 @@ pub struct UpsampleBwdPlan {
 /// `span` is the widest range of output columns any `tile`-column tile reads (from the CPU
 /// taps, `nn::upsample`).
 pub fn upsample_bwd_plan(d: UpsampleDims, dtype: DType, tile: usize, span: usize) -> Result<UpsampleBwdPlan> {
+    check_sides(d)?;
     let smem = bwd_smem_bytes(dtype, span);
     if smem > BWD_SMEM_LIMIT || tile == 0 || tile > BWD_MAX_TILE.min(d.w) {
         bail!("mask upsample grad kernel: tile {tile} spanning {span} columns ({smem} bytes of shared memory)");

@@ -1,7 +1,8 @@
 // CPU emulation of the CUDA constructs our kernels use, so that a kernel file compiles as host
 // C++ and its launches run here: on a machine without a GPU, the tests check a kernel's
 // indexing, tiling and shared-memory use against the CPU op it must equal, with the address
-// sanitizer catching every out-of-bounds read or write. Emulated: qualifiers, index variables,
+// sanitizer catching every out-of-bounds read or write (or, built with the thread sanitizer, a
+// missing barrier: a data race between a block's threads). Emulated: qualifiers, index variables,
 // the _rn intrinsics, static and dynamic shared memory, __syncthreads, full-warp
 // __shfl_xor_sync. Not emulated, so not to be used by a kernel tested this way: atomics, other
 // shuffles, and anything else that relies on warp lockstep.
@@ -16,6 +17,8 @@
 
 #include <algorithm>
 #include <barrier>
+#include <cstdio>
+#include <cstdlib>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -59,8 +62,10 @@ inline float __frcp_rn(float a) { return 1.0f / a; }
 
 // Dynamic shared memory of the block being run (the kernel files declare their `extern
 // __shared__ smem[]` only when PRS_KERNEL_EMU is not defined).
+// It is allocated per launch at exactly the launch's size, so the address sanitizer sees an
+// access past it.
 namespace {
-alignas(16) unsigned char smem[64 * 1024];
+unsigned char* smem = nullptr;
 }
 
 // One warp's exchange for the shuffles: each lane posts its value, the warp meets, each lane
@@ -75,6 +80,10 @@ template <typename T>
 T __shfl_xor_sync(unsigned /*mask: every kernel here shuffles across full warps*/, T v, int lane_mask) {
   static_assert(sizeof(T) <= 8, "shuffled values are at most 8 bytes");
   const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  if ((blockDim.x * blockDim.y * blockDim.z) % 32 != 0) {
+    std::fprintf(stderr, "kernel emulation: a full-warp shuffle in a block that is not whole warps\n");
+    std::abort();
+  }
   EmuWarp& w = emu_warps[t / 32];
   std::memcpy(w.slots[t % 32], &v, sizeof(T));
   w.meet->arrive_and_wait();
@@ -85,9 +94,13 @@ T __shfl_xor_sync(unsigned /*mask: every kernel here shuffles across full warps*
 }
 
 // Runs `kernel` (a callable taking no arguments; it reads the index globals) over the grid.
-inline void emu_launch(EmuDim3 grid, EmuDim3 block, bool uses_barriers, const std::function<void()>& kernel) {
+inline void emu_launch(EmuDim3 grid, EmuDim3 block, size_t smem_bytes, bool uses_barriers,
+                       const std::function<void()>& kernel) {
   gridDim = grid;
   blockDim = block;
+  const std::unique_ptr<unsigned char[]> dynamic_smem(new unsigned char[smem_bytes ? smem_bytes : 1]);
+  smem = dynamic_smem.get();
+  auto fill_smem = [smem_bytes] { std::fill(smem, smem + smem_bytes, (unsigned char)0xA5); };  // as on a GPU
   const unsigned threads = block.x * block.y * block.z;
   auto index = [block](unsigned t) { return EmuDim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)}; };
   auto each_block = [grid](auto&& body) {
@@ -98,12 +111,13 @@ inline void emu_launch(EmuDim3 grid, EmuDim3 block, bool uses_barriers, const st
   if (!uses_barriers) {
     each_block([&](EmuDim3 b) {
       blockIdx = b;
-      std::fill(std::begin(smem), std::end(smem), (unsigned char)0xA5);  // as uninitialised as on a GPU
+      fill_smem();
       for (unsigned t = 0; t < threads; ++t) {
         threadIdx = index(t);
         kernel();
       }
     });
+    smem = nullptr;
     return;
   }
   // One pool of threads for the launch, going through the blocks together: a barrier before a
@@ -124,7 +138,7 @@ inline void emu_launch(EmuDim3 grid, EmuDim3 block, bool uses_barriers, const st
       threadIdx = index(t);
       each_block([&](EmuDim3 b) {
         blockIdx = b;
-        if (t == 0) std::fill(std::begin(smem), std::end(smem), (unsigned char)0xA5);
+        if (t == 0) fill_smem();
         bar.arrive_and_wait();
         kernel();
         bar.arrive_and_wait();
@@ -132,4 +146,5 @@ inline void emu_launch(EmuDim3 grid, EmuDim3 block, bool uses_barriers, const st
     });
   for (auto& th : pool) th.join();
   emu_block_barrier = nullptr;
+  smem = nullptr;
 }

@@ -67,15 +67,15 @@ std::tuple<A...> read_args(const std::vector<std::string>& words, std::index_seq
   return std::tuple<A...>{arg<A>(words[I])...};
 }
 
-using Kernel = std::function<void(const std::vector<std::string>&, EmuDim3, EmuDim3, bool)>;
+using Kernel = std::function<void(const std::vector<std::string>&, EmuDim3, EmuDim3, size_t, bool)>;
 
 // Wraps a kernel: its parameters' types say how each script word is read.
 template <typename... A>
 Kernel kernel(void (*k)(A...)) {
-  return [k](const std::vector<std::string>& words, EmuDim3 grid, EmuDim3 block, bool threads) {
+  return [k](const std::vector<std::string>& words, EmuDim3 grid, EmuDim3 block, size_t smem_bytes, bool threads) {
     if (words.size() != sizeof...(A)) die(std::to_string(words.size()) + " arguments for " + std::to_string(sizeof...(A)) + " parameters");
     auto args = read_args<A...>(words, std::index_sequence_for<A...>{});
-    emu_launch(grid, block, threads, [&] { std::apply(k, args); });
+    emu_launch(grid, block, smem_bytes, threads, [&] { std::apply(k, args); });
   };
 }
 
@@ -118,10 +118,17 @@ inline int run(int argc, char** argv, const std::map<std::string, Kernel>& kerne
       EmuDim3 grid, block;
       grid.x = num(), grid.y = num(), grid.z = num();
       block.x = num(), block.y = num(), block.z = num();
-      if (num() > sizeof(smem)) die("more dynamic shared memory than emulated");
+      const size_t smem_bytes = num();
+      // CUDA's launch limits (compute capability 9.0), and shared memory without an opt-in.
+      if (grid.x < 1 || grid.x > 2147483647u || grid.y < 1 || grid.y > 65535 || grid.z < 1 || grid.z > 65535)
+        die("grid out of CUDA's limits");
+      if (block.x < 1 || block.y < 1 || block.z < 1 || block.x > 1024 || block.y > 1024 || block.z > 64 ||
+          block.x * block.y * block.z > 1024)
+        die("block out of CUDA's limits");
+      if (smem_bytes > 48 * 1024) die("more than 48 KB of dynamic shared memory");
       std::vector<std::string> words(num());
       for (auto& w : words) w = next();
-      k->second(words, grid, block, mode == "threads");
+      k->second(words, grid, block, smem_bytes, mode == "threads");
     } else if (op == "out") {
       const Buffer& b = buffer("b" + next());
       const std::string path = next();

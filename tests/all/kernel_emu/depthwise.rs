@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor, Var};
 use prs::kernels::{depthwise_weight_launch, elementwise_launch, DwGeom};
 use prs::nn::depthwise::depthwise_conv2d;
 
-use super::{compare, random, Script};
+use super::{compare, random, Sanitizer, Script};
 
 fn geom_bytes(g: &DwGeom) -> Vec<u8> {
     [g.b, g.c, g.h, g.w, g.ho, g.wo, g.k, g.stride, g.pad].iter().flat_map(|v| v.to_le_bytes()).collect()
@@ -100,4 +100,27 @@ fn emulated_depthwise_kernels_equal_the_cpu_op() {
             }
         }
     }
+}
+
+/// Under the thread sanitizer, the kernel gradient's block reduction does not race on its
+/// shared per-warp sums.
+#[test]
+fn emulated_kernel_gradient_has_no_race() {
+    let (b, c, h, w, k) = (1usize, 2usize, 20usize, 20usize, 3usize);
+    let x = random(&[b, c, h, w], DType::F32, 85);
+    let gy = random(&[b, c, h, w], DType::F32, 86);
+    let g = DwGeom { b: 1, c: 2, h: 20, w: 20, ho: 20, wo: 20, k: 3, stride: 1, pad: 1 };
+    let (launch, splits) = depthwise_weight_launch(&g).unwrap();
+    let mut s = Script::with("depthwise", Sanitizer::Thread);
+    let (xb, gb, geom) = (s.input(&x), s.input(&gy), s.bytes(&geom_bytes(&g)));
+    let partial = s.output(DType::F32, &[c * k * k, splits as usize]);
+    s.launch("dw_bwd_weight_part_f32", &launch, true, &[xb, gb, partial, geom]);
+    let got = s.run().remove(0).sum(1).unwrap();
+    let xv = Var::from_tensor(&x).unwrap();
+    let wv = Var::from_tensor(&random(&[c, 1, k, k], DType::F32, 87)).unwrap();
+    let y = depthwise_conv2d(xv.as_tensor(), wv.as_tensor(), 1, 1).unwrap();
+    let grads = (&y * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+    let want = grads.get(wv.as_tensor()).unwrap().flatten_all().unwrap();
+    let (rel, _) = compare(&got, &want);
+    assert!(rel <= 1e-5, "kernel gradient under TSan: worst {rel:e}");
 }

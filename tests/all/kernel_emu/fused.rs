@@ -12,7 +12,7 @@ use prs::nn::fused::{rms_normalize_composite, silu_mul_composite};
 use prs::nn::rope::rope_heads;
 use prs::nn::softmax::{mask_min, scaled_masked_softmax, scaled_masked_softmax_causal, scaled_softmax_backward};
 
-use super::{compare, random, Script};
+use super::{compare, random, Sanitizer, Script};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
@@ -234,4 +234,31 @@ fn emulated_rope_kernels_equal_the_cpu_op() {
         let (rel, differ) = compare(&s.run()[0], want);
         assert_eq!(differ, 0, "rope backward {dt:?}: {differ} differ, worst {rel:e}");
     }
+}
+
+/// Under the thread sanitizer, the row kernels' block reductions (two in a row in the RMS
+/// backward, one after another in the softmax) do not race on their shared partial sums: rows
+/// of 1000 run 256 threads, eight warps.
+#[test]
+fn emulated_row_kernels_have_no_race() {
+    let (x, g) = (random(&[2, 1000], DType::F32, 95), random(&[2, 1000], DType::F32, 96));
+    let p = scaled_masked_softmax(&x, 1.0, None).unwrap();
+    let launch = row_launch(2, 1000).unwrap();
+    let rms = ["1000".to_string(), format!("{:?}", 1e-3f32), format!("{:?}", 1e-5f32)];
+    let no_mask = RowMap { dims: [1; 4], strides: [0; 4], last: 0 };
+    let mut s = Script::with("fused", Sanitizer::Thread);
+    let (xb, gb, pb) = (s.input(&x), s.input(&g), s.input(&p));
+    let map = s.bytes(&row_map_bytes(&no_mask));
+    let outs: Vec<String> = (0..4).map(|_| s.output(DType::F32, &[2, 1000])).collect();
+    let f = |v: f32| format!("{v:?}");
+    let softmax = [&xb, &xb, &outs[0]].map(|b| b.to_string());
+    let tail = ["1000".into(), f(0.5), "0".into(), map, "0".into(), "1".into(), "0".into(), f(0.0)];
+    s.launch("softmax_fwd_f32", &launch, true, &[softmax.to_vec(), tail.to_vec()].concat());
+    s.launch("softmax_bwd_f32", &launch, true, &[pb, gb.clone(), outs[1].clone(), "1000".into(), f(0.5)]);
+    s.launch("rms_fwd_f32", &launch, true, &[vec![xb.clone(), outs[2].clone()], rms.to_vec()].concat());
+    s.launch("rms_bwd_f32", &launch, true, &[vec![xb, gb, outs[3].clone()], rms.to_vec()].concat());
+    let out = s.run();
+    check("softmax under TSan", &out[0], &scaled_masked_softmax(&x, 0.5, None).unwrap(), 4e-6);
+    check("softmax backward under TSan", &out[1], &scaled_softmax_backward(&p, &g, 0.5, true).unwrap(), 4e-6);
+    check("rms under TSan", &out[2], &rms_normalize_composite(&x, 1e-5).unwrap(), 4e-6);
 }

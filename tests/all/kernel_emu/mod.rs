@@ -21,19 +21,33 @@ use half::{bf16, f16};
 use prs::kernels::Launch;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-/// Builds `tests/kernel_emu/<name>.cpp` once per test run (a C++20 compiler with the address
-/// sanitizer is needed: the machine's g++).
-fn emulator(name: &str) -> PathBuf {
-    static BUILT: Mutex<Option<(tempfile::TempDir, HashMap<String, PathBuf>)>> = Mutex::new(None);
+/// The sanitizer an emulator is built with: the address sanitizer (with UBSan) for the value
+/// checks, the thread sanitizer for races between a block's threads (a missing barrier).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Sanitizer {
+    Address,
+    Thread,
+}
+
+/// Builds `tests/kernel_emu/<name>.cpp` once per test run and sanitizer (a C++20 compiler with
+/// the sanitizers is needed: the machine's g++).
+fn emulator(name: &str, sanitizer: Sanitizer) -> PathBuf {
+    type Built = Option<(tempfile::TempDir, HashMap<(String, Sanitizer), PathBuf>)>;
+    static BUILT: Mutex<Built> = Mutex::new(None);
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     let (dir, exes) = built.get_or_insert_with(|| (tempfile::tempdir().unwrap(), HashMap::new()));
-    if let Some(exe) = exes.get(name) {
+    if let Some(exe) = exes.get(&(name.to_string(), sanitizer)) {
         return exe.clone();
     }
-    let exe = dir.path().join(name);
+    let exe = dir.path().join(format!("{name}-{sanitizer:?}"));
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kernel_emu");
+    let flags: &[&str] = match sanitizer {
+        Sanitizer::Address => &["-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+        Sanitizer::Thread => &["-fsanitize=thread"],
+    };
     let out = Command::new("c++")
-        .args(["-std=c++20", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"])
+        .args(["-std=c++20", "-O1", "-g"])
+        .args(flags)
         .args(["-ffp-contract=off", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas", "-I"])
         .arg(root.join("include"))
         .arg(root.join(format!("{name}.cpp")))
@@ -42,7 +56,7 @@ fn emulator(name: &str) -> PathBuf {
         .output()
         .expect("running c++ (a C++20 compiler is needed for this test)");
     assert!(out.status.success(), "building the {name} emulation: {}", String::from_utf8_lossy(&out.stderr));
-    exes.insert(name.to_string(), exe.clone());
+    exes.insert((name.to_string(), sanitizer), exe.clone());
     exe
 }
 
@@ -71,6 +85,7 @@ fn raw(t: &Tensor) -> Vec<u8> {
 /// the outputs to read back as tensors.
 struct Script {
     file: &'static str,
+    sanitizer: Sanitizer,
     dir: tempfile::TempDir,
     words: Vec<String>,
     buffers: usize,
@@ -79,7 +94,11 @@ struct Script {
 
 impl Script {
     fn new(file: &'static str) -> Self {
-        Self { file, dir: tempfile::tempdir().unwrap(), words: Vec::new(), buffers: 0, outputs: Vec::new() }
+        Self::with(file, Sanitizer::Address)
+    }
+
+    fn with(file: &'static str, sanitizer: Sanitizer) -> Self {
+        Self { file, sanitizer, dir: tempfile::tempdir().unwrap(), words: Vec::new(), buffers: 0, outputs: Vec::new() }
     }
 
     fn buffer(&mut self, step: [String; 2]) -> String {
@@ -126,8 +145,12 @@ impl Script {
         for ((buf, _, _), path) in self.outputs.iter().zip(&paths) {
             self.words.extend(["out".into(), buf.to_string(), path.display().to_string()]);
         }
-        let out =
-            Command::new(emulator(self.file)).args(&self.words).env("ASAN_OPTIONS", "detect_leaks=0").output().unwrap();
+        let out = Command::new(emulator(self.file, self.sanitizer))
+            .args(&self.words)
+            .env("ASAN_OPTIONS", "detect_leaks=0")
+            .env("TSAN_OPTIONS", "halt_on_error=1")
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{} {:?}: {}", self.file, self.words, String::from_utf8_lossy(&out.stderr));
         self.outputs
             .iter()
