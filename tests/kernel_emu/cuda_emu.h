@@ -59,6 +59,7 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __frcp_rn(float a) { return 1.0f / a; }
+inline float __fsqrt_rn(float a) { return sqrtf(a); }
 
 // Dynamic shared memory of the block being run (the kernel files declare their `extern
 // __shared__ smem[]` only when PRS_KERNEL_EMU is not defined).

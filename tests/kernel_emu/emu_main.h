@@ -8,10 +8,12 @@
 //                                threads as real threads (kernels with __syncthreads or
 //                                shuffles). An ARG is bN for a pointer to buffer N (or a struct
 //                                passed by value, copied from buffer N), else a number.
+//   addr DST OFFSET SRC          writes buffer SRC's address (u64) into buffer DST at byte OFFSET
 //   out N PATH                   writes buffer N to the file
 // Buffers are numbered from 0 in the order they are made, and sized exactly, so the address
 // sanitizer sees any access past one.
 #pragma once
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -129,6 +131,14 @@ inline int run(int argc, char** argv, const std::map<std::string, Kernel>& kerne
       std::vector<std::string> words(num());
       for (auto& w : words) w = next();
       k->second(words, grid, block, smem_bytes, mode == "threads");
+    } else if (op == "addr") {
+      // addr DST OFFSET SRC: buffer SRC's address, as a u64, into buffer DST at byte OFFSET (a
+      // launch table of device pointers, as adamw.cu takes).
+      Buffer& dst = buffer(next());
+      const size_t offset = std::stoull(next());
+      const uint64_t address = (uint64_t)(uintptr_t)buffer(next()).data.get();
+      if (offset + 8 > dst.size) die("addr past the end of its buffer");
+      std::memcpy(dst.data.get() + offset, &address, 8);
     } else if (op == "out") {
       const Buffer& b = buffer("b" + next());
       const std::string path = next();

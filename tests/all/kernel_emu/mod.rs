@@ -6,6 +6,7 @@
 //! kernel replaces. This checks indexing, tiling, reductions and shared-memory use, not the
 //! card's arithmetic or speed, which `examples/gpu_*_check` measure on a GPU.
 
+mod adamw;
 mod depthwise;
 mod dequant;
 mod fused;
@@ -48,7 +49,7 @@ fn emulator(name: &str, sanitizer: Sanitizer) -> PathBuf {
     let out = Command::new("c++")
         .args(["-std=c++20", "-O1", "-g"])
         .args(flags)
-        .args(["-ffp-contract=off", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas", "-I"])
+        .args(["-ffp-contract=off", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas", "-Wno-sign-compare", "-I"])
         .arg(root.join("include"))
         .arg(root.join(format!("{name}.cpp")))
         .arg("-o")
@@ -116,6 +117,20 @@ impl Script {
 
     fn input(&mut self, t: &Tensor) -> String {
         self.bytes(&raw(t))
+    }
+
+    /// A buffer holding a tensor's elements that the kernels update in place, read back after
+    /// the run as an output.
+    fn in_out(&mut self, t: &Tensor) -> String {
+        let b = self.input(t);
+        self.outputs.push((self.buffers - 1, t.dtype(), t.dims().to_vec()));
+        b
+    }
+
+    /// Writes buffer `target`'s address into buffer `table` at byte `offset` (a table of
+    /// device pointers).
+    fn address(&mut self, table: &str, offset: usize, target: &str) {
+        self.words.extend(["addr".into(), table.into(), offset.to_string(), target.into()]);
     }
 
     /// A garbage-filled buffer the kernels work in.
