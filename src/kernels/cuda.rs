@@ -15,7 +15,8 @@ const MASK_UPSAMPLE_MODULE: &str = "prs_mask_upsample";
 
 const THREADS: u32 = 256;
 
-fn config(l: &Launch) -> LaunchConfig {
+/// A plan's launch as cudarc takes it (the launchers of every kernel file use this).
+pub(super) fn config(l: &Launch) -> LaunchConfig {
     LaunchConfig { grid_dim: l.grid, block_dim: l.block, shared_mem_bytes: l.shared_mem_bytes }
 }
 

@@ -8,6 +8,7 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
+use super::cuda::config;
 use super::cuda_fused::{elementwise_config, offsets, tag};
 use super::DwGeom;
 
@@ -92,7 +93,7 @@ pub fn depthwise_bwd_weight(
 ) -> Result<CudaStorage> {
     let taps = g.c * g.k * g.k;
     let (launch, splits) = super::depthwise_weight_launch(&g)?;
-    let cfg = LaunchConfig { grid_dim: launch.grid, block_dim: launch.block, shared_mem_bytes: 0 };
+    let cfg = config(&launch);
     fn go<T: CudaDType + DeviceRepr>(
         root: &str,
         (x, xl): (&CudaStorage, &Layout),

@@ -9,7 +9,8 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result};
 use half::{bf16, f16};
 
-use super::{CausalFill, Launch, RowMap};
+use super::cuda::config;
+use super::{CausalFill, RowMap};
 
 /// PTX of `kernels/fused.cu`.
 pub const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
@@ -38,10 +39,6 @@ fn as_i32(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("fused kernel: {what} {v} exceeds i32")))
 }
 
-fn config(l: Launch) -> LaunchConfig {
-    LaunchConfig { grid_dim: l.grid, block_dim: l.block, shared_mem_bytes: l.shared_mem_bytes }
-}
-
 /// `plan::row_launch` for a contiguous input whose last dimension is the row.
 fn row_config(l: &Layout) -> Result<(LaunchConfig, i32)> {
     let dims = l.shape().dims();
@@ -49,13 +46,14 @@ fn row_config(l: &Layout) -> Result<(LaunchConfig, i32)> {
     if n == 0 || l.shape().elem_count() == 0 {
         bail!("fused row kernel: empty input {dims:?}");
     }
-    as_i32(l.shape().elem_count() / n, "rows")?;
-    Ok((config(super::row_launch(l.shape().elem_count() / n, n)?), as_i32(n, "row length")?))
+    let rows = l.shape().elem_count() / n;
+    as_i32(rows, "rows")?;
+    Ok((config(&super::row_launch(rows, n)?), as_i32(n, "row length")?))
 }
 
 /// A grid-stride element-wise launch over `n` elements (`plan::elementwise_launch`).
 pub(super) fn elementwise_config(n: usize) -> LaunchConfig {
-    config(super::elementwise_launch(n))
+    config(&super::elementwise_launch(n))
 }
 
 /// A scalar kernel argument.

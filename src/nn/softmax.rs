@@ -168,7 +168,7 @@ impl CustomOp2 for SoftmaxGrad {
 
 /// The additive value of a causally hidden key: `mask_min(F32)` as `Mistral`'s mask stores it
 /// in `dt` (a large negative; -inf in f16).
-fn causal_fill(dt: DType) -> f32 {
+pub fn causal_fill(dt: DType) -> f32 {
     let v = mask_min(DType::F32) as f32;
     match dt {
         DType::BF16 => bf16::from_f32(v).to_f32(),

@@ -7,18 +7,10 @@ use candle_core::{DType, Tensor, Var};
 use prs::kernels::{depthwise_weight_launch, elementwise_launch, DwGeom};
 use prs::nn::depthwise::depthwise_conv2d;
 
-use super::{compare, random, Sanitizer, Script};
+use super::{compare, random, tag, Sanitizer, Script};
 
 fn geom_bytes(g: &DwGeom) -> Vec<u8> {
     [g.b, g.c, g.h, g.w, g.ho, g.wo, g.k, g.stride, g.pad].iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-fn tag(dt: DType) -> &'static str {
-    match dt {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        _ => "f16",
-    }
 }
 
 /// (b, c, h, w, k, stride, pad): TinySAM's 3x3 with two splits of the kernel gradient's sums,

@@ -6,23 +6,16 @@
 //! must agree bit for bit.
 
 use candle_core::{DType, Device, Tensor, Var};
-use half::{bf16, f16};
 use prs::kernels::{elementwise_launch, row_launch, RowMap};
 use prs::nn::fused::{rms_normalize_composite, silu_mul_composite};
 use prs::nn::rope::rope_heads;
-use prs::nn::softmax::{mask_min, scaled_masked_softmax, scaled_masked_softmax_causal, scaled_softmax_backward};
+use prs::nn::softmax::{
+    causal_fill, mask_min, scaled_masked_softmax, scaled_masked_softmax_causal, scaled_softmax_backward,
+};
 
-use super::{compare, random, Sanitizer, Script};
+use super::{compare, random, tag, Sanitizer, Script};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
-
-fn tag(dt: DType) -> &'static str {
-    match dt {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        _ => "f16",
-    }
-}
 
 /// A few roundings of the stored dtype (f32: a few more, for the reductions' order).
 fn tolerance(dt: DType) -> f64 {
@@ -40,16 +33,6 @@ fn rows(t: &Tensor) -> (usize, usize) {
 
 fn row_map_bytes(m: &RowMap) -> Vec<u8> {
     m.dims.iter().chain(&m.strides).chain([&m.last]).flat_map(|v| v.to_le_bytes()).collect()
-}
-
-/// `causal_fill` of `nn::softmax`: the f32 mask minimum rounded to the mask's dtype.
-fn causal_fill(dt: DType) -> f32 {
-    let v = mask_min(DType::F32) as f32;
-    match dt {
-        DType::BF16 => bf16::from_f32(v).to_f32(),
-        DType::F16 => f16::from_f32(v).to_f32(),
-        _ => v,
-    }
 }
 
 fn check(what: &str, got: &Tensor, want: &Tensor, tol: f64) {

@@ -61,6 +61,16 @@ fn emulator(name: &str, sanitizer: Sanitizer) -> PathBuf {
     exe
 }
 
+/// The `_<dtype>` suffix of a kernel name (bf16/f16/f32 storage).
+fn tag(dt: DType) -> &'static str {
+    match dt {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => panic!("no kernel variant for {other:?}"),
+    }
+}
+
 /// Uniform values in [-4, 4) of `shape`, rounded to `dt`.
 fn random(shape: &[usize], dt: DType, seed: u64) -> Tensor {
     let mut rng = StdRng::seed_from_u64(seed);
